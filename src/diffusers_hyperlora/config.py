@@ -1,0 +1,109 @@
+"""`HyperLoRAConfig`: every number of a HyperLoRA architecture, JSON-serializable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .targets import ATTENTION_LINEARS, TargetLinear, TargetModule, target_linears
+
+DEFAULT_TRIGGER_WORDS = "fcsks fxhks fhyks"
+DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+@dataclass
+class HyperLoRAConfig:
+    """The architecture of a HyperLoRA predictor.
+
+    The defaults are the public release's numbers (K = 128 bases, ID rank 8, resampler 1024 wide, 4 layers of
+    12 x 64 heads). `targets` is the ordered list of attention modules (the release's JSON order): entry `i`
+    owns resampler tokens `[tokens_per_module * i, tokens_per_module * (i + 1))`.
+
+    Example:
+        >>> from diffusers_hyperlora import HyperLoRAConfig
+        >>> from diffusers_hyperlora.targets import TargetModule
+        >>> config = HyperLoRAConfig(targets=[TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 64)])
+        >>> config.num_tokens, config.has_base
+        (8, False)
+    """
+
+    targets: list[TargetModule] = field(default_factory=list)
+    num_basis: int = 128
+    id_rank: int = 8
+    base_rank: int = 0  # 0: no Base branch (the public release)
+    lora_alpha_ratio: float = 0.5  # alpha = ratio * rank; the release uses alpha = rank / 2
+    resampler_dim: int = 1024
+    resampler_depth: int = 4
+    resampler_heads: int = 12
+    resampler_dim_head: int = 64
+    resampler_ff_mult: int = 4
+    num_id_tokens: int = 16
+    id_embed_dim: int = 512
+    image_embed_dim: int = 1024  # CLIP hidden size, the resampler's input width
+    use_id_embeds: bool = True  # ArcFace condition (attn2 of each resampler layer)
+    use_image_embeds: bool = True  # CLIP condition (attn3 of each resampler layer)
+    trigger_words: str = DEFAULT_TRIGGER_WORDS
+    default_id_weight: float = 0.8
+    default_base_weight: float = 0.25
+    image_encoder: str = DEFAULT_IMAGE_ENCODER  # repo id, or a subfolder of the checkpoint's repo
+    image_encoder_subfolder: str | None = None
+    face_models: str | None = None  # subfolder of the checkpoint's repo or an insightface root
+    base_model: str = DEFAULT_BASE_MODEL
+    license: str | None = None
+
+    def __post_init__(self) -> None:
+        self.targets = [TargetModule(**t) if isinstance(t, dict) else t for t in self.targets]
+        if not (self.use_id_embeds or self.use_image_embeds):
+            raise ValueError("HyperLoRAConfig needs at least one condition: use_id_embeds or use_image_embeds.")
+        for name in ("num_basis", "id_rank", "resampler_dim", "resampler_depth", "resampler_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"HyperLoRAConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.base_rank < 0:
+            raise ValueError(f"HyperLoRAConfig.base_rank must be >= 0 (0 = no Base branch), got {self.base_rank}.")
+
+    @property
+    def has_base(self) -> bool:
+        return self.base_rank > 0
+
+    @property
+    def tokens_per_module(self) -> int:
+        """Two coefficient tokens (down, up) for each LoRA'd linear of a module."""
+        return 2 * len(ATTENTION_LINEARS)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens_per_module * len(self.targets)
+
+    @property
+    def linears(self) -> list[TargetLinear]:
+        return target_linears(self.targets)
+
+    def alpha(self, branch: str = "id") -> float:
+        return self.lora_alpha_ratio * self.rank(branch)
+
+    def rank(self, branch: str = "id") -> int:
+        if branch == "id":
+            return self.id_rank
+        if branch == "base":
+            return self.base_rank
+        raise ValueError(f"branch must be 'id' or 'base', got {branch!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HyperLoRAConfig:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def architecture_hash(self) -> str:
+        """A short digest of everything that decides tensor shapes and token order (not trigger words etc.)."""
+        keys = (
+            "targets num_basis id_rank base_rank resampler_dim resampler_depth resampler_heads resampler_dim_head "
+            "resampler_ff_mult num_id_tokens id_embed_dim image_embed_dim use_id_embeds use_image_embeds"
+        ).split()
+        data = {k: v for k, v in self.to_dict().items() if k in keys}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,37 @@
+"""Exceptions users can catch. Each is also a builtin (`ValueError`, `RuntimeError`, ...) so generic handlers work."""
+
+
+class HyperLoRAError(Exception):
+    """Base class of every error raised on purpose by diffusers-hyperlora."""
+
+
+class HyperLoRANotLoadedError(HyperLoRAError, RuntimeError):
+    """An identity method was called on a pipeline before `load_hyperlora`."""
+
+
+class TargetMismatchError(HyperLoRAError, ValueError):
+    """The denoiser lacks a layer the checkpoint targets, or the layer has other widths."""
+
+
+class AdapterNameConflictError(HyperLoRAError, ValueError):
+    """An adapter with the name HyperLoRA wants already exists on the denoiser."""
+
+
+class FeatureShapeError(HyperLoRAError, ValueError):
+    """Image features (ArcFace embeddings, CLIP hidden states) do not have the shape the checkpoint expects."""
+
+
+class IdentityMismatchError(HyperLoRAError, ValueError):
+    """An identity predicted by one checkpoint was used with another."""
+
+
+class CheckpointFormatError(HyperLoRAError, ValueError):
+    """A folder or repo is not a HyperLoRA checkpoint, misses files, or holds unsafe (pickle) weights."""
+
+
+class CheckpointNotFoundError(HyperLoRAError, FileNotFoundError):
+    """A checkpoint file could not be found locally, in the cache or on the Hub."""
+
+
+class NoFaceDetectedError(HyperLoRAError, ValueError):
+    """None of the input images contains a detectable face."""

@@ -1,0 +1,304 @@
+"""The public surface on diffusers pipelines: `load_hyperlora`, `set_hyperlora_identity`, `unload_hyperlora`.
+
+`load_hyperlora(pipe, ...)` works on any pipeline *instance* whose denoiser has the checkpoint's target layers
+(every SDXL pipeline for the public release). `HyperLoRAMixin` offers the same as methods; importing
+`diffusers_hyperlora` installs them on diffusers' SDXL and SD LoRA loader mixins, so every such pipeline
+(text-to-image, img2img, inpaint, ControlNet, T2I-Adapter, ...) has `pipe.load_hyperlora(...)`.
+
+Nothing is registered as a pipeline component: `pipe.save_pretrained` writes exactly what it wrote before.
+The predictor follows the pipeline lazily: it is moved to the pipeline's execution device and the denoiser's
+dtype whenever it is used, which also keeps `enable_model_cpu_offload` working.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.utils import logging
+
+from .adapters import HyperLoRAAdapters
+from .errors import HyperLoRANotLoadedError
+from .features import FeatureExtractor
+from .identity import HyperLoRAIdentity
+from .predictor import HyperLoRAPredictor
+
+logger = logging.get_logger(__name__)
+
+_STATE_ATTRIBUTE = "_hyperlora_state"
+_DENOISER_NAMES = ("unet", "transformer")
+
+
+@dataclass
+class HyperLoRAState:
+    """Everything HyperLoRA keeps on a pipeline instance."""
+
+    predictor: HyperLoRAPredictor
+    adapters: HyperLoRAAdapters
+    source: str | None
+    feature_extractor: FeatureExtractor | None = None
+    image_encoder: Any = None
+    face_analyzer: Any = None
+    identity: HyperLoRAIdentity | None = None
+    hub_options: dict | None = None
+
+
+def _denoiser(pipe: Any, name: str | None = None):
+    for candidate in (name,) if name else _DENOISER_NAMES:
+        module = getattr(pipe, candidate, None)
+        if module is not None:
+            return module
+    raise TypeError(
+        f"{pipe.__class__.__name__} has no denoiser ({' or '.join(_DENOISER_NAMES)}); HyperLoRA needs a diffusers "
+        "pipeline such as StableDiffusionXLPipeline."
+    )
+
+
+def _state(pipe: Any) -> HyperLoRAState:
+    state = getattr(pipe, _STATE_ATTRIBUTE, None)
+    if state is None:
+        raise HyperLoRANotLoadedError(
+            "No HyperLoRA is loaded on this pipeline. Call `pipe.load_hyperlora('org/hyperlora')` (or "
+            "`diffusers_hyperlora.load_hyperlora(pipe, ...)`) first."
+        )
+    return state
+
+
+def _execution_device(pipe: Any) -> torch.device:
+    device = getattr(pipe, "_execution_device", None)
+    return torch.device(device) if device is not None else _denoiser(pipe).device
+
+
+def sync_predictor(pipe: Any) -> HyperLoRAPredictor:
+    """Move the predictor to the pipeline's execution device and the denoiser's dtype (no-op when there)."""
+    state = _state(pipe)
+    device, dtype = _execution_device(pipe), state.adapters.denoiser.dtype
+    if state.predictor.device != device or state.predictor.dtype != dtype:
+        state.predictor.to(device=device, dtype=dtype)
+    return state.predictor
+
+
+def load_hyperlora(
+    pipe: Any,
+    pretrained_model_name_or_path: str | os.PathLike | HyperLoRAPredictor,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    torch_dtype: torch.dtype | None = None,
+    heads: int | None = None,
+    dim_head: int | None = None,
+    image_encoder: Any = None,
+    face_analyzer: Any = None,
+    feature_extractor: FeatureExtractor | None = None,
+    id_adapter_name: str = "id",
+    base_adapter_name: str = "base",
+    id_weight: float | None = None,
+    base_weight: float | None = None,
+) -> Any:
+    """Load a HyperLoRA checkpoint into a pipeline and register its `"id"` / `"base"` adapters.
+
+    Args:
+        pipe: a diffusers pipeline instance (any SDXL pipeline for the public release).
+        pretrained_model_name_or_path: a Hub repo id, a local folder (library format or the release's layout),
+            or a ready `HyperLoRAPredictor`.
+        subfolder, revision, token, cache_dir, local_files_only, force_download: Hub options, as in diffusers.
+        torch_dtype: dtype of the predictor (default: the denoiser's dtype).
+        heads, dim_head: resampler attention layout of release-layout checkpoints (default 12 x 64).
+        image_encoder: CLIP vision encoder: a repo id, a local folder or a ready model (default: what the
+            checkpoint names). Loaded lazily, on the first call that needs it.
+        face_analyzer: AntelopeV2 face models: a repo id / folder / insightface root, or a ready object.
+        feature_extractor: any `FeatureExtractor` that replaces the face pipeline entirely.
+        id_adapter_name, base_adapter_name: names of the two PEFT adapters.
+        id_weight, base_weight: initial adapter weights (default: the checkpoint's, 0.8 for ID).
+
+    Returns:
+        The same pipeline, for chaining.
+
+    Example:
+        >>> from diffusers import StableDiffusionXLPipeline  # doctest: +SKIP
+        >>> import diffusers_hyperlora  # doctest: +SKIP
+        >>> pipe = StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")  # doctest: +SKIP
+        >>> pipe.load_hyperlora("org/hyperlora")  # doctest: +SKIP
+        >>> pipe.set_hyperlora_identity(["me1.jpg", "me2.jpg"])  # doctest: +SKIP
+    """
+    denoiser = _denoiser(pipe, getattr(pipe, "hyperlora_denoiser_name", None))
+    hub_options = {
+        "subfolder": subfolder,
+        "revision": revision,
+        "token": token,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+        "force_download": force_download,
+    }
+    if isinstance(pretrained_model_name_or_path, HyperLoRAPredictor):
+        predictor, source = pretrained_model_name_or_path, None
+    else:
+        from .io import load_predictor
+
+        source = os.fspath(pretrained_model_name_or_path)
+        predictor = load_predictor(
+            source, torch_dtype=torch_dtype or denoiser.dtype, heads=heads, dim_head=dim_head, **hub_options
+        )
+    if getattr(pipe, _STATE_ATTRIBUTE, None) is not None:
+        logger.info("Replacing the HyperLoRA already loaded on this pipeline.")
+        unload_hyperlora(pipe)
+    adapters = HyperLoRAAdapters.attach(
+        denoiser, predictor.config, id_adapter_name, base_adapter_name, id_weight=id_weight, base_weight=base_weight
+    )
+    state = HyperLoRAState(
+        predictor=predictor.eval().requires_grad_(False),
+        adapters=adapters,
+        source=source,
+        feature_extractor=feature_extractor,
+        image_encoder=image_encoder,
+        face_analyzer=face_analyzer,
+        hub_options=hub_options,
+    )
+    object.__setattr__(pipe, _STATE_ATTRIBUTE, state)
+    return pipe
+
+
+def _as_image_list(images: Any) -> list[Any]:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("set_hyperlora_identity() got an empty list: pass one image or a list of images.")
+        return list(images)
+    return [images]
+
+
+def _feature_extractor(pipe: Any, state: HyperLoRAState) -> FeatureExtractor:
+    if state.feature_extractor is None:
+        from .face import build_feature_extractor
+
+        state.feature_extractor = build_feature_extractor(
+            state.predictor.config,
+            source=state.source,
+            image_encoder=state.image_encoder,
+            face_analyzer=state.face_analyzer,
+            hub_options=state.hub_options or {},
+        )
+    return state.feature_extractor
+
+
+def predict_hyperlora_identity(pipe: Any, images: Any, **extractor_kwargs: Any) -> HyperLoRAIdentity:
+    """Photos -> `HyperLoRAIdentity` with the pipeline's HyperLoRA, without touching the adapters."""
+    state = _state(pipe)
+    predictor = sync_predictor(pipe)
+    extractor = _feature_extractor(pipe, state)
+    features = extractor(
+        _as_image_list(images),
+        device=predictor.device,
+        dtype=predictor.dtype,
+        with_base=predictor.config.has_base,
+        **extractor_kwargs,
+    )
+    return predictor.predict(
+        id_embeds=features.id_embeds,
+        clip_hidden_states=features.clip_hidden_states,
+        base_clip_hidden_states=features.base_clip_hidden_states,
+        sources=features.sources,
+    )
+
+
+@torch.no_grad()
+def set_hyperlora_identity(pipe: Any, images_or_identity: Any, **extractor_kwargs: Any) -> HyperLoRAIdentity:
+    """Write a person's LoRA into the pipeline's `"id"` (and `"base"`) adapters, in place.
+
+    Args:
+        images_or_identity: one image or a list (PIL, numpy, torch, file path), or a `HyperLoRAIdentity`.
+        extractor_kwargs: forwarded to the feature extractor (e.g. face selection options).
+
+    Returns:
+        The identity that was written (save it with `identity.save(...)` to skip the encoders next time).
+    """
+    state = _state(pipe)
+    if isinstance(images_or_identity, HyperLoRAIdentity):
+        identity = images_or_identity
+    else:
+        identity = predict_hyperlora_identity(pipe, images_or_identity, **extractor_kwargs)
+    predictor = sync_predictor(pipe)
+    state.adapters.write("id", predictor.lora_weights(identity, "id"))
+    if predictor.config.has_base:
+        if identity.base_mean is None:
+            state.adapters.clear("base")
+        else:
+            state.adapters.write("base", predictor.lora_weights(identity, "base"))
+    state.identity = identity
+    return identity
+
+
+def unload_hyperlora(pipe: Any) -> None:
+    """Remove HyperLoRA's adapters and predictor; the denoiser computes exactly what it did before loading."""
+    state = _state(pipe)
+    state.adapters.detach()
+    object.__setattr__(pipe, _STATE_ATTRIBUTE, None)
+
+
+class HyperLoRAMixin:
+    """HyperLoRA methods for a pipeline class. Mix into a custom pipeline, or rely on the installed methods.
+
+    `hyperlora_denoiser_name` names the component that receives the adapters.
+
+    Example:
+        >>> from diffusers import StableDiffusionXLPipeline
+        >>> from diffusers_hyperlora import HyperLoRAMixin
+        >>> class MyPipeline(HyperLoRAMixin, StableDiffusionXLPipeline):
+        ...     pass
+    """
+
+    hyperlora_denoiser_name: str = "unet"
+
+    @property
+    def hyperlora(self) -> HyperLoRAPredictor | None:
+        """The loaded `HyperLoRAPredictor`, or `None`."""
+        state = getattr(self, _STATE_ATTRIBUTE, None)
+        return None if state is None else state.predictor
+
+    @property
+    def hyperlora_identity(self) -> HyperLoRAIdentity | None:
+        """The identity currently written into the adapters, or `None`."""
+        state = getattr(self, _STATE_ATTRIBUTE, None)
+        return None if state is None else state.identity
+
+    def load_hyperlora(self, pretrained_model_name_or_path: str | os.PathLike | HyperLoRAPredictor, **kwargs: Any):
+        """See `diffusers_hyperlora.load_hyperlora`."""
+        return load_hyperlora(self, pretrained_model_name_or_path, **kwargs)
+
+    def set_hyperlora_identity(self, images_or_identity: Any, **kwargs: Any) -> HyperLoRAIdentity:
+        """See `diffusers_hyperlora.pipeline.set_hyperlora_identity`."""
+        return set_hyperlora_identity(self, images_or_identity, **kwargs)
+
+    def predict_hyperlora_identity(self, images: Any, **kwargs: Any) -> HyperLoRAIdentity:
+        """See `diffusers_hyperlora.pipeline.predict_hyperlora_identity`."""
+        return predict_hyperlora_identity(self, images, **kwargs)
+
+    def unload_hyperlora(self) -> None:
+        """See `diffusers_hyperlora.pipeline.unload_hyperlora`."""
+        unload_hyperlora(self)
+
+
+_MIXIN_MEMBERS: Sequence[str] = (
+    "hyperlora",
+    "hyperlora_identity",
+    "load_hyperlora",
+    "set_hyperlora_identity",
+    "predict_hyperlora_identity",
+    "unload_hyperlora",
+)
+
+
+def install_pipeline_methods() -> None:
+    """Add HyperLoRA's methods to diffusers' SDXL and SD LoRA loader mixins (idempotent, never overwrites)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    for target in (StableDiffusionXLLoraLoaderMixin, StableDiffusionLoraLoaderMixin):
+        for member in _MIXIN_MEMBERS:
+            if member not in target.__dict__:
+                setattr(target, member, HyperLoRAMixin.__dict__[member])

@@ -1,0 +1,284 @@
+"""`HyperLoRAPredictor`: image features -> `HyperLoRAIdentity` -> LoRA weights (spec sections 3.2-3.3)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from .bank import BasisBank
+from .config import HyperLoRAConfig
+from .errors import FeatureShapeError
+from .identity import HyperLoRAIdentity
+from .resampler import IDProjector, PerceiverResampler
+
+logger = logging.get_logger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class HyperLoRAPredictor(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="diffusers-hyperlora",
+    tags=["hyperlora", "lora", "text-to-image", "stable-diffusion-xl"],
+    repo_url="https://github.com/diffusers-hyperlora/diffusers-hyperlora",
+):
+    """The hypernetwork: projector, Perceiver resampler(s) and basis banks.
+
+    Args:
+        config: the architecture.
+        device: where to create the parameters (`"meta"` creates no storage, for loading).
+        dtype: parameter dtype.
+
+    Example:
+        >>> import torch
+        >>> from diffusers_hyperlora import HyperLoRAConfig, HyperLoRAPredictor
+        >>> from diffusers_hyperlora.targets import TargetModule
+        >>> config = HyperLoRAConfig(
+        ...     targets=[TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 32)],
+        ...     num_basis=4, resampler_dim=16, resampler_depth=1, resampler_heads=2, resampler_dim_head=8,
+        ...     num_id_tokens=2, image_embed_dim=24,
+        ... )
+        >>> predictor = HyperLoRAPredictor(config)
+        >>> identity = predictor.predict(id_embeds=torch.randn(2, 512), clip_hidden_states=torch.randn(2, 5, 24))
+        >>> identity.id_coefficients.shape, identity.num_images
+        (torch.Size([8, 4]), 2)
+    """
+
+    def __init__(
+        self, config: HyperLoRAConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            config = HyperLoRAConfig.from_dict(config)
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        with torch.device(device) if device is not None else nullcontext():
+            self.id_projector = (
+                IDProjector(config.id_embed_dim, config.num_id_tokens, config.image_embed_dim)
+                if config.use_id_embeds
+                else None
+            )
+            self.resampler = PerceiverResampler(
+                num_queries=config.num_tokens,
+                dim=config.resampler_dim,
+                depth=config.resampler_depth,
+                heads=config.resampler_heads,
+                dim_head=config.resampler_dim_head,
+                ff_mult=config.resampler_ff_mult,
+                num_basis=config.num_basis,
+                id_dim=config.image_embed_dim if config.use_id_embeds else None,
+                image_dim=config.image_embed_dim if config.use_image_embeds else None,
+            )
+            # The Base branch reads only the CLIP features of the face-blurred image.
+            self.base_resampler = (
+                PerceiverResampler(
+                    num_queries=config.num_tokens,
+                    dim=config.resampler_dim,
+                    depth=config.resampler_depth,
+                    heads=config.resampler_heads,
+                    dim_head=config.resampler_dim_head,
+                    ff_mult=config.resampler_ff_mult,
+                    num_basis=config.num_basis,
+                    id_dim=None,
+                    image_dim=config.image_embed_dim,
+                )
+                if config.has_base
+                else None
+            )
+        linears = config.linears
+        self.id_bank = BasisBank(linears, config.num_basis, config.id_rank, **factory)
+        self.base_bank = BasisBank(linears, config.num_basis, config.base_rank, **factory) if config.has_base else None
+        if dtype is not None:
+            self.to(dtype)
+
+    # ------------------------------------------------------------------ identity of the checkpoint
+    @property
+    def checkpoint_hash(self) -> str:
+        return self.config.architecture_hash()
+
+    @property
+    def probe(self) -> torch.Tensor:
+        """A few weights that tell two checkpoints with the same architecture apart."""
+        return self.resampler.proj_out.weight.detach()[0, :8].float().cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return self.resampler.latents.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.resampler.latents.dtype
+
+    # ------------------------------------------------------------------ prediction
+    def _check_features(
+        self, id_embeds: torch.Tensor | None, clip_hidden_states: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        config = self.config
+        if config.use_id_embeds:
+            if id_embeds is None:
+                raise FeatureShapeError(
+                    "This checkpoint reads ArcFace embeddings: pass `id_embeds` of shape [B, 512] or [B, 1, 512]."
+                )
+            id_embeds = torch.as_tensor(id_embeds)
+            if id_embeds.ndim == 3 and id_embeds.shape[1] == 1:
+                id_embeds = id_embeds[:, 0]
+            if id_embeds.ndim != 2 or id_embeds.shape[1] != config.id_embed_dim:
+                raise FeatureShapeError(
+                    f"`id_embeds` must have shape [B, {config.id_embed_dim}] or [B, 1, {config.id_embed_dim}] "
+                    f"(normed ArcFace embeddings, one per image), got {list(id_embeds.shape)}."
+                )
+        if config.use_image_embeds:
+            clip_hidden_states = _check_clip(clip_hidden_states, config.image_embed_dim, "clip_hidden_states")
+        if id_embeds is not None and clip_hidden_states is not None and id_embeds.shape[0] != clip_hidden_states.shape[0]:
+            raise FeatureShapeError(
+                f"`id_embeds` ({id_embeds.shape[0]} images) and `clip_hidden_states` ({clip_hidden_states.shape[0]} "
+                "images) must describe the same images: give both the same batch size."
+            )
+        return id_embeds, clip_hidden_states
+
+    def forward(
+        self, id_embeds: torch.Tensor | None = None, clip_hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-image ID coefficients `[B, num_tokens, K]`, before averaging and normalization."""
+        id_embeds, clip_hidden_states = self._check_features(id_embeds, clip_hidden_states)
+        cast = {"device": self.device, "dtype": self.dtype}
+        id_tokens = self.id_projector(id_embeds.to(**cast)) if self.id_projector is not None else None
+        image_tokens = clip_hidden_states.to(**cast) if clip_hidden_states is not None else None
+        return self.resampler(id_tokens, image_tokens)
+
+    def forward_base(self, base_clip_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Per-image Base coefficients `[B, num_tokens, K]` from CLIP features of the face-blurred images."""
+        states = _check_clip(base_clip_hidden_states, self.config.image_embed_dim, "base_clip_hidden_states")
+        return self.base_resampler(None, states.to(device=self.device, dtype=self.dtype))
+
+    @torch.no_grad()
+    def predict(
+        self,
+        id_embeds: torch.Tensor | None = None,
+        clip_hidden_states: torch.Tensor | None = None,
+        base_clip_hidden_states: torch.Tensor | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> HyperLoRAIdentity:
+        """Predict one identity from the features of B images of a person (averaged over the images).
+
+        Args:
+            id_embeds: normed ArcFace embeddings, `[B, 512]` or `[B, 1, 512]`.
+            clip_hidden_states: CLIP vision `hidden_states[-2]` of the face crops, `[B, T, E]`.
+            base_clip_hidden_states: the same for the face-blurred images (checkpoints with a Base branch).
+            sources: names of the images, kept in the identity.
+        """
+        id_mean = self(id_embeds, clip_hidden_states).float().mean(0)
+        num_images = (id_embeds if id_embeds is not None else clip_hidden_states).shape[0]
+        base_mean = None
+        if base_clip_hidden_states is not None:
+            if self.base_resampler is None:
+                logger.warning("`base_clip_hidden_states` ignored: this checkpoint has no Base branch.")
+            else:
+                base_mean = self.forward_base(base_clip_hidden_states).float().mean(0)
+        return HyperLoRAIdentity(
+            id_mean=id_mean.cpu(),
+            num_images=num_images,
+            base_mean=None if base_mean is None else base_mean.cpu(),
+            checkpoint=self.checkpoint_hash,
+            probe=self.probe,
+            sources=list(sources or []),
+        )
+
+    # ------------------------------------------------------------------ coefficients -> LoRA weights
+    def bank(self, branch: str = "id") -> BasisBank:
+        if branch == "id":
+            return self.id_bank
+        if branch == "base" and self.base_bank is not None:
+            return self.base_bank
+        raise ValueError(f"branch must be 'id' or 'base' (this checkpoint has a Base branch: {self.config.has_base}).")
+
+    def split_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """`[num_tokens, K]` -> `[num_linears, 2, K]`: entry i's 8 tokens are (down, up) for q, k, v, out."""
+        return coefficients.reshape(-1, 2, self.config.num_basis)
+
+    @torch.no_grad()
+    def lora_weights(
+        self, identity: HyperLoRAIdentity, branch: str = "id", device: torch.device | str | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`(down [r, in], up [out, r])` float32 for every target linear (checkpoint order) of one branch."""
+        identity.check_compatible(self.checkpoint_hash, self.probe)
+        coefficients = identity.coefficients(branch)
+        if coefficients is None:
+            raise ValueError(f"This identity has no {branch!r} coefficients.")
+        device = self.device if device is None else device
+        return self.bank(branch).lora_weights(self.split_coefficients(coefficients.to(device)))
+
+    def export_lora(
+        self,
+        identity: HyperLoRAIdentity,
+        path: str | os.PathLike | None = None,
+        format: str = "kohya",
+        branch: str = "id",
+    ) -> dict[str, torch.Tensor]:
+        """The identity's LoRA as a standard state dict (and file, when `path` is given).
+
+        `format="kohya"` gives the reference generator's keys (`{json_key}_to_q.lora_down.weight`, ...,
+        `.alpha`); `format="diffusers"` the layout `pipe.load_lora_weights` reads natively.
+        """
+        from .export import export_lora_state_dict, save_lora_file
+
+        state_dict = export_lora_state_dict(self.config, self.lora_weights(identity, branch), format, branch)
+        if path is not None:
+            save_lora_file(state_dict, path, self.config, format, branch)
+        return state_dict
+
+    # ------------------------------------------------------------------ hub mixin: safetensors only, no double init
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        config: HyperLoRAConfig,
+        map_location: str = "cpu",
+        torch_dtype: torch.dtype | None = None,
+        subfolder: str | None = None,
+        **kwargs,
+    ) -> HyperLoRAPredictor:
+        from .io.own_format import load_own_format_weights
+
+        return load_own_format_weights(
+            cls,
+            model_id,
+            config,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            subfolder=subfolder,
+            device=map_location,
+            torch_dtype=torch_dtype,
+        )
+
+
+def _check_clip(states: torch.Tensor | None, width: int, name: str) -> torch.Tensor:
+    if states is None:
+        raise FeatureShapeError(
+            f"This checkpoint reads CLIP image features: pass `{name}` of shape [B, T, {width}] "
+            "(CLIP vision hidden_states[-2])."
+        )
+    states = torch.as_tensor(states)
+    if states.ndim != 3 or states.shape[-1] != width:
+        raise FeatureShapeError(
+            f"`{name}` must have shape [B, T, {width}] (CLIP vision hidden_states[-2] of each image), "
+            f"got {list(states.shape)}."
+        )
+    return states
