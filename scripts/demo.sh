@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job, offline, on the built-in tiny default: tiny SDXL + tiny HyperLoRA -> identity -> image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-env.sh "face"
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+.venv/bin/python examples/tiny_demo.py "$@"

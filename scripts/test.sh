@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the test suite offline on tiny models built in code. Sets up .venv itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-env.sh "face,test,train"
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+.venv/bin/python -m ruff check src tests benchmarks examples
+.venv/bin/python -m pytest -q "$@"
