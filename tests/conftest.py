@@ -48,7 +48,10 @@ def unet_inputs(seed: int = 0, batch: int = 1):
         sample=torch.randn(batch, 4, 16, 16, generator=g),
         timestep=torch.tensor([500] * batch),
         encoder_hidden_states=torch.randn(batch, 7, 64, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.randn(batch, 6, generator=g)},
+        added_cond_kwargs={
+            "text_embeds": torch.randn(batch, 32, generator=g),
+            "time_ids": torch.randn(batch, 6, generator=g),
+        },
     )
 
 

@@ -25,7 +25,8 @@ class HyperLoRAConfig:
     Example:
         >>> from diffusers_hyperlora import HyperLoRAConfig
         >>> from diffusers_hyperlora.targets import TargetModule
-        >>> config = HyperLoRAConfig(targets=[TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 64)])
+        >>> name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1"
+        >>> config = HyperLoRAConfig(targets=[TargetModule(name, hidden_size=64)])
         >>> config.num_tokens, config.has_base
         (8, False)
     """

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
+from .adapter_state_dict import hide_adapters_from_state_dict
 from .adapters import HyperLoRAAdapters
 from .errors import HyperLoRANotLoadedError
 from .features import FeatureExtractor
@@ -44,6 +45,7 @@ class HyperLoRAState:
     face_analyzer: Any = None
     identity: HyperLoRAIdentity | None = None
     hub_options: dict | None = None
+    state_dict_hook: Any = None
 
 
 def _denoiser(pipe: Any, name: str | None = None):
@@ -124,7 +126,8 @@ def load_hyperlora(
     Example:
         >>> from diffusers import StableDiffusionXLPipeline  # doctest: +SKIP
         >>> import diffusers_hyperlora  # doctest: +SKIP
-        >>> pipe = StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")  # doctest: +SKIP
+        >>> repo = "stabilityai/stable-diffusion-xl-base-1.0"
+        >>> pipe = StableDiffusionXLPipeline.from_pretrained(repo)  # doctest: +SKIP
         >>> pipe.load_hyperlora("org/hyperlora")  # doctest: +SKIP
         >>> pipe.set_hyperlora_identity(["me1.jpg", "me2.jpg"])  # doctest: +SKIP
     """
@@ -160,6 +163,7 @@ def load_hyperlora(
         image_encoder=image_encoder,
         face_analyzer=face_analyzer,
         hub_options=hub_options,
+        state_dict_hook=hide_adapters_from_state_dict(denoiser, [id_adapter_name, base_adapter_name]),
     )
     object.__setattr__(pipe, _STATE_ATTRIBUTE, state)
     return pipe
@@ -237,6 +241,11 @@ def set_hyperlora_identity(pipe: Any, images_or_identity: Any, **extractor_kwarg
 def unload_hyperlora(pipe: Any) -> None:
     """Remove HyperLoRA's adapters and predictor; the denoiser computes exactly what it did before loading."""
     state = _state(pipe)
+    from .sliders import remove_all_sliders
+
+    remove_all_sliders(state)
+    if state.state_dict_hook is not None:
+        state.state_dict_hook.remove()
     state.adapters.detach()
     object.__setattr__(pipe, _STATE_ATTRIBUTE, None)
 
@@ -283,6 +292,18 @@ class HyperLoRAMixin:
         """See `diffusers_hyperlora.pipeline.unload_hyperlora`."""
         unload_hyperlora(self)
 
+    def add_hyperlora_slider(self, neutral: Any, edited: Any, adapter_name: str = "slider", **kwargs: Any):
+        """See `diffusers_hyperlora.sliders.add_hyperlora_slider`."""
+        from .sliders import add_hyperlora_slider
+
+        return add_hyperlora_slider(self, neutral, edited, adapter_name=adapter_name, **kwargs)
+
+    def remove_hyperlora_slider(self, adapter_name: str = "slider") -> None:
+        """See `diffusers_hyperlora.sliders.remove_hyperlora_slider`."""
+        from .sliders import remove_hyperlora_slider
+
+        remove_hyperlora_slider(self, adapter_name)
+
 
 _MIXIN_MEMBERS: Sequence[str] = (
     "hyperlora",
@@ -291,6 +312,8 @@ _MIXIN_MEMBERS: Sequence[str] = (
     "set_hyperlora_identity",
     "predict_hyperlora_identity",
     "unload_hyperlora",
+    "add_hyperlora_slider",
+    "remove_hyperlora_slider",
 )
 
 

@@ -1,0 +1,178 @@
+"""The predictor on its own: resampler layout, averaging math, bank mixing, feature validation, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import OFFICIAL_TINY, random_features
+from safetensors import safe_open
+
+from diffusers_hyperlora import FeatureShapeError, HyperLoRAConfig, HyperLoRAIdentity, HyperLoRAPredictor
+from diffusers_hyperlora.bank import group_linears, mix_bases
+from diffusers_hyperlora.identity import normalize_coefficients
+from diffusers_hyperlora.targets import TargetModule, module_path_from_kohya
+from diffusers_hyperlora.tiny import tiny_hyperlora_config, tiny_hyperlora_predictor
+
+
+def test_module_path_from_kohya_round_trips_unet_names():
+    assert (
+        module_path_from_kohya("lora_unet_mid_block_attentions_0_transformer_blocks_9_attn2")
+        == "mid_block.attentions.0.transformer_blocks.9.attn2"
+    )
+    assert module_path_from_kohya("lora_unet_up_blocks_0_attentions_2_transformer_blocks_1_attn1") == (
+        "up_blocks.0.attentions.2.transformer_blocks.1.attn1"
+    )
+
+
+def test_target_linears_widths_follow_cross_attention():
+    target = TargetModule("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2", 640, 2048)
+    widths = [
+        (
+            lin.module_path.rsplit(".", 1)[-1] if "to_out" not in lin.module_path else "to_out.0",
+            lin.in_features,
+            lin.out_features,
+        )
+        for lin in target.linears()
+    ]
+    assert widths == [("to_q", 640, 640), ("to_k", 2048, 640), ("to_v", 2048, 640), ("to_out.0", 640, 640)]
+    assert [lin.kohya_name.rsplit("_attn2_", 1)[1] for lin in target.linears()] == ["to_q", "to_k", "to_v", "to_out_0"]
+
+
+def test_config_json_round_trip():
+    config = tiny_hyperlora_config(base_rank=4)
+    data = json.loads(json.dumps(config.to_dict()))
+    again = HyperLoRAConfig.from_dict(data)
+    assert again == config
+    assert again.architecture_hash() == config.architecture_hash()
+    assert again.num_tokens == 8 * 24 and again.has_base
+
+
+@pytest.mark.skipif(not OFFICIAL_TINY.is_dir(), reason="shared fixtures missing")
+def test_state_dict_keys_match_the_release_files():
+    predictor = tiny_hyperlora_predictor()
+    ours = predictor.state_dict()
+    for file, prefix in (("resampler", "resampler."), ("id_projector", "id_projector.")):
+        with safe_open(OFFICIAL_TINY / f"{file}.safetensors", "pt") as handle:
+            for key in handle.keys():
+                assert list(ours[prefix + key].shape) == handle.get_slice(key).get_shape(), key
+            assert {k[len(prefix) :] for k in ours if k.startswith(prefix)} == set(handle.keys())
+
+
+def test_multi_image_prediction_is_mean_then_normalize(predictor):
+    embeds, clip = random_features(batch=3)
+    identity = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+    per_image = torch.stack([predictor(embeds[i : i + 1], clip[i : i + 1])[0] for i in range(3)])
+    mean = per_image.mean(0)
+    expected = mean / torch.sqrt((mean**2).sum(-1, keepdim=True) + 1e-8)
+    torch.testing.assert_close(identity.id_coefficients, expected, rtol=1e-5, atol=1e-6)
+    assert identity.num_images == 3
+    torch.testing.assert_close(identity.id_mean, mean, rtol=1e-5, atol=1e-6)
+    # The order matters: normalizing each image first gives a different (wrong) result.
+    wrong = normalize_coefficients(normalize_coefficients(per_image).mean(0))
+    assert not torch.allclose(wrong, expected, atol=1e-4)
+
+
+def test_id_embeds_accept_both_documented_shapes(predictor):
+    embeds, clip = random_features(batch=2)
+    a = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+    b = predictor.predict(id_embeds=embeds[:, None], clip_hidden_states=clip)
+    torch.testing.assert_close(a.id_mean, b.id_mean)
+
+
+@pytest.mark.parametrize(
+    "id_shape, clip_shape, match",
+    [
+        ((2, 511), (2, 17, 48), r"id_embeds.*\[B, 512\]"),
+        ((2, 2, 512), (2, 17, 48), r"id_embeds"),
+        ((2, 512), (2, 17, 32), r"clip_hidden_states.*\[B, T, 48\]"),
+        ((2, 512), (17, 48), r"clip_hidden_states"),
+        ((3, 512), (2, 17, 48), r"same batch size"),
+    ],
+)
+def test_wrong_feature_shapes_raise(predictor, id_shape, clip_shape, match):
+    with pytest.raises(FeatureShapeError, match=match):
+        predictor.predict(id_embeds=torch.randn(id_shape), clip_hidden_states=torch.randn(clip_shape))
+
+
+def test_missing_features_raise(predictor):
+    with pytest.raises(FeatureShapeError, match="id_embeds"):
+        predictor.predict(clip_hidden_states=torch.randn(1, 17, 48))
+    with pytest.raises(FeatureShapeError, match="clip_hidden_states"):
+        predictor.predict(id_embeds=torch.randn(1, 512))
+    with pytest.raises(ValueError):  # also a plain ValueError for generic handlers
+        predictor.predict(id_embeds=torch.randn(1, 3))
+
+
+def test_bank_matches_per_layer_einsum(predictor):
+    embeds, clip = random_features(batch=1)
+    identity = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+    weights = predictor.lora_weights(identity)
+    tokens = identity.id_coefficients
+    bank = predictor.id_bank
+    for index in (0, 5, len(weights) - 1):
+        g, p = bank.locations[index]
+        down = torch.einsum("k,kir->ri", tokens[2 * index], bank.down[g][p].detach())
+        up = torch.einsum("k,kro->or", tokens[2 * index + 1], bank.up[g][p].detach())
+        torch.testing.assert_close(weights[index][0], down, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights[index][1], up, rtol=1e-5, atol=1e-6)
+
+
+def test_sixteen_bit_banks_accumulate_in_float32():
+    torch.manual_seed(0)
+    coefficients = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    bases = torch.randn(3, 64, 40, 4).to(torch.bfloat16)
+    exact = torch.einsum("gk,gkir->gir", coefficients.double(), bases.double())
+    mixed = mix_bases(coefficients, bases)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed.double(), exact, rtol=1e-5, atol=1e-6)
+    # A bf16 product (what a naive implementation computes) is much further off.
+    naive = torch.einsum("gk,gkir->gir", coefficients.to(torch.bfloat16), bases).double()
+    assert (naive - exact).abs().max() > 10 * (mixed.double() - exact).abs().max()
+
+
+def test_groups_follow_shapes_not_module_order():
+    config = tiny_hyperlora_config()
+    groups = group_linears(config.linears)
+    assert sum(len(g.members) for g in groups) == len(config.linears) == 96
+    for group in groups:
+        assert all(
+            (config.linears[i].in_features, config.linears[i].out_features) == (group.in_features, group.out_features)
+            for i in group.members
+        )
+
+
+def test_save_pretrained_round_trip(tmp_path, predictor):
+    predictor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    loaded = HyperLoRAPredictor.from_pretrained(tmp_path)
+    assert loaded.config == predictor.config
+    ours, theirs = predictor.state_dict(), loaded.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    embeds, clip = random_features()
+    a = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+    b = loaded.predict(id_embeds=embeds, clip_hidden_states=clip)
+    assert torch.equal(a.id_mean, b.id_mean) and a.checkpoint == b.checkpoint
+
+
+def test_base_branch_predicts_its_own_coefficients():
+    predictor = tiny_hyperlora_predictor(base_rank=4)
+    embeds, clip = random_features()
+    identity = predictor.predict(id_embeds=embeds, clip_hidden_states=clip, base_clip_hidden_states=clip * 0.5)
+    assert identity.base_mean is not None and identity.base_mean.shape == identity.id_mean.shape
+    downs_ups = predictor.lora_weights(identity, "base")
+    assert downs_ups[0][0].shape == (4, 64)
+    no_base = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+    assert no_base.base_mean is None
+
+
+def test_merge_equals_predicting_from_all_images(predictor):
+    embeds, clip = random_features(batch=5)
+    together = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+    a = predictor.predict(id_embeds=embeds[:2], clip_hidden_states=clip[:2])
+    b = predictor.predict(id_embeds=embeds[2:], clip_hidden_states=clip[2:])
+    merged = HyperLoRAIdentity.merge([a, b])
+    assert merged.num_images == 5
+    torch.testing.assert_close(merged.id_coefficients, together.id_coefficients, rtol=1e-5, atol=1e-6)
