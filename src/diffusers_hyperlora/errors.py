@@ -35,3 +35,19 @@ class CheckpointNotFoundError(HyperLoRAError, FileNotFoundError):
 
 class NoFaceDetectedError(HyperLoRAError, ValueError):
     """None of the input images contains a detectable face."""
+
+
+class IdentityFormatError(HyperLoRAError, ValueError):
+    """A file is not a saved `HyperLoRAIdentity` (wrong kind of file, damaged, or from a newer version)."""
+
+
+class ImageInputError(HyperLoRAError, ValueError):
+    """An input image cannot be read, or has a form (type, shape, dtype, value range) that is not supported."""
+
+
+class FaceModelsNotFoundError(HyperLoRAError, FileNotFoundError):
+    """The face-analysis models (AntelopeV2 ONNX files) or the CLIP image encoder could not be found or loaded."""
+
+
+class FaceSelectionError(HyperLoRAError, ValueError):
+    """`face_index` asks for a face that an image does not have."""
