@@ -1,49 +1,171 @@
-"""Predicted LoRAs as standard LoRA state dicts and files (pure functions; no model is touched)."""
+"""Predicted LoRAs (identities and sliders) as standard LoRA state dicts and `.safetensors` files.
+
+Everything here is pure layout: factors in, tensors and metadata out; no model is touched.
+
+Two layouts:
+
+- `kohya`: `{json_key}_{to_q|to_k|to_v|to_out_0}.lora_down.weight` `[r, in]`, `.lora_up.weight` `[out, r]` and
+  `.alpha` (a scalar), exactly the reference generator's dict (spec 3.3). ComfyUI, A1111/Forge and diffusers'
+  `load_lora_weights` read it; the alpha travels in the tensors.
+- `diffusers`: `unet.{module_path}.lora_A.weight` / `.lora_B.weight` (PEFT names, what `pipe.save_lora_weights`
+  writes) plus the adapter config (`r`, `lora_alpha`, `target_modules`) under the safetensors metadata key
+  `lora_adapter_metadata`, which diffusers (>= 0.35) reads back. The real alpha is stored, nothing is folded into
+  the weights, so the factors are the live adapter's factors.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import torch
 from safetensors.torch import save_file
 
 from .config import HyperLoRAConfig
+from .targets import TargetLinear
 
 LORA_FORMATS = ("kohya", "diffusers")
+DIFFUSERS_PREFIX = "unet"
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+SDXL_BASE_VERSION = "sdxl_base_v1-0"
+
+LoraFactors = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_format(format: str) -> str:
+    """Return `format` if it is a known LoRA layout, else raise `ValueError` naming the choices."""
+    if format not in LORA_FORMATS:
+        raise ValueError(
+            f"Unknown LoRA format {format!r}: use 'kohya' (ComfyUI, A1111/Forge, diffusers) or 'diffusers' "
+            "(diffusers/PEFT layout)."
+        )
+    return format
+
+
+def lora_state_dict(
+    linears: Sequence[TargetLinear],
+    weights: LoraFactors,
+    alpha: float,
+    format: str = "kohya",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Lay out per-linear `(down [r, in], up [out, r])` factors as a LoRA state dict.
+
+    The update of each linear a loader applies at weight `w` is `w * (alpha / r) * up @ down`.
+
+    Example:
+        >>> from diffusers_hyperlora.targets import TargetModule
+        >>> linears = TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 4).linears()
+        >>> factors = [(torch.zeros(2, 4), torch.zeros(4, 2))] * 4
+        >>> [key.split("attn1_")[1] for key in lora_state_dict(linears, factors, alpha=1.0)][:3]
+        ['to_q.lora_down.weight', 'to_q.lora_up.weight', 'to_q.alpha']
+    """
+    check_format(format)
+    if len(weights) != len(linears):
+        raise ValueError(f"Expected LoRA factors for {len(linears)} linears, got {len(weights)}.")
+    state_dict: dict[str, torch.Tensor] = {}
+    for linear, (down, up) in zip(linears, weights):
+        _check_factors(linear, down, up)
+        down = down.detach().to(device="cpu", dtype=dtype).contiguous()
+        up = up.detach().to(device="cpu", dtype=dtype).contiguous()
+        if format == "kohya":
+            state_dict[f"{linear.kohya_name}.lora_down.weight"] = down
+            state_dict[f"{linear.kohya_name}.lora_up.weight"] = up
+            state_dict[f"{linear.kohya_name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        else:
+            state_dict[f"{DIFFUSERS_PREFIX}.{linear.module_path}.lora_A.weight"] = down
+            state_dict[f"{DIFFUSERS_PREFIX}.{linear.module_path}.lora_B.weight"] = up
+    return state_dict
+
+
+def _check_factors(linear: TargetLinear, down: torch.Tensor, up: torch.Tensor) -> None:
+    rank = down.shape[0]
+    if tuple(down.shape) != (rank, linear.in_features) or tuple(up.shape) != (linear.out_features, rank):
+        raise ValueError(
+            f"LoRA factors of {linear.module_path} must be down [r, {linear.in_features}] and up "
+            f"[{linear.out_features}, r], got {list(down.shape)} and {list(up.shape)}."
+        )
 
 
 def export_lora_state_dict(
     config: HyperLoRAConfig,
-    weights: list[tuple[torch.Tensor, torch.Tensor]],
+    weights: LoraFactors,
     format: str = "kohya",
     branch: str = "id",
+    *,
+    alpha: float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Lay out per-linear `(down [r, in], up [out, r])` factors as a LoRA state dict.
+    """`lora_state_dict` for a checkpoint's target linears; `alpha` defaults to the branch's (`r / 2`)."""
+    alpha = config.alpha(branch) if alpha is None else alpha
+    return lora_state_dict(config.linears, weights, alpha, format, dtype)
 
-    - `kohya`: `{json_key}_{to_q|to_k|to_v|to_out_0}.lora_down.weight`, `.lora_up.weight`, `.alpha`, exactly
-      what the reference generator emits; read by ComfyUI, A1111/Forge and diffusers.
-    - `diffusers`: `unet.{module_path}.lora_A.weight` / `.lora_B.weight` (PEFT names), with the LoRA scale
-      `alpha / r` folded into `lora_B`, so a loader that assumes `alpha = r` gives the same update.
+
+def diffusers_adapter_metadata(
+    linears: Sequence[TargetLinear], rank: int, alpha: float, prefix: str = DIFFUSERS_PREFIX
+) -> dict[str, object]:
+    """The `LoraConfig` fields diffusers rebuilds the adapter from, keyed `{prefix}.{field}` as diffusers packs them.
+
+    >>> from diffusers_hyperlora.targets import TargetModule
+    >>> linears = TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 4).linears()[:1]
+    >>> metadata = diffusers_adapter_metadata(linears, rank=8, alpha=4.0)
+    >>> metadata["unet.r"], metadata["unet.lora_alpha"], metadata["unet.target_modules"]
+    (8, 4.0, ['mid_block.attentions.0.transformer_blocks.0.attn1.to_q'])
     """
-    if format not in LORA_FORMATS:
-        raise ValueError(f"format must be one of {LORA_FORMATS}, got {format!r}.")
-    linears = config.linears
-    if len(weights) != len(linears):
-        raise ValueError(f"Expected LoRA weights for {len(linears)} linears, got {len(weights)}.")
-    rank, alpha = config.rank(branch), config.alpha(branch)
-    state_dict: dict[str, torch.Tensor] = {}
-    for linear, (down, up) in zip(linears, weights):
-        down = down.detach().float().contiguous().cpu()
-        up = up.detach().float().contiguous().cpu()
-        if format == "kohya":
-            state_dict[f"{linear.kohya_name}.lora_down.weight"] = down
-            state_dict[f"{linear.kohya_name}.lora_up.weight"] = up
-            state_dict[f"{linear.kohya_name}.alpha"] = torch.tensor(float(alpha))
-        else:
-            state_dict[f"unet.{linear.module_path}.lora_A.weight"] = down
-            state_dict[f"unet.{linear.module_path}.lora_B.weight"] = (up * (alpha / rank)).contiguous()
-    return state_dict
+    return {
+        f"{prefix}.r": int(rank),
+        f"{prefix}.lora_alpha": float(alpha),
+        f"{prefix}.target_modules": [linear.module_path for linear in linears],
+    }
+
+
+def lora_file_metadata(
+    config: HyperLoRAConfig,
+    format: str,
+    rank: int,
+    alpha: float,
+    *,
+    kind: str = "identity",
+    branch: str = "id",
+    recommended_scale: float | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Safetensors metadata of an exported LoRA: what it is, its rank/alpha (kohya `ss_*` keys), trigger words.
+
+    For the `diffusers` format it also holds `lora_adapter_metadata`, so `load_lora_weights` restores alpha.
+    """
+    check_format(format)
+    if recommended_scale is None:
+        recommended_scale = config.default_id_weight if branch == "id" else config.default_base_weight
+    metadata = {
+        "format": "pt",
+        "hyperlora_format": format,
+        "hyperlora_kind": kind,
+        "hyperlora_branch": branch,
+        "hyperlora_checkpoint": config.architecture_hash(),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": json.dumps(float(alpha)),
+        "ss_base_model_version": SDXL_BASE_VERSION,
+        "trigger_words": config.trigger_words,
+        "recommended_scale": json.dumps(recommended_scale),
+    }
+    if config.license:
+        metadata["license"] = config.license
+    if format == "diffusers":
+        adapter = diffusers_adapter_metadata(config.linears, rank, alpha)
+        metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter, indent=2, sort_keys=True)
+    metadata.update(extra or {})
+    return metadata
+
+
+def lora_rank(state_dict: dict[str, torch.Tensor]) -> int:
+    """The rank of a state dict written by `lora_state_dict` (rows of its first down / `lora_A` matrix)."""
+    for key, tensor in state_dict.items():
+        if key.endswith((".lora_down.weight", ".lora_A.weight")):
+            return int(tensor.shape[0])
+    raise ValueError("The state dict has no `.lora_down.weight` / `.lora_A.weight` tensor: it is not a LoRA.")
 
 
 def save_lora_file(
@@ -52,17 +174,31 @@ def save_lora_file(
     config: HyperLoRAConfig,
     format: str = "kohya",
     branch: str = "id",
+    *,
+    alpha: float | None = None,
+    kind: str = "identity",
+    recommended_scale: float | None = None,
+    extra_metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write a LoRA state dict to a `.safetensors` file with descriptive metadata."""
-    metadata = {
-        "format": "pt",
-        "hyperlora_format": format,
-        "hyperlora_branch": branch,
-        "hyperlora_checkpoint": config.architecture_hash(),
-        "ss_network_dim": str(config.rank(branch)),
-        "ss_network_alpha": str(config.alpha(branch)),
-        "ss_base_model_version": "sdxl_base_v1-0",
-        "trigger_words": config.trigger_words,
-        "recommended_scale": json.dumps(config.default_id_weight if branch == "id" else config.default_base_weight),
-    }
-    save_file(state_dict, os.fspath(path), metadata=metadata)
+    """Write a LoRA state dict made by `lora_state_dict` to a `.safetensors` file with descriptive metadata.
+
+    Example:
+        >>> state_dict = pipe.hyperlora.export_lora(identity, format="kohya")  # doctest: +SKIP
+        >>> save_lora_file(state_dict, "me.safetensors", pipe.hyperlora.config)  # doctest: +SKIP
+    """
+    alpha = config.alpha(branch) if alpha is None else alpha
+    metadata = lora_file_metadata(
+        config,
+        format,
+        lora_rank(state_dict),
+        alpha,
+        kind=kind,
+        branch=branch,
+        recommended_scale=recommended_scale,
+        extra=extra_metadata,
+    )
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    save_file(state_dict, path, metadata=metadata)

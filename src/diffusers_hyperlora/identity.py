@@ -3,18 +3,38 @@
 The predictor averages the resampler's output over the images of a person, then L2-normalizes each
 coefficient vector (spec 3.3, step 4). Because the mean comes first, an identity keeps the *un-normalized*
 mean and the number of images: merging two saved identities then equals predicting from all photos at once.
+
+Two kinds of combination, with different math on purpose:
+
+- `HyperLoRAIdentity.merge` pools *photos of one person*: the image-count-weighted mean of the un-normalized
+  means, exactly what the predictor computes from all images together.
+- `HyperLoRAIdentity.mix` / `interpolate` blend *different people*: a weighted sum of the *normalized*
+  coefficient vectors, renormalized when used. Every coefficient vector the bank ever sees has unit norm, so
+  the blend stays on the sphere the model was trained on, and each person counts with exactly the given weight,
+  whatever the number of photos or the length of their raw mean (averaging many varied photos shortens the
+  raw mean, which would otherwise pull a blend toward the person with fewer photos).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from diffusers.utils import logging
 
-from .errors import IdentityMismatchError
+from .errors import IdentityFormatError, IdentityMismatchError
+
+logger = logging.get_logger(__name__)
 
 NORM_EPS = 1e-8
+IDENTITY_FORMAT_VERSION = 1
+_FORMAT_KEY = "hyperlora_identity_version"
+IDENTITY_KINDS = ("photos", "mix")
 
 
 def normalize_coefficients(mean: torch.Tensor) -> torch.Tensor:
@@ -23,17 +43,74 @@ def normalize_coefficients(mean: torch.Tensor) -> torch.Tensor:
     return mean * torch.rsqrt(mean.square().sum(-1, keepdim=True) + NORM_EPS)
 
 
+def blend_directions(means: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """`sum_i w_i * normalize(mean_i)`: the (not yet normalized) direction of a weighted blend.
+
+    >>> a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 0.5]])
+    >>> normalize_coefficients(blend_directions([a, b], [0.5, 0.5]))
+    tensor([[0.7071, 0.7071]])
+    """
+    return sum(w * normalize_coefficients(m) for m, w in zip(means, weights))
+
+
+def slerp_directions(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of every row of `normalize(a)` towards `normalize(b)` (constant angular speed).
+
+    Rows that are (nearly) parallel or where either side is zero fall back to the linear blend.
+
+    >>> slerp_directions(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), 1 / 3)
+    tensor([[0.8660, 0.5000]])
+    """
+    ua, ub = normalize_coefficients(a), normalize_coefficients(b)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    linear = (1 - t) * ua + t * ub
+    safe = sin.abs() > 1e-6
+    sin = torch.where(safe, sin, torch.ones_like(sin))
+    spherical = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / sin
+    return torch.where(safe, spherical, linear)
+
+
+def _check_same_checkpoint(identities: Sequence[HyperLoRAIdentity], what: str) -> None:
+    if not identities:
+        raise ValueError(f"{what}() needs at least one HyperLoRAIdentity.")
+    for index, other in enumerate(identities):
+        if not isinstance(other, HyperLoRAIdentity):
+            raise TypeError(f"{what}() takes HyperLoRAIdentity objects; item {index} is a {type(other).__name__}.")
+    first = identities[0]
+    for other in identities[1:]:
+        other.check_compatible(first.checkpoint, first.probe)
+        if other.id_mean.shape != first.id_mean.shape:
+            raise IdentityMismatchError(
+                f"{what}(): identities have coefficient shapes {list(first.id_mean.shape)} and "
+                f"{list(other.id_mean.shape)}; they come from different checkpoints. Predict them with one checkpoint."
+            )
+
+
 @dataclass
 class HyperLoRAIdentity:
     """Coefficients of one person for one checkpoint.
 
     Attributes:
         id_mean: `[num_tokens, K]` float32, the mean over images of the ID resampler's output (not normalized).
+            For a blend (`kind == "mix"`) it is the weighted sum of the normalized coefficients instead.
         num_images: how many images the mean is over.
         base_mean: the same for the Base branch, or `None` (checkpoint without Base, or no Base input).
         checkpoint: `architecture_hash` of the predictor's config.
         probe: a few weights of the predictor, to tell apart checkpoints with the same architecture.
         sources: names of the input images, when known.
+        kind: `"photos"` (a prediction, or a merge of predictions) or `"mix"` (a blend of people).
+
+    Example:
+        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> predictor = tiny_hyperlora_predictor()
+        >>> a = predictor.predict(id_embeds=torch.randn(2, 512), clip_hidden_states=torch.randn(2, 5, 48))
+        >>> b = predictor.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 5, 48))
+        >>> HyperLoRAIdentity.merge([a, b]).num_images
+        3
+        >>> HyperLoRAIdentity.interpolate(a, b, 0.25).kind
+        'mix'
     """
 
     id_mean: torch.Tensor
@@ -42,6 +119,7 @@ class HyperLoRAIdentity:
     checkpoint: str = ""
     probe: torch.Tensor | None = None
     sources: list[str] = field(default_factory=list)
+    kind: str = "photos"
 
     @property
     def id_coefficients(self) -> torch.Tensor:
@@ -54,6 +132,7 @@ class HyperLoRAIdentity:
         return None if self.base_mean is None else normalize_coefficients(self.base_mean)
 
     def coefficients(self, branch: str = "id") -> torch.Tensor | None:
+        """Normalized coefficients of `branch` (`"id"` or `"base"`), `None` when the identity has none."""
         if branch not in ("id", "base"):
             raise ValueError(f"branch must be 'id' or 'base', got {branch!r}.")
         return self.id_coefficients if branch == "id" else self.base_coefficients
@@ -72,23 +151,205 @@ class HyperLoRAIdentity:
                 "checkpoint."
             )
 
+    # ------------------------------------------------------------------ combining identities
     @classmethod
     def merge(cls, identities: Sequence[HyperLoRAIdentity]) -> HyperLoRAIdentity:
-        """Pool the photos of several identities: equal to predicting from all their images together."""
-        if not identities:
-            raise ValueError("merge() needs at least one HyperLoRAIdentity.")
+        """Pool the photos of several identities: equal to predicting from all their images together.
+
+        Example:
+            >>> sets = [HyperLoRAIdentity.load(p) for p in ("a.safetensors", "b.safetensors")]  # doctest: +SKIP
+            >>> person = HyperLoRAIdentity.merge(sets)  # doctest: +SKIP
+        """
+        _check_same_checkpoint(identities, "merge")
+        if any(i.kind != "photos" for i in identities):
+            logger.warning(
+                "merge() got a blended identity (kind 'mix'): the result is a count-weighted pool, not the prediction "
+                "from any set of photos. Use HyperLoRAIdentity.mix to blend people."
+            )
         first = identities[0]
-        for other in identities[1:]:
-            other.check_compatible(first.checkpoint, first.probe)
         total = sum(i.num_images for i in identities)
         id_mean = sum(i.id_mean.float() * i.num_images for i in identities) / total
         has_base = all(i.base_mean is not None for i in identities)
         base_mean = sum(i.base_mean.float() * i.num_images for i in identities) / total if has_base else None
         sources = [s for i in identities for s in i.sources]
-        return cls(id_mean, total, base_mean, first.checkpoint, first.probe, sources)
+        kind = "photos" if all(i.kind == "photos" for i in identities) else "mix"
+        return cls(id_mean, total, base_mean, first.checkpoint, first.probe, sources, kind)
+
+    @classmethod
+    def mix(cls, identities: Sequence[HyperLoRAIdentity], weights: Sequence[float]) -> HyperLoRAIdentity:
+        """Blend several people: `normalize(sum_i w_i * normalize(coefficients_i))` for every coefficient vector.
+
+        Weights need not sum to one (only their ratios matter) but must have a positive sum; a negative weight
+        subtracts a person (identity arithmetic). Each person counts with its weight whatever its number of
+        photos: to pool photos of *one* person, use `merge` instead.
+
+        Example:
+            >>> blend = HyperLoRAIdentity.mix([alice, bob, carol], [0.5, 0.3, 0.2])  # doctest: +SKIP
+        """
+        identities = list(identities)
+        weights = [float(w) for w in weights]
+        _check_same_checkpoint(identities, "mix")
+        if len(weights) != len(identities):
+            raise ValueError(
+                f"mix() got {len(identities)} identities but {len(weights)} weights: give one weight per identity."
+            )
+        if not all(math.isfinite(w) for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"mix() weights must be finite numbers with a positive sum, got {weights}.")
+        first = identities[0]
+        id_mean = blend_directions([i.id_mean for i in identities], weights)
+        has_base = all(i.base_mean is not None for i in identities)
+        base_mean = blend_directions([i.base_mean for i in identities], weights) if has_base else None
+        return cls(
+            id_mean=id_mean,
+            num_images=sum(i.num_images for i in identities),
+            base_mean=base_mean,
+            checkpoint=first.checkpoint,
+            probe=first.probe,
+            sources=[s for i in identities for s in i.sources],
+            kind="mix",
+        )
+
+    @classmethod
+    def interpolate(
+        cls, a: HyperLoRAIdentity, b: HyperLoRAIdentity, t: float, spherical: bool = False
+    ) -> HyperLoRAIdentity:
+        """The identity a fraction `t` of the way from `a` (`t = 0`) to `b` (`t = 1`).
+
+        Default: `mix([a, b], [1 - t, t])` (normalized linear blend). `spherical=True` moves along the great
+        circle between the coefficient vectors at constant angular speed (slerp): the same endpoints and midpoint,
+        a more even pace in between. A `t` outside `[0, 1]` extrapolates (e.g. `t = 1.2`: "more `b` than `b`");
+        keep it small, the further out the less the result looks like a person.
+
+        Example:
+            >>> halfway = HyperLoRAIdentity.interpolate(alice, bob, 0.5)  # doctest: +SKIP
+        """
+        t = float(t)
+        if not math.isfinite(t):
+            raise ValueError(f"interpolate() needs a finite t (0 = a, 1 = b), got {t}.")
+        if not spherical:
+            return cls.mix([a, b], [1.0 - t, t])
+        _check_same_checkpoint([a, b], "interpolate")
+        has_base = a.base_mean is not None and b.base_mean is not None
+        return cls(
+            id_mean=slerp_directions(a.id_mean, b.id_mean, t),
+            num_images=a.num_images + b.num_images,
+            base_mean=slerp_directions(a.base_mean, b.base_mean, t) if has_base else None,
+            checkpoint=a.checkpoint,
+            probe=a.probe,
+            sources=list(a.sources) + list(b.sources),
+            kind="mix",
+        )
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the identity to a `.safetensors` file (float32 coefficients + metadata; ~0.6 MB for the release).
+
+        Example:
+            >>> identity = pipe.set_hyperlora_identity(["me1.jpg", "me2.jpg"])  # doctest: +SKIP
+            >>> identity.save("me.safetensors")  # doctest: +SKIP
+        """
+        from safetensors.torch import save_file
+
+        tensors = {"id_mean": self.id_mean.detach().float().cpu().contiguous()}
+        if self.base_mean is not None:
+            tensors["base_mean"] = self.base_mean.detach().float().cpu().contiguous()
+        if self.probe is not None:
+            tensors["probe"] = self.probe.detach().float().cpu().contiguous()
+        metadata = {
+            "format": "pt",
+            _FORMAT_KEY: str(IDENTITY_FORMAT_VERSION),
+            "checkpoint": self.checkpoint,
+            "num_images": str(int(self.num_images)),
+            "sources": json.dumps([str(s) for s in self.sources]),
+            "kind": self.kind,
+        }
+        save_file(tensors, os.fspath(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, predictor: Any = None) -> HyperLoRAIdentity:
+        """Read an identity written by `save`.
+
+        Args:
+            path: the `.safetensors` file.
+            predictor: optional `HyperLoRAPredictor`; when given, raise `IdentityMismatchError` right away if the
+                identity belongs to another checkpoint (otherwise that is checked when the identity is used).
+
+        Example:
+            >>> identity = HyperLoRAIdentity.load("me.safetensors")  # doctest: +SKIP
+            >>> pipe.set_hyperlora_identity(identity)  # doctest: +SKIP
+        """
+        tensors, metadata = _read_identity_file(os.fspath(path))
+        identity = identity_from_tensors(tensors, metadata, os.fspath(path))
+        if predictor is not None:
+            identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
+        return identity
 
     def to(self, device: torch.device | str) -> HyperLoRAIdentity:
+        """A copy with the coefficient tensors on `device`."""
         base = None if self.base_mean is None else self.base_mean.to(device)
         return HyperLoRAIdentity(
-            self.id_mean.to(device), self.num_images, base, self.checkpoint, self.probe, list(self.sources)
+            self.id_mean.to(device), self.num_images, base, self.checkpoint, self.probe, list(self.sources), self.kind
         )
+
+
+def _read_identity_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No identity file at {path!r}. Pass the path of a file written by `identity.save(...)` or "
+            "`diffusers-hyperlora identity ... -o person.safetensors`."
+        )
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise IdentityFormatError(
+            f"{path!r} is not a readable .safetensors file ({error}). Expected a HyperLoRA identity written by "
+            "`identity.save(...)`; predict the identity again from the photos."
+        ) from error
+    return tensors, metadata
+
+
+def identity_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> HyperLoRAIdentity:
+    """Validate the contents of an identity file and build the `HyperLoRAIdentity` (pure; `name` is for messages)."""
+    expected = "Expected a HyperLoRA identity written by `identity.save(...)`"
+    if _FORMAT_KEY not in metadata:
+        hint = " It looks like a LoRA file (export output), not an identity." if "hyperlora_format" in metadata else ""
+        raise IdentityFormatError(
+            f"{name!r} is not a HyperLoRA identity file (no {_FORMAT_KEY!r} metadata).{hint} {expected}."
+        )
+    try:
+        version = int(metadata[_FORMAT_KEY])
+        num_images = int(metadata.get("num_images", "1"))
+        sources = json.loads(metadata.get("sources", "[]"))
+    except (ValueError, json.JSONDecodeError) as error:
+        raise IdentityFormatError(f"{name!r} has damaged identity metadata ({error}). {expected}.") from error
+    if version > IDENTITY_FORMAT_VERSION:
+        raise IdentityFormatError(
+            f"{name!r} was written by a newer diffusers-hyperlora (identity format {version}, this version reads up to "
+            f"{IDENTITY_FORMAT_VERSION}). Upgrade diffusers-hyperlora (`pip install -U diffusers-hyperlora`)."
+        )
+    id_mean = tensors.get("id_mean")
+    if id_mean is None or id_mean.ndim != 2:
+        raise IdentityFormatError(f"{name!r} lacks a 2-D 'id_mean' tensor [num_tokens, K]. {expected}.")
+    base_mean = tensors.get("base_mean")
+    if base_mean is not None and base_mean.shape != id_mean.shape:
+        raise IdentityFormatError(
+            f"{name!r}: 'base_mean' has shape {list(base_mean.shape)}, expected {list(id_mean.shape)} like 'id_mean'."
+        )
+    kind = metadata.get("kind", "photos")
+    if num_images < 1 or kind not in IDENTITY_KINDS or not isinstance(sources, list):
+        raise IdentityFormatError(
+            f"{name!r} has invalid metadata (num_images={num_images}, kind={kind!r}, sources={sources!r}). {expected}."
+        )
+    return HyperLoRAIdentity(
+        id_mean=id_mean.float(),
+        num_images=num_images,
+        base_mean=None if base_mean is None else base_mean.float(),
+        checkpoint=metadata.get("checkpoint", ""),
+        probe=tensors.get("probe"),
+        sources=[str(s) for s in sources],
+        kind=kind,
+    )

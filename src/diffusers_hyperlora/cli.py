@@ -1,0 +1,333 @@
+"""The `diffusers-hyperlora` command: identities, LoRA files and sliders without writing Python.
+
+    diffusers-hyperlora identity me1.jpg me2.jpg -o me.safetensors --model org/hyperlora
+    diffusers-hyperlora export me.safetensors -o me_lora.safetensors --format kohya --model org/hyperlora
+    diffusers-hyperlora slider --neutral me.jpg --edited me_old.jpg -o age.safetensors --model org/hyperlora
+    diffusers-hyperlora mix alice.safetensors bob.safetensors --weights 0.5 0.5 -o blend.safetensors
+    diffusers-hyperlora convert path/to/release_folder out_folder --dtype fp16
+
+Only the HyperLoRA predictor (and, for photos, the face models and CLIP encoder) is loaded, never SDXL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .errors import HyperLoRAError
+
+PROG = "diffusers-hyperlora"
+IDENTITY_SUFFIX = ".safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CLIError(Exception):
+    """A problem with the command line's inputs; printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------- argument parsing
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpoint")
+    group.add_argument(
+        "--model",
+        required=True,
+        help="HyperLoRA checkpoint: a Hub repo id (org/name) or a local folder, in the library format "
+        "(config.json + model.safetensors) or the release layout (hyper_lora_modules.json + 3 .safetensors).",
+    )
+    group.add_argument("--subfolder", default=None, help="Folder inside the repo / folder that holds the checkpoint.")
+    group.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main).")
+    group.add_argument("--token", default=None, help="Hub token for private repos (default: your saved login).")
+    group.add_argument("--heads", type=int, default=None, help="Resampler heads of release-layout folders (12).")
+    group.add_argument("--dim-head", type=int, default=None, help="Resampler head width, release layout (64).")
+    group.add_argument(
+        "--device", default=None, help="Where to run: cpu, cuda, cuda:1, ... (default: cuda if available)."
+    )
+
+
+def _add_face_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("photos (needs the face extra: pip install 'diffusers-hyperlora[face]')")
+    group.add_argument(
+        "--image-encoder", default=None, help="CLIP vision encoder: repo id or folder (default: the checkpoint's)."
+    )
+    group.add_argument(
+        "--face-models", default=None, help="AntelopeV2 face models: repo id, folder or insightface root."
+    )
+
+
+def _add_lora_options(parser: argparse.ArgumentParser, default_scale: str) -> None:
+    parser.add_argument("-o", "--output", required=True, help="The LoRA file to write (.safetensors).")
+    parser.add_argument(
+        "--format",
+        choices=("kohya", "diffusers"),
+        default="kohya",
+        help="kohya: the reference generator's keys, for ComfyUI, A1111/Forge and diffusers (default). "
+        "diffusers: the layout pipe.load_lora_weights reads natively, alpha in the file's adapter metadata.",
+    )
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="fp32", help="Dtype of the stored tensors (fp16 halves the file)."
+    )
+    parser.epilog = f"Load the file like any LoRA; recommended weight {default_scale}."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `diffusers-hyperlora` (one subcommand per task)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="HyperLoRA for diffusers: turn face photos into identities, LoRA files and sliders.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    identity = commands.add_parser(
+        "identity",
+        help="photos -> a saved identity file",
+        description="Predict one person's identity from face photos and save it (a small .safetensors file). "
+        "Saved identity files given among the inputs are pooled in exactly, as if their photos were given again.",
+    )
+    identity.add_argument("inputs", nargs="+", metavar="IMAGE", help="Photos of one person, and/or identity files.")
+    identity.add_argument("-o", "--output", required=True, help="The identity file to write (.safetensors).")
+    _add_model_options(identity)
+    _add_face_options(identity)
+    identity.set_defaults(handler=_run_identity)
+
+    export = commands.add_parser(
+        "export",
+        help="identity -> a LoRA file for ComfyUI, A1111/Forge, diffusers",
+        description="Turn saved identities into a standard LoRA file. Several identity files of the same person "
+        "are pooled first (exactly like predicting from all their photos).",
+    )
+    export.add_argument("identities", nargs="+", metavar="IDENTITY", help="Identity file(s) written by `identity`.")
+    export.add_argument(
+        "--branch", choices=("id", "base"), default="id", help="Which LoRA to export (base: checkpoints with one)."
+    )
+    _add_lora_options(export, "0.75-0.85")
+    _add_model_options(export)
+    export.set_defaults(handler=_run_export)
+
+    slider = commands.add_parser(
+        "slider",
+        help="neutral + edited photos of one person -> a slider LoRA file",
+        description="Build a slider LoRA that moves generations from the neutral photos towards the edited ones "
+        "(e.g. the same person aged). Its update is exactly LoRA(edited) - LoRA(neutral); use a negative weight "
+        "to move the other way. Each side takes photos and/or saved identity files.",
+    )
+    slider.add_argument("--neutral", nargs="+", required=True, metavar="INPUT", help="Neutral photos / identity files.")
+    slider.add_argument("--edited", nargs="+", required=True, metavar="INPUT", help="Edited photos / identity files.")
+    _add_lora_options(slider, "+-0.7")
+    _add_model_options(slider)
+    _add_face_options(slider)
+    slider.set_defaults(handler=_run_slider)
+
+    mix = commands.add_parser(
+        "mix",
+        help="blend several identities into one",
+        description="Blend different people: a weighted mix of their normalized coefficients (only the ratios of "
+        "the weights matter). Use `identity` with several files to pool photos of one person instead.",
+    )
+    mix.add_argument("identities", nargs="+", metavar="IDENTITY", help="Identity files to blend.")
+    mix.add_argument("--weights", nargs="+", type=float, default=None, help="One weight per identity (default: equal).")
+    mix.add_argument(
+        "--spherical", action="store_true", help="Two identities only: spherical interpolation (slerp) at the weights."
+    )
+    mix.add_argument("-o", "--output", required=True, help="The identity file to write (.safetensors).")
+    mix.set_defaults(handler=_run_mix)
+
+    convert = commands.add_parser(
+        "convert",
+        help="release folder / repo -> the library's checkpoint format",
+        description="Convert a HyperLoRA checkpoint (e.g. the public release's folder layout, local or on the Hub) "
+        "into the library's format (config.json + model.safetensors), optionally changing its dtype.",
+    )
+    convert.add_argument("src", metavar="SRC", help="Source checkpoint: Hub repo id or local folder.")
+    convert.add_argument("dst", metavar="DST", help="Output folder.")
+    convert.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="Output dtype (default: as stored).")
+    convert.add_argument("--subfolder", default=None, help="Folder inside SRC that holds the checkpoint.")
+    convert.add_argument("--revision", default=None, help="Hub branch, tag or commit of SRC.")
+    convert.add_argument("--token", default=None, help="Hub token for private repos.")
+    convert.add_argument("--heads", type=int, default=None, help="Resampler heads of release-layout sources (12).")
+    convert.add_argument("--dim-head", type=int, default=None, help="Resampler head width of release-layout sources.")
+    convert.add_argument("--quiet", action="store_true", help="No progress bar.")
+    convert.set_defaults(handler=_run_convert)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_predictor(args: argparse.Namespace):
+    from .io import load_predictor
+
+    device = _device(args.device)
+    predictor = load_predictor(
+        args.model,
+        subfolder=args.subfolder,
+        revision=args.revision,
+        token=args.token,
+        heads=args.heads,
+        dim_head=args.dim_head,
+    )
+    if device.type == "cpu":
+        # 16-bit matmuls are slow (or missing) on CPUs: run the small networks in float32; the banks already
+        # accumulate in float32 whatever their storage dtype, so they keep theirs (half the memory).
+        for name, module in predictor.named_children():
+            if not name.endswith("bank") and module is not None:
+                module.float()
+    return predictor.to(device).eval()
+
+
+def _split_inputs(inputs: Sequence[str], what: str) -> tuple[list[str], list[str]]:
+    """`(images, identity files)`; every path must exist."""
+    missing = [path for path in inputs if not os.path.isfile(path)]
+    if missing:
+        raise CLIError(f"{what}: no such file(s): {', '.join(missing)}. Pass existing photos or identity files.")
+    identities = [path for path in inputs if path.lower().endswith(IDENTITY_SUFFIX)]
+    images = [path for path in inputs if not path.lower().endswith(IDENTITY_SUFFIX)]
+    return images, identities
+
+
+def _predict_from_images(predictor, images: list[str], args: argparse.Namespace):
+    try:
+        from .face import build_feature_extractor
+    except ImportError as error:
+        raise CLIError(
+            f"Reading photos needs the face models ({error}). Install them with "
+            "`pip install 'diffusers-hyperlora[face]'`, or pass saved identity files instead of photos."
+        ) from error
+    hub_options = {
+        "subfolder": args.subfolder,
+        "revision": args.revision,
+        "token": args.token,
+        "cache_dir": None,
+        "local_files_only": False,
+        "force_download": False,
+    }
+    extractor = build_feature_extractor(
+        predictor.config,
+        source=args.model,
+        image_encoder=args.image_encoder,
+        face_analyzer=args.face_models,
+        hub_options=hub_options,
+    )
+    features = extractor(images, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base)
+    return predictor.predict(
+        id_embeds=features.id_embeds,
+        clip_hidden_states=features.clip_hidden_states,
+        base_clip_hidden_states=features.base_clip_hidden_states,
+        sources=features.sources or [os.path.basename(path) for path in images],
+    )
+
+
+def _resolve_identity(inputs: Sequence[str], args: argparse.Namespace, predictor, what: str):
+    """Photos and identity files -> one identity: the photos predicted together, then everything pooled exactly."""
+    from .identity import HyperLoRAIdentity
+
+    images, files = _split_inputs(inputs, what)
+    identities = [HyperLoRAIdentity.load(path, predictor=predictor) for path in files]
+    if images:
+        identities.append(_predict_from_images(predictor, images, args))
+    return identities[0] if len(identities) == 1 else HyperLoRAIdentity.merge(identities)
+
+
+def _describe(identity) -> str:
+    return f"{identity.num_images} image(s)" + (f" ({', '.join(identity.sources)})" if identity.sources else "")
+
+
+# ---------------------------------------------------------------------------------------------- subcommands
+def _run_identity(args: argparse.Namespace) -> None:
+    predictor = _load_predictor(args)
+    identity = _resolve_identity(args.inputs, args, predictor, "identity")
+    identity.save(args.output)
+    print(f"Saved the identity of {_describe(identity)} to {args.output}")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    _split_inputs(args.identities, "export")
+    predictor = _load_predictor(args)
+    identity = _resolve_identity(args.identities, args, predictor, "export")
+    predictor.export_lora(identity, args.output, format=args.format, branch=args.branch, dtype=DTYPES[args.dtype])
+    print(f"Saved the {args.branch} LoRA ({args.format} format) of {_describe(identity)} to {args.output}")
+
+
+def _run_slider(args: argparse.Namespace) -> None:
+    from .sliders import HyperLoRASlider
+
+    _split_inputs(list(args.neutral) + list(args.edited), "slider")
+    predictor = _load_predictor(args)
+    slider = HyperLoRASlider(
+        neutral=_resolve_identity(args.neutral, args, predictor, "slider --neutral"),
+        edited=_resolve_identity(args.edited, args, predictor, "slider --edited"),
+    )
+    predictor.export_lora(slider, args.output, format=args.format, dtype=DTYPES[args.dtype])
+    print(f"Saved the slider LoRA ({args.format} format) to {args.output}")
+
+
+def _run_mix(args: argparse.Namespace) -> None:
+    from .identity import HyperLoRAIdentity
+
+    _split_inputs(args.identities, "mix")
+    identities = [HyperLoRAIdentity.load(path) for path in args.identities]
+    weights = args.weights if args.weights is not None else [1.0] * len(identities)
+    if len(weights) != len(identities):
+        raise CLIError(f"mix: {len(identities)} identities but {len(weights)} --weights; give one weight each.")
+    if args.spherical:
+        if len(identities) != 2:
+            raise CLIError("mix --spherical blends exactly two identities.")
+        total = weights[0] + weights[1]
+        if total <= 0:
+            raise CLIError(f"mix: --weights must have a positive sum, got {weights}.")
+        blend = HyperLoRAIdentity.interpolate(identities[0], identities[1], weights[1] / total, spherical=True)
+    else:
+        blend = HyperLoRAIdentity.mix(identities, weights)
+    blend.save(args.output)
+    print(f"Saved the blend of {len(identities)} identities to {args.output}")
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    try:
+        from .io.convert import convert_checkpoint
+    except ImportError as error:
+        raise CLIError(f"This installation has no checkpoint converter ({error}).") from error
+    convert_checkpoint(
+        args.src,
+        args.dst,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        subfolder=args.subfolder,
+        revision=args.revision,
+        token=args.token,
+        heads=args.heads,
+        dim_head=args.dim_head,
+        progress=not args.quiet,
+    )
+    print(f"Converted {args.src} to {args.dst}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 1 on a reported error).
+
+    Example:
+        >>> main(["export", "me.safetensors", "-o", "lora.safetensors", "--model", "org/hyperlora"])  # doctest: +SKIP
+        0
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (CLIError, HyperLoRAError, OSError, ValueError, TypeError) as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _entry_point(argv: Any = None) -> None:  # pragma: no cover - `python -m diffusers_hyperlora.cli`
+    sys.exit(main(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry_point()
