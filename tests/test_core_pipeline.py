@@ -313,3 +313,18 @@ def test_works_in_other_sdxl_pipelines(case):
     pipe.set_adapters(["id", "base"], [0.0, 0.0])
     np.testing.assert_array_equal(_run(pipe, **call_kwargs), plain)
     assert all(torch.equal(p, bases[n]) for n, p in pipe.unet.named_parameters() if n in bases)
+
+
+def test_model_cpu_offload_keeps_working(predictor):
+    reference = tiny_sdxl_pipeline()
+    reference.set_progress_bar_config(disable=True)
+    reference.load_hyperlora(predictor)
+    identity = reference.set_hyperlora_identity(_identity(predictor))
+    expected = _run(reference)
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_hyperlora(tiny_hyperlora_predictor(seed=0))
+    pipe.enable_model_cpu_offload(device="cpu")  # accelerate hooks; the predictor must still find its device
+    pipe.set_hyperlora_identity(identity)
+    np.testing.assert_allclose(_run(pipe), expected, atol=1e-6)
