@@ -1,83 +1,98 @@
-"""The public release's folder layout (spec section 3), loaded unchanged.
+"""The public release's folder layout (spec section 3), read unchanged, and written back.
 
-Every architecture number is read off tensor shapes; only the resampler's heads / dim_head are not
-recoverable and default to the release's 12 x 64. The JSON's entry order decides which resampler tokens
-feed which layer. Conversion functions here are pure (names and shapes in, config or keys out); the loader
-streams the bank tensor by tensor into the predictor's stacked layout.
+A release folder holds `hyper_lora_modules.json` (ordered map of target modules), `hyper_lora_modules.safetensors`
+(basis banks), `resampler.safetensors` and `id_projector.safetensors` (absent when the checkpoint has no ArcFace
+condition). Every architecture number is read off tensor shapes; only the resampler's heads / dim_head are not
+recoverable and default to the release's 12 x 64. The JSON's entry order decides which resampler tokens feed which
+layer: entry `i` owns tokens `[8i, 8i + 8)`.
+
+The shape/name functions here are pure (names and shapes in, config or keys out). The loader streams the bank
+tensor by tensor into the predictor's stacked layout; `save_release_checkpoint` writes the layout back (for the
+ComfyUI plugin, or to test the loader on other sizes), also tensor by tensor.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..config import HyperLoRAConfig
 from ..errors import CheckpointFormatError
-from ..targets import TargetModule
+from ..targets import ATTENTION_LINEARS, TargetLinear, TargetModule
 from .hub import RELEASE_BASE_RESAMPLER, RELEASE_MODULES_JSON, RELEASE_WEIGHTS, CheckpointLocation
+from .streaming import SafetensorsStreamWriter
 
 RELEASE_HEADS = 12
 RELEASE_DIM_HEAD = 64
 RELEASE_LICENSE = "cc-by-nc-4.0"
+BANK_FILE, RESAMPLER_FILE, PROJECTOR_FILE = RELEASE_WEIGHTS
+PER_MODULE = len(ATTENTION_LINEARS)  # LoRA'd linears per JSON entry (q, k, v, out)
 
 Shapes = Mapping[str, Sequence[int]]
 
 
 def targets_from_modules_json(modules: Mapping[str, Mapping]) -> list[TargetModule]:
-    """The ordered `TargetModule` list from the parsed `hyper_lora_modules.json`."""
+    """The ordered `TargetModule` list from the parsed `hyper_lora_modules.json` (file order is kept).
+
+    Example:
+        >>> targets = targets_from_modules_json(
+        ...     {"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2": {"hidden_size": 64,
+        ...                                                                      "cross_attention_dim": 32}}
+        ... )
+        >>> targets[0].module_path, targets[0].context_size
+        ('mid_block.attentions.0.transformer_blocks.0.attn2', 32)
+    """
+    if not isinstance(modules, Mapping):
+        raise CheckpointFormatError(
+            f"{RELEASE_MODULES_JSON} must be a JSON object mapping module names to "
+            f'{{"hidden_size": int, "cross_attention_dim": int or null}}, got a {type(modules).__name__}.'
+        )
     targets = []
     for name, entry in modules.items():
-        if not isinstance(entry, Mapping) or "hidden_size" not in entry:
+        ok = isinstance(entry, Mapping) and isinstance(entry.get("hidden_size"), int)
+        cross = entry.get("cross_attention_dim") if isinstance(entry, Mapping) else None
+        if not ok or not (cross is None or isinstance(cross, int)):
             raise CheckpointFormatError(
-                f"{RELEASE_MODULES_JSON}: entry {name!r} must be an object with 'hidden_size' and "
-                f"'cross_attention_dim', got {entry!r}."
+                f"{RELEASE_MODULES_JSON}: entry {name!r} must be an object with an integer 'hidden_size' and "
+                f"'cross_attention_dim' (integer, or null for self-attention), got {entry!r}."
             )
-        targets.append(TargetModule(name, int(entry["hidden_size"]), entry.get("cross_attention_dim")))
+        targets.append(TargetModule(name, int(entry["hidden_size"]), cross))
     if not targets:
         raise CheckpointFormatError(f"{RELEASE_MODULES_JSON} lists no modules.")
     return targets
 
 
+def modules_json_from_targets(targets: Sequence[TargetModule]) -> dict[str, dict]:
+    """The inverse of `targets_from_modules_json`: the ordered JSON object of a release folder."""
+    return {t.name: {"hidden_size": t.hidden_size, "cross_attention_dim": t.cross_attention_dim} for t in targets}
+
+
 def _shape(shapes: Shapes, key: str, file: str) -> list[int]:
     if key not in shapes:
-        raise CheckpointFormatError(f"{file} has no tensor {key!r}; is this a HyperLoRA release folder?")
+        raise CheckpointFormatError(
+            f"{file} has no tensor {key!r}; is this a HyperLoRA release folder (spec section 3.2 lists the keys)?"
+        )
     return list(shapes[key])
 
 
-def config_from_release(
-    modules: Mapping[str, Mapping],
-    bank_shapes: Shapes,
-    resampler_shapes: Shapes,
-    projector_shapes: Shapes,
-    heads: int | None = None,
-    dim_head: int | None = None,
-) -> HyperLoRAConfig:
-    """Read every architecture number of a release checkpoint off its tensor shapes.
+def resolve_heads(inner: int, heads: int | None, dim_head: int | None) -> tuple[int, int]:
+    """`(heads, dim_head)` for an attention `inner` wide: the release's 12 x 64 by default, or the overrides.
 
-    `heads` / `dim_head` default to the release's 12 x 64; give one and the other follows from the width.
+    Give one of the two and the other follows from the width.
+
+    Example:
+        >>> resolve_heads(768, None, None), resolve_heads(64, 4, None)
+        ((12, 64), (4, 16))
     """
-    targets = targets_from_modules_json(modules)
-    num_basis, _, id_rank = _shape(bank_shapes, "0.to_q.id_down_basis", RELEASE_WEIGHTS[0])
-    base_rank = bank_shapes["0.to_q.base_down_basis"][2] if "0.to_q.base_down_basis" in bank_shapes else 0
-
-    _, num_queries, dim = _shape(resampler_shapes, "latents", RELEASE_WEIGHTS[1])
-    depth = len({m.group(1) for k in resampler_shapes if (m := re.match(r"layers\.(\d+)\.", k))})
-    ff_inner = _shape(resampler_shapes, "layers.0.ff.net.0.proj.weight", RELEASE_WEIGHTS[1])[0]
-    inner = _shape(resampler_shapes, "layers.0.attn1.to_q.weight", RELEASE_WEIGHTS[1])[0]
-    proj_out_basis = _shape(resampler_shapes, "proj_out.weight", RELEASE_WEIGHTS[1])[0]
-    use_id = "proj_in.weight" in resampler_shapes
-    use_image = "proj_in_2.weight" in resampler_shapes
-    widths = {resampler_shapes[k][1] for k in ("proj_in.weight", "proj_in_2.weight") if k in resampler_shapes}
-    if len(widths) != 1:
-        raise CheckpointFormatError(
-            f"{RELEASE_WEIGHTS[1]}: expected proj_in / proj_in_2 reading one input width, got {sorted(widths)}."
-        )
-    (image_embed_dim,) = widths
-
+    for name, value in (("heads", heads), ("dim_head", dim_head)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if heads is None and dim_head is None:
         heads, dim_head = RELEASE_HEADS, RELEASE_DIM_HEAD
     elif heads is None:
@@ -86,17 +101,82 @@ def config_from_release(
         dim_head = inner // heads
     if heads * dim_head != inner:
         raise CheckpointFormatError(
-            f"The resampler's attention is {inner} wide, which is not heads x dim_head = {heads} x {dim_head}. "
-            "Pass the checkpoint's `heads=` and `dim_head=` to load_hyperlora()."
+            f"The resampler's attention layers are {inner} wide (rows of layers.0.attn1.to_q.weight), which is not "
+            f"heads x dim_head = {heads} x {dim_head}. Pass the values the checkpoint was trained with, e.g. "
+            f"load_hyperlora(..., heads=H, dim_head={inner}//H) with H dividing {inner}."
         )
+    return heads, dim_head
+
+
+def config_from_release(
+    modules: Mapping[str, Mapping],
+    bank_shapes: Shapes,
+    resampler_shapes: Shapes,
+    projector_shapes: Shapes | None,
+    heads: int | None = None,
+    dim_head: int | None = None,
+) -> HyperLoRAConfig:
+    """Read every architecture number of a release checkpoint off its tensor shapes.
+
+    Args:
+        modules: the parsed `hyper_lora_modules.json`.
+        bank_shapes, resampler_shapes, projector_shapes: `{key: shape}` of the three safetensors files
+            (`projector_shapes` may be `None` when the resampler has no ArcFace condition).
+        heads, dim_head: the resampler's attention layout (default: the release's 12 x 64).
+
+    Example:
+        >>> config = config_from_release(modules, bank, resampler, projector)  # doctest: +SKIP
+    """
+    targets = targets_from_modules_json(modules)
+    num_basis, _, id_rank = _shape(bank_shapes, "0.to_q.id_down_basis", BANK_FILE)
+    base_rank = bank_shapes["0.to_q.base_down_basis"][2] if "0.to_q.base_down_basis" in bank_shapes else 0
+
+    latents = _shape(resampler_shapes, "latents", RESAMPLER_FILE)
+    if len(latents) != 3 or latents[0] != 1:
+        raise CheckpointFormatError(f"{RESAMPLER_FILE}: 'latents' must be [1, queries, width], got {latents}.")
+    _, num_queries, dim = latents
+    layer_ids = {int(m.group(1)) for k in resampler_shapes if (m := re.match(r"layers\.(\d+)\.", k))}
+    depth = len(layer_ids)
+    if depth == 0 or layer_ids != set(range(depth)):
+        raise CheckpointFormatError(f"{RESAMPLER_FILE}: expected layers 0..n-1, found layers {sorted(layer_ids)}.")
+    ff_inner = _shape(resampler_shapes, "layers.0.ff.net.0.proj.weight", RESAMPLER_FILE)[0]
+    if ff_inner % dim:
+        raise CheckpointFormatError(
+            f"{RESAMPLER_FILE}: the feed-forward is {ff_inner} wide, not a multiple of the resampler width {dim}."
+        )
+    inner = _shape(resampler_shapes, "layers.0.attn1.to_q.weight", RESAMPLER_FILE)[0]
+    proj_out_basis = _shape(resampler_shapes, "proj_out.weight", RESAMPLER_FILE)[0]
+    use_id = "proj_in.weight" in resampler_shapes
+    use_image = "proj_in_2.weight" in resampler_shapes
+    if not (use_id or use_image):
+        raise CheckpointFormatError(
+            f"{RESAMPLER_FILE} has neither 'proj_in.weight' (ArcFace condition) nor 'proj_in_2.weight' (CLIP "
+            "condition); a HyperLoRA resampler reads at least one."
+        )
+    widths = {resampler_shapes[k][1] for k in ("proj_in.weight", "proj_in_2.weight") if k in resampler_shapes}
+    if len(widths) != 1:
+        raise CheckpointFormatError(
+            f"{RESAMPLER_FILE}: expected proj_in / proj_in_2 to read one input width, got {sorted(widths)}."
+        )
+    (image_embed_dim,) = widths
+    heads, dim_head = resolve_heads(inner, heads, dim_head)
     if proj_out_basis != num_basis:
         raise CheckpointFormatError(
-            f"resampler proj_out gives {proj_out_basis} coefficients but the bank has {num_basis} bases."
+            f"{RESAMPLER_FILE}: proj_out gives {proj_out_basis} coefficients but {BANK_FILE} has {num_basis} bases; "
+            "the files do not belong together."
         )
 
-    num_id_tokens, id_embed_dim = 0, 512
+    num_id_tokens, id_embed_dim = 16, 512
     if use_id:
-        rows, id_embed_dim = _shape(projector_shapes, "0.weight", RELEASE_WEIGHTS[2])
+        if projector_shapes is None:
+            raise CheckpointFormatError(
+                f"The resampler reads ArcFace tokens (it has proj_in) but there is no {PROJECTOR_FILE}."
+            )
+        rows, id_embed_dim = _shape(projector_shapes, "0.weight", PROJECTOR_FILE)
+        if rows % image_embed_dim:
+            raise CheckpointFormatError(
+                f"{PROJECTOR_FILE}: '0.weight' has {rows} rows, not a multiple of the token width {image_embed_dim}."
+            )
         num_id_tokens = rows // image_embed_dim
     config = HyperLoRAConfig(
         targets=targets,
@@ -108,7 +188,7 @@ def config_from_release(
         resampler_heads=heads,
         resampler_dim_head=dim_head,
         resampler_ff_mult=ff_inner // dim,
-        num_id_tokens=num_id_tokens or 16,
+        num_id_tokens=num_id_tokens,
         id_embed_dim=id_embed_dim,
         image_embed_dim=image_embed_dim,
         use_id_embeds=use_id,
@@ -119,28 +199,46 @@ def config_from_release(
     if num_queries != config.num_tokens:
         raise CheckpointFormatError(
             f"The resampler has {num_queries} query tokens but {RELEASE_MODULES_JSON} lists {len(targets)} modules "
-            f"({config.tokens_per_module} tokens each = {config.num_tokens}). The JSON and weights do not belong together."
+            f"({config.tokens_per_module} tokens each = {config.num_tokens}). The JSON and the weights do not "
+            "belong together."
         )
     _check_bank_shapes(config, bank_shapes)
     return config
 
 
 def _check_bank_shapes(config: HyperLoRAConfig, bank_shapes: Shapes) -> None:
-    branches = [("id", config.id_rank)] + ([("base", config.base_rank)] if config.has_base else [])
-    for index, target in enumerate(config.targets):
-        for linear in target.linears():
-            for branch, rank in branches:
-                for key, expected in release_bank_keys(index, linear, branch, config.num_basis, rank):
-                    got = list(_shape(bank_shapes, key, RELEASE_WEIGHTS[0]))
-                    if got != expected:
-                        raise CheckpointFormatError(
-                            f"{RELEASE_WEIGHTS[0]}: {key} has shape {got}, but {RELEASE_MODULES_JSON} entry "
-                            f"{target.name!r} implies {expected}."
-                        )
+    expected_keys = set()
+    for index, linear in enumerate(config.linears):
+        module = index // PER_MODULE
+        for branch in ("id", "base") if config.has_base else ("id",):
+            for key, expected in release_bank_keys(module, linear, branch, config.num_basis, config.rank(branch)):
+                got = _shape(bank_shapes, key, BANK_FILE)
+                if got != expected:
+                    raise CheckpointFormatError(
+                        f"{BANK_FILE}: {key} has shape {got}, but {RELEASE_MODULES_JSON} entry "
+                        f"{config.targets[module].name!r} implies {expected}."
+                    )
+                expected_keys.add(key)
+    extra = sorted(set(bank_shapes) - expected_keys)
+    if extra:
+        raise CheckpointFormatError(
+            f"{BANK_FILE} holds tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} that no entry of "
+            f"{RELEASE_MODULES_JSON} ({len(config.targets)} modules) explains: the JSON and the bank do not belong "
+            "together."
+        )
 
 
-def release_bank_keys(index: int, linear, branch: str, num_basis: int, rank: int) -> list[tuple[str, list[int]]]:
-    """`[(down key, down shape), (up key, up shape)]` of one linear in `hyper_lora_modules.safetensors`."""
+def release_bank_keys(
+    index: int, linear: TargetLinear, branch: str, num_basis: int, rank: int
+) -> list[tuple[str, list[int]]]:
+    """`[(down key, down shape), (up key, up shape)]` of one linear in `hyper_lora_modules.safetensors`.
+
+    Example:
+        >>> from diffusers_hyperlora.targets import TargetModule
+        >>> q = TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 64).linears()[0]
+        >>> release_bank_keys(3, q, "id", 128, 8)
+        [('3.to_q.id_down_basis', [128, 64, 8]), ('3.to_q.id_up_basis', [128, 8, 64])]
+    """
     prefix = f"{index}.{linear.release_name}.{branch}"
     return [
         (f"{prefix}_down_basis", [num_basis, linear.in_features, rank]),
@@ -148,43 +246,64 @@ def release_bank_keys(index: int, linear, branch: str, num_basis: int, rank: int
     ]
 
 
-def _read_shapes(path: str) -> dict[str, list[int]]:
-    with safe_open(path, framework="pt") as handle:
-        return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """`{key: shape}` of a safetensors file, read from its header only."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+        raise CheckpointFormatError(f"{path} is not a readable .safetensors file: {error}") from error
 
 
-def _default_dtype(path: str) -> torch.dtype:
-    with safe_open(path, framework="pt") as handle:
-        return handle.get_tensor("0.to_q.id_down_basis").dtype
+def read_release_config(
+    location: CheckpointLocation, heads: int | None = None, dim_head: int | None = None
+) -> tuple[HyperLoRAConfig, dict[str, str]]:
+    """Resolve (download if needed) the release's files and read its config. Returns `(config, {file: path})`.
 
-
-def read_release_config(location: CheckpointLocation, heads: int | None = None, dim_head: int | None = None):
-    """Resolve (download if needed) the release's files and read its config. Returns `(config, files)`."""
-    files = {name: location.require_file(name) for name in (RELEASE_MODULES_JSON, *RELEASE_WEIGHTS)}
+    Only the files the checkpoint needs are fetched: `id_projector.safetensors` only when the resampler reads
+    ArcFace tokens, `base_resampler.safetensors` only when the bank has a Base branch.
+    """
+    files = {name: location.require_file(name) for name in (RELEASE_MODULES_JSON, BANK_FILE, RESAMPLER_FILE)}
     with open(files[RELEASE_MODULES_JSON], encoding="utf-8") as f:
         try:
             modules = json.load(f)
         except json.JSONDecodeError as error:
-            raise CheckpointFormatError(f"{RELEASE_MODULES_JSON} of {location.description} is not JSON: {error}")
-    shapes = [_read_shapes(files[name]) for name in RELEASE_WEIGHTS]
-    config = config_from_release(modules, *shapes, heads=heads, dim_head=dim_head)
+            raise CheckpointFormatError(
+                f"{RELEASE_MODULES_JSON} of {location.description} is not valid JSON ({error}); re-download it."
+            ) from error
+    bank_shapes = read_safetensors_shapes(files[BANK_FILE])
+    resampler_shapes = read_safetensors_shapes(files[RESAMPLER_FILE])
+    projector_shapes = None
+    if "proj_in.weight" in resampler_shapes:
+        files[PROJECTOR_FILE] = location.require_file(PROJECTOR_FILE)
+        projector_shapes = read_safetensors_shapes(files[PROJECTOR_FILE])
+    config = config_from_release(modules, bank_shapes, resampler_shapes, projector_shapes, heads, dim_head)
     if config.has_base:
         files[RELEASE_BASE_RESAMPLER] = location.require_file(RELEASE_BASE_RESAMPLER)
     return config, files
 
 
-def iter_release_tensors(config: HyperLoRAConfig, files: Mapping[str, str], dtype: torch.dtype | None = None):
-    """Yield `(predictor key, tensor)` one at a time, the bank already stacked per shape group.
+def iter_release_tensors(
+    config: HyperLoRAConfig, files: Mapping[str, str], dtype: torch.dtype | None = None, stack: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(predictor state-dict key, tensor)` from release files, reading one tensor at a time.
 
-    Peak memory is one stacked group plus one release tensor, never the whole bank twice.
+    With `stack=True` each bank group (`id_bank.down.{g}`, ...) is yielded once, stacked `[G, K, in, r]`: peak
+    memory is one group plus one release tensor, never the whole bank twice. With `stack=False` a group is yielded
+    as consecutive `[1, K, in, r]` chunks under the same key, one per linear, which is what a streaming writer
+    needs (peak memory: one release tensor).
+
+    Example:
+        >>> config, files = read_release_config(CheckpointLocation("path/to/release"))  # doctest: +SKIP
+        >>> state_dict = dict(iter_release_tensors(config, files, torch.float16))  # doctest: +SKIP
     """
     from ..bank import group_linears
 
-    with safe_open(files[RELEASE_WEIGHTS[2]], framework="pt") as handle:
-        if config.use_id_embeds:
+    if config.use_id_embeds:
+        with safe_open(files[PROJECTOR_FILE], framework="pt") as handle:
             for key in handle.keys():
                 yield f"id_projector.{key}", _cast(handle.get_tensor(key), dtype)
-    for file, prefix in ((RELEASE_WEIGHTS[1], "resampler"), (RELEASE_BASE_RESAMPLER, "base_resampler")):
+    for file, prefix in ((RESAMPLER_FILE, "resampler"), (RELEASE_BASE_RESAMPLER, "base_resampler")):
         if file not in files:
             continue
         with safe_open(files[file], framework="pt") as handle:
@@ -192,26 +311,34 @@ def iter_release_tensors(config: HyperLoRAConfig, files: Mapping[str, str], dtyp
                 yield f"{prefix}.{key}", _cast(handle.get_tensor(key), dtype)
 
     linears = config.linears
-    per_module = len(linears) // len(config.targets)
-    branches = [("id", config.id_rank)] + ([("base", config.base_rank)] if config.has_base else [])
-    with safe_open(files[RELEASE_WEIGHTS[0]], framework="pt") as handle:
-        for branch, rank in branches:
+    with safe_open(files[BANK_FILE], framework="pt") as handle:
+        for branch in ("id", "base") if config.has_base else ("id",):
+            rank = config.rank(branch)
             for g, group in enumerate(group_linears(linears)):
                 for side in (0, 1):
+                    name = f"{branch}_bank.{'down' if side == 0 else 'up'}.{g}"
                     stacked = None
                     for position, index in enumerate(group.members):
-                        key, _ = release_bank_keys(index // per_module, linears[index], branch, config.num_basis, rank)[
-                            side
-                        ]
-                        tensor = _cast(handle.get_tensor(key), dtype)
+                        key = release_bank_keys(index // PER_MODULE, linears[index], branch, config.num_basis, rank)
+                        tensor = _cast(handle.get_tensor(key[side][0]), dtype)
+                        if not stack:
+                            yield name, tensor.unsqueeze(0)
+                            continue
                         if stacked is None:
                             stacked = torch.empty((len(group.members), *tensor.shape), dtype=tensor.dtype)
                         stacked[position] = tensor
-                    yield f"{branch}_bank.{'down' if side == 0 else 'up'}.{g}", stacked
+                    if stack:
+                        yield name, stacked
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor if dtype is None else tensor.to(dtype)
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def release_dtype(files: Mapping[str, str]) -> torch.dtype:
+    """The dtype the release's bank is stored in (what a load without `torch_dtype` gives)."""
+    with safe_open(files[BANK_FILE], framework="pt") as handle:
+        return handle.get_tensor("0.to_q.id_down_basis").dtype
 
 
 def load_release(
@@ -221,17 +348,25 @@ def load_release(
     heads: int | None = None,
     dim_head: int | None = None,
 ):
-    """Load a release-layout folder (local or Hub) into a `HyperLoRAPredictor`."""
+    """Load a release-layout folder (local or Hub) into a `HyperLoRAPredictor`.
+
+    Example:
+        >>> from diffusers_hyperlora.io import CheckpointLocation
+        >>> predictor = load_release(CheckpointLocation("path/to/sdxl_hyper_id_lora_v1_fidelity"))  # doctest: +SKIP
+    """
     from ..predictor import HyperLoRAPredictor
 
     config, files = read_release_config(location, heads=heads, dim_head=dim_head)
-    dtype = torch_dtype or _default_dtype(files[RELEASE_WEIGHTS[0]])
+    dtype = torch_dtype or release_dtype(files)
     predictor = HyperLoRAPredictor(config, device="meta")
     expected = predictor.state_dict()
     loaded = {}
     for key, tensor in iter_release_tensors(config, files, dtype):
         if key not in expected:
-            raise CheckpointFormatError(f"Unexpected tensor {key!r} in {location.description}.")
+            raise CheckpointFormatError(
+                f"Unexpected tensor {key!r} in {location.description}: its files hold more than the architecture "
+                "read off their shapes."
+            )
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointFormatError(
                 f"{key} has shape {list(tensor.shape)} in {location.description}, expected {list(expected[key].shape)}."
@@ -242,3 +377,85 @@ def load_release(
         raise CheckpointFormatError(f"{location.description} lacks tensors {missing[:5]}.")
     predictor.load_state_dict(loaded, strict=True, assign=True)
     return predictor.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _release_entries(predictor, dtype: torch.dtype) -> dict[str, dict[str, tuple[torch.dtype, list[int]]]]:
+    config = predictor.config
+    entries: dict[str, dict] = {BANK_FILE: {}, RESAMPLER_FILE: {}}
+    for index, linear in enumerate(config.linears):
+        for branch in ("id", "base") if config.has_base else ("id",):
+            for key, shape in release_bank_keys(
+                index // PER_MODULE, linear, branch, config.num_basis, config.rank(branch)
+            ):
+                entries[BANK_FILE][key] = (dtype, shape)
+    modules = [(RESAMPLER_FILE, predictor.resampler)]
+    if predictor.id_projector is not None:
+        entries[PROJECTOR_FILE] = {}
+        modules.append((PROJECTOR_FILE, predictor.id_projector))
+    if predictor.base_resampler is not None:
+        entries[RELEASE_BASE_RESAMPLER] = {}
+        modules.append((RELEASE_BASE_RESAMPLER, predictor.base_resampler))
+    for file, module in modules:
+        for key, tensor in module.state_dict().items():
+            entries[file][key] = (dtype, list(tensor.shape))
+    return entries
+
+
+def save_release_checkpoint(
+    predictor, folder: str | os.PathLike, dtype: torch.dtype | None = None, progress: bool = False
+) -> Path:
+    """Write `predictor` in the public release's folder layout (what the ComfyUI plugin reads).
+
+    Files: `hyper_lora_modules.json` (entries in the config's target order), `hyper_lora_modules.safetensors`,
+    `resampler.safetensors`, `id_projector.safetensors` (only with the ArcFace condition) and, for checkpoints
+    with a Base branch (not in the public release), `base_resampler.safetensors`. Tensors are written one at a
+    time. The resampler's heads / dim_head are not stored by this layout: loading needs them again unless they
+    are the release's 12 x 64.
+
+    Args:
+        predictor: a `HyperLoRAPredictor`.
+        folder: the output folder (created; existing files of the same names are overwritten).
+        dtype: dtype of the files (default: the predictor's). The release uses float16.
+        progress: show a tqdm bar over the bank.
+
+    Returns:
+        The folder.
+
+    Example:
+        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> import tempfile
+        >>> folder = save_release_checkpoint(tiny_hyperlora_predictor(), tempfile.mkdtemp(), dtype=torch.float16)
+        >>> sorted(p.name for p in folder.iterdir())[:2]
+        ['hyper_lora_modules.json', 'hyper_lora_modules.safetensors']
+    """
+    from tqdm.auto import tqdm
+
+    config = predictor.config
+    dtype = dtype or predictor.dtype
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RELEASE_MODULES_JSON).write_text(json.dumps(modules_json_from_targets(config.targets), indent=2))
+    entries = _release_entries(predictor, dtype)
+    metadata = {"format": "pt"}
+    modules = {RESAMPLER_FILE: predictor.resampler, PROJECTOR_FILE: predictor.id_projector}
+    modules[RELEASE_BASE_RESAMPLER] = predictor.base_resampler
+    for file, module in modules.items():
+        if module is None:
+            (folder / file).unlink(missing_ok=True)
+            continue
+        with SafetensorsStreamWriter(folder / file, entries[file], metadata) as writer:
+            for key, tensor in module.state_dict().items():
+                writer.write(key, tensor.to(dtype))
+    with SafetensorsStreamWriter(folder / BANK_FILE, entries[BANK_FILE], metadata) as writer:
+        bar = tqdm(total=len(entries[BANK_FILE]), desc="Writing basis bank", unit="tensor", disable=not progress)
+        for branch in ("id", "base") if config.has_base else ("id",):
+            bank = predictor.bank(branch)
+            for index, linear in enumerate(config.linears):
+                g, position = bank.locations[index]
+                keys = release_bank_keys(index // PER_MODULE, linear, branch, config.num_basis, bank.rank)
+                for (key, _), side in zip(keys, (bank.down, bank.up)):
+                    writer.write(key, side[g][position].detach().to(dtype))
+                    bar.update()
+        bar.close()
+    return folder
