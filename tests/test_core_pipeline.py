@@ -328,3 +328,40 @@ def test_model_cpu_offload_keeps_working(predictor):
     pipe.enable_model_cpu_offload(device="cpu")  # accelerate hooks; the predictor must still find its device
     pipe.set_hyperlora_identity(identity)
     np.testing.assert_allclose(_run(pipe), expected, atol=1e-6)
+
+
+class _RecordingExtractor:
+    """A FeatureExtractor stand-in: one fixed feature row per image, records what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, *, device, dtype, with_base, **options):
+        from diffusers_hyperlora import HyperLoRAFeatures
+
+        self.calls.append((list(images), device, dtype, with_base, options))
+        embeds, clip = random_features(batch=len(images), seed=11)
+        return HyperLoRAFeatures(embeds, clip, sources=[f"image{i}" for i in range(len(images))])
+
+
+def test_images_go_through_the_injected_feature_extractor(pipe, predictor):
+    extractor = _RecordingExtractor()
+    pipe.load_hyperlora(predictor, feature_extractor=extractor)
+    single = np.zeros((8, 8, 3), "uint8")
+    identity = pipe.set_hyperlora_identity(single)  # one image, not in a list
+    assert len(extractor.calls[0][0]) == 1 and extractor.calls[0][0][0] is single
+    assert extractor.calls[0][2] == torch.float32 and extractor.calls[0][3] is False
+    identity = pipe.set_hyperlora_identity(["a.jpg", "b.jpg"], face_index=1)
+    assert extractor.calls[1][0] == ["a.jpg", "b.jpg"] and extractor.calls[1][4] == {"face_index": 1}
+    embeds, clip = random_features(batch=2, seed=11)
+    expected = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+    assert torch.equal(identity.id_mean, expected.id_mean) and identity.sources == ["image0", "image1"]
+    with pytest.raises(ValueError, match="empty list"):
+        pipe.set_hyperlora_identity([])
+
+
+def test_features_path_never_loads_the_encoders(pipe, predictor):
+    # Encoders that cannot exist: any attempt to load them would fail the test.
+    pipe.load_hyperlora(predictor, image_encoder="no-such-org/no-such-clip", face_analyzer="/no/such/folder")
+    identity = pipe.set_hyperlora_identity(_identity(predictor))
+    assert identity.num_images == 2
