@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh "face,test,train"
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-.venv/bin/python -m ruff check src tests benchmarks examples
+.venv/bin/python -m ruff check .
 .venv/bin/python -m pytest -q "$@"
