@@ -5,10 +5,22 @@ On load, `HyperLoRAAdapters.attach` registers two ordinary PEFT LoRA adapters on
 (the public release) `"base"` is a rank-1 placeholder on a single linear whose up matrix stays zero: it exists
 so `pipe.set_adapters(["id", "base"], ...)` works for every checkpoint, and it costs one tiny matmul per step.
 An identity switch then copies new factors into the existing `lora_A` / `lora_B` weights: no re-injection, no
-new parameters, and the tensors stay on whatever device and dtype the denoiser has.
+new parameters, and the tensors stay on whatever device and dtype the denoiser has. The copy is one
+`torch._foreach_copy_` per shape group, straight from the bank's grouped result.
+
+Fused mode. `pipe.fuse_lora()` merges the adapters into the base weights through each PEFT layer's `merge`, and
+PEFT's `unmerge` subtracts the delta again, which is not exact in 16-bit (each fuse/unfuse cycle leaves rounding
+residue). Every target layer therefore gets an *exact* merge: the first merge keeps a copy of the layer's base
+weight, and unmerging copies it back bitwise. An identity switch while fused restores the base weight from that
+copy, writes the new factors and merges again, so after any number of switches a final `pipe.unfuse_lora()`
+leaves the base weights bitwise equal to the originals. The copy costs the memory of the target linears' base
+weights while (and only while) they are fused.
 """
 
 from __future__ import annotations
+
+import types
+from dataclasses import dataclass
 
 import torch
 from diffusers.utils import logging
@@ -16,11 +28,77 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .bank import BankGroup
 from .config import HyperLoRAConfig
 from .errors import AdapterNameConflictError, TargetMismatchError
 from .targets import TargetLinear
 
 logger = logging.get_logger(__name__)
+
+# Attribute of a PEFT layer that holds its pre-merge base weights while it is merged.
+_SNAPSHOT = "_hyperlora_base_snapshot"
+
+
+@dataclass
+class _BaseSnapshot:
+    """The base layer's weight (and bias) as they were before the first merge."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _take_snapshot(layer: BaseTunerLayer) -> None:
+    base = layer.get_base_layer()
+    bias = getattr(base, "bias", None)
+    layer.__dict__[_SNAPSHOT] = _BaseSnapshot(
+        base.weight.detach().clone(), None if bias is None else bias.detach().clone()
+    )
+
+
+@torch.no_grad()
+def _restore_snapshot(layer: BaseTunerLayer, keep: bool) -> bool:
+    """Copy the pre-merge base weights back (bitwise) and mark the layer unmerged. False when there is no copy."""
+    snapshot: _BaseSnapshot | None = layer.__dict__.get(_SNAPSHOT)
+    if snapshot is None:
+        return False
+    base = layer.get_base_layer()
+    base.weight.data.copy_(snapshot.weight)
+    if snapshot.bias is not None:
+        base.bias.data.copy_(snapshot.bias)
+    layer.merged_adapters.clear()
+    if not keep:
+        del layer.__dict__[_SNAPSHOT]
+    return True
+
+
+def _exact_merge(self: BaseTunerLayer, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    """PEFT's `merge`, keeping a copy of the base weights first so that unmerging can be exact."""
+    fresh = not self.merged_adapters and _SNAPSHOT not in self.__dict__
+    if fresh:
+        _take_snapshot(self)
+    type(self).merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
+    if not self.merged_adapters and _SNAPSHOT in self.__dict__:
+        del self.__dict__[_SNAPSHOT]  # nothing was merged (no such adapter on this layer)
+
+
+def _exact_unmerge(self: BaseTunerLayer) -> None:
+    """Restore the base weights from the pre-merge copy (bitwise); PEFT's subtraction when there is none."""
+    if self.merged_adapters and _restore_snapshot(self, keep=False):
+        return
+    type(self).unmerge(self)
+
+
+def install_exact_merge(layer: BaseTunerLayer) -> None:
+    """Give one PEFT layer the exact merge / unmerge (instance methods; `copy.deepcopy` rebinds them)."""
+    layer.merge = types.MethodType(_exact_merge, layer)
+    layer.unmerge = types.MethodType(_exact_unmerge, layer)
+
+
+def remove_exact_merge(layer: BaseTunerLayer) -> None:
+    """Undo `install_exact_merge`; a merged layer is first restored exactly and re-merged without our adapters."""
+    for attribute in ("merge", "unmerge"):
+        layer.__dict__.pop(attribute, None)
+    layer.__dict__.pop(_SNAPSHOT, None)
 
 
 def check_targets(denoiser: nn.Module, linears: list[TargetLinear]) -> None:
@@ -77,6 +155,9 @@ class HyperLoRAAdapters:
         self.names = {"id": id_name, "base": base_name}
         modules = dict(denoiser.named_modules())
         self._layers = [modules[linear.module_path] for linear in config.linears]
+        self._destinations: dict = {}
+        for layer in self._layers:
+            install_exact_merge(layer)
 
     @classmethod
     def attach(
@@ -128,29 +209,87 @@ class HyperLoRAAdapters:
             if name in layer.lora_A:
                 yield layer, layer.lora_A[name].weight, layer.lora_B[name].weight
 
+    def _check_branch(self, branch: str) -> None:
+        if branch == "base" and not self.config.has_base:
+            raise ValueError("This checkpoint has no Base branch; its 'base' adapter is a zero placeholder.")
+
+    def _group_destinations(self, branch: str, groups: list[BankGroup]) -> list[tuple[list[nn.Parameter], ...]]:
+        """`(lora_A weights, lora_B weights)` of every shape group's members, cached per branch."""
+        key = (branch, tuple(group.members for group in groups))
+        cached = self._destinations.get(key)
+        if cached is None:
+            name = self.names[branch]
+            cached = [
+                (
+                    [self._layers[i].lora_A[name].weight for i in group.members],
+                    [self._layers[i].lora_B[name].weight for i in group.members],
+                )
+                for group in groups
+            ]
+            self._destinations = {key: cached}
+        return cached
+
+    @torch.no_grad()
+    def _while_unmerged(self, branch: str, update) -> None:
+        """Run `update()` with this branch's merged layers restored to their base weights, then merge them again.
+
+        The restore is bitwise (see the module docstring); the merge afterwards uses the new factors.
+        """
+        name = self.names[branch]
+        merged = [(layer, list(layer.merged_adapters)) for layer in self._layers if name in layer.merged_adapters]
+        for layer, _ in merged:
+            if not _restore_snapshot(layer, keep=True):
+                type(layer).unmerge(layer)  # merged before HyperLoRA was attached: PEFT's subtraction
+        update()
+        for layer, names in merged:
+            layer.merge(adapter_names=names)
+
     @torch.no_grad()
     def write(self, branch: str, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy `(down [r, in], up [out, r])` factors, one per target linear, into the adapter in place."""
-        if branch == "base" and not self.config.has_base:
-            raise ValueError("This checkpoint has no Base branch; its 'base' adapter is a zero placeholder.")
+        self._check_branch(branch)
         pairs = list(self._pairs(branch))
         if len(pairs) != len(weights):
             raise ValueError(f"Expected {len(pairs)} (down, up) pairs for {branch!r}, got {len(weights)}.")
-        name = self.names[branch]
-        for (layer, lora_a, lora_b), (down, up) in zip(pairs, weights):
-            merged = name in getattr(layer, "merged_adapters", [])
-            if merged:
-                layer.unmerge()
-            lora_a.copy_(down)
-            lora_b.copy_(up)
-            if merged:
-                layer.merge(adapter_names=[name])
+
+        def update() -> None:
+            destinations = [a for _, a, _ in pairs] + [b for _, _, b in pairs]
+            torch._foreach_copy_(destinations, [down for down, _ in weights] + [up for _, up in weights])
+
+        self._while_unmerged(branch, update)
+
+    @torch.no_grad()
+    def write_mixed(self, branch: str, groups: list[BankGroup], mixed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a bank's grouped result (`BasisBank.mix`) into the adapter: a few ops per shape group.
+
+        Args:
+            branch: `"id"` or `"base"`.
+            groups: the bank's shape groups (`BasisBank.groups`), members in checkpoint order.
+            mixed: for every group `(down [G, r, in], up [G, out, r])`, any dtype and device.
+        """
+        self._check_branch(branch)
+        if len(groups) != len(mixed):
+            raise ValueError(f"Expected factors for {len(groups)} shape groups, got {len(mixed)}.")
+        destinations = self._group_destinations(branch, groups)
+
+        def update() -> None:
+            targets, sources = [], []
+            for (lora_a, lora_b), (down, up) in zip(destinations, mixed):
+                for params, factors in ((lora_a, down), (lora_b, up)):
+                    first = params[0]
+                    # One contiguous copy per group in the live dtype/device, then per-linear views of it.
+                    staged = torch.empty(factors.shape, dtype=first.dtype, device=first.device).copy_(factors)
+                    targets.extend(params)
+                    sources.extend(staged.unbind(0))
+            torch._foreach_copy_(targets, sources)
+
+        self._while_unmerged(branch, update)
 
     @torch.no_grad()
     def clear(self, branch: str) -> None:
         """Make a branch contribute nothing (its up matrices become zero)."""
-        for _, _, lora_b in self._pairs(branch):
-            lora_b.zero_()
+        ups = [lora_b for _, _, lora_b in self._pairs(branch)]
+        self._while_unmerged(branch, lambda: torch._foreach_zero_(ups))
 
     def lora_parameters(self, branch: str = "id") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The live `(lora_A.weight, lora_B.weight)` of every target linear of a branch."""
@@ -160,6 +299,15 @@ class HyperLoRAAdapters:
     def detach(self) -> None:
         """Delete both adapters; remove the PEFT wrappers entirely when no other adapter is left."""
         names = list(self.names.values())
+        with torch.no_grad():
+            for layer in self._layers:
+                others = [n for n in layer.merged_adapters if n not in names]
+                if any(n in names for n in layer.merged_adapters):
+                    layer.unmerge()  # exact restore of the base weights
+                remove_exact_merge(layer)
+                if others:
+                    layer.merge(adapter_names=others)
+        self._destinations = {}
         self.denoiser.delete_adapters(names)
         if not getattr(self.denoiser, "peft_config", None):
             from diffusers.utils.peft_utils import recurse_remove_peft_layers

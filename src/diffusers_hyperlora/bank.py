@@ -15,8 +15,10 @@ from torch import nn
 
 from .targets import TargetLinear
 
-# Upcasting a 16-bit bank to float32 is done this many elements at a time, to bound the temporary copy.
-_UPCAST_CHUNK_ELEMENTS = 1 << 24
+# A 16-bit bank (or one that lives on another device) is upcast / streamed this many elements at a time. The
+# float32 staging copy of one chunk (4 MiB at 2**20 elements) stays in the CPU's cache or is one modest transfer
+# over PCIe, so the bank is read from memory exactly once and no full-size float32 copy ever exists.
+STREAM_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -36,27 +38,51 @@ def group_linears(linears: list[TargetLinear]) -> list[BankGroup]:
     return [BankGroup(i, o, tuple(m)) for (i, o), m in members.items()]
 
 
-def mix_bases(coefficients: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+def mix_bases(coefficients: torch.Tensor, bases: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
     """`out[g] = sum_k coefficients[g, k] * bases[g, k]`, accumulated in float32.
+
+    A float32 bank on the coefficients' device is one batched matrix product. Any other bank (16-bit, or kept on
+    another device such as CPU memory while the coefficients are on a GPU) is streamed: slices of at most
+    `chunk_elements` (default `STREAM_CHUNK_ELEMENTS`) are moved to the coefficients' device, upcast into one
+    reused float32 staging buffer and multiplied there. Every basis element is read once either way.
 
     Args:
         coefficients: `[G, K]`.
         bases: `[G, K, ...]`, any float dtype, any device (the result lives on `coefficients.device`).
+        chunk_elements: force the streamed path with this chunk size (tests and tuning).
 
     Returns:
         `[G, ...]` float32.
     """
     groups, num_basis = bases.shape[:2]
     flat = bases.reshape(groups, num_basis, -1)
-    coefficients = coefficients.to(torch.float32).unsqueeze(1)
+    width = flat.shape[-1]
     device = coefficients.device
-    if flat.dtype == torch.float32 and flat.device == device:
+    coefficients = coefficients.to(torch.float32).unsqueeze(1)  # [G, 1, K]
+    if chunk_elements is None and flat.dtype == torch.float32 and flat.device == device:
         return torch.bmm(coefficients, flat).reshape(groups, *bases.shape[2:])
-    out = torch.empty(groups, flat.shape[-1], dtype=torch.float32, device=device)
-    step = max(1, _UPCAST_CHUNK_ELEMENTS // flat[0].numel())
-    for start in range(0, groups, step):
-        chunk = flat[start : start + step].to(device=device, dtype=torch.float32, non_blocking=True)
-        torch.bmm(coefficients[start : start + step], chunk, out=out[start : start + step].unsqueeze(1))
+    chunk = max(num_basis, chunk_elements or STREAM_CHUNK_ELEMENTS)
+    columns = min(width, max(1, chunk // num_basis))
+    members = max(1, chunk // (num_basis * width)) if columns == width else 1
+    members = min(members, groups)
+    out = torch.empty(groups, 1, width, dtype=torch.float32, device=device)
+    staging = torch.empty(members * num_basis * columns, dtype=torch.float32, device=device)
+    result = torch.empty(members * columns, dtype=torch.float32, device=device)
+    for start in range(0, groups, members):
+        stop = min(groups, start + members)
+        for first in range(0, width, columns):
+            last = min(width, first + columns)
+            source = flat[start:stop, :, first:last]
+            if source.device != device:
+                source = source.to(device, non_blocking=True)
+            upcast = staging[: (stop - start) * num_basis * (last - first)].view(stop - start, num_basis, last - first)
+            upcast.copy_(source)
+            if last - first == width:
+                torch.bmm(coefficients[start:stop], upcast, out=out[start:stop])
+            else:
+                part = result[: last - first].view(1, 1, last - first)
+                torch.bmm(coefficients[start:stop], upcast, out=part)
+                out[start:stop, :, first:last].copy_(part)
     return out.reshape(groups, *bases.shape[2:])
 
 
@@ -84,6 +110,7 @@ class BasisBank(nn.Module):
         self.rank = rank
         self.num_linears = len(linears)
         self.groups = group_linears(linears)
+        self._orders: dict[torch.device, torch.Tensor] = {}
         factory = {"dtype": dtype, "device": device}
         self.down = nn.ParameterList(
             nn.Parameter(torch.empty(len(g.members), num_basis, g.in_features, rank, **factory)) for g in self.groups
@@ -106,25 +133,41 @@ class BasisBank(nn.Module):
             nn.init.normal_(self.down[g], std=group.in_features**-0.5)
             nn.init.normal_(self.up[g], std=0.02)
 
-    def mix(self, coefficients: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _group_order(self, device: torch.device) -> torch.Tensor:
+        """Linear indices grouped by shape group (cached per device): one gather sorts all coefficients."""
+        order = self._orders.get(device)
+        if order is None:
+            members = [index for group in self.groups for index in group.members]
+            order = torch.tensor(members, dtype=torch.long, device=device)
+            self._orders[device] = order
+        return order
+
+    def mix(
+        self, coefficients: torch.Tensor, chunk_elements: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-group LoRA factors from `[num_linears, 2, K]` coefficients (token 0: down, token 1: up).
 
-        Returns, for every group, `(down [G, r, in], up [G, out, r])` in float32, on `coefficients.device`.
+        Args:
+            coefficients: `[num_linears, 2, K]`, on the device where the result is wanted.
+            chunk_elements: force streaming the bank in chunks of this many elements (see `mix_bases`).
+
+        Returns, for every group, `(down [G, r, in], up [G, out, r])` in float32, on `coefficients.device`
+        (transposed views of the mixed `[G, in, r]` / `[G, r, out]` products).
         """
         if coefficients.shape != (self.num_linears, 2, self.num_basis):
-            raise ValueError(
-                f"Expected coefficients of shape {(self.num_linears, 2, self.num_basis)}, got {tuple(coefficients.shape)}."
-            )
+            expected = (self.num_linears, 2, self.num_basis)
+            raise ValueError(f"Expected coefficients of shape {expected}, got {tuple(coefficients.shape)}.")
+        ordered = coefficients.to(torch.float32).index_select(0, self._group_order(coefficients.device))
         result = []
-        for g, group in enumerate(self.groups):
-            index = torch.tensor(group.members, device=coefficients.device)
-            picked = coefficients.index_select(0, index)
-            down = mix_bases(picked[:, 0], self.down[g]).transpose(1, 2)  # [G, in, r] -> [G, r, in]
-            up = mix_bases(picked[:, 1], self.up[g]).transpose(1, 2)  # [G, r, out] -> [G, out, r]
+        for g, picked in enumerate(ordered.split([len(group.members) for group in self.groups])):
+            down = mix_bases(picked[:, 0], self.down[g], chunk_elements).transpose(1, 2)  # [G, in, r] -> [G, r, in]
+            up = mix_bases(picked[:, 1], self.up[g], chunk_elements).transpose(1, 2)  # [G, r, out] -> [G, out, r]
             result.append((down, up))
         return result
 
-    def lora_weights(self, coefficients: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def lora_weights(
+        self, coefficients: torch.Tensor, chunk_elements: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`(down [r, in], up [out, r])` float32 for every linear, in checkpoint order."""
-        mixed = self.mix(coefficients)
+        mixed = self.mix(coefficients, chunk_elements)
         return [(mixed[g][0][p], mixed[g][1][p]) for g, p in self.locations]

@@ -45,6 +45,7 @@ class HyperLoRAState:
     face_analyzer: Any = None
     identity: HyperLoRAIdentity | None = None
     hub_options: dict | None = None
+    offload_bank: bool = False
     state_dict_hook: Any = None
 
 
@@ -75,12 +76,52 @@ def _execution_device(pipe: Any) -> torch.device:
 
 
 def sync_predictor(pipe: Any) -> HyperLoRAPredictor:
-    """Move the predictor to the pipeline's execution device and the denoiser's dtype (no-op when there)."""
+    """Move the predictor to the pipeline's execution device and the denoiser's dtype (no-op when there).
+
+    With `offload_bank=True` (see `load_hyperlora`) the basis banks stay in CPU memory (pinned when the execution
+    device is a GPU) and are streamed to the device in chunks during an identity switch.
+    """
     state = _state(pipe)
     device, dtype = _execution_device(pipe), state.adapters.denoiser.dtype
-    if state.predictor.device != device or state.predictor.dtype != dtype:
-        state.predictor.to(device=device, dtype=dtype)
-    return state.predictor
+    predictor = state.predictor
+    if not state.offload_bank:
+        if predictor.device != device or predictor.dtype != dtype:
+            predictor.to(device=device, dtype=dtype)
+        return predictor
+    for name, module in predictor.named_children():
+        if name in ("id_bank", "base_bank"):
+            _offload_bank(module, dtype, pin=device.type == "cuda")
+        elif module is not None:
+            module.to(device=device, dtype=dtype)
+    return predictor
+
+
+def _offload_bank(bank: torch.nn.Module, dtype: torch.dtype, pin: bool) -> None:
+    """Keep a basis bank in CPU memory in the denoiser's dtype, page-locked when it feeds a GPU."""
+    for param in bank.parameters():
+        data = param.data
+        if data.device.type != "cpu" or data.dtype != dtype:
+            data = data.to(device="cpu", dtype=dtype)
+        if pin and not data.is_pinned():
+            data = data.pin_memory()
+        param.data = data
+
+
+def write_identity(pipe: Any, identity: HyperLoRAIdentity) -> None:
+    """Mix the banks for `identity` and copy the factors into the live adapters (the body of an identity switch)."""
+    state = _state(pipe)
+    predictor = sync_predictor(pipe)
+    identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
+    branches = ["id"]
+    if predictor.config.has_base:
+        if identity.base_mean is None:
+            state.adapters.clear("base")
+        else:
+            branches.append("base")
+    for branch in branches:
+        bank = predictor.bank(branch)
+        coefficients = predictor.split_coefficients(identity.coefficients(branch).to(predictor.device))
+        state.adapters.write_mixed(branch, bank.groups, bank.mix(coefficients))
 
 
 def load_hyperlora(
@@ -103,6 +144,7 @@ def load_hyperlora(
     base_adapter_name: str = "base",
     id_weight: float | None = None,
     base_weight: float | None = None,
+    offload_bank: bool = False,
 ) -> Any:
     """Load a HyperLoRA checkpoint into a pipeline and register its `"id"` / `"base"` adapters.
 
@@ -119,6 +161,8 @@ def load_hyperlora(
         feature_extractor: any `FeatureExtractor` that replaces the face pipeline entirely.
         id_adapter_name, base_adapter_name: names of the two PEFT adapters.
         id_weight, base_weight: initial adapter weights (default: the checkpoint's, 0.8 for ID).
+        offload_bank: keep the basis banks (about 3 GB in 16-bit for the release) in CPU memory and stream them
+            to the GPU in chunks on each identity switch, instead of moving them to the execution device.
 
     Returns:
         The same pipeline, for chaining.
@@ -227,13 +271,7 @@ def set_hyperlora_identity(pipe: Any, images_or_identity: Any, **extractor_kwarg
         identity = images_or_identity
     else:
         identity = predict_hyperlora_identity(pipe, images_or_identity, **extractor_kwargs)
-    predictor = sync_predictor(pipe)
-    state.adapters.write("id", predictor.lora_weights(identity, "id"))
-    if predictor.config.has_base:
-        if identity.base_mean is None:
-            state.adapters.clear("base")
-        else:
-            state.adapters.write("base", predictor.lora_weights(identity, "base"))
+    write_identity(pipe, identity)
     state.identity = identity
     return identity
 
