@@ -123,18 +123,6 @@ class CheckpointLocation:
                 local_files_only=self.offline,
                 force_download=self.force_download and not self.offline,
             )
-        except EntryNotFoundError:
-            return None
-        except HFValidationError as error:
-            raise CheckpointNotFoundError(
-                f"{self.path!r} is neither an existing local folder nor a valid Hub repo id ('org/name'). Pass the "
-                "path of a checkpoint folder or a repo id."
-            ) from error
-        except (RepositoryNotFoundError, RevisionNotFoundError) as error:
-            raise CheckpointNotFoundError(
-                f"{self.description} was not found on the Hub ({error.__class__.__name__}): check the repo id, the "
-                "revision and your token (private or gated repos need `token=`), or pass a local folder."
-            ) from error
         except LocalEntryNotFoundError as error:
             snapshot, problem = self.cached_snapshot()
             if self.offline and snapshot is not None:
@@ -147,6 +135,18 @@ class CheckpointLocation:
             raise CheckpointNotFoundError(
                 f"Could not download {filename!r} from {self.description} and it is not in the local cache "
                 f"({problem}). Check your connection, or pass a local folder. ({error})"
+            ) from error
+        except EntryNotFoundError:  # after LocalEntryNotFoundError, which subclasses it
+            return None
+        except HFValidationError as error:
+            raise CheckpointNotFoundError(
+                f"{self.path!r} is neither an existing local folder nor a valid Hub repo id ('org/name'). Pass the "
+                "path of a checkpoint folder or a repo id."
+            ) from error
+        except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+            raise CheckpointNotFoundError(
+                f"{self.description} was not found on the Hub ({error.__class__.__name__}): check the repo id, the "
+                "revision and your token (private or gated repos need `token=`), or pass a local folder."
             ) from error
         except HfHubHTTPError as error:
             raise CheckpointNotFoundError(

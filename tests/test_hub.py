@@ -1,0 +1,191 @@
+"""The Hub path: real huggingface_hub resolution against a pre-filled local cache, offline."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from conftest import random_features
+
+from diffusers_hyperlora import CheckpointFormatError, CheckpointNotFoundError, HyperLoRAPredictor, load_predictor
+from diffusers_hyperlora.io.hub import CheckpointLocation, resolve_component, resolve_face_models_dir
+from diffusers_hyperlora.io.release import save_release_checkpoint
+from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+
+COMMIT_MAIN = "a" * 40
+COMMIT_V2 = "b" * 40
+SUBFOLDER = "sdxl_hyper_id_lora_v1_fidelity"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def add_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, Path], ref: str | None = "main") -> Path:
+    """Lay out `files` ({path in repo: source file}) as huggingface_hub's cache does (blobs + symlinks)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for name, source in files.items():
+        blob = repo / "blobs" / f"{commit[:8]}-{name.replace('/', '_')}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, blob)
+        target = snapshot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(blob)
+    if ref is not None:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def folder_files(folder: Path, prefix: str = "") -> dict[str, Path]:
+    return {f"{prefix}{p.name}": p for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def hub_cache(tmp_path, official_tiny):
+    """`org/hyperlora`: main has the release in SUBFOLDER; ref `v2` has another checkpoint in the library format."""
+    cache = tmp_path / "cache"
+    release = {k: v for k, v in folder_files(official_tiny, SUBFOLDER + "/").items() if "expected" not in k}
+    add_snapshot(cache, "org/hyperlora", COMMIT_MAIN, release)
+    other = tiny_hyperlora_predictor(seed=7)
+    own = tmp_path / "own"
+    other.save_pretrained(own)
+    add_snapshot(cache, "org/hyperlora", COMMIT_V2, folder_files(own), ref="v2")
+    return cache, other
+
+
+def _identity(predictor):
+    embeds, states = random_features(2, 0, 5, predictor.config.image_embed_dim)
+    return predictor.predict(embeds, states)
+
+
+def test_release_from_cache_matches_local(hub_cache, official_tiny):
+    cache, _ = hub_cache
+    from_hub = load_predictor("org/hyperlora", subfolder=SUBFOLDER, cache_dir=cache)
+    local = load_predictor(official_tiny)
+    for (key, a), b in zip(from_hub.state_dict().items(), local.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_revision_selects_the_other_commit_and_format(hub_cache):
+    cache, other = hub_cache
+    loaded = load_predictor("org/hyperlora", revision="v2", cache_dir=cache, torch_dtype=torch.float32)
+    assert loaded.config == other.config
+    torch.testing.assert_close(_identity(loaded).id_mean, _identity(other).id_mean, atol=0, rtol=0)
+    by_commit = HyperLoRAPredictor.from_pretrained("org/hyperlora", revision=COMMIT_V2, cache_dir=cache)
+    assert by_commit.config == other.config
+    # main has no library-format files at its root, and the release is in a subfolder.
+    with pytest.raises(CheckpointFormatError, match=r"not a HyperLoRA checkpoint.*subfolder="):
+        load_predictor("org/hyperlora", cache_dir=cache)
+
+
+def test_pipeline_loads_from_the_hub_cache(pipe, hub_cache, official_tiny):
+    cache, _ = hub_cache
+    pipe.load_hyperlora("org/hyperlora", subfolder=SUBFOLDER, cache_dir=cache)
+    assert len(pipe.hyperlora.config.targets) == 24
+    assert pipe.hyperlora.dtype == pipe.unet.dtype
+
+
+def test_missing_file_in_cached_snapshot(hub_cache, official_tiny):
+    cache, _ = hub_cache
+    snapshot = cache / "models--org--hyperlora" / "snapshots" / COMMIT_MAIN / SUBFOLDER
+    (snapshot / "resampler.safetensors").unlink()
+    with pytest.raises(CheckpointFormatError) as error:
+        load_predictor("org/hyperlora", subfolder=SUBFOLDER, cache_dir=cache)
+    message = str(error.value)
+    assert "'resampler.safetensors'" in message and "org/hyperlora" in message and SUBFOLDER in message
+    assert "downloads are off" in message and "hyper_lora_modules.json" in message
+
+
+def test_repo_not_in_cache(hub_cache):
+    cache, _ = hub_cache
+    with pytest.raises(CheckpointNotFoundError, match=r"org/missing.*downloads are off.*not in the cache folder"):
+        load_predictor("org/missing", cache_dir=cache)
+
+
+def test_revision_not_in_cache(hub_cache):
+    cache, _ = hub_cache
+    with pytest.raises(CheckpointNotFoundError, match=r"revision 'v3' is not in the cache"):
+        load_predictor("org/hyperlora", revision="v3", subfolder=SUBFOLDER, cache_dir=cache)
+
+
+def test_invalid_repo_id_and_missing_local_subfolder(tmp_path, official_tiny):
+    with pytest.raises(CheckpointNotFoundError, match="neither an existing local folder nor a valid Hub repo id"):
+        load_predictor(str(tmp_path / "no" / "such" / "folder"))
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        load_predictor(official_tiny, subfolder="nope")
+
+
+def test_pickle_only_repo_is_refused_never_loaded(tmp_path):
+    cache = tmp_path / "cache"
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"not even a pickle: loading it would fail loudly")
+    add_snapshot(cache, "org/pickled", COMMIT_MAIN, {"pytorch_model.bin": weights})
+    with pytest.raises(CheckpointFormatError, match=r"pytorch_model.bin.*never loaded"):
+        load_predictor("org/pickled", cache_dir=cache)
+    with pytest.raises(CheckpointFormatError, match=r"pytorch_model.bin.*never loaded"):
+        HyperLoRAPredictor.from_pretrained("org/pickled", cache_dir=cache)
+
+
+def test_own_format_without_weights_names_them(tmp_path):
+    folder = tmp_path / "own"
+    tiny_hyperlora_predictor().save_pretrained(folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointFormatError, match=r"no 'model.safetensors'.*pytorch_model.bin.*never loaded"):
+        load_predictor(folder)
+
+
+def test_foreign_config_json_is_not_mistaken(tmp_path):
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DConditionModel", "in_channels": 4}')
+    with pytest.raises(CheckpointFormatError, match="not a HyperLoRA config"):
+        load_predictor(tmp_path)
+
+
+def test_heads_rejected_for_library_format(tmp_path):
+    tiny_hyperlora_predictor().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="only apply to release-layout"):
+        load_predictor(tmp_path, heads=4)
+
+
+def test_release_on_hub_with_heads_override(tmp_path):
+    original = tiny_hyperlora_predictor(seed=5, resampler_heads=6, resampler_dim_head=16)
+    folder = save_release_checkpoint(original, tmp_path / "release", dtype=torch.float16)
+    cache = tmp_path / "cache"
+    add_snapshot(cache, "org/fp16", COMMIT_MAIN, folder_files(folder, "ckpt/"))
+    loaded = load_predictor("org/fp16", subfolder="ckpt", cache_dir=cache, heads=6, torch_dtype=torch.float32)
+    assert loaded.dtype == torch.float32 and loaded.config.resampler_dim_head == 16
+
+
+def test_component_resolution(tmp_path, hub_cache):
+    cache, _ = hub_cache
+    hub = CheckpointLocation("org/hyperlora", subfolder="v1", cache_dir=cache)
+    assert resolve_component(None, None, hub) is None
+    assert resolve_component("image_encoder", None, hub) == ("org/hyperlora", "v1/image_encoder")
+    assert resolve_component("./models", "clip", hub) == ("org/hyperlora", "v1/models/clip")
+    assert resolve_component("openai/clip-vit-large-patch14", None, hub) == ("openai/clip-vit-large-patch14", None)
+    assert resolve_component("h94/IP-Adapter", "models/image_encoder", hub) == ("h94/IP-Adapter", "models/image_encoder")
+    local = CheckpointLocation(str(tmp_path))
+    assert resolve_component("image_encoder", None, local) == (str(tmp_path / "image_encoder"), None)
+    assert resolve_component(str(tmp_path), None, hub) == (str(tmp_path), None)
+    with pytest.raises(CheckpointNotFoundError, match="neither a local folder"):
+        resolve_component("a/b/c", None, hub)
+
+
+def test_face_models_from_a_repo_folder(tmp_path):
+    onnx = tmp_path / "glintr100.onnx"
+    onnx.write_bytes(b"onnx")
+    other = tmp_path / "notes.txt"
+    other.write_text("not fetched")
+    cache = tmp_path / "cache"
+    add_snapshot(cache, "org/withfaces", COMMIT_MAIN, {"antelopev2/glintr100.onnx": onnx, "antelopev2/x.txt": other})
+    location = CheckpointLocation("org/withfaces", cache_dir=cache, local_files_only=True)
+    folder = Path(resolve_face_models_dir("antelopev2", location))
+    assert (folder / "glintr100.onnx").read_bytes() == b"onnx"
+    assert resolve_face_models_dir(str(tmp_path), location) == str(tmp_path)
+    assert resolve_face_models_dir(None, location) is None
