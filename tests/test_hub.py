@@ -169,7 +169,7 @@ def test_component_resolution(tmp_path, hub_cache):
     assert resolve_component("image_encoder", None, hub) == ("org/hyperlora", "v1/image_encoder")
     assert resolve_component("./models", "clip", hub) == ("org/hyperlora", "v1/models/clip")
     assert resolve_component("openai/clip-vit-large-patch14", None, hub) == ("openai/clip-vit-large-patch14", None)
-    assert resolve_component("h94/IP-Adapter", "models/image_encoder", hub) == ("h94/IP-Adapter", "models/image_encoder")
+    assert resolve_component("h94/IP-Adapter", "models/enc", hub) == ("h94/IP-Adapter", "models/enc")
     local = CheckpointLocation(str(tmp_path))
     assert resolve_component("image_encoder", None, local) == (str(tmp_path / "image_encoder"), None)
     assert resolve_component(str(tmp_path), None, hub) == (str(tmp_path), None)
