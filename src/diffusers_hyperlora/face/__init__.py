@@ -1,0 +1,47 @@
+"""The face pipeline: photos -> ArcFace embedding + CLIP features (spec section 3.4).
+
+>>> from diffusers_hyperlora.face import FaceAnalyzer, CLIPImageEncoder, build_feature_extractor
+"""
+
+from .analyzer import (
+    DETECTION_SIZES,
+    DetectedFace,
+    FaceAnalysisLike,
+    FaceAnalyzer,
+    download_face_models,
+    load_insightface_app,
+    resolve_face_models_dir,
+    select_providers,
+)
+from .conditioning import blur_face, remove_background
+from .crops import FACE_POLYGON_INDICES, SquareCrop, arcface_crop, base_crop_box, clip_crop, face_polygon
+from .encoders import CLIPImageEncoder, default_clip_processor
+from .extractor import FaceFeatureExtractor, FaceInputs, build_feature_extractor
+from .images import InputImage, load_image, load_images
+
+__all__ = [
+    "CLIPImageEncoder",
+    "DETECTION_SIZES",
+    "DetectedFace",
+    "FACE_POLYGON_INDICES",
+    "FaceAnalysisLike",
+    "FaceAnalyzer",
+    "FaceFeatureExtractor",
+    "FaceInputs",
+    "InputImage",
+    "SquareCrop",
+    "arcface_crop",
+    "base_crop_box",
+    "blur_face",
+    "build_feature_extractor",
+    "clip_crop",
+    "default_clip_processor",
+    "download_face_models",
+    "face_polygon",
+    "load_image",
+    "load_images",
+    "load_insightface_app",
+    "remove_background",
+    "resolve_face_models_dir",
+    "select_providers",
+]

@@ -1,0 +1,339 @@
+"""Face analysis: insightface's `FaceAnalysis` (AntelopeV2) behind a small interface anyone can implement.
+
+`FaceAnalyzer` wraps any object with insightface's two-method interface (`FaceAnalysisLike`):
+
+- `prepare(ctx_id, det_size=(s, s))`: set the detector's input size;
+- `get(image_bgr)`: the faces in a BGR uint8 `[H, W, 3]` image, each with `bbox` `(x0, y0, x1, y1)`,
+  `landmark_2d_106` `[106, 2]` and `normed_embedding` `[512]` (attributes or mapping keys; `det_score` and
+  `kps` are used when present).
+
+So `insightface.app.FaceAnalysis` works as is, and so does any other detector adapted to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from diffusers.utils import logging
+
+from ..errors import FaceModelsNotFoundError
+from .crops import box_area
+
+logger = logging.get_logger(__name__)
+
+DETECTION_SIZES: tuple[int, ...] = (640, 512, 384, 256)  # the release's fallbacks, first that finds a face wins
+ANTELOPEV2 = "antelopev2"
+FACE_TASKS = ("detection", "landmark_2d_106", "recognition")
+INSIGHTFACE_HOME = "INSIGHTFACE_HOME"
+
+
+@runtime_checkable
+class FaceAnalysisLike(Protocol):
+    """The interface of `insightface.app.FaceAnalysis` that HyperLoRA uses (see the module docstring)."""
+
+    def prepare(self, ctx_id: int, det_size: tuple[int, int] = ...) -> Any: ...
+
+    def get(self, img: np.ndarray) -> Sequence[Any]: ...
+
+
+@dataclass
+class DetectedFace:
+    """One face: box, 106 landmarks, normed ArcFace embedding (or `None`), score and 5 keypoints (or `None`)."""
+
+    bbox: np.ndarray
+    landmarks: np.ndarray | None
+    embedding: np.ndarray | None
+    score: float = 1.0
+    keypoints: np.ndarray | None = None
+
+    @property
+    def area(self) -> float:
+        return box_area(self.bbox)
+
+
+def _field(face: Any, name: str) -> Any:
+    value = getattr(face, name, None)
+    if value is None and isinstance(face, dict):
+        value = face.get(name)
+    return value
+
+
+def to_detected_face(face: Any) -> DetectedFace:
+    """Read an insightface `Face` (or any object / dict with the same fields) into a `DetectedFace`."""
+    bbox = _field(face, "bbox")
+    if bbox is None:
+        raise TypeError(f"A detected face must have a `bbox` (x0, y0, x1, y1); got {type(face).__name__}.")
+    landmarks = _field(face, "landmark_2d_106")
+    embedding = _field(face, "normed_embedding")
+    if embedding is None and _field(face, "embedding") is not None:
+        raw = np.asarray(_field(face, "embedding"), dtype=np.float32).reshape(-1)
+        embedding = raw / max(float(np.linalg.norm(raw)), 1e-12)
+    score = _field(face, "det_score")
+    keypoints = _field(face, "kps")
+    return DetectedFace(
+        bbox=np.asarray(bbox, dtype=np.float32).reshape(-1)[:4],
+        landmarks=None if landmarks is None else np.asarray(landmarks, dtype=np.float32).reshape(-1, 2),
+        embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(-1),
+        score=1.0 if score is None else float(score),
+        keypoints=None if keypoints is None else np.asarray(keypoints, dtype=np.float32).reshape(-1, 2),
+    )
+
+
+def select_providers(
+    available: Sequence[str], gpu_available: bool, requested: Sequence[Any] | None = None
+) -> list[Any]:
+    """ONNX Runtime execution providers: `requested` if given (checked), else CUDA + CPU with a GPU, else CPU.
+
+    Example:
+        >>> select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], gpu_available=True)
+        ['CUDAExecutionProvider', 'CPUExecutionProvider']
+        >>> select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], gpu_available=False)
+        ['CPUExecutionProvider']
+    """
+    if requested is not None:
+        requested = [requested] if isinstance(requested, str) else list(requested)
+        names = [p[0] if isinstance(p, (tuple, list)) else p for p in requested]
+        missing = [n for n in names if n not in available]
+        if not requested or missing:
+            raise ValueError(
+                f"ONNX Runtime execution providers {missing or requested!r} are not available here; available: "
+                f"{list(available)}. Pass some of those as `providers=`, or install onnxruntime-gpu for CUDA."
+            )
+        return requested
+    if gpu_available and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _has_onnx(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.onnx"))
+
+
+def resolve_face_models_dir(path: str | os.PathLike) -> Path:
+    """The folder that holds the ONNX files, from a model folder, an `antelopev2` folder, or an insightface root.
+
+    Recognized, in order: `path/*.onnx`; `path/antelopev2/*.onnx`; `path/antelopev2/antelopev2/*.onnx` (the
+    official zip unpacked in place); `path/models/antelopev2[/antelopev2]/*.onnx` (an insightface root).
+
+    Example:
+        >>> resolve_face_models_dir("~/.insightface")  # doctest: +SKIP
+        PosixPath('/home/me/.insightface/models/antelopev2')
+    """
+    root = Path(path).expanduser()
+    candidates = [
+        root,
+        root / ANTELOPEV2,
+        root / ANTELOPEV2 / ANTELOPEV2,
+        root / "models" / ANTELOPEV2,
+        root / "models" / ANTELOPEV2 / ANTELOPEV2,
+    ]
+    for candidate in candidates:
+        if _has_onnx(candidate):
+            return candidate
+    found = sorted(p.name for p in root.iterdir())[:12] if root.is_dir() else []
+    raise FaceModelsNotFoundError(
+        f"No face-analysis models (.onnx files) in {str(root)!r}"
+        + (f" (it holds: {', '.join(found)})" if found else " (no such folder)" if not root.is_dir() else "")
+        + ". Expected a folder with AntelopeV2's ONNX files (scrfd_10g_bnkps.onnx, 2d106det.onnx, glintr100.onnx), "
+        "an `antelopev2` folder (also the nested `antelopev2/antelopev2` of the unpacked zip) or an insightface root "
+        "(`<root>/models/antelopev2`). Fix: unpack antelopev2.zip there, or pass `face_analyzer=` a folder or "
+        "Hub repo that holds the files."
+    )
+
+
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def download_face_models(
+    repo_id: str,
+    subfolder: str | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> Path:
+    """Fetch only the `.onnx` files of a Hub repo (or its `subfolder`) and return the folder that holds them."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        local = snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only or _is_offline(),
+            force_download=force_download,
+            allow_patterns=[f"{prefix}*.onnx", f"{prefix}*/*.onnx", f"{prefix}*/*/*.onnx"],
+        )
+    except (HFValidationError, ValueError) as error:
+        raise FaceModelsNotFoundError(
+            f"Face models {repo_id!r}: neither an existing local folder nor a valid Hub repo id ('org/name'). Pass a "
+            "folder with AntelopeV2's .onnx files, an insightface root, or a Hub repo id."
+        ) from error
+    except LocalEntryNotFoundError as error:
+        raise FaceModelsNotFoundError(
+            f"Face models of Hub repo {repo_id!r}{f' (subfolder {subfolder!r})' if subfolder else ''} are not in the "
+            "local cache and downloads are off (HF_HUB_OFFLINE=1 or local_files_only=True). Download them once "
+            "online, or pass `face_analyzer=` a local folder."
+        ) from error
+    except (HfHubHTTPError, OSError) as error:
+        raise FaceModelsNotFoundError(f"Could not download face models from Hub repo {repo_id!r}: {error}") from error
+    return resolve_face_models_dir(Path(local, subfolder) if subfolder else Path(local))
+
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # torch without CUDA support
+        return False
+
+
+class FaceAnalyzer:
+    """Detects faces with the release's size fallbacks and reads them into `DetectedFace`s.
+
+    Args:
+        app: any `FaceAnalysisLike` (e.g. `insightface.app.FaceAnalysis`).
+        det_thresh: detector score threshold passed to `app.prepare` (insightface's default 0.5); `None` keeps
+            the app's own.
+        ctx_id: insightface's device index for `prepare` (0; a negative value forces the CPU).
+
+    Example:
+        >>> analyzer = FaceAnalyzer.from_pretrained("~/.insightface")  # doctest: +SKIP
+        >>> faces, size = analyzer.detect(rgb_array)  # doctest: +SKIP
+    """
+
+    def __init__(self, app: FaceAnalysisLike, det_thresh: float | None = None, ctx_id: int = 0) -> None:
+        if not isinstance(app, FaceAnalysisLike):
+            raise TypeError(
+                f"face_analyzer must offer insightface's `prepare(ctx_id, det_size=...)` and `get(image_bgr)`; got a "
+                f"{type(app).__name__}. Pass an insightface FaceAnalysis, a folder / Hub repo of AntelopeV2 models, "
+                "or wrap your detector in that interface."
+            )
+        self.app = app
+        self.det_thresh = det_thresh
+        self.ctx_id = ctx_id
+        self._prepared_size: int | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        providers: Sequence[Any] | None = None,
+        det_thresh: float | None = 0.5,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> FaceAnalyzer:
+        """Load AntelopeV2 with insightface from a folder, an insightface root or a Hub repo (sub)folder.
+
+        Args:
+            path_or_repo: local folder / insightface root, or a Hub repo id (`"org/name"`, or `"org/name/sub"` for a
+                subfolder).
+            subfolder: folder inside `path_or_repo`.
+            providers: ONNX Runtime execution providers (default: CUDA when onnxruntime-gpu and a GPU are there,
+                else CPU).
+            det_thresh: detector score threshold.
+            revision, token, cache_dir, local_files_only, force_download: Hub options.
+        """
+        folder = cls._locate(
+            os.fspath(path_or_repo),
+            subfolder,
+            dict(
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                force_download=force_download,
+            ),
+        )
+        return cls(load_insightface_app(folder, providers), det_thresh=det_thresh)
+
+    @staticmethod
+    def _locate(path: str, subfolder: str | None, hub: dict) -> Path:
+        local = Path(path).expanduser()
+        if local.is_dir() or local.is_absolute() or path.startswith((".", "~")):
+            return resolve_face_models_dir(local / subfolder if subfolder else local)
+        parts = path.strip("/").split("/")
+        if len(parts) > 2:  # "org/name/sub/folder"
+            subfolder = "/".join(parts[2:] + ([subfolder] if subfolder else []))
+        return download_face_models("/".join(parts[:2]), subfolder, **hub)
+
+    # ------------------------------------------------------------------ detection
+    def _prepare(self, size: int) -> None:
+        if self._prepared_size == size:
+            return
+        kwargs: dict[str, Any] = {"det_size": (size, size)}
+        if self.det_thresh is not None:
+            kwargs["det_thresh"] = self.det_thresh
+        self.app.prepare(self.ctx_id, **kwargs)
+        self._prepared_size = size
+
+    def faces_at(self, image: np.ndarray, size: int) -> list[DetectedFace]:
+        """The faces in an RGB uint8 image with the detector at `size` x `size`."""
+        self._prepare(size)
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        return [to_detected_face(face) for face in self.app.get(bgr)]
+
+    def detect(
+        self, image: np.ndarray, sizes: Sequence[int] = DETECTION_SIZES
+    ) -> tuple[list[DetectedFace], int | None]:
+        """Try the detector sizes in order and return the faces of the first that finds any, and that size.
+
+        Returns `([], None)` when no size finds a face.
+        """
+        for size in sizes:
+            faces = self.faces_at(image, size)
+            if faces:
+                return faces, size
+        return [], None
+
+
+def load_insightface_app(folder: str | os.PathLike, providers: Sequence[Any] | None = None) -> Any:
+    """`insightface.app.FaceAnalysis` over the ONNX files of `folder` (detection, 2d106 landmarks, recognition)."""
+    try:
+        import onnxruntime
+        from insightface.app import FaceAnalysis
+    except ImportError as error:
+        raise ImportError(
+            "Reading faces from photos needs insightface and onnxruntime: `pip install diffusers-hyperlora[face]` "
+            "(or `[face-gpu]` for CUDA). Alternatively pass `face_analyzer=` your own FaceAnalysis-like object."
+        ) from error
+    folder = Path(folder).resolve()
+    chosen = select_providers(onnxruntime.get_available_providers(), _gpu_available(), providers)
+    logger.info(f"Loading face models from {folder} with {chosen}.")
+    try:
+        app = FaceAnalysis(
+            name=str(folder), root=str(folder.parent), allowed_modules=list(FACE_TASKS), providers=chosen
+        )
+    except AssertionError as error:  # insightface asserts that a detector was found
+        raise FaceModelsNotFoundError(
+            f"The face models in {str(folder)!r} have no face detector insightface recognizes (e.g. "
+            "scrfd_10g_bnkps.onnx). Use the complete AntelopeV2 pack."
+        ) from error
+    missing = [task for task in ("landmark_2d_106", "recognition") if task not in getattr(app, "models", {})]
+    if "landmark_2d_106" in missing:
+        raise FaceModelsNotFoundError(
+            f"The face models in {str(folder)!r} lack the 106-point landmark model (2d106det.onnx) that HyperLoRA's "
+            "crops need. Use the complete AntelopeV2 pack."
+        )
+    if missing:
+        logger.warning(
+            f"The face models in {str(folder)!r} have no recognition model (glintr100.onnx): no ArcFace embeddings."
+        )
+    return app
