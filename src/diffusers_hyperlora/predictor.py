@@ -237,6 +237,45 @@ class HyperLoRAPredictor(
 
     # ------------------------------------------------------------------ hub mixin: safetensors only, no double init
     @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        torch_dtype: torch.dtype | None = None,
+        map_location: torch.device | str = "cpu",
+        heads: int | None = None,
+        dim_head: int | None = None,
+    ) -> HyperLoRAPredictor:
+        """Load a predictor from a Hub repo id or a local folder, in the library format or the release's layout.
+
+        Same as `diffusers_hyperlora.io.load_predictor` (which see); `map_location` is the device.
+
+        Example:
+            >>> predictor = HyperLoRAPredictor.from_pretrained("org/hyperlora")  # doctest: +SKIP
+        """
+        from .io import load_predictor
+
+        return load_predictor(
+            pretrained_model_name_or_path,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            torch_dtype=torch_dtype,
+            device=map_location,
+            heads=heads,
+            dim_head=dim_head,
+        )
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,
@@ -246,7 +285,7 @@ class HyperLoRAPredictor(
         force_download: bool,
         local_files_only: bool,
         token: str | bool | None,
-        config: HyperLoRAConfig,
+        config: HyperLoRAConfig | dict | None = None,
         map_location: str = "cpu",
         torch_dtype: torch.dtype | None = None,
         subfolder: str | None = None,
@@ -267,6 +306,23 @@ class HyperLoRAPredictor(
             device=map_location,
             torch_dtype=torch_dtype,
         )
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """`config.json` + `model.safetensors` (the library format, docs/hub-format.md); the mixin adds README.md."""
+        from .io.own_format import save_own_format
+
+        save_own_format(self, save_directory)
+
+    def generate_model_card(self, *args, **kwargs):
+        """The Hub model card written by `save_pretrained` / `push_to_hub` (see `io.model_card`)."""
+        from .io.model_card import hyperlora_model_card
+
+        return hyperlora_model_card(self.config, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs) -> str:
+        """`PyTorchModelHubMixin.push_to_hub`, with the repo id in the model card's usage snippet."""
+        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
 
 
 def _check_clip(states: torch.Tensor | None, width: int, name: str) -> torch.Tensor:
