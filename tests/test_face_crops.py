@@ -1,4 +1,4 @@
-"""Pure geometry and masks of the face pipeline (spec 3.4), checked on synthetic landmarks with hand-computed numbers."""
+"""Pure geometry and masks of the face pipeline (spec 3.4), on synthetic landmarks, against hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def test_remove_background_matches_the_recipe():
 
     mask = Image.new("L", (side, side), 0)
     ImageDraw.Draw(mask).polygon([(x - x0, y - y0) for x, y in polygon], fill=255)
-    mask = mask.resize((512, 512), Image.BILINEAR).filter(ImageFilter.GaussianBlur(15)).resize((side, side), Image.BILINEAR)
+    mask = mask.resize((512, 512), Image.BILINEAR).filter(ImageFilter.GaussianBlur(15))
+    mask = mask.resize((side, side), Image.BILINEAR)
     full = np.zeros((140, 120), np.float32)
     full[max(y0, 0) : y0 + side, max(x0, 0) : x0 + side] = (np.asarray(mask, np.float32) / 255)[
         max(-y0, 0) : 140 - y0, max(-x0, 0) : 120 - x0

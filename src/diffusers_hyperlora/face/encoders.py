@@ -91,10 +91,10 @@ class CLIPImageEncoder:
             model = CLIPVisionModelWithProjection.from_pretrained(path, use_safetensors=True, **options)
         except (OSError, ValueError) as error:
             raise FaceModelsNotFoundError(
-                f"Could not load the CLIP image encoder from {where}: {error}. Expected a local folder or Hub repo "
-                "with a CLIP vision config.json and model.safetensors (e.g. 'openai/clip-vit-large-patch14'). Fix: "
-                "download it once online, or pass `image_encoder=` a local folder or a ready "
-                "CLIPVisionModelWithProjection."
+                f"Could not load the CLIP image encoder from {where}: {str(error).rstrip('.')}. Expected a local "
+                "folder or Hub repo with a CLIP vision config.json and model.safetensors (e.g. "
+                "'openai/clip-vit-large-patch14'). Fix: download it once online, or pass `image_encoder=` a local "
+                "folder or a ready CLIPVisionModelWithProjection."
             ) from error
         return cls(model, _load_processor(path, options, model))
 
