@@ -276,6 +276,27 @@ def set_hyperlora_identity(pipe: Any, images_or_identity: Any, **extractor_kwarg
     return identity
 
 
+def preview_hyperlora_inputs(pipe: Any, images: Any, **extractor_kwargs: Any) -> list:
+    """What the encoders will see for each photo: crops and masks as PIL images, plus the ArcFace embedding.
+
+    Returns one `diffusers_hyperlora.face.FaceInputs` per photo with a face (`clip_image`, `arcface_image`,
+    `background_removed`, `face_mask`, `base_image`, ...). Takes the same options as `set_hyperlora_identity`.
+
+    Example:
+        >>> inputs = pipe.preview_hyperlora_inputs("me.jpg")  # doctest: +SKIP
+        >>> inputs[0].clip_image.save("clip_crop.png")  # doctest: +SKIP
+    """
+    state = _state(pipe)
+    extractor = _feature_extractor(pipe, state)
+    prepare = getattr(extractor, "prepare_inputs", None)
+    if prepare is None:
+        raise TypeError(
+            f"The pipeline's feature extractor ({type(extractor).__name__}) cannot show its inputs: only the built-in "
+            "face pipeline (diffusers_hyperlora.face) has `prepare_inputs`."
+        )
+    return prepare(_as_image_list(images), with_base=state.predictor.config.has_base, **extractor_kwargs)
+
+
 def unload_hyperlora(pipe: Any) -> None:
     """Remove HyperLoRA's adapters and predictor; the denoiser computes exactly what it did before loading."""
     state = _state(pipe)
@@ -326,6 +347,10 @@ class HyperLoRAMixin:
         """See `diffusers_hyperlora.pipeline.predict_hyperlora_identity`."""
         return predict_hyperlora_identity(self, images, **kwargs)
 
+    def preview_hyperlora_inputs(self, images: Any, **kwargs: Any) -> list:
+        """See `diffusers_hyperlora.pipeline.preview_hyperlora_inputs`."""
+        return preview_hyperlora_inputs(self, images, **kwargs)
+
     def unload_hyperlora(self) -> None:
         """See `diffusers_hyperlora.pipeline.unload_hyperlora`."""
         unload_hyperlora(self)
@@ -349,6 +374,7 @@ _MIXIN_MEMBERS: Sequence[str] = (
     "load_hyperlora",
     "set_hyperlora_identity",
     "predict_hyperlora_identity",
+    "preview_hyperlora_inputs",
     "unload_hyperlora",
     "add_hyperlora_slider",
     "remove_hyperlora_slider",
