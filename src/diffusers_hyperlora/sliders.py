@@ -13,6 +13,7 @@ be active at once, and it exports to kohya / diffusers files like an identity.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,7 +147,10 @@ def add_slider_adapter(
         lora_alpha=slider_alpha(config),
         target_modules=[linear.module_path for linear in config.linears],
     )
-    denoiser.add_adapter(lora_config, adapter_name=name)
+    with warnings.catch_warnings():
+        # PEFT warns whenever a model gets a second adapter; several adapters are the point here.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        denoiser.add_adapter(lora_config, adapter_name=name)
     write_slider_adapter(denoiser, config, name, factors)
     set_active_adapters(denoiser, previously_active + [name], {name: weight})
 
