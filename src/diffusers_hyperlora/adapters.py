@@ -94,13 +94,6 @@ def install_exact_merge(layer: BaseTunerLayer) -> None:
     layer.unmerge = types.MethodType(_exact_unmerge, layer)
 
 
-def remove_exact_merge(layer: BaseTunerLayer) -> None:
-    """Undo `install_exact_merge`; a merged layer is first restored exactly and re-merged without our adapters."""
-    for attribute in ("merge", "unmerge"):
-        layer.__dict__.pop(attribute, None)
-    layer.__dict__.pop(_SNAPSHOT, None)
-
-
 def check_targets(denoiser: nn.Module, linears: list[TargetLinear]) -> None:
     """Raise `TargetMismatchError` naming the first target linear the denoiser lacks or has with other widths."""
     modules = dict(denoiser.named_modules())
@@ -297,16 +290,19 @@ class HyperLoRAAdapters:
 
     # ------------------------------------------------------------------ removal
     def detach(self) -> None:
-        """Delete both adapters; remove the PEFT wrappers entirely when no other adapter is left."""
+        """Delete both adapters; remove the PEFT wrappers entirely when no other adapter is left.
+
+        Fused layers are first restored exactly and the user's other fused adapters merged again; layers that
+        keep other adapters keep the exact merge/unmerge.
+        """
         names = list(self.names.values())
         with torch.no_grad():
             for layer in self._layers:
                 others = [n for n in layer.merged_adapters if n not in names]
                 if any(n in names for n in layer.merged_adapters):
                     layer.unmerge()  # exact restore of the base weights
-                remove_exact_merge(layer)
-                if others:
-                    layer.merge(adapter_names=others)
+                    if others:  # other fused adapters stay fused, with a fresh exact snapshot
+                        layer.merge(adapter_names=others)
         self._destinations = {}
         self.denoiser.delete_adapters(names)
         if not getattr(self.denoiser, "peft_config", None):

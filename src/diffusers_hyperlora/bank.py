@@ -61,6 +61,9 @@ def mix_bases(coefficients: torch.Tensor, bases: torch.Tensor, chunk_elements: i
     coefficients = coefficients.to(torch.float32).unsqueeze(1)  # [G, 1, K]
     if chunk_elements is None and flat.dtype == torch.float32 and flat.device == device:
         return torch.bmm(coefficients, flat).reshape(groups, *bases.shape[2:])
+    if torch.is_grad_enabled() and (bases.requires_grad or coefficients.requires_grad):
+        # Differentiable (training): one upcast copy, no in-place staging.
+        return torch.bmm(coefficients, flat.to(device=device, dtype=torch.float32)).reshape(groups, *bases.shape[2:])
     chunk = max(num_basis, chunk_elements or STREAM_CHUNK_ELEMENTS)
     columns = min(width, max(1, chunk // num_basis))
     members = max(1, chunk // (num_basis * width)) if columns == width else 1
