@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--token", default=None, help="Hub token for private repos.")
     convert.add_argument("--heads", type=int, default=None, help="Resampler heads of release-layout sources (12).")
     convert.add_argument("--dim-head", type=int, default=None, help="Resampler head width of release-layout sources.")
+    convert.add_argument(
+        "--image-encoder", default=None, help="CLIP encoder to record in the config: repo id or './folder' of DST."
+    )
+    convert.add_argument("--face-models", default=None, help="Face models to record in the config (folder of DST).")
     convert.add_argument("--quiet", action="store_true", help="No progress bar.")
     convert.set_defaults(handler=_run_convert)
     return parser
@@ -304,6 +308,8 @@ def _run_convert(args: argparse.Namespace) -> None:
         token=args.token,
         heads=args.heads,
         dim_head=args.dim_head,
+        image_encoder=args.image_encoder,
+        face_models=args.face_models,
         progress=not args.quiet,
     )
     print(f"Converted {args.src} to {args.dst}")
