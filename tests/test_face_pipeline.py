@@ -362,3 +362,25 @@ def test_missing_clip_encoder_error(pipe, face_pack, astronaut, monkeypatch):
         FaceModelsNotFoundError, match=r"(?s)CLIP image encoder from 'nobody-xyz/no-clip'.*image_encoder="
     ):
         pipe.set_hyperlora_identity(astronaut)
+
+
+def test_config_names_subfolders_of_a_local_checkpoint(face_pack, encoder, astronaut, tmp_path):
+    """`HyperLoRAConfig.image_encoder` / `face_models` as subfolders of a local checkpoint; a bare model works too."""
+    checkpoint = tmp_path / "ckpt"
+    encoder.model.save_pretrained(checkpoint / "image_encoder")
+    nested = checkpoint / "faces" / "antelopev2" / "antelopev2"  # the unpacked zip's layout
+    nested.mkdir(parents=True)
+    for onnx in face_pack.glob("*.onnx"):
+        (nested / onnx.name).symlink_to(onnx)
+    config = tiny_hyperlora_config(image_encoder="image_encoder", face_models="faces")
+    extractor = build_feature_extractor(
+        config, source=str(checkpoint), image_encoder=None, face_analyzer=None, hub_options={}
+    )
+    features = extractor([astronaut], device=torch.device("cpu"), dtype=torch.float32, with_base=False)
+    bare = build_feature_extractor(
+        config, source=None, image_encoder=encoder.model, face_analyzer=extractor.face_analyzer, hub_options={}
+    )
+    again = bare([astronaut], device=torch.device("cpu"), dtype=torch.float32, with_base=False)
+    assert extractor.image_encoder.image_size == 32  # processor rebuilt from the model's config (none was saved)
+    torch.testing.assert_close(features.clip_hidden_states, again.clip_hidden_states)
+    torch.testing.assert_close(features.id_embeds, again.id_embeds)
