@@ -10,21 +10,27 @@ from .errors import (
     AdapterNameConflictError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    FaceModelsNotFoundError,
+    FaceSelectionError,
     FeatureShapeError,
     HyperLoRAError,
     HyperLoRANotLoadedError,
     IdentityMismatchError,
+    ImageInputError,
     NoFaceDetectedError,
     TargetMismatchError,
 )
 from .features import FeatureExtractor, HyperLoRAFeatures
 from .identity import HyperLoRAIdentity
 from .io import load_predictor
+from .io.convert import convert_checkpoint
+from .io.release import save_release_checkpoint
 from .pipeline import (
     HyperLoRAMixin,
     install_pipeline_methods,
     load_hyperlora,
     predict_hyperlora_identity,
+    preview_hyperlora_inputs,
     set_hyperlora_identity,
     unload_hyperlora,
 )
@@ -36,6 +42,8 @@ __all__ = [
     "AdapterNameConflictError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
+    "FaceModelsNotFoundError",
+    "FaceSelectionError",
     "FeatureExtractor",
     "FeatureShapeError",
     "HyperLoRAConfig",
@@ -46,11 +54,15 @@ __all__ = [
     "HyperLoRANotLoadedError",
     "HyperLoRAPredictor",
     "IdentityMismatchError",
+    "ImageInputError",
     "NoFaceDetectedError",
     "TargetMismatchError",
     "load_hyperlora",
+    "convert_checkpoint",
     "load_predictor",
     "predict_hyperlora_identity",
+    "preview_hyperlora_inputs",
+    "save_release_checkpoint",
     "set_hyperlora_identity",
     "unload_hyperlora",
 ]
