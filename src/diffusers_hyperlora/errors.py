@@ -51,3 +51,11 @@ class FaceModelsNotFoundError(HyperLoRAError, FileNotFoundError):
 
 class FaceSelectionError(HyperLoRAError, ValueError):
     """`face_index` asks for a face that an image does not have."""
+
+
+class TrainingConfigError(HyperLoRAError, ValueError):
+    """A training configuration is invalid, or does not fit the predictor (e.g. stage `base` without a Base branch)."""
+
+
+class TrainingDataError(HyperLoRAError, ValueError):
+    """A training dataset is malformed: bad `metadata.jsonl`, missing images, or missing / mismatched features."""

@@ -97,7 +97,8 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, id_tokens: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         batch = (id_tokens if id_tokens is not None else image_tokens).shape[0]
-        if self.proj_in is not None:
+        # `id_tokens=None` on a resampler that has the ArcFace condition skips attn2 (training stage `id_clip`).
+        if self.proj_in is not None and id_tokens is not None:
             id_tokens = self.proj_in(id_tokens)
         if self.proj_in_2 is not None:
             image_tokens = self.proj_in_2(image_tokens)
