@@ -167,3 +167,15 @@ def test_slider_name_conflicts_and_bad_inputs(loaded, people, predictor):
         loaded.add_hyperlora_slider(people[0], other)
     with pytest.raises(HyperLoRANotLoadedError):
         tiny_sdxl_pipeline().add_hyperlora_slider(people[0], people[1])
+
+
+def test_sliders_stay_out_of_the_unet_state_dict(predictor, people):
+    pipe = tiny_sdxl_pipeline()
+    original = pipe.unet.state_dict()
+    pipe.load_hyperlora(predictor)
+    pipe.add_hyperlora_slider(people[0], people[1], adapter_name="age")
+    state_dict = pipe.unet.state_dict()
+    assert state_dict.keys() == original.keys()
+    assert all(torch.equal(state_dict[k], original[k]) for k in original)
+    pipe.remove_hyperlora_slider("age")
+    assert pipe.unet.state_dict().keys() == original.keys()
