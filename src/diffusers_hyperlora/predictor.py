@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.utils import logging
@@ -137,7 +138,11 @@ class HyperLoRAPredictor(
                 )
         if config.use_image_embeds:
             clip_hidden_states = _check_clip(clip_hidden_states, config.image_embed_dim, "clip_hidden_states")
-        if id_embeds is not None and clip_hidden_states is not None and id_embeds.shape[0] != clip_hidden_states.shape[0]:
+        if (
+            id_embeds is not None
+            and clip_hidden_states is not None
+            and id_embeds.shape[0] != clip_hidden_states.shape[0]
+        ):
             raise FeatureShapeError(
                 f"`id_embeds` ({id_embeds.shape[0]} images) and `clip_hidden_states` ({clip_hidden_states.shape[0]} "
                 "images) must describe the same images: give both the same batch size."
@@ -218,21 +223,53 @@ class HyperLoRAPredictor(
 
     def export_lora(
         self,
-        identity: HyperLoRAIdentity,
+        identity: HyperLoRAIdentity | Any,
         path: str | os.PathLike | None = None,
         format: str = "kohya",
         branch: str = "id",
+        dtype: torch.dtype = torch.float32,
     ) -> dict[str, torch.Tensor]:
-        """The identity's LoRA as a standard state dict (and file, when `path` is given).
+        """The identity's (or slider's) LoRA as a standard state dict, and a `.safetensors` file when `path` is given.
 
-        `format="kohya"` gives the reference generator's keys (`{json_key}_to_q.lora_down.weight`, ...,
-        `.alpha`); `format="diffusers"` the layout `pipe.load_lora_weights` reads natively.
+        Args:
+            identity: a `HyperLoRAIdentity`, or a `HyperLoRASlider` (exported at rank 2r, ID branch only).
+            path: where to write the file (optional).
+            format: `"kohya"` gives the reference generator's keys (`{json_key}_to_q.lora_down.weight`, ...,
+                `.alpha`), read by ComfyUI, A1111/Forge and diffusers; `"diffusers"` the layout
+                `pipe.load_lora_weights` reads natively, with alpha in the file's adapter metadata.
+            branch: `"id"` or `"base"` (checkpoints with a Base branch).
+            dtype: dtype of the stored tensors (`torch.float16` halves the file).
+
+        Example:
+            >>> state_dict = pipe.hyperlora.export_lora(identity, "me.safetensors", format="kohya")  # doctest: +SKIP
         """
-        from .export import export_lora_state_dict, save_lora_file
+        from .export import check_format, export_lora_state_dict, save_lora_file
+        from .sliders import DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, slider_alpha
 
-        state_dict = export_lora_state_dict(self.config, self.lora_weights(identity, branch), format, branch)
+        check_format(format)
+        if branch == "base" and not self.config.has_base:
+            raise ValueError(
+                "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "
+                "branch='id'."
+            )
+        if isinstance(identity, HyperLoRASlider):
+            if branch != "id":
+                raise ValueError(f"Sliders are built from the ID branch; export them with branch='id', not {branch!r}.")
+            weights, alpha = identity.lora_weights(self), slider_alpha(self.config)
+            kind, scale = "slider", DEFAULT_SLIDER_WEIGHT
+        elif isinstance(identity, HyperLoRAIdentity):
+            weights, alpha = self.lora_weights(identity, branch), self.config.alpha(branch)
+            kind, scale = "identity", None
+        else:
+            raise TypeError(
+                f"export_lora() takes a HyperLoRAIdentity or a HyperLoRASlider, got {type(identity).__name__}. "
+                "Predict one with `pipe.predict_hyperlora_identity(images)` or load it with `HyperLoRAIdentity.load`."
+            )
+        state_dict = export_lora_state_dict(self.config, weights, format, branch, alpha=alpha, dtype=dtype)
         if path is not None:
-            save_lora_file(state_dict, path, self.config, format, branch)
+            save_lora_file(
+                state_dict, path, self.config, format, branch, alpha=alpha, kind=kind, recommended_scale=scale
+            )
         return state_dict
 
     # ------------------------------------------------------------------ hub mixin: safetensors only, no double init
