@@ -1,0 +1,412 @@
+"""Training data: a folder with `metadata.jsonl`, cached face features, and a tiny in-code dataset.
+
+Folder layout (see docs/training.md):
+
+    my_dataset/
+      metadata.jsonl          one JSON object per line: {"file": "alice/001.jpg", "person": "alice",
+                              "caption": "a photo of a woman in a red coat, park"}
+      alice/001.jpg ...
+      features.safetensors    written once by `cache_features` (the face pipeline's outputs per image)
+
+`cache_features` runs the face pipeline (`HyperLoRAFeatures`: ArcFace embedding, CLIP hidden states of the face
+crop and of the face-blurred image) on every image once and stores the tensors in one safetensors file, so
+training never runs the face encoders. Images without a detectable face are left out (and logged).
+
+Every dataset item is a dict:
+
+| key | value |
+|---|---|
+| `pixel_values` | `[3, R, R]` float in [-1, 1] (resized, center-cropped) |
+| `original_size`, `crop_top_left` | `(h, w)`, `(top, left)`: SDXL's size conditioning |
+| `caption`, `person` | strings (the trigger words are added by the training loop) |
+| `id_embeds` | `[n, 512]` normed ArcFace embeddings of the n reference images, or `None` |
+| `clip_hidden_states`, `base_clip_hidden_states` | `[n, T, E]` or `None` |
+| `reference_key` | indices of the reference images: samples with equal keys share one predicted LoRA |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils import logging
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import NoFaceDetectedError, TrainingDataError
+from ..features import FeatureExtractor, HyperLoRAFeatures
+
+logger = logging.get_logger(__name__)
+
+METADATA_FILE = "metadata.jsonl"
+FEATURES_FILE = "features.safetensors"
+FEATURES_FORMAT = "diffusers-hyperlora-training-features"
+FEATURE_KINDS = ("id_embeds", "clip_hidden_states", "base_clip_hidden_states")
+
+
+@dataclass
+class TrainingRecord:
+    """One training image: the picture, its caption, whose it is, and its face features (one image's worth).
+
+    Args:
+        image: a file path, PIL image, numpy array or tensor (anything `face.load_image` reads).
+        caption: the prompt without trigger words.
+        person: identity label; images of one person can serve as each other's references.
+        id_embeds: `[512]` normed ArcFace embedding (or `None`).
+        clip_hidden_states: `[T, E]` CLIP hidden states of the face crop (or `None`).
+        base_clip_hidden_states: `[T, E]` of the face-blurred image (or `None`).
+    """
+
+    image: Any
+    caption: str
+    person: str
+    id_embeds: torch.Tensor | None = None
+    clip_hidden_states: torch.Tensor | None = None
+    base_clip_hidden_states: torch.Tensor | None = None
+
+
+def read_metadata(root: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of `root/metadata.jsonl`, checked: each has string `file`, `person`, `caption`; files exist."""
+    root = Path(root)
+    path = root / METADATA_FILE
+    if not path.is_file():
+        raise TrainingDataError(
+            f"{root} has no {METADATA_FILE}. Write one JSON object per image and line: "
+            '{"file": "alice/001.jpg", "person": "alice", "caption": "a photo of ..."}.'
+        )
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TrainingDataError(f"{path}, line {number}: not valid JSON ({error}).") from error
+        if not isinstance(row, dict):
+            raise TrainingDataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
+        for key in ("file", "person", "caption"):
+            if not isinstance(row.get(key), str) or (key != "caption" and not row[key]):
+                raise TrainingDataError(f"{path}, line {number}: missing or non-string {key!r}.")
+        if not (root / row["file"]).is_file():
+            raise TrainingDataError(f"{path}, line {number}: image {row['file']!r} not found under {root}.")
+        rows.append({"file": row["file"], "person": row["person"], "caption": row["caption"]})
+    if not rows:
+        raise TrainingDataError(f"{path} lists no images.")
+    files = [r["file"] for r in rows]
+    if len(set(files)) != len(files):
+        raise TrainingDataError(f"{path} lists an image more than once.")
+    return rows
+
+
+def cache_features(
+    root: str | os.PathLike,
+    extractor: FeatureExtractor,
+    *,
+    output: str | os.PathLike | None = None,
+    with_base: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> Path:
+    """Run the face pipeline once per image of `root/metadata.jsonl` and store the features (float32).
+
+    Args:
+        root: the dataset folder.
+        extractor: a `FeatureExtractor`, e.g. `face.build_feature_extractor(predictor.config, ...)`.
+        output: the file to write (default `root/features.safetensors`).
+        with_base: also compute the face-blurred image's CLIP features (needed by every stage when the
+            predictor has a Base branch).
+        device, dtype: where and how the encoders run.
+        progress: show a tqdm bar.
+
+    Returns:
+        The path of the written file. Keys are `"{file}::{kind}"` with kind in `FEATURE_KINDS`.
+
+    Example:
+        >>> from diffusers_hyperlora.face import build_feature_extractor  # doctest: +SKIP
+        >>> extractor = build_feature_extractor(predictor.config, source=None, image_encoder=None,
+        ...                                     face_analyzer=None, hub_options={})  # doctest: +SKIP
+        >>> cache_features("my_dataset", extractor)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    root = Path(root)
+    rows = read_metadata(root)
+    tensors: dict[str, torch.Tensor] = {}
+    skipped = []
+    for row in tqdm(rows, desc="face features", disable=not progress):
+        try:
+            features = extractor(
+                [str(root / row["file"])], device=torch.device(device), dtype=dtype, with_base=with_base
+            )
+        except NoFaceDetectedError:
+            skipped.append(row["file"])
+            continue
+        for kind in FEATURE_KINDS:
+            value = getattr(features, kind)
+            if value is not None:
+                tensors[f"{row['file']}::{kind}"] = value[0].detach().to("cpu", torch.float32).contiguous()
+    if skipped:
+        logger.warning(f"No face found in {len(skipped)} image(s), left out of training: {', '.join(skipped[:10])}")
+    if not tensors:
+        raise TrainingDataError(f"No face was found in any image of {root}: nothing to train on.")
+    output = Path(output) if output is not None else root / FEATURES_FILE
+    save_file(tensors, str(output), metadata={"format": FEATURES_FORMAT, "skipped": json.dumps(skipped)})
+    return output
+
+
+def load_feature_cache(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """`{file: {kind: tensor}}` from a file written by `cache_features`."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingDataError(
+            f"Feature cache {path} not found. Compute it once with "
+            "`diffusers_hyperlora.training.cache_features(root, extractor)`."
+        )
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        if (handle.metadata() or {}).get("format") != FEATURES_FORMAT:
+            raise TrainingDataError(f"{path} is not a feature cache written by `cache_features`.")
+        for key in handle.keys():
+            file, _, kind = key.rpartition("::")
+            if kind not in FEATURE_KINDS:
+                raise TrainingDataError(f"{path}: unexpected key {key!r}.")
+            result.setdefault(file, {})[kind] = handle.get_tensor(key)
+    return result
+
+
+def _square_crop(pixels: np.ndarray, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the short side to `resolution` (Lanczos), center-crop; `[3, R, R]` in [-1, 1] and `(top, left)`."""
+    height, width = pixels.shape[:2]
+    scale = resolution / min(height, width)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = Image.fromarray(pixels)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    return tensor, (top, left)
+
+
+class HyperLoRATrainingDataset(torch.utils.data.Dataset):
+    """Training images with their captions, person labels and cached face features.
+
+    Args:
+        records: the images (`TrainingRecord`), each with the features of that one image.
+        resolution: square training size in pixels (SDXL: 1024; must be a multiple of the VAE's factor).
+        num_references: default number of reference images per sample (see `with_references`).
+
+    Example:
+        >>> from diffusers_hyperlora.training import tiny_training_dataset
+        >>> dataset = tiny_training_dataset(num_people=2, images_per_person=2)
+        >>> item = dataset[0]
+        >>> item["pixel_values"].shape, item["clip_hidden_states"].shape[0], item["person"]
+        (torch.Size([3, 32, 32]), 1, 'person-0')
+    """
+
+    def __init__(self, records: Sequence[TrainingRecord], resolution: int = 1024, num_references: int = 1) -> None:
+        if not records:
+            raise TrainingDataError("A training dataset needs at least one record.")
+        if resolution <= 0 or num_references <= 0:
+            raise TrainingDataError("resolution and num_references must be positive.")
+        self.records = list(records)
+        self.resolution = resolution
+        self.num_references = num_references
+        for kind in FEATURE_KINDS:
+            present = [getattr(r, kind) is not None for r in self.records]
+            if any(present) and not all(present):
+                raise TrainingDataError(f"Some records have {kind} and others not: give it for every image or none.")
+        self.by_person: dict[str, list[int]] = {}
+        for index, record in enumerate(self.records):
+            self.by_person.setdefault(record.person, []).append(index)
+
+    @classmethod
+    def from_folder(
+        cls,
+        root: str | os.PathLike,
+        features: str | os.PathLike | None = None,
+        resolution: int = 1024,
+        num_references: int = 1,
+    ) -> HyperLoRATrainingDataset:
+        """A dataset folder (`metadata.jsonl` + images) with its feature cache (default `root/features.safetensors`).
+
+        Images missing from the cache (no face found) are left out, with a warning.
+        """
+        root = Path(root)
+        rows = read_metadata(root)
+        cache = load_feature_cache(Path(features) if features is not None else root / FEATURES_FILE)
+        records, missing = [], []
+        for row in rows:
+            entry = cache.get(row["file"])
+            if entry is None:
+                missing.append(row["file"])
+                continue
+            records.append(
+                TrainingRecord(
+                    image=root / row["file"],
+                    caption=row["caption"],
+                    person=row["person"],
+                    **{kind: entry.get(kind) for kind in FEATURE_KINDS},
+                )
+            )
+        if missing:
+            logger.warning(f"{len(missing)} image(s) have no cached features (no face?), skipped: {missing[:10]}")
+        if not records:
+            raise TrainingDataError(f"No image of {root} has cached features.")
+        return cls(records, resolution=resolution, num_references=num_references)
+
+    @property
+    def has_features(self) -> dict[str, bool]:
+        """Which feature kinds the records carry."""
+        return {kind: getattr(self.records[0], kind) is not None for kind in FEATURE_KINDS}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def references(self, index: int, count: int) -> list[int]:
+        """`index` first, then up to `count - 1` other images of the same person, drawn at random."""
+        others = [i for i in self.by_person[self.records[index].person] if i != index]
+        return [index] + random.sample(others, min(count - 1, len(others)))
+
+    def item(self, index: int, num_references: int | None = None) -> dict[str, Any]:
+        """The item at `index` with `num_references` reference images (default: the dataset's)."""
+        record = self.records[index]
+        pixels = _load_pixels(record.image, index)
+        pixel_values, crop_top_left = _square_crop(pixels, self.resolution)
+        refs = self.references(index, num_references or self.num_references)
+        item: dict[str, Any] = {
+            "pixel_values": pixel_values,
+            "original_size": (pixels.shape[0], pixels.shape[1]),
+            "crop_top_left": crop_top_left,
+            "caption": record.caption,
+            "person": record.person,
+            "reference_key": tuple(sorted(refs)),
+        }
+        for kind in FEATURE_KINDS:
+            values = [getattr(self.records[i], kind) for i in refs]
+            item[kind] = None if values[0] is None else torch.stack([torch.as_tensor(v) for v in values])
+        return item
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+    def with_references(self, num_references: int) -> torch.utils.data.Dataset:
+        """A view whose items use `num_references` reference images each."""
+        return _ReferenceView(self, num_references)
+
+
+class _ReferenceView(torch.utils.data.Dataset):
+    def __init__(self, dataset: HyperLoRATrainingDataset, num_references: int) -> None:
+        self.dataset, self.num_references = dataset, num_references
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset.item(index, self.num_references)
+
+
+def _load_pixels(image: Any, index: int) -> np.ndarray:
+    """RGB uint8 `[H, W, 3]`; files and PIL images get EXIF orientation and alpha handling (`face.images`)."""
+    from ..face.images import load_image, pil_to_rgb
+
+    name = f"training image {index}"
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise TrainingDataError(f"{name}: file {path} not found.")
+        with Image.open(path) as opened:
+            return pil_to_rgb(opened, name)
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image, name)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return image
+    return load_image(image, name=name, max_side=None).pixels
+
+
+def collate_examples(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack pixels and size conditions; keep the per-sample features as lists (their image counts differ)."""
+    batch: dict[str, Any] = {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "original_size": [tuple(item["original_size"]) for item in items],
+        "crop_top_left": [tuple(item["crop_top_left"]) for item in items],
+        "caption": [item["caption"] for item in items],
+        "person": [item["person"] for item in items],
+        "reference_key": [item.get("reference_key", (id(item),)) for item in items],
+    }
+    for kind in FEATURE_KINDS:
+        values = [item.get(kind) for item in items]
+        batch[kind] = None if any(v is None for v in values) else values
+    return batch
+
+
+def _person_image(person: int, variant: int, resolution: int, generator: torch.Generator) -> np.ndarray:
+    """A synthetic photo: a person-specific colour and stripe pattern, a variant-specific background shift."""
+    colours = torch.rand(3, generator=generator)
+    y, x = torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")
+    stripes = torch.sin((x + (person + 1) * y) * (0.3 + 0.2 * person)).unsqueeze(0)
+    image = 0.5 + 0.35 * stripes * colours.unsqueeze(-1).unsqueeze(-1) + 0.1 * (variant % 3) - 0.1
+    return (image.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def tiny_training_dataset(
+    num_people: int = 2,
+    images_per_person: int = 2,
+    resolution: int = 32,
+    clip_tokens: int = 5,
+    image_embed_dim: int = 48,
+    id_embed_dim: int = 512,
+    with_base: bool = True,
+    seed: int = 0,
+    captions: Callable[[int, int], str] | None = None,
+) -> HyperLoRATrainingDataset:
+    """A small in-code dataset for tests and demos (no files, no encoders).
+
+    Each person has a distinct synthetic image pattern and a feature "signature" (ArcFace and CLIP vectors shared
+    by the person's images, plus per-image noise), so a predictor can learn to map features to images.
+    `image_embed_dim` must match the predictor's `image_embed_dim` (48 for `tiny_hyperlora_predictor`).
+
+    Example:
+        >>> len(tiny_training_dataset(num_people=3, images_per_person=2))
+        6
+    """
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for person in range(num_people):
+        arcface = torch.randn(id_embed_dim, generator=generator)
+        clip = torch.randn(clip_tokens, image_embed_dim, generator=generator)
+        for variant in range(images_per_person):
+            noise = 0.1 * torch.randn(id_embed_dim, generator=generator)
+            records.append(
+                TrainingRecord(
+                    image=_person_image(person, variant, resolution, generator),
+                    caption=captions(person, variant) if captions else f"a photo of person {person}, view {variant}",
+                    person=f"person-{person}",
+                    id_embeds=torch.nn.functional.normalize(arcface + noise, dim=-1),
+                    clip_hidden_states=clip + 0.1 * torch.randn(clip_tokens, image_embed_dim, generator=generator),
+                    base_clip_hidden_states=(
+                        torch.randn(clip_tokens, image_embed_dim, generator=generator) if with_base else None
+                    ),
+                )
+            )
+    return HyperLoRATrainingDataset(records, resolution=resolution)
+
+
+def features_of(record: TrainingRecord) -> HyperLoRAFeatures:
+    """A record's features as `HyperLoRAFeatures` (batch of one), e.g. to predict its identity after training."""
+    return HyperLoRAFeatures(
+        id_embeds=None if record.id_embeds is None else record.id_embeds[None],
+        clip_hidden_states=None if record.clip_hidden_states is None else record.clip_hidden_states[None],
+        base_clip_hidden_states=(
+            None if record.base_clip_hidden_states is None else record.base_clip_hidden_states[None]
+        ),
+    )
