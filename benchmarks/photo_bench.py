@@ -1,0 +1,95 @@
+"""Photo -> weights ready, broken down (section 3 of `benchmarks/run.py`).
+
+On CPU the face models are the tiny AntelopeV2-shaped ONNX stand-ins of `tests/face_models.py` (a colour-keyed
+detector, template landmarks, a small recognition net) and CLIP is a full-size ViT-L/14 vision tower with random
+weights (CLIP is what costs time; the tiny CLIP of the tests would hide it). The resampler, mixing and write are
+the full-size SDXL HyperLoRA's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+
+def _median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor_factory) -> Iterator:
+    """Yield `Row`s: face analysis + crops, ArcFace embedding normalisation, CLIP, resampler, mixing, write."""
+    from face_models import draw_face_marker, export_tiny_antelopev2  # tests/face_models.py
+    from run import Row, ms  # benchmarks/run.py
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from diffusers_hyperlora.face import CLIPImageEncoder, FaceAnalyzer, FaceFeatureExtractor, default_clip_processor
+    from diffusers_hyperlora.pipeline import _state
+
+    repeats = max(1, min(args.repeats, 3))
+    pipe = pipe_factory()
+    predictor = predictor_factory()
+    folder = export_tiny_antelopev2(tempfile.mkdtemp(prefix="hyperlora-bench-faces-"))
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    analyzer = FaceAnalyzer.from_pretrained(folder, providers=providers)
+    torch.manual_seed(0)
+    clip_config = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    )
+    encoder = CLIPImageEncoder(CLIPVisionModelWithProjection(clip_config).to(device), default_clip_processor(224))
+    extractor = FaceFeatureExtractor(predictor.config, encoder, analyzer)
+    rng = np.random.default_rng(0)
+    photo = draw_face_marker(rng.integers(0, 200, size=(768, 768, 3), dtype=np.uint8), (300, 220, 460, 420))
+
+    face_time = _median_time(lambda: extractor.prepare_inputs([photo], with_base=False), repeats, device)
+    prepared = extractor.prepare_inputs([photo], with_base=False)
+    dtype = pipe.unet.dtype
+    clip_time = _median_time(lambda: encoder.hidden_states([prepared[0].clip_image], device, dtype), repeats, device)
+    features = extractor([photo], device=device, dtype=dtype, with_base=False)
+    predictor.to(device=device, dtype=dtype)
+    resampler_time = _median_time(
+        lambda: predictor.predict(id_embeds=features.id_embeds, clip_hidden_states=features.clip_hidden_states),
+        repeats,
+        device,
+    )
+    identity = predictor.predict(id_embeds=features.id_embeds, clip_hidden_states=features.clip_hidden_states)
+    pipe.load_hyperlora(predictor)
+    bank = predictor.id_bank
+    coefficients = predictor.split_coefficients(identity.id_coefficients.to(device))
+    mix_time = _median_time(lambda: bank.mix(coefficients), repeats, device)
+    mixed = bank.mix(coefficients)
+    adapters = _state(pipe).adapters
+    write_time = _median_time(lambda: adapters.write_mixed("id", bank.groups, mixed), repeats, device)
+    total = face_time + clip_time + resampler_time + mix_time + write_time
+    stand_in = "tiny ONNX stand-ins" if device.type != "cuda" else "tiny ONNX stand-ins (real AntelopeV2 not bundled)"
+    parts = [
+        (f"face analysis: detector + 106 landmarks + ArcFace re-detection/embedding + crops ({stand_in})", face_time),
+        ("CLIP ViT-L/14 vision tower (full size, random weights), 1 crop", clip_time),
+        ("resampler (full size) + averaging", resampler_time),
+        (f"bank mixing ({dtype})".replace("torch.", ""), mix_time),
+        ("write into the live adapters", write_time),
+    ]
+    for what, seconds in parts:
+        yield Row("3 photo -> weights", what, ms(seconds), "", f"{100 * seconds / total:.0f} % of total")
+    yield Row("3 photo -> weights", "total, 1 photo (sum of the parts)", ms(total))
+    pipe.unload_hyperlora()

@@ -1,0 +1,612 @@
+"""HyperLoRA speed and memory benchmarks on a full-size SDXL-shaped HyperLoRA (random weights, no downloads).
+
+Run from the repository root:
+
+    python benchmarks/run.py                 # CPU defaults: a few minutes on 2 cores, ~18 GB peak RAM
+    python benchmarks/run.py --quick         # fewer repeats, skips the naive 16-bit path
+    python benchmarks/run.py --help
+
+Every ratio is against a baseline measured in the same run, on the same device. The table is printed and
+written to `docs/benchmarks.md` (with the device description). See `benchmarks/README.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import diffusers_hyperlora  # noqa: E402,F401  (installs pipe.load_hyperlora)
+from diffusers_hyperlora import HyperLoRAConfig, HyperLoRAIdentity, HyperLoRAPredictor  # noqa: E402
+from diffusers_hyperlora.pipeline import _state  # noqa: E402
+from diffusers_hyperlora.targets import targets_from_unet  # noqa: E402
+
+# The SDXL base UNet's config (diffusers' `stabilityai/stable-diffusion-xl-base-1.0/unet/config.json`).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    section: str
+    what: str
+    value: str
+    baseline: str = ""
+    ratio: str = ""
+    target: str = ""
+    verdict: str = ""
+
+
+ROWS: list[Row] = []
+NOTES: list[str] = []
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+        memory_text = f", {memory:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        memory_text = ""
+    threads = torch.get_num_threads()
+    return f"{model}, {os.cpu_count()} cores, {threads} torch threads{memory_text}, torch {torch.__version__}"
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def build_unet(device: torch.device, dtype: torch.dtype):
+    """The SDXL UNet with random weights (fan-in scaled normal), built without the slow default init."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet = unet.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+            elif name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+    if any(True for _ in unet.buffers()):
+        raise RuntimeError("The SDXL UNet config gained buffers; initialize them here before benchmarking.")
+    return unet
+
+
+def sdxl_pipeline(unet):
+    """A `StableDiffusionXLPipeline` around the full-size UNet (tiny text encoders / VAE: never run here)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_hyperlora.tiny import tiny_sdxl_components
+
+    components = tiny_sdxl_components()
+    components["unet"] = unet
+    return StableDiffusionXLPipeline(**components)
+
+
+def sdxl_hyperlora_config(unet) -> HyperLoRAConfig:
+    """The release architecture: K = 128, rank 8, resampler 1024 x 4 layers, 560 linears of this UNet."""
+    return HyperLoRAConfig(targets=targets_from_unet(unet))
+
+
+def build_predictor(config: HyperLoRAConfig, device: torch.device, dtype: torch.dtype) -> HyperLoRAPredictor:
+    """Random full-size predictor; banks filled chunk by chunk so a 16-bit bank never exists in float32."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        predictor = HyperLoRAPredictor(config)
+    predictor = predictor.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in predictor.named_parameters():
+            if ".down." in name:
+                std = param.shape[2] ** -0.5
+            elif ".up." in name:
+                std = 0.02
+            else:
+                std = 0.02 if param.ndim >= 2 else 0.0
+            flat = param.view(-1)
+            for start in range(0, flat.numel(), 1 << 26):
+                part = flat[start : start + (1 << 26)]
+                if std:
+                    part.copy_(torch.randn(part.shape, generator=generator, device=device).mul_(std))
+                else:
+                    part.fill_(1.0 if name.endswith("weight") else 0.0)
+    return predictor.eval().requires_grad_(False)
+
+
+def random_identity(predictor: HyperLoRAPredictor, seed: int) -> HyperLoRAIdentity:
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(predictor.config.num_tokens, predictor.config.num_basis, generator=generator)
+    return HyperLoRAIdentity(mean, 1, None, predictor.checkpoint_hash, predictor.probe)
+
+
+def bank_bytes(predictor: HyperLoRAPredictor) -> int:
+    return sum(p.numel() * p.element_size() for p in predictor.id_bank.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+def measure_read_bandwidth(device: torch.device, gib: float, repeats: int) -> float:
+    """Bytes/s of a float32 reduction over a buffer far larger than the caches (best of `repeats`)."""
+    buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+    best = min(timed(buffer.sum, repeats, device))
+    return buffer.numel() * 4 / best
+
+
+def naive_switch(pipe, predictor: HyperLoRAPredictor, identity: HyperLoRAIdentity, device) -> dict[str, float]:
+    """What a user does today: per-layer einsum into a kohya dict, `load_lora_weights`, later `delete_adapters`."""
+    coefficients = predictor.split_coefficients(identity.id_coefficients.to(device))
+    bank = predictor.id_bank
+    alpha = predictor.config.alpha("id")
+    start = time.perf_counter()
+    state_dict = {}
+    with torch.no_grad():
+        for index, linear in enumerate(predictor.config.linears):
+            g, p = bank.locations[index]
+            down_basis, up_basis = bank.down[g][p], bank.up[g][p]
+            down = torch.einsum("k,kir->ri", coefficients[index, 0].to(down_basis.dtype), down_basis)
+            up = torch.einsum("k,kro->or", coefficients[index, 1].to(up_basis.dtype), up_basis)
+            state_dict[f"{linear.kohya_name}.lora_down.weight"] = down
+            state_dict[f"{linear.kohya_name}.lora_up.weight"] = up
+            state_dict[f"{linear.kohya_name}.alpha"] = torch.tensor(float(alpha))
+    synchronize(device)
+    mixed = time.perf_counter()
+    pipe.load_lora_weights(state_dict, adapter_name="naive")
+    synchronize(device)
+    loaded = time.perf_counter()
+    pipe.delete_adapters("naive")
+    synchronize(device)
+    deleted = time.perf_counter()
+    return {"einsum": mixed - start, "load": loaded - mixed, "delete": deleted - loaded, "total": deleted - start}
+
+
+def switch_section(
+    pipe, predictor, device, label: str, bandwidth: float, args, naive: bool, fused: bool = True
+) -> None:
+    """Prepared identity -> weights live in the UNet, against the bandwidth bound and the naive path."""
+    pipe.load_hyperlora(predictor)
+    identities = [random_identity(predictor, seed) for seed in range(2)]
+    counter = iter(range(10**6))
+
+    def switch() -> None:
+        pipe.set_hyperlora_identity(identities[next(counter) % 2])
+
+    times = timed(switch, args.repeats, device)
+    switch_time = statistics.median(times)
+    bound = bank_bytes(predictor) / bandwidth
+    ratio = switch_time / bound
+    ROWS.append(
+        Row(
+            "1 identity switch",
+            f"{label} bank ({bank_bytes(predictor) / 2**30:.2f} GiB): prepared identity -> live weights",
+            ms(switch_time),
+            f"bandwidth bound {ms(bound)}",
+            f"{ratio:.2f}x",
+            "<= 1.3x bound",
+            verdict(ratio <= 1.3),
+        )
+    )
+    # Where the time goes: the mix alone, and the write alone.
+    bank = predictor.id_bank
+    coefficients = predictor.split_coefficients(identities[0].id_coefficients.to(device))
+    mix_time = statistics.median(timed(lambda: bank.mix(coefficients), args.repeats, device))
+    mixed = bank.mix(coefficients)
+    adapters = _state(pipe).adapters
+    write_time = statistics.median(timed(lambda: adapters.write_mixed("id", bank.groups, mixed), args.repeats, device))
+    ROWS.append(
+        Row("1 identity switch", f"{label}: of which bank mix / adapter write", f"{ms(mix_time)} / {ms(write_time)}")
+    )
+
+    if fused:  # switching while fused (restore base weights, write, merge again); keeps a base-weight copy
+        pipe.fuse_lora(adapter_names=[adapters.names["id"]])
+        fused_time = statistics.median(timed(switch, max(1, args.repeats - 2), device))
+        pipe.unfuse_lora()
+        ROWS.append(Row("1 identity switch", f"{label}: switch while fused (restore, write, re-merge)", ms(fused_time)))
+
+    if naive:
+        log(f"naive path ({label})")
+        runs = [naive_switch(pipe, predictor, identities[i % 2], device) for i in range(args.naive_repeats)]
+        naive_total = statistics.median(r["total"] for r in runs)
+        parts = {k: statistics.median(r[k] for r in runs) for k in ("einsum", "load", "delete")}
+        speedup = naive_total / switch_time
+        target = 300 if device.type == "cuda" else 5
+        ROWS.append(
+            Row(
+                "1 identity switch",
+                f"{label}: naive path (einsum {ms(parts['einsum'])}, load_lora_weights {ms(parts['load'])}, "
+                f"delete_adapters {ms(parts['delete'])})",
+                ms(naive_total),
+                f"ours {ms(switch_time)}",
+                f"{speedup:.1f}x faster",
+                f">= {target}x faster",
+                verdict(speedup >= target),
+            )
+        )
+    else:
+        ROWS.append(Row("1 identity switch", f"{label}: naive path", "not measured (--quick / --no-naive)"))
+    pipe.unload_hyperlora()
+
+
+def unet_inputs(latent: int, device: torch.device, dtype: torch.dtype) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return dict(
+        sample=torch.randn(1, 4, latent, latent, generator=generator).to(device, dtype),
+        timestep=torch.tensor([500], device=device),
+        encoder_hidden_states=torch.randn(1, 77, 2048, generator=generator).to(device, dtype),
+        added_cond_kwargs={
+            "text_embeds": torch.randn(1, 1280, generator=generator).to(device, dtype),
+            "time_ids": torch.tensor([[8.0 * latent, 8.0 * latent, 0, 0, 8.0 * latent, 8.0 * latent]]).to(
+                device, dtype
+            ),
+        },
+    )
+
+
+def unet_step_times(unet, inputs: dict, steps: int, device: torch.device) -> list[float]:
+    with torch.no_grad():
+        return timed(lambda: unet(**inputs), steps, device)
+
+
+def generation_section(pipe, predictor, device, args, plain_times: list[float]) -> None:
+    """Per-step UNet time with the identity active (unfused, fused) against the plain UNet."""
+    unet = pipe.unet
+    inputs = unet_inputs(args.latent, device, unet.dtype)
+    pipe.load_hyperlora(predictor)
+    pipe.set_hyperlora_identity(random_identity(predictor, 0))
+    predictor.id_bank.to_empty(device="meta")  # the bank is not needed to generate: free it for the fused copy
+    unfused, fused = [], []
+    for _ in range(args.rounds):  # interleaved, so drift of a shared machine hits both alike
+        unfused += unet_step_times(unet, inputs, args.steps, device)
+        pipe.fuse_lora()
+        fused += unet_step_times(unet, inputs, args.steps, device)
+        pipe.unfuse_lora()
+    pipe.unload_hyperlora()
+    plain_times += unet_step_times(unet, inputs, args.steps, device)  # plain again, after unloading
+    plain = statistics.median(plain_times)
+    size = f"latent {args.latent}x{args.latent} ({8 * args.latent} px), batch 1, {unet.dtype}".replace("torch.", "")
+    ROWS.append(Row("2 generation", f"plain UNet step, {size}", ms(plain), f"{len(plain_times)} steps"))
+    for name, times, limit in (("unfused (PEFT adapters active)", unfused, 10.0), ("fused", fused, 2.0)):
+        step = statistics.median(times)
+        overhead = (step / plain - 1.0) * 100.0
+        ROWS.append(
+            Row(
+                "2 generation",
+                f"UNet step with identity, {name}",
+                ms(step),
+                f"plain {ms(plain)}",
+                f"{overhead:+.1f} %",
+                f"<= {limit:.0f} %",
+                verdict(overhead <= limit),
+            )
+        )
+
+
+def offload_section(config, device, args) -> None:
+    if device.type != "cuda":
+        ROWS.append(
+            Row(
+                "1 identity switch",
+                "low-VRAM: bank in CPU memory, streamed (offload_bank=True)",
+                "not measured (no GPU in this run)",
+            )
+        )
+        return
+    from diffusers_hyperlora.bank import mix_bases  # noqa: F401  (the streamed path)
+
+    predictor = build_predictor(config, torch.device("cpu"), torch.float16)
+    predictor.resampler.to(device)
+    if predictor.id_projector is not None:
+        predictor.id_projector.to(device)
+    for param in predictor.id_bank.parameters():
+        param.data = param.data.pin_memory()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    identity = random_identity(predictor, 0)
+    coefficients = predictor.split_coefficients(identity.id_coefficients.to(device))
+    bank = predictor.id_bank
+    times = timed(functools.partial(bank.mix, coefficients), args.repeats, device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    ROWS.append(
+        Row(
+            "1 identity switch",
+            "low-VRAM: fp16 bank in pinned CPU memory, streamed mix",
+            ms(statistics.median(times)),
+            f"GPU memory during the mix: {peak / 2**20:,.0f} MiB",
+        )
+    )
+    del predictor, bank
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------------- photo -> weights
+def photo_section(pipe_factory, predictor_factory, device, args) -> None:
+    """Photo -> weights ready, broken down. Needs the face pipeline (src/diffusers_hyperlora/face)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from photo_bench import measure_photo_to_weights  # benchmarks/photo_bench.py
+
+        import diffusers_hyperlora.face  # noqa: F401
+    except ImportError as error:
+        ROWS.append(Row("3 photo -> weights", "end to end", f"not measured: face pipeline missing ({error})"))
+        return
+    try:
+        for row in measure_photo_to_weights(pipe_factory, device, args, predictor_factory):
+            ROWS.append(row)
+    except Exception as error:  # noqa: BLE001  (report, don't hide: the row says why)
+        ROWS.append(Row("3 photo -> weights", "end to end", f"not measured: {type(error).__name__}: {error}"))
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def rss_peak_bytes() -> tuple[int, int]:
+    """(current RSS, peak RSS) of this process, from /proc (Linux) or getrusage."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak, peak
+
+
+def memory_child(dtype_name: str) -> None:
+    """Run in a fresh process: build the full predictor, predict + mix, report RSS above the import baseline."""
+    dtype = getattr(torch, dtype_name)
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    config = sdxl_hyperlora_config(unet)
+    baseline, _ = rss_peak_bytes()
+    predictor = build_predictor(config, torch.device("cpu"), dtype)
+    resident, _ = rss_peak_bytes()
+    features = torch.randn(1, 512), torch.randn(1, 257, config.image_embed_dim)
+    identity = predictor.predict(id_embeds=features[0], clip_hidden_states=features[1])
+    predictor.lora_weights(identity)
+    _, peak = rss_peak_bytes()
+    print(json.dumps({"baseline": baseline, "resident": resident - baseline, "peak": peak - baseline}))
+
+
+def memory_section(device: torch.device, args) -> None:
+    if device.type == "cuda":
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        predictor = build_predictor(sdxl_hyperlora_config(unet), device, torch.float16)
+        identity = predictor.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 257, 1024))
+        predictor.lora_weights(identity)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        ROWS.append(
+            Row("4 memory", "predictor fp16, max_memory_allocated (build + predict + mix)", f"{peak / 2**30:.2f} GiB")
+        )
+        del predictor
+        torch.cuda.empty_cache()
+        return
+    for dtype_name in args.memory_dtypes:
+        result = subprocess.run(
+            [sys.executable, __file__, "--memory-child", dtype_name], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            ROWS.append(Row("4 memory", f"predictor {dtype_name}", f"not measured: {result.stderr.strip()[-200:]}"))
+            continue
+        data = json.loads(result.stdout.strip().splitlines()[-1])
+        ROWS.append(
+            Row(
+                "4 memory",
+                f"predictor {dtype_name} (fresh process): RSS resident / peak during predict + mix",
+                f"{data['resident'] / 2**30:.2f} GiB / {data['peak'] / 2**30:.2f} GiB",
+                "above the process's RSS after imports",
+            )
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def table() -> str:
+    lines = [
+        "| section | measurement | value | baseline (same run) | ratio | target | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        cells = (row.section, row.what, row.value, row.baseline, row.ratio, row.target, row.verdict)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(path: Path, device_text: str, args, started: float, load_before: str) -> None:
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    text = [
+        "# Benchmarks",
+        "",
+        "Generated by `benchmarks/run.py`; do not edit by hand. Explanations: [performance.md](performance.md).",
+        "",
+        f"- Device: {device_text}",
+        f"- Command: `{command.strip()}`",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M')}, total {time.time() - started:.0f} s",
+        f"- Load average (1/5/15 min) at start / end: {load_before} / {load_average()}",
+        "- Model: full-size SDXL-shaped HyperLoRA (K = 128, rank 8, 560 target linears of the SDXL UNet config, "
+        "resampler 1024 x 4), random weights; SDXL UNet with random weights.",
+        "",
+        table(),
+        "",
+    ]
+    if NOTES:
+        text += ["Notes:", ""] + [f"- {note}" for note in NOTES] + [""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed identity switches per configuration")
+    parser.add_argument("--naive-repeats", type=int, default=1, help="timed naive switches")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (CPU default 32, GPU default 128)")
+    parser.add_argument("--steps", type=int, default=2, help="UNet steps per round and configuration")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of unfused / fused steps")
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer size for the read bandwidth")
+    parser.add_argument("--sections", default="switch,generation,photo,memory")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive load_lora_weights path")
+    parser.add_argument("--no-naive-16bit", action="store_true", help="skip the naive path for the 16-bit bank")
+    parser.add_argument("--memory-dtypes", default="float16", help="comma list of predictor dtypes for the RSS rows")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no naive 16-bit path")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.steps, args.rounds, args.no_naive_16bit = 3, 1, 1, True
+    args.memory_dtypes = [d for d in args.memory_dtypes.split(",") if d]
+    args.sections = set(args.sections.split(","))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    started, load_before = time.time(), load_average()
+    device = torch.device(args.device)
+    if args.latent is None:
+        args.latent = 128 if device.type == "cuda" else 32
+    sixteen = torch.float16
+    device_text = device_description(device)
+    log(f"device: {device_text}")
+
+    bandwidth = measure_read_bandwidth(device, args.bandwidth_gib, 5)
+    ROWS.append(
+        Row("0 device", "read bandwidth (float32 sum over a large buffer, best of 5)", f"{bandwidth / 1e9:.1f} GB/s")
+    )
+    log(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+
+    if args.sections & {"switch", "generation", "photo"}:
+        log("building the SDXL UNet (random weights)")
+        unet = build_unet(device, torch.float32)
+        pipe = sdxl_pipeline(unet)
+        config = sdxl_hyperlora_config(unet)
+        plain_times: list[float] = []
+        if "generation" in args.sections:
+            log("plain UNet steps")
+            plain_times = unet_step_times(
+                unet, unet_inputs(args.latent, device, unet.dtype), args.steps * args.rounds, device
+            )
+        log("building the float32 predictor")
+        predictor = build_predictor(config, device, torch.float32)
+        if "switch" in args.sections:
+            log("float32 identity switches")
+            # No fused-switch row in float32: the base-weight copy (3.6 GB) would not fit beside bank and UNet.
+            switch_section(pipe, predictor, device, "float32", bandwidth, args, naive=not args.no_naive, fused=False)
+        if "generation" in args.sections:
+            log("UNet steps with the identity, unfused / fused")
+            generation_section(pipe, predictor, device, args, plain_times)
+        del predictor
+        gc.collect()
+        if "switch" in args.sections:
+            log("16-bit identity switches (UNet and bank in float16)")
+            unet.to(sixteen)
+            predictor = build_predictor(config, device, sixteen)
+            switch_section(
+                pipe, predictor, device, "float16", bandwidth, args, naive=not (args.no_naive or args.no_naive_16bit)
+            )
+            del predictor
+            gc.collect()
+            offload_section(config, device, args)
+        if "photo" in args.sections:
+            log("photo -> weights")
+            photo_section(lambda: pipe, lambda: build_predictor(config, device, sixteen), device, args)
+        del pipe, unet
+        gc.collect()
+    if "memory" in args.sections:
+        log("predictor memory")
+        memory_section(device, args)
+
+    print()
+    print(table())
+    write_report(Path(args.output), device_text, args, started, load_before)
+    log(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
