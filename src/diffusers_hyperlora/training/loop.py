@@ -104,7 +104,7 @@ def _make_accelerator(config: StageConfig):
 
 
 @contextmanager
-def _training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageConfig):
+def training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageConfig):
     """Register the training adapters on the UNet, activate them for the stage, remove them afterwards."""
     unet = pipe.unet
     if getattr(pipe, "_hyperlora_state", None) is not None:
@@ -131,7 +131,9 @@ def _training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageCo
         unet.requires_grad_(False)  # PEFT's set_adapter marks active adapters trainable; ours are substituted
         yield {"id": ID_ADAPTER, "base": BASE_ADAPTER}
     finally:
-        adapters.detach()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            adapters.detach()
 
 
 def train_stage(
@@ -246,7 +248,7 @@ def train_stage(
     )
     window: list[float] = []
     epochs = math.ceil((config.steps - global_step) * config.gradient_accumulation_steps / max(1, len(loader))) + 1
-    with _training_adapters(pipe, trained, config) as adapter_names:
+    with training_adapters(pipe, trained, config) as adapter_names:
         try:
             for _ in range(epochs):
                 if global_step >= config.steps:
