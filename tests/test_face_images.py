@@ -79,7 +79,7 @@ def test_batches_expand_into_named_images():
     batch = torch.rand(3, 3, 8, 8)
     images = load_images([batch, np.zeros((8, 8, 3), np.uint8)])
     assert [i.name for i in images] == ["#0[0]", "#0[1]", "#0[2]", "#1"]
-    assert expand_inputs("dir/me.jpg")[0][1] == "'me.jpg'"
+    assert expand_inputs("dir/me.jpg")[0][1] == "me.jpg"
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ Export a predicted LoRA with `pipe.hyperlora.export_lora(...)` instead.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -22,11 +22,16 @@ def _is_adapter_key(parts: list[str], names: Collection[str]) -> bool:
     return any(part in _ADAPTER_CONTAINERS and nxt in names for part, nxt in zip(parts, parts[1:]))
 
 
-def hide_adapters_from_state_dict(denoiser: nn.Module, adapter_names: Collection[str]) -> RemovableHandle:
-    """Register the hook on `denoiser`; call `.remove()` on the returned handle to undo it."""
-    names = frozenset(adapter_names)
+def hide_adapters_from_state_dict(
+    denoiser: nn.Module, adapter_names: Callable[[], Collection[str]]
+) -> RemovableHandle:
+    """Register the hook on `denoiser`; call `.remove()` on the returned handle to undo it.
+
+    `adapter_names` is asked at every `state_dict()` call, so adapters added later (sliders) are hidden too.
+    """
 
     def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        names = frozenset(adapter_names())
         only_ours = {
             f"{prefix}{path}."
             for path, layer in module.named_modules()

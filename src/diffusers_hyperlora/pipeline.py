@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +47,11 @@ class HyperLoRAState:
     hub_options: dict | None = None
     offload_bank: bool = False
     state_dict_hook: Any = None
+    sliders: dict = field(default_factory=dict)  # adapter name -> HyperLoRASlider (sliders.py)
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter this state owns on the denoiser: "id", "base" and the sliders."""
+        return [*self.adapters.names.values(), *self.sliders]
 
 
 def _denoiser(pipe: Any, name: str | None = None):
@@ -207,8 +212,8 @@ def load_hyperlora(
         image_encoder=image_encoder,
         face_analyzer=face_analyzer,
         hub_options=hub_options,
-        state_dict_hook=hide_adapters_from_state_dict(denoiser, [id_adapter_name, base_adapter_name]),
     )
+    state.state_dict_hook = hide_adapters_from_state_dict(denoiser, state.adapter_names)
     object.__setattr__(pipe, _STATE_ATTRIBUTE, state)
     return pipe
 

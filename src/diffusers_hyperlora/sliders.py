@@ -223,19 +223,7 @@ def add_hyperlora_slider(
     else:
         add_slider_adapter(denoiser, config, adapter_name, factors, weight)
     sliders[adapter_name] = slider
-    _hide_from_state_dict(state)
     return slider
-
-
-def _hide_from_state_dict(state: Any) -> None:
-    """Keep slider adapters out of the denoiser's `state_dict` like "id"/"base" (`pipe.save_pretrained` unchanged)."""
-    if getattr(state, "state_dict_hook", None) is None:
-        return
-    from .adapter_state_dict import hide_adapters_from_state_dict
-
-    state.state_dict_hook.remove()
-    names = [*state.adapters.names.values(), *hyperlora_sliders(state)]
-    state.state_dict_hook = hide_adapters_from_state_dict(state.adapters.denoiser, names)
 
 
 def _with(names: list[str], name: str) -> list[str]:
@@ -244,11 +232,7 @@ def _with(names: list[str], name: str) -> list[str]:
 
 def hyperlora_sliders(state: Any) -> dict[str, HyperLoRASlider]:
     """The sliders a pipeline's HyperLoRA state created, by adapter name (created on first use)."""
-    sliders = getattr(state, "sliders", None)
-    if sliders is None:
-        sliders = {}
-        state.sliders = sliders
-    return sliders
+    return state.sliders
 
 
 def remove_hyperlora_slider(pipe: Any, adapter_name: str = DEFAULT_SLIDER_NAME) -> None:
@@ -268,7 +252,6 @@ def remove_hyperlora_slider(pipe: Any, adapter_name: str = DEFAULT_SLIDER_NAME) 
     state = _state(pipe)
     delete_slider_adapters(state.adapters.denoiser, [adapter_name])
     del sliders[adapter_name]
-    _hide_from_state_dict(state)
 
 
 def remove_all_sliders(state: Any) -> None:

@@ -153,7 +153,7 @@ def expand_inputs(images: Any) -> list[tuple[Any, str]]:
         if isinstance(item, np.ndarray) and item.ndim == 4:
             pairs += [(sub, f"#{position}[{k}]") for k, sub in enumerate(item)]
         elif isinstance(item, (str, os.PathLike)):
-            pairs.append((item, repr(Path(item).name)))
+            pairs.append((item, Path(item).name))
         else:
             pairs.append((item, f"#{position}"))
     return pairs
