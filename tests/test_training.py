@@ -25,6 +25,7 @@ from diffusers_hyperlora.training import (
     diffusion_target,
     encode_batch,
     freeze_for_stage,
+    hyperlora_loss_backward,
     hyperlora_unet_prediction,
     identity_groups,
     prompt_with_trigger,
@@ -144,6 +145,28 @@ def test_gradients_reach_exactly_the_stage_parameters(pipe, stage):
     assert reached == set(trainable_parameter_names(predictor, stage))
     assert all(p.grad is None for p in pipe.unet.parameters())
     assert not getattr(pipe.unet, "peft_config", None)  # training adapters removed
+
+
+def test_group_backward_with_gradient_checkpointing_matches_functional_call(pipe):
+    predictor = tiny_hyperlora_predictor(pipe.unet, base_rank=4)
+    freeze_for_stage(predictor, "id_full")
+    dataset = tiny_training_dataset(num_people=2, images_per_person=2)
+    inputs = _fixed_inputs(pipe, dataset, [0, 2, 0])  # two identities, one used twice
+    batch, encoded, noisy, timesteps, target = inputs
+    loss = diffusion_loss(_training_forward(pipe, predictor, "id_full", inputs, grad=True), target)
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in predictor.named_parameters() if p.requires_grad}
+    predictor.zero_grad(set_to_none=True)
+    pipe.unet.enable_gradient_checkpointing()
+    with training_adapters(pipe, predictor, StageConfig("id_full", output_dir="x")) as names:
+        args = (pipe.unet, predictor, "id_full", batch, noisy, timesteps, encoded, names)
+        grouped = hyperlora_loss_backward(*args, target, lambda part, **kw: part.backward(**kw))
+        restored = [n for n, _ in pipe.unet.named_parameters() if f".{names['id']}." in n]
+        assert len(restored) == 2 * len(predictor.config.linears)  # the adapters' own parameters are back
+    pipe.unet.disable_gradient_checkpointing()
+    assert grouped.item() == pytest.approx(loss.item(), rel=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(predictor.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------- the curriculum

@@ -19,7 +19,13 @@ from ..adapters import HyperLoRAAdapters, set_active_adapters
 from ..errors import TrainingConfigError, TrainingDataError
 from ..predictor import HyperLoRAPredictor
 from .data import collate_examples
-from .losses import diffusion_loss, diffusion_target, encode_batch, hyperlora_unet_prediction
+from .losses import (
+    diffusion_loss,
+    diffusion_target,
+    encode_batch,
+    hyperlora_loss_backward,
+    hyperlora_unet_prediction,
+)
 from .stages import STAGES, StageConfig, TrainingConfig, check_stage, freeze_for_stage, zero_id_attention
 
 logger = logging.get_logger(__name__)
@@ -262,12 +268,15 @@ def train_stage(
                             0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
                         ).long()
                         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                        with accelerator.autocast():
-                            pred = hyperlora_unet_prediction(
-                                unet, trained, stage, batch, noisy, timesteps, encoded, adapter_names
-                            )
-                        loss = diffusion_loss(pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
-                        accelerator.backward(loss)
+                        target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+                        inputs = (unet, trained, stage, batch, noisy, timesteps, encoded, adapter_names)
+                        if config.gradient_checkpointing:  # forward + backward per identity group
+                            with accelerator.autocast():
+                                loss = hyperlora_loss_backward(*inputs, target, accelerator.backward)
+                        else:
+                            with accelerator.autocast():
+                                loss = diffusion_loss(hyperlora_unet_prediction(*inputs), target)
+                            accelerator.backward(loss)
                         if accelerator.sync_gradients and config.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, config.max_grad_norm)
                         optimizer.step()

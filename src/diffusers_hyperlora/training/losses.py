@@ -11,6 +11,8 @@ sample gets its own call (its own identity).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +159,37 @@ def diffusion_target(
     raise TrainingConfigError(f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
 
 
+def _group_lora_parameters(
+    predictor: HyperLoRAPredictor, stage: str, batch: dict[str, Any], adapter_names: dict[str, str]
+):
+    """`(sample indices, {parameter name: tensor})` for every identity group of the batch."""
+    groups = identity_groups(batch["reference_key"])
+    branches: list[tuple[str, bool]] = [("base", True)] if stage == "base" else [("id", True)]
+    if stage != "base" and predictor.config.has_base:
+        branches.append(("base", False))
+    grad = torch.is_grad_enabled()
+    per_branch = {}
+    for branch, trains in branches:
+        with torch.set_grad_enabled(trains and grad):
+            per_branch[branch] = stage_coefficients(predictor, stage, branch, batch, groups)
+    for g, members in enumerate(groups):
+        params: dict[str, torch.Tensor] = {}
+        for branch, trains in branches:
+            with torch.set_grad_enabled(trains and grad):
+                params.update(lora_parameters(predictor, branch, per_branch[branch][g], adapter_names[branch]))
+        yield members, params
+
+
+def _unet_inputs(
+    members: list[int], noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoded: EncodedBatch
+) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
+    index = torch.tensor(members, device=noisy_latents.device)
+    kwargs: dict[str, Any] = {"encoder_hidden_states": encoded.prompt_embeds[index], "return_dict": False}
+    if encoded.added_cond_kwargs is not None:
+        kwargs["added_cond_kwargs"] = {k: v[index] for k, v in encoded.added_cond_kwargs.items()}
+    return (noisy_latents[index].to(encoded.prompt_embeds.dtype), timesteps[index]), kwargs
+
+
 def hyperlora_unet_prediction(
     unet: torch.nn.Module,
     predictor: HyperLoRAPredictor,
@@ -182,31 +215,74 @@ def hyperlora_unet_prediction(
         encoded: the batch's text and size conditions.
         adapter_names: `{"id": ..., "base": ...}` adapter names on the UNet.
     """
-    groups = identity_groups(batch["reference_key"])
-    branches: list[tuple[str, bool]] = [("base", True)] if stage == "base" else [("id", True)]
-    if stage != "base" and predictor.config.has_base:
-        branches.append(("base", False))
-    per_branch = {}
-    for branch, trains in branches:
-        with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
-            per_branch[branch] = stage_coefficients(predictor, stage, branch, batch, groups)
     outputs, order = [], []
-    dtype = encoded.prompt_embeds.dtype
-    for g, members in enumerate(groups):
-        params: dict[str, torch.Tensor] = {}
-        for branch, trains in branches:
-            with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
-                params.update(lora_parameters(predictor, branch, per_branch[branch][g], adapter_names[branch]))
-        index = torch.tensor(members, device=noisy_latents.device)
-        kwargs: dict[str, Any] = {"encoder_hidden_states": encoded.prompt_embeds[index], "return_dict": False}
-        if encoded.added_cond_kwargs is not None:
-            kwargs["added_cond_kwargs"] = {k: v[index] for k, v in encoded.added_cond_kwargs.items()}
-        sample = noisy_latents[index].to(dtype)
-        outputs.append(functional_call(unet, params, (sample, timesteps[index]), kwargs, strict=False)[0])
+    for members, params in _group_lora_parameters(predictor, stage, batch, adapter_names):
+        args, kwargs = _unet_inputs(members, noisy_latents, timesteps, encoded)
+        outputs.append(functional_call(unet, params, args, kwargs, strict=False)[0])
         order.extend(members)
     stacked = torch.cat(outputs)
     inverse = torch.argsort(torch.tensor(order, device=stacked.device))
     return stacked[inverse]
+
+
+@contextmanager
+def substituted_parameters(module: torch.nn.Module, params: dict[str, torch.Tensor]):
+    """Use `params` (name -> tensor) in place of `module`'s parameters of those names inside the block.
+
+    Unlike `functional_call`, the substitution lasts for the whole block, so a backward pass run inside it sees the
+    same tensors when gradient checkpointing recomputes the forward.
+    """
+    swapped = []
+    try:
+        for name, value in params.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            original = owner._parameters.pop(leaf)
+            swapped.append((owner, leaf, original))
+            setattr(owner, leaf, value)
+        yield
+    finally:
+        for owner, leaf, original in reversed(swapped):
+            delattr(owner, leaf)
+            owner._parameters[leaf] = original
+
+
+def hyperlora_loss_backward(
+    unet: torch.nn.Module,
+    predictor: HyperLoRAPredictor,
+    stage: str,
+    batch: dict[str, Any],
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoded: EncodedBatch,
+    adapter_names: dict[str, str],
+    target: torch.Tensor,
+    backward: Callable[..., None],
+) -> torch.Tensor:
+    """`diffusion_loss` of `hyperlora_unet_prediction`, back-propagated one identity group at a time.
+
+    Each group's forward *and* backward run while its LoRA is substituted into the UNet, which is what gradient
+    checkpointing needs (it recomputes the forward during the backward pass). The gradients equal those of
+    `diffusion_loss(hyperlora_unet_prediction(...), target).backward()`.
+
+    Args:
+        backward: called as `backward(loss_part, retain_graph=...)`, e.g. `accelerator.backward`.
+
+    Returns:
+        The (detached) loss of the whole batch.
+    """
+    total = target.numel()
+    groups = list(_group_lora_parameters(predictor, stage, batch, adapter_names))
+    loss = torch.zeros((), device=target.device)
+    for g, (members, params) in enumerate(groups):
+        args, kwargs = _unet_inputs(members, noisy_latents, timesteps, encoded)
+        index = torch.tensor(members, device=target.device)
+        with substituted_parameters(unet, params):
+            pred = unet(*args, **kwargs)[0]
+            part = F.mse_loss(pred.float(), target[index].float(), reduction="sum") / total
+            backward(part, retain_graph=g < len(groups) - 1)
+        loss = loss + part.detach()
+    return loss
 
 
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
