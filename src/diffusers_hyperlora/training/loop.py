@@ -277,6 +277,12 @@ def train_stage(
                             with accelerator.autocast():
                                 loss = diffusion_loss(hyperlora_unet_prediction(*inputs), target)
                             accelerator.backward(loss)
+                        if accelerator.sync_gradients and accelerator.num_processes > 1:
+                            # The predictor's submodules are called directly (not through the DDP wrapper's
+                            # forward), so average the gradients across processes here.
+                            for param in params:
+                                if param.grad is not None:
+                                    param.grad = accelerator.reduce(param.grad, reduction="mean")
                         if accelerator.sync_gradients and config.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, config.max_grad_norm)
                         optimizer.step()
