@@ -15,6 +15,7 @@ from .errors import (
     FeatureShapeError,
     HyperLoRAError,
     HyperLoRANotLoadedError,
+    IdentityFormatError,
     IdentityMismatchError,
     ImageInputError,
     NoFaceDetectedError,
@@ -35,6 +36,7 @@ from .pipeline import (
     unload_hyperlora,
 )
 from .predictor import HyperLoRAPredictor
+from .sliders import HyperLoRASlider, add_hyperlora_slider, remove_hyperlora_slider
 
 install_pipeline_methods()
 
@@ -53,15 +55,19 @@ __all__ = [
     "HyperLoRAMixin",
     "HyperLoRANotLoadedError",
     "HyperLoRAPredictor",
+    "HyperLoRASlider",
+    "IdentityFormatError",
     "IdentityMismatchError",
     "ImageInputError",
     "NoFaceDetectedError",
     "TargetMismatchError",
     "load_hyperlora",
+    "add_hyperlora_slider",
     "convert_checkpoint",
     "load_predictor",
     "predict_hyperlora_identity",
     "preview_hyperlora_inputs",
+    "remove_hyperlora_slider",
     "save_release_checkpoint",
     "set_hyperlora_identity",
     "unload_hyperlora",
