@@ -82,3 +82,27 @@ def test_a_photo_without_a_face_is_reported(files, tmp_path, capsys):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(blank)
     assert main(["identity", str(blank), "-o", str(tmp_path / "x.safetensors"), *options]) == 1
     assert "face" in capsys.readouterr().err.lower()
+
+
+def test_cache_features_runs_the_face_pipeline_per_image(files):
+    import json
+    import shutil
+
+    from diffusers_hyperlora.training import load_feature_cache
+
+    root, predictor, options = files
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    for name in ("astronaut.png", "mirrored.png"):
+        shutil.copy(root / name, data / name)
+    rows = [{"file": n, "person": "eileen", "caption": "a photo"} for n in ("astronaut.png", "mirrored.png")]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["cache-features", str(data), *options]) == 0
+    cache = load_feature_cache(data / "features.safetensors")
+    assert sorted(cache) == ["astronaut.png", "mirrored.png"]
+    expected = _expected_identity(predictor, root, options, ["astronaut.png"])
+    single = predictor.predict(
+        id_embeds=cache["astronaut.png"]["id_embeds"][None],
+        clip_hidden_states=cache["astronaut.png"]["clip_hidden_states"][None],
+    )
+    torch.testing.assert_close(single.id_mean, expected.id_mean, rtol=1e-5, atol=1e-6)

@@ -5,8 +5,11 @@
     diffusers-hyperlora slider --neutral me.jpg --edited me_old.jpg -o age.safetensors --model org/hyperlora
     diffusers-hyperlora mix alice.safetensors bob.safetensors --weights 0.5 0.5 -o blend.safetensors
     diffusers-hyperlora convert path/to/release_folder out_folder --dtype fp16
+    diffusers-hyperlora cache-features data/ --model org/hyperlora
+    diffusers-hyperlora train --data data/ --base-model stabilityai/stable-diffusion-xl-base-1.0 --output-dir runs/me
 
-Only the HyperLoRA predictor (and, for photos, the face models and CLIP encoder) is loaded, never SDXL.
+Only the HyperLoRA predictor (and, for photos, the face models and CLIP encoder) is loaded, never SDXL, except
+by `train`.
 """
 
 from __future__ import annotations
@@ -156,6 +159,42 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--face-models", default=None, help="Face models to record in the config (folder of DST).")
     convert.add_argument("--quiet", action="store_true", help="No progress bar.")
     convert.set_defaults(handler=_run_convert)
+
+    cache = commands.add_parser(
+        "cache-features",
+        help="training data folder -> cached face features (features.safetensors)",
+        description="Run the face pipeline once per image listed in DATA/metadata.jsonl (lines of "
+        '{"file": ..., "person": ..., "caption": ...}) and store ArcFace + CLIP features for `train`. '
+        "Images without a face are left out.",
+    )
+    cache.add_argument("data", metavar="DATA", help="Dataset folder holding metadata.jsonl and the images.")
+    cache.add_argument("--no-base", action="store_true", help="Skip the face-blurred (Base branch) features.")
+    _add_model_options(cache)
+    _add_face_options(cache)
+    cache.set_defaults(handler=_run_cache_features)
+
+    train = commands.add_parser(
+        "train",
+        help="train a HyperLoRA with the paper's three-stage curriculum",
+        description="Train the projector, resampler(s) and basis banks on a dataset folder whose features were "
+        "cached by `cache-features`; SDXL and the encoders stay frozen. Stages run in order: base (Base-LoRA "
+        "warm-up on face-blurred inputs; skipped without a Base branch), id_clip (ID-LoRA from CLIP features), "
+        "id_full (ArcFace added). The predictor is saved after each stage to OUTPUT_DIR/<stage>/predictor.",
+    )
+    train.add_argument("--data", required=True, help="Dataset folder with metadata.jsonl and features.safetensors.")
+    train.add_argument("--base-model", required=True, help="SDXL pipeline to train against: repo id or folder.")
+    train.add_argument("--output-dir", required=True, help="Where checkpoints, losses and predictors go.")
+    train.add_argument("--init", default=None, help="Start from this HyperLoRA checkpoint (default: a new one).")
+    train.add_argument("--stages", nargs="+", choices=("base", "id_clip", "id_full"), default=None)
+    train.add_argument("--steps", type=int, default=1000, help="Optimizer steps per stage.")
+    train.add_argument("--batch-size", type=int, default=1)
+    train.add_argument("--lr", type=float, default=1e-4, help="Learning rate (id_full uses half).")
+    train.add_argument("--resolution", type=int, default=1024, help="Training image size in pixels.")
+    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    train.add_argument("--num-basis", type=int, default=128, help="New checkpoints: bases per LoRA matrix (K).")
+    train.add_argument("--rank", type=int, default=8, help="New checkpoints: ID-LoRA rank.")
+    train.add_argument("--base-rank", type=int, default=4, help="New checkpoints: Base-LoRA rank (0: no Base).")
+    train.set_defaults(handler=_run_train)
     return parser
 
 
@@ -313,6 +352,56 @@ def _run_convert(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     print(f"Converted {args.src} to {args.dst}")
+
+
+def _run_cache_features(args: argparse.Namespace) -> None:
+    from .face import build_feature_extractor
+    from .training import cache_features
+
+    predictor = _load_predictor(args)
+    extractor = build_feature_extractor(
+        predictor.config,
+        source=args.model,
+        image_encoder=args.image_encoder,
+        face_analyzer=args.face_models,
+        hub_options={"subfolder": args.subfolder, "revision": args.revision, "token": args.token},
+    )
+    path = cache_features(
+        args.data,
+        extractor,
+        with_base=predictor.config.has_base and not args.no_base,
+        device=predictor.device,
+        dtype=predictor.dtype,
+    )
+    print(f"Cached features of {args.data} in {path}")
+
+
+def _new_predictor(unet, args: argparse.Namespace):
+    from .config import HyperLoRAConfig
+    from .predictor import HyperLoRAPredictor
+    from .targets import targets_from_unet
+
+    config = HyperLoRAConfig(
+        targets=targets_from_unet(unet), num_basis=args.num_basis, id_rank=args.rank, base_rank=args.base_rank
+    )
+    return HyperLoRAPredictor(config)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from .io import load_predictor
+    from .training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.base_model)
+    predictor = load_predictor(args.init) if args.init else _new_predictor(pipe.unet, args)
+    dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=args.resolution)
+    stages = default_curriculum(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, mixed_precision=args.mixed_precision
+    )
+    stages = [stage for stage in stages if args.stages is None or stage.stage in args.stages]
+    train_curriculum(pipe, predictor, dataset, TrainingConfig(args.output_dir, stages=stages))
+    print(f"Trained stages {', '.join(s.stage for s in stages)}; predictors saved under {args.output_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
