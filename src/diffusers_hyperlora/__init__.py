@@ -20,6 +20,8 @@ from .errors import (
     ImageInputError,
     NoFaceDetectedError,
     TargetMismatchError,
+    TrainingConfigError,
+    TrainingDataError,
 )
 from .features import FeatureExtractor, HyperLoRAFeatures
 from .identity import HyperLoRAIdentity
@@ -61,6 +63,8 @@ __all__ = [
     "ImageInputError",
     "NoFaceDetectedError",
     "TargetMismatchError",
+    "TrainingConfigError",
+    "TrainingDataError",
     "load_hyperlora",
     "add_hyperlora_slider",
     "convert_checkpoint",
