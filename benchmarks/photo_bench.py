@@ -63,10 +63,14 @@ def measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor
 
     face_time = _median_time(lambda: extractor.prepare_inputs([photo], with_base=False), repeats, device)
     prepared = extractor.prepare_inputs([photo], with_base=False)
-    dtype = pipe.unet.dtype
+    # Encoders and resampler run in float16 on a GPU and in float32 on a CPU (no fast fp16 CPU matmuls); the
+    # bank keeps the dtype it was built in and is mixed with float32 accumulation either way.
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     clip_time = _median_time(lambda: encoder.hidden_states([prepared[0].clip_image], device, dtype), repeats, device)
     features = extractor([photo], device=device, dtype=dtype, with_base=False)
-    predictor.to(device=device, dtype=dtype)
+    for module in (predictor.resampler, predictor.id_projector):
+        if module is not None:
+            module.to(device=device, dtype=dtype)
     resampler_time = _median_time(
         lambda: predictor.predict(id_embeds=features.id_embeds, clip_hidden_states=features.clip_hidden_states),
         repeats,
@@ -84,9 +88,9 @@ def measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor
     stand_in = "tiny ONNX stand-ins" if device.type != "cuda" else "tiny ONNX stand-ins (real AntelopeV2 not bundled)"
     parts = [
         (f"face analysis: detector + 106 landmarks + ArcFace re-detection/embedding + crops ({stand_in})", face_time),
-        ("CLIP ViT-L/14 vision tower (full size, random weights), 1 crop", clip_time),
-        ("resampler (full size) + averaging", resampler_time),
-        (f"bank mixing ({dtype})".replace("torch.", ""), mix_time),
+        (f"CLIP ViT-L/14 vision tower (full size, random weights, {dtype}), 1 crop".replace("torch.", ""), clip_time),
+        (f"resampler (full size, {dtype}) + averaging".replace("torch.", ""), resampler_time),
+        (f"bank mixing ({bank.down[0].dtype} bank)".replace("torch.", ""), mix_time),
         ("write into the live adapters", write_time),
     ]
     for what, seconds in parts:

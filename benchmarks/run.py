@@ -70,7 +70,17 @@ class Row:
     verdict: str = ""
 
 
-ROWS: list[Row] = []
+class _Rows(list):
+    """The result rows; each row is printed as soon as it is measured."""
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        print(
+            "  | " + " | ".join(x for x in (row.what, row.value, row.baseline, row.ratio, row.verdict) if x), flush=True
+        )
+
+
+ROWS: list[Row] = _Rows()
 NOTES: list[str] = []
 
 
@@ -574,13 +584,16 @@ def main() -> None:
             )
         log("building the float32 predictor")
         predictor = build_predictor(config, device, torch.float32)
+        report = functools.partial(write_report, Path(args.output), device_text, args, started, load_before)
         if "switch" in args.sections:
             log("float32 identity switches")
             # No fused-switch row in float32: the base-weight copy (3.6 GB) would not fit beside bank and UNet.
             switch_section(pipe, predictor, device, "float32", bandwidth, args, naive=not args.no_naive, fused=False)
+            report()
         if "generation" in args.sections:
             log("UNet steps with the identity, unfused / fused")
             generation_section(pipe, predictor, device, args, plain_times)
+            report()
         del predictor
         gc.collect()
         if "switch" in args.sections:
@@ -593,9 +606,11 @@ def main() -> None:
             del predictor
             gc.collect()
             offload_section(config, device, args)
+            report()
         if "photo" in args.sections:
             log("photo -> weights")
             photo_section(lambda: pipe, lambda: build_predictor(config, device, sixteen), device, args)
+            report()
         del pipe, unet
         gc.collect()
     if "memory" in args.sections:

@@ -284,6 +284,15 @@ class HyperLoRAAdapters:
         ups = [lora_b for _, _, lora_b in self._pairs(branch)]
         self._while_unmerged(branch, lambda: torch._foreach_zero_(ups))
 
+    def live_device_dtype(self) -> tuple[torch.device, torch.dtype] | None:
+        """Device and dtype of the live ID factors (one parameter looked at), `None` when detached."""
+        name = self.names["id"]
+        for layer in self._layers:
+            if name in layer.lora_A:
+                weight = layer.lora_A[name].weight
+                return weight.device, weight.dtype
+        return None
+
     def lora_parameters(self, branch: str = "id") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The live `(lora_A.weight, lora_B.weight)` of every target linear of a branch."""
         return [(a, b) for _, a, b in self._pairs(branch)]

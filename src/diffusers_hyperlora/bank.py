@@ -16,9 +16,11 @@ from torch import nn
 from .targets import TargetLinear
 
 # A 16-bit bank (or one that lives on another device) is upcast / streamed this many elements at a time. The
-# float32 staging copy of one chunk (4 MiB at 2**20 elements) stays in the CPU's cache or is one modest transfer
-# over PCIe, so the bank is read from memory exactly once and no full-size float32 copy ever exists.
-STREAM_CHUNK_ELEMENTS = 1 << 20
+# float32 staging copy of one chunk (32 MiB at 2**23 elements) fits a server CPU's last-level cache, and is one
+# modest transfer over PCIe, so the bank is read from memory exactly once and no full-size float32 copy ever
+# exists. Smaller chunks measured slower on CPU (per-chunk overhead of the copy + batched GEMV), larger ones spill
+# the cache (see docs/performance.md).
+STREAM_CHUNK_ELEMENTS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,12 @@ def group_linears(linears: list[TargetLinear]) -> list[BankGroup]:
     return [BankGroup(i, o, tuple(m)) for (i, o), m in members.items()]
 
 
-def mix_bases(coefficients: torch.Tensor, bases: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
+def mix_bases(
+    coefficients: torch.Tensor,
+    bases: torch.Tensor,
+    chunk_elements: int | None = None,
+    staging: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`out[g] = sum_k coefficients[g, k] * bases[g, k]`, accumulated in float32.
 
     A float32 bank on the coefficients' device is one batched matrix product. Any other bank (16-bit, or kept on
@@ -50,6 +57,8 @@ def mix_bases(coefficients: torch.Tensor, bases: torch.Tensor, chunk_elements: i
         coefficients: `[G, K]`.
         bases: `[G, K, ...]`, any float dtype, any device (the result lives on `coefficients.device`).
         chunk_elements: force the streamed path with this chunk size (tests and tuning).
+        staging: a reusable float32 buffer on the coefficients' device for the streamed path (allocated when
+            missing or too small).
 
     Returns:
         `[G, ...]` float32.
@@ -69,7 +78,9 @@ def mix_bases(coefficients: torch.Tensor, bases: torch.Tensor, chunk_elements: i
     members = max(1, chunk // (num_basis * width)) if columns == width else 1
     members = min(members, groups)
     out = torch.empty(groups, 1, width, dtype=torch.float32, device=device)
-    staging = torch.empty(members * num_basis * columns, dtype=torch.float32, device=device)
+    needed = members * num_basis * columns
+    if staging is None or staging.numel() < needed or staging.device != device or staging.dtype != torch.float32:
+        staging = torch.empty(needed, dtype=torch.float32, device=device)
     result = torch.empty(members * columns, dtype=torch.float32, device=device)
     for start in range(0, groups, members):
         stop = min(groups, start + members)
@@ -114,6 +125,7 @@ class BasisBank(nn.Module):
         self.num_linears = len(linears)
         self.groups = group_linears(linears)
         self._orders: dict[torch.device, torch.Tensor] = {}
+        self._staging: dict[torch.device, torch.Tensor] = {}
         factory = {"dtype": dtype, "device": device}
         self.down = nn.ParameterList(
             nn.Parameter(torch.empty(len(g.members), num_basis, g.in_features, rank, **factory)) for g in self.groups
@@ -160,13 +172,29 @@ class BasisBank(nn.Module):
         if coefficients.shape != (self.num_linears, 2, self.num_basis):
             expected = (self.num_linears, 2, self.num_basis)
             raise ValueError(f"Expected coefficients of shape {expected}, got {tuple(coefficients.shape)}.")
-        ordered = coefficients.to(torch.float32).index_select(0, self._group_order(coefficients.device))
+        device = coefficients.device
+        ordered = coefficients.to(torch.float32).index_select(0, self._group_order(device))
+        staging = self._staging_buffer(device, chunk_elements)
         result = []
         for g, picked in enumerate(ordered.split([len(group.members) for group in self.groups])):
-            down = mix_bases(picked[:, 0], self.down[g], chunk_elements).transpose(1, 2)  # [G, in, r] -> [G, r, in]
-            up = mix_bases(picked[:, 1], self.up[g], chunk_elements).transpose(1, 2)  # [G, r, out] -> [G, out, r]
+            down = mix_bases(picked[:, 0], self.down[g], chunk_elements, staging).transpose(1, 2)  # -> [G, r, in]
+            up = mix_bases(picked[:, 1], self.up[g], chunk_elements, staging).transpose(1, 2)  # -> [G, out, r]
             result.append((down, up))
         return result
+
+    def _staging_buffer(self, device: torch.device, chunk_elements: int | None) -> torch.Tensor | None:
+        """The float32 staging buffer of the streamed path, kept per device (None when nothing is streamed)."""
+        streamed = chunk_elements is not None or any(
+            p.dtype != torch.float32 or p.device != device for p in (*self.down, *self.up)
+        )
+        if not streamed:
+            return None
+        size = max(chunk_elements or STREAM_CHUNK_ELEMENTS, self.num_basis)
+        buffer = self._staging.get(device)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size, dtype=torch.float32, device=device)
+            self._staging = {device: buffer}
+        return buffer
 
     def lora_weights(
         self, coefficients: torch.Tensor, chunk_elements: int | None = None

@@ -46,6 +46,7 @@ class HyperLoRAState:
     identity: HyperLoRAIdentity | None = None
     hub_options: dict | None = None
     offload_bank: bool = False
+    synced_for: tuple | None = None  # (device, dtype) of the live adapter weights at the last predictor sync
     state_dict_hook: Any = None
     sliders: dict = field(default_factory=dict)  # adapter name -> HyperLoRASlider (sliders.py)
 
@@ -115,7 +116,13 @@ def _offload_bank(bank: torch.nn.Module, dtype: torch.dtype, pin: bool) -> None:
 def write_identity(pipe: Any, identity: HyperLoRAIdentity) -> None:
     """Mix the banks for `identity` and copy the factors into the live adapters (the body of an identity switch)."""
     state = _state(pipe)
-    predictor = sync_predictor(pipe)
+    # `sync_predictor` walks every module of every component (tens of ms on SDXL), more than a GPU switch takes:
+    # sync again only when the live adapter weights moved or changed dtype since the last sync.
+    live = state.adapters.live_device_dtype()
+    if live is None or live != state.synced_for:
+        sync_predictor(pipe)
+        state.synced_for = live
+    predictor = state.predictor
     identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
     branches = ["id"]
     if predictor.config.has_base:
