@@ -210,8 +210,10 @@ class HyperLoRAAdapters:
         """`(lora_A weights, lora_B weights)` of every shape group's members, cached per branch."""
         key = (branch, tuple(group.members for group in groups))
         cached = self._destinations.get(key)
+        name = self.names[branch]
+        if cached is not None and cached[0][0][0] is not self._layers[groups[0].members[0]].lora_A[name].weight:
+            cached = None  # parameters were replaced (e.g. `load_state_dict(..., assign=True)`)
         if cached is None:
-            name = self.names[branch]
             cached = [
                 (
                     [self._layers[i].lora_A[name].weight for i in group.members],
