@@ -20,6 +20,7 @@ weights while (and only while) they are fused.
 from __future__ import annotations
 
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,13 @@ def set_active_adapters(denoiser: nn.Module, names: list[str], weights: dict[str
                 module.set_scale(name, weight)
 
 
+def add_adapter(denoiser: nn.Module, lora_config: LoraConfig, name: str) -> None:
+    """`denoiser.add_adapter`, without PEFT's warning about a second adapter (several adapters are the point)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        denoiser.add_adapter(lora_config, adapter_name=name)
+
+
 class HyperLoRAAdapters:
     """The `"id"` and `"base"` adapters of one denoiser and how to write LoRA factors into them.
 
@@ -177,14 +185,14 @@ class HyperLoRAAdapters:
                 )
         previously_active = active_adapters(denoiser)
         paths = [linear.module_path for linear in linears]
-        denoiser.add_adapter(
-            LoraConfig(r=config.id_rank, lora_alpha=config.alpha("id"), target_modules=paths), adapter_name=id_name
+        add_adapter(
+            denoiser, LoraConfig(r=config.id_rank, lora_alpha=config.alpha("id"), target_modules=paths), id_name
         )
         if config.has_base:
             base_config = LoraConfig(r=config.base_rank, lora_alpha=config.alpha("base"), target_modules=paths)
         else:
             base_config = LoraConfig(r=1, lora_alpha=1, target_modules=[paths[0]])
-        denoiser.add_adapter(base_config, adapter_name=base_name)
+        add_adapter(denoiser, base_config, base_name)
         weights = {
             id_name: config.default_id_weight if id_weight is None else id_weight,
             base_name: config.default_base_weight if base_weight is None else base_weight,

@@ -13,7 +13,6 @@ be active at once, and it exports to kohya / diffusers files like an identity.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from diffusers.utils import logging
 from peft import LoraConfig
 from torch import nn
 
-from .adapters import active_adapters, check_targets, set_active_adapters
+from .adapters import active_adapters, add_adapter, check_targets, set_active_adapters
 from .config import HyperLoRAConfig
 from .errors import AdapterNameConflictError
 from .identity import HyperLoRAIdentity
@@ -147,10 +146,7 @@ def add_slider_adapter(
         lora_alpha=slider_alpha(config),
         target_modules=[linear.module_path for linear in config.linears],
     )
-    with warnings.catch_warnings():
-        # PEFT warns whenever a model gets a second adapter; several adapters are the point here.
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        denoiser.add_adapter(lora_config, adapter_name=name)
+    add_adapter(denoiser, lora_config, name)
     write_slider_adapter(denoiser, config, name, factors)
     set_active_adapters(denoiser, previously_active + [name], {name: weight})
 
