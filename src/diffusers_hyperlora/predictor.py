@@ -67,33 +67,8 @@ class HyperLoRAPredictor(
                 if config.use_id_embeds
                 else None
             )
-            self.resampler = PerceiverResampler(
-                num_queries=config.num_tokens,
-                dim=config.resampler_dim,
-                depth=config.resampler_depth,
-                heads=config.resampler_heads,
-                dim_head=config.resampler_dim_head,
-                ff_mult=config.resampler_ff_mult,
-                num_basis=config.num_basis,
-                id_dim=config.image_embed_dim if config.use_id_embeds else None,
-                image_dim=config.image_embed_dim if config.use_image_embeds else None,
-            )
-            # The Base branch reads only the CLIP features of the face-blurred image.
-            self.base_resampler = (
-                PerceiverResampler(
-                    num_queries=config.num_tokens,
-                    dim=config.resampler_dim,
-                    depth=config.resampler_depth,
-                    heads=config.resampler_heads,
-                    dim_head=config.resampler_dim_head,
-                    ff_mult=config.resampler_ff_mult,
-                    num_basis=config.num_basis,
-                    id_dim=None,
-                    image_dim=config.image_embed_dim,
-                )
-                if config.has_base
-                else None
-            )
+            self.resampler = _resampler(config, base=False)
+            self.base_resampler = _resampler(config, base=True) if config.has_base else None
         linears = config.linears
         self.id_bank = BasisBank(linears, config.num_basis, config.id_rank, **factory)
         self.base_bank = BasisBank(linears, config.num_basis, config.base_rank, **factory) if config.has_base else None
@@ -360,6 +335,22 @@ class HyperLoRAPredictor(
         """`PyTorchModelHubMixin.push_to_hub`, with the repo id in the model card's usage snippet."""
         card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
         return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
+
+
+def _resampler(config: HyperLoRAConfig, base: bool) -> PerceiverResampler:
+    """A resampler of the config's size. The ID branch reads the configured conditions; the Base branch reads only
+    the CLIP features of the face-blurred image."""
+    return PerceiverResampler(
+        num_queries=config.num_tokens,
+        dim=config.resampler_dim,
+        depth=config.resampler_depth,
+        heads=config.resampler_heads,
+        dim_head=config.resampler_dim_head,
+        ff_mult=config.resampler_ff_mult,
+        num_basis=config.num_basis,
+        id_dim=config.image_embed_dim if config.use_id_embeds and not base else None,
+        image_dim=config.image_embed_dim if config.use_image_embeds or base else None,
+    )
 
 
 def _check_clip(states: torch.Tensor | None, width: int, name: str) -> torch.Tensor:
