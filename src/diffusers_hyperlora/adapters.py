@@ -8,20 +8,12 @@ An identity switch then copies new factors into the existing `lora_A` / `lora_B`
 new parameters, and the tensors stay on whatever device and dtype the denoiser has. The copy is one
 `torch._foreach_copy_` per shape group, straight from the bank's grouped result.
 
-Fused mode. `pipe.fuse_lora()` merges the adapters into the base weights through each PEFT layer's `merge`, and
-PEFT's `unmerge` subtracts the delta again, which is not exact in 16-bit (each fuse/unfuse cycle leaves rounding
-residue). Every target layer therefore gets an *exact* merge: the first merge keeps a copy of the layer's base
-weight, and unmerging copies it back bitwise. An identity switch while fused restores the base weight from that
-copy, writes the new factors and merges again, so after any number of switches a final `pipe.unfuse_lora()`
-leaves the base weights bitwise equal to the originals. The copy costs the memory of the target linears' base
-weights while (and only while) they are fused.
+While the adapters are fused, writes go through the exact merge of `exact_merge.py`.
 """
 
 from __future__ import annotations
 
-import types
 import warnings
-from dataclasses import dataclass
 
 import torch
 from diffusers.utils import logging
@@ -32,68 +24,10 @@ from torch import nn
 from .bank import BankGroup
 from .config import HyperLoRAConfig
 from .errors import AdapterNameConflictError, TargetMismatchError
+from .exact_merge import install_exact_merge, restore_base_weights
 from .targets import TargetLinear
 
 logger = logging.get_logger(__name__)
-
-# Attribute of a PEFT layer that holds its pre-merge base weights while it is merged.
-_SNAPSHOT = "_hyperlora_base_snapshot"
-
-
-@dataclass
-class _BaseSnapshot:
-    """The base layer's weight (and bias) as they were before the first merge."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-
-def _take_snapshot(layer: BaseTunerLayer) -> None:
-    base = layer.get_base_layer()
-    bias = getattr(base, "bias", None)
-    layer.__dict__[_SNAPSHOT] = _BaseSnapshot(
-        base.weight.detach().clone(), None if bias is None else bias.detach().clone()
-    )
-
-
-@torch.no_grad()
-def _restore_snapshot(layer: BaseTunerLayer, keep: bool) -> bool:
-    """Copy the pre-merge base weights back (bitwise) and mark the layer unmerged. False when there is no copy."""
-    snapshot: _BaseSnapshot | None = layer.__dict__.get(_SNAPSHOT)
-    if snapshot is None:
-        return False
-    base = layer.get_base_layer()
-    base.weight.data.copy_(snapshot.weight)
-    if snapshot.bias is not None:
-        base.bias.data.copy_(snapshot.bias)
-    layer.merged_adapters.clear()
-    if not keep:
-        del layer.__dict__[_SNAPSHOT]
-    return True
-
-
-def _exact_merge(self: BaseTunerLayer, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-    """PEFT's `merge`, keeping a copy of the base weights first so that unmerging can be exact."""
-    fresh = not self.merged_adapters and _SNAPSHOT not in self.__dict__
-    if fresh:
-        _take_snapshot(self)
-    type(self).merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
-    if not self.merged_adapters and _SNAPSHOT in self.__dict__:
-        del self.__dict__[_SNAPSHOT]  # nothing was merged (no such adapter on this layer)
-
-
-def _exact_unmerge(self: BaseTunerLayer) -> None:
-    """Restore the base weights from the pre-merge copy (bitwise); PEFT's subtraction when there is none."""
-    if self.merged_adapters and _restore_snapshot(self, keep=False):
-        return
-    type(self).unmerge(self)
-
-
-def install_exact_merge(layer: BaseTunerLayer) -> None:
-    """Give one PEFT layer the exact merge / unmerge (instance methods; `copy.deepcopy` rebinds them)."""
-    layer.merge = types.MethodType(_exact_merge, layer)
-    layer.unmerge = types.MethodType(_exact_unmerge, layer)
-
 
 def check_targets(denoiser: nn.Module, linears: list[TargetLinear]) -> None:
     """Raise `TargetMismatchError` naming the first target linear the denoiser lacks or has with other widths."""
@@ -241,7 +175,7 @@ class HyperLoRAAdapters:
         name = self.names[branch]
         merged = [(layer, list(layer.merged_adapters)) for layer in self._layers if name in layer.merged_adapters]
         for layer, _ in merged:
-            if not _restore_snapshot(layer, keep=True):
+            if not restore_base_weights(layer, keep=True):
                 type(layer).unmerge(layer)  # merged before HyperLoRA was attached: PEFT's subtraction
         update()
         for layer, names in merged:
