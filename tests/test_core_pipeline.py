@@ -273,9 +273,11 @@ def _run(pipe, **kwargs):
 def _pipeline_cases():
     from diffusers import (
         ControlNetModel,
+        StableDiffusionXLAdapterPipeline,
         StableDiffusionXLControlNetPipeline,
         StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLInpaintPipeline,
+        T2IAdapter,
     )
     from PIL import Image
 
@@ -288,7 +290,15 @@ def _pipeline_cases():
             "controlnet": ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(16, 32))
         }
 
+    def t2i_adapter(components):
+        torch.manual_seed(0)
+        adapter = T2IAdapter(
+            in_channels=3, channels=[32, 64], num_res_blocks=2, downscale_factor=4, adapter_type="full_adapter_xl"
+        )
+        return {"adapter": adapter}
+
     return [
+        ("t2i-adapter", StableDiffusionXLAdapterPipeline, t2i_adapter, {"image": image}),
         ("img2img", StableDiffusionXLImg2ImgPipeline, lambda c: {}, {"image": image, "strength": 0.9}),
         ("inpaint", StableDiffusionXLInpaintPipeline, lambda c: {}, {"image": image, "mask_image": mask}),
         ("controlnet", StableDiffusionXLControlNetPipeline, controlnet, {"image": image}),
