@@ -65,7 +65,9 @@ def _exact_merge(self: BaseTunerLayer, safe_merge: bool = False, adapter_names: 
 
 def _exact_unmerge(self: BaseTunerLayer) -> None:
     """Restore the base weights from the pre-merge copy (bitwise); PEFT's subtraction when there is none."""
-    if self.merged_adapters and restore_base_weights(self, keep=False):
+    if not self.merged_adapters:
+        return  # nothing merged (diffusers' unfuse_lora visits every layer)
+    if restore_base_weights(self, keep=False):
         return
     type(self).unmerge(self)
 
