@@ -179,3 +179,19 @@ def test_sliders_stay_out_of_the_unet_state_dict(predictor, people):
     assert all(torch.equal(state_dict[k], original[k]) for k in original)
     pipe.remove_hyperlora_slider("age")
     assert pipe.unet.state_dict().keys() == original.keys()
+
+
+def test_rewriting_a_fused_slider_keeps_the_other_fused_adapters(loaded, people):
+    original = {n: p.clone() for n, p in loaded.unet.named_parameters() if "lora" not in n}
+    loaded.set_hyperlora_identity(people[0])
+    loaded.add_hyperlora_slider(people[0], people[1])
+    loaded.set_adapters(["id", "base", "slider"], [0.8, 0.0, 0.7])
+    loaded.fuse_lora(adapter_names=["id", "slider"])
+    loaded.add_hyperlora_slider(people[0], people[2])  # rewritten while fused together with "id"
+    fused = unet_output(loaded.unet)
+    layer = loaded.unet.get_submodule(loaded.hyperlora.config.linears[0].module_path)
+    assert sorted(layer.merged_adapters) == ["id", "slider"]
+    loaded.unfuse_lora()
+    torch.testing.assert_close(unet_output(loaded.unet), fused, **TOLERANCE)  # same LoRAs, now unfused
+    restored = {n: p for n, p in loaded.unet.named_parameters() if n in original}
+    assert all(torch.equal(restored[n], original[n]) for n in original)

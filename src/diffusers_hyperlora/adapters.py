@@ -14,6 +14,7 @@ While the adapters are fused, writes go through the exact merge of `exact_merge.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from diffusers.utils import logging
@@ -28,6 +29,7 @@ from .exact_merge import install_exact_merge, restore_base_weights
 from .targets import TargetLinear
 
 logger = logging.get_logger(__name__)
+
 
 def check_targets(denoiser: nn.Module, linears: list[TargetLinear]) -> None:
     """Raise `TargetMismatchError` naming the first target linear the denoiser lacks or has with other widths."""
@@ -73,6 +75,23 @@ def add_adapter(denoiser: nn.Module, lora_config: LoraConfig, name: str) -> None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         denoiser.add_adapter(lora_config, adapter_name=name)
+
+
+@torch.no_grad()
+def update_while_unmerged(layers: list[BaseTunerLayer], name: str, update: Callable[[], object]) -> None:
+    """Run `update()` with the layers where adapter `name` is merged restored to their base weights, then merge
+    every adapter that was merged there again (with the new factors).
+
+    The restore is bitwise where the layer has the exact merge of `exact_merge.py`, PEFT's subtraction otherwise
+    (a layer merged before HyperLoRA was attached).
+    """
+    merged = [(layer, list(layer.merged_adapters)) for layer in layers if name in layer.merged_adapters]
+    for layer, _ in merged:
+        if not restore_base_weights(layer, keep=True):
+            type(layer).unmerge(layer)
+    update()
+    for layer, names in merged:
+        layer.merge(adapter_names=names)
 
 
 class HyperLoRAAdapters:
@@ -166,20 +185,8 @@ class HyperLoRAAdapters:
             self._destinations = {key: cached}
         return cached
 
-    @torch.no_grad()
-    def _while_unmerged(self, branch: str, update) -> None:
-        """Run `update()` with this branch's merged layers restored to their base weights, then merge them again.
-
-        The restore is bitwise (see the module docstring); the merge afterwards uses the new factors.
-        """
-        name = self.names[branch]
-        merged = [(layer, list(layer.merged_adapters)) for layer in self._layers if name in layer.merged_adapters]
-        for layer, _ in merged:
-            if not restore_base_weights(layer, keep=True):
-                type(layer).unmerge(layer)  # merged before HyperLoRA was attached: PEFT's subtraction
-        update()
-        for layer, names in merged:
-            layer.merge(adapter_names=names)
+    def _while_unmerged(self, branch: str, update: Callable[[], object]) -> None:
+        update_while_unmerged(self._layers, self.names[branch], update)
 
     @torch.no_grad()
     def write(self, branch: str, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

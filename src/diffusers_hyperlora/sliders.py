@@ -22,7 +22,7 @@ from diffusers.utils import logging
 from peft import LoraConfig
 from torch import nn
 
-from .adapters import active_adapters, add_adapter, check_targets, set_active_adapters
+from .adapters import active_adapters, add_adapter, check_targets, set_active_adapters, update_while_unmerged
 from .config import HyperLoRAConfig
 from .errors import AdapterNameConflictError
 from .identity import HyperLoRAIdentity
@@ -104,27 +104,19 @@ class HyperLoRASlider:
 
 
 # ---------------------------------------------------------------------------------------------- denoiser adapters
-def _slider_layers(denoiser: nn.Module, config: HyperLoRAConfig, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    modules = dict(denoiser.named_modules())
-    return [
-        (modules[linear.module_path].lora_A[name].weight, modules[linear.module_path].lora_B[name].weight)
-        for linear in config.linears
-    ]
-
-
 @torch.no_grad()
 def write_slider_adapter(denoiser: nn.Module, config: HyperLoRAConfig, name: str, factors: LoraFactors) -> None:
     """Copy rank-`2r` factors into the existing slider adapter `name`, in place (merged layers are re-merged)."""
     modules = dict(denoiser.named_modules())
-    for linear, (a, b) in zip(config.linears, factors, strict=True):
-        layer = modules[linear.module_path]
-        merged = name in getattr(layer, "merged_adapters", [])
-        if merged:
-            layer.unmerge()
-        layer.lora_A[name].weight.copy_(a)
-        layer.lora_B[name].weight.copy_(b)
-        if merged:
-            layer.merge(adapter_names=[name])
+    layers = [modules[linear.module_path] for linear in config.linears]
+    if len(layers) != len(factors):
+        raise ValueError(f"Expected slider factors for {len(layers)} linears, got {len(factors)}.")
+
+    def update() -> None:
+        destinations = [layer.lora_A[name].weight for layer in layers] + [layer.lora_B[name].weight for layer in layers]
+        torch._foreach_copy_(destinations, [a for a, _ in factors] + [b for _, b in factors])
+
+    update_while_unmerged(layers, name, update)
 
 
 def add_slider_adapter(
