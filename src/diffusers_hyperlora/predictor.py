@@ -21,8 +21,6 @@ from .resampler import IDProjector, PerceiverResampler
 
 logger = logging.get_logger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-
 
 class HyperLoRAPredictor(
     nn.Module,

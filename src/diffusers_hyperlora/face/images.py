@@ -8,7 +8,6 @@ convention); a batch (4-D array or tensor) becomes one image per item; very larg
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,7 +197,3 @@ def _limit_size(pixels: np.ndarray, name: str, max_side: int | None) -> np.ndarr
 def load_images(images: Any, max_side: int | None = DEFAULT_MAX_SIDE) -> list[InputImage]:
     """Every input as an `InputImage`; see `load_image` for what is accepted."""
     return [load_image(item, name, max_side) for item, name in expand_inputs(images)]
-
-
-def names_of(images: Sequence[InputImage]) -> str:
-    return ", ".join(image.name for image in images)
