@@ -59,3 +59,7 @@ class TrainingConfigError(HyperLoRAError, ValueError):
 
 class TrainingDataError(HyperLoRAError, ValueError):
     """A training dataset is malformed: bad `metadata.jsonl`, missing images, or missing / mismatched features."""
+
+
+class HyperLoRAWriteError(HyperLoRAError, OSError):
+    """A file could not be written (missing permission, full disk, ...). The destination was left unchanged."""
