@@ -13,8 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import diffusers_hyperlora  # noqa: E402,F401  (installs the pipeline methods)
 from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_components, tiny_sdxl_pipeline  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-OFFICIAL_TINY = FIXTURES / "official-tiny"
+OFFICIAL_TINY = Path(__file__).resolve().parent / "fixtures" / "official-tiny"  # see its README.md
 
 
 @pytest.fixture
@@ -36,8 +35,7 @@ def predictor():
 
 @pytest.fixture
 def official_tiny() -> Path:
-    if not OFFICIAL_TINY.is_dir():
-        pytest.skip(f"fixture folder {OFFICIAL_TINY} not present")
+    """The reference checkpoint and the official implementation's output for it (tests/fixtures/official-tiny)."""
     return OFFICIAL_TINY
 
 
