@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,6 +67,8 @@ class Row:
     ratio: str = ""
     target: str = ""
     verdict: str = ""
+    # Raw numbers for machine readers (docs/make_pictures.py draws the benchmark chart from benchmarks.json).
+    data: dict[str, float | str] = field(default_factory=dict)
 
 
 class _Rows(list):
@@ -291,6 +293,7 @@ def switch_section(
             f"{ratio:.2f}x",
             "<= 1.3x bound",
             verdict(ratio <= 1.3),
+            {"kind": "switch", "dtype": label, "switch_ms": 1e3 * switch_time, "bound_ms": 1e3 * bound},
         )
     )
     # Where the time goes: the mix alone, and the write alone.
@@ -327,6 +330,7 @@ def switch_section(
                 f"{speedup:.1f}x faster",
                 f">= {target}x faster",
                 verdict(speedup >= target),
+                {"kind": "naive", "dtype": label, "naive_ms": 1e3 * naive_total, "switch_ms": 1e3 * switch_time},
             )
         )
     else:
@@ -558,6 +562,10 @@ def write_report(path: Path, device_text: str, args, started: float, load_before
         text += ["Notes:", ""] + [f"- {note}" for note in NOTES] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
+    # The same rows, machine-readable, beside the table (read by docs/make_pictures.py for the chart).
+    rows = [asdict(row) for row in ROWS]
+    report = {"device": device_text, "command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    path.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""The basis bank: coefficients -> LoRA matrices for every target linear (spec section 3.3, step 5).
+"""The basis bank: coefficients -> LoRA matrices for every target linear (docs/math.md, step 5).
 
 For each LoRA'd linear there are `K` down bases `[K, in, r]` and `K` up bases `[K, r, out]`; a LoRA is a
 weighted sum of them. Linears of the same shape are stacked into one tensor per shape ("group"), so mixing

@@ -5,7 +5,7 @@ Everything here is pure layout: factors in, tensors and metadata out; no model i
 Two layouts:
 
 - `kohya`: `{json_key}_{to_q|to_k|to_v|to_out_0}.lora_down.weight` `[r, in]`, `.lora_up.weight` `[out, r]` and
-  `.alpha` (a scalar), exactly the reference generator's dict (spec 3.3). ComfyUI, A1111/Forge and diffusers'
+  `.alpha` (a scalar), exactly the reference generator's dict. ComfyUI, A1111/Forge and diffusers'
   `load_lora_weights` read it; the alpha travels in the tensors.
 - `diffusers`: `unet.{module_path}.lora_A.weight` / `.lora_B.weight` (PEFT names, what `pipe.save_lora_weights`
   writes) plus the adapter config (`r`, `lora_alpha`, `target_modules`) under the safetensors metadata key
@@ -37,8 +37,8 @@ def check_format(format: str) -> str:
     """Return `format` if it is a known LoRA layout, else raise `ValueError` naming the choices."""
     if format not in LORA_FORMATS:
         raise ValueError(
-            f"Unknown LoRA format {format!r}: use 'kohya' (ComfyUI, A1111/Forge, diffusers) or 'diffusers' "
-            "(diffusers/PEFT layout)."
+            f"Unknown LoRA format {format!r}: use 'kohya' (ComfyUI, A1111, Forge, kohya sd-scripts, diffusers) or "
+            "'diffusers' (diffusers only)."
         )
     return format
 

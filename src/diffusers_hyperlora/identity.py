@@ -1,7 +1,7 @@
 """`HyperLoRAIdentity`: what a prediction returns, small enough to store and exact to merge.
 
 The predictor averages the resampler's output over the images of a person, then L2-normalizes each
-coefficient vector (spec 3.3, step 4). Because the mean comes first, an identity keeps the *un-normalized*
+coefficient vector (docs/math.md, step 4). Because the mean comes first, an identity keeps the *un-normalized*
 mean and the number of images: merging two saved identities then equals predicting from all photos at once.
 
 Two kinds of combination, with different math on purpose:

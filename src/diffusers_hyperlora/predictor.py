@@ -1,4 +1,4 @@
-"""`HyperLoRAPredictor`: image features -> `HyperLoRAIdentity` -> LoRA weights (spec sections 3.2-3.3)."""
+"""`HyperLoRAPredictor`: image features -> `HyperLoRAIdentity` -> LoRA weights (docs/math.md)."""
 
 from __future__ import annotations
 
@@ -208,8 +208,9 @@ class HyperLoRAPredictor(
             identity: a `HyperLoRAIdentity`, or a `HyperLoRASlider` (exported at rank 2r, ID branch only).
             path: where to write the file (optional).
             format: `"kohya"` gives the reference generator's keys (`{json_key}_to_q.lora_down.weight`, ...,
-                `.alpha`), read by ComfyUI, A1111/Forge and diffusers; `"diffusers"` the layout
-                `pipe.load_lora_weights` reads natively, with alpha in the file's adapter metadata.
+                `.alpha`), read by ComfyUI, A1111, Forge, kohya sd-scripts and diffusers; `"diffusers"` the layout
+                `pipe.load_lora_weights` reads natively, with alpha in the file's adapter metadata: diffusers only,
+                use kohya for every other tool.
             branch: `"id"` or `"base"` (checkpoints with a Base branch).
             dtype: dtype of the stored tensors (`torch.float16` halves the file).
 

@@ -1,4 +1,4 @@
-"""The Perceiver resampler that turns image features into LoRA coefficients (spec section 3.3).
+"""The Perceiver resampler that turns image features into LoRA coefficients (docs/math.md, step 2).
 
 Learned query tokens attend to themselves, then to the projected ArcFace tokens, then to the CLIP hidden
 states, each step a pre-norm residual; a final linear maps every query to `num_basis` coefficients.

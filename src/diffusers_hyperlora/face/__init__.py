@@ -1,4 +1,4 @@
-"""The face pipeline: photos -> ArcFace embedding + CLIP features (spec section 3.4).
+"""The face pipeline: photos -> ArcFace embedding + CLIP features (docs/face.md).
 
 >>> from diffusers_hyperlora.face import FaceAnalyzer, CLIPImageEncoder, build_feature_extractor
 """

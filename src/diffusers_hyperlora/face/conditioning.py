@@ -1,4 +1,4 @@
-"""Background removal and the blurred-face Base image (spec section 3.4). Numpy / PIL only, no models.
+"""Background removal and the blurred-face Base image (docs/face.md, "The steps"). Numpy / PIL only, no models.
 
 Both follow the same recipe: a square crop around the face polygon, a filled polygon mask softened at a fixed
 working resolution (resized to 512, Gaussian-blurred, resized back), and a blend pasted back into the image.

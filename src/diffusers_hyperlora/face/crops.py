@@ -1,4 +1,4 @@
-"""Pure crop geometry of the face pipeline (spec section 3.4): no models, no files, exact and testable.
+"""Pure crop geometry of the face pipeline (docs/face.md, "The steps"): no models, no files, exact and testable.
 
 Coordinates are image pixels, x to the right, y down; a box is `(x0, y0, x1, y1)` with `x1`/`y1` exclusive.
 """

@@ -1,4 +1,4 @@
-"""`FaceFeatureExtractor`: photos -> `HyperLoRAFeatures` (ArcFace embeddings + CLIP hidden states), spec 3.4.
+"""`FaceFeatureExtractor`: photos -> `HyperLoRAFeatures` (ArcFace embeddings + CLIP hidden states); see docs/face.md.
 
 Per image: detect (sizes 640, 512, 384, 256; first that finds a face), pick a face (the largest by default),
 CLIP crop of the background-removed image (optionally grayscale), ArcFace embedding of the face re-detected at
@@ -91,7 +91,7 @@ def _face_indices(face_index: int | Sequence[int], count: int) -> list[int]:
 
 
 class FaceFeatureExtractor:
-    """The face pipeline of spec 3.4 as a `FeatureExtractor` (see `diffusers_hyperlora.features`).
+    """The face pipeline (docs/face.md) as a `FeatureExtractor` (see `diffusers_hyperlora.features`).
 
     Args:
         config: the checkpoint's config (which conditions it reads, CLIP width).

@@ -1,4 +1,4 @@
-"""The public release's folder layout (spec section 3), read unchanged, and written back.
+"""The public release's folder layout (docs/hub-format.md), read unchanged, and written back.
 
 A release folder holds `hyper_lora_modules.json` (ordered map of target modules), `hyper_lora_modules.safetensors`
 (basis banks), `resampler.safetensors` and `id_projector.safetensors` (absent when the checkpoint has no ArcFace
@@ -76,7 +76,7 @@ def modules_json_from_targets(targets: Sequence[TargetModule]) -> dict[str, dict
 def _shape(shapes: Shapes, key: str, file: str) -> list[int]:
     if key not in shapes:
         raise CheckpointFormatError(
-            f"{file} has no tensor {key!r}; is this a HyperLoRA release folder (spec section 3.2 lists the keys)?"
+            f"{file} has no tensor {key!r}; is this a HyperLoRA release folder (docs/hub-format.md lists the keys)?"
         )
     return list(shapes[key])
 
