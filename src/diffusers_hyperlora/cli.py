@@ -7,9 +7,10 @@
     diffusers-hyperlora convert path/to/release_folder out_folder --dtype fp16
     diffusers-hyperlora cache-features data/ --model org/hyperlora
     diffusers-hyperlora train --data data/ --base-model stabilityai/stable-diffusion-xl-base-1.0 --output-dir runs/me
+    diffusers-hyperlora demo                      # the web demo, offline on the built-in tiny default
 
 Only the HyperLoRA predictor (and, for photos, the face models and CLIP encoder) is loaded, never SDXL, except
-by `train`.
+by `train` and `demo`.
 """
 
 from __future__ import annotations
@@ -195,7 +196,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, default=8, help="New checkpoints: ID-LoRA rank.")
     train.add_argument("--base-rank", type=int, default=4, help="New checkpoints: Base-LoRA rank (0: no Base).")
     train.set_defaults(handler=_run_train)
+    _add_demo_parser(commands)
     return parser
+
+
+def _add_demo_parser(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="the web demo (Gradio): photos -> identity -> images, LoRA downloads, sliders",
+        description="Serve the web demo. Without CHECKPOINT it starts offline, in seconds, on the built-in tiny "
+        "default (random weights: every real step, noise-like images). Needs the extra: "
+        "pip install 'diffusers-hyperlora[demo]'.",
+    )
+    demo.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        metavar="CHECKPOINT",
+        help="HyperLoRA checkpoint: Hub repo id or local folder (e.g. bytedance-research/HyperLoRA with --subfolder "
+        "sdxl_hyper_id_lora_v1_fidelity). Default: the built-in tiny default.",
+    )
+    demo.add_argument("--subfolder", default=None, help="Folder inside the repo / folder that holds the checkpoint.")
+    demo.add_argument("--revision", default=None, help="Hub branch, tag or commit of the checkpoint.")
+    demo.add_argument("--token", default=None, help="Hub token for private repos (default: your saved login).")
+    demo.add_argument(
+        "--base-model",
+        default=None,
+        help="SDXL pipeline: repo id or folder (default with a CHECKPOINT: stabilityai/stable-diffusion-xl-base-1.0).",
+    )
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available).")
+    demo.add_argument("--image-encoder", default=None, help="CLIP vision encoder (default: the checkpoint's).")
+    demo.add_argument("--face-models", default=None, help="AntelopeV2 face models: repo id or folder.")
+    demo.add_argument("--host", default="127.0.0.1", help="Address to serve on (default: this machine only).")
+    demo.add_argument("--port", type=int, default=7860, help="Port to serve on (default: 7860).")
+    demo.set_defaults(handler=_run_demo)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -402,6 +436,34 @@ def _run_train(args: argparse.Namespace) -> None:
     stages = [stage for stage in stages if args.stages is None or stage.stage in args.stages]
     train_curriculum(pipe, predictor, dataset, TrainingConfig(args.output_dir, stages=stages))
     print(f"Trained stages {', '.join(s.stage for s in stages)}; predictors saved under {args.output_dir}")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    try:
+        from .demo import DemoEngine, launch_demo
+    except ImportError as error:
+        raise CLIError(f"The demo needs its extra ({error}): pip install 'diffusers-hyperlora[demo]'.") from error
+    if args.checkpoint is None:
+        flags = ("subfolder", "revision", "base_model", "image_encoder", "face_models")
+        given = [flag for flag in flags if getattr(args, flag)]
+        if given:
+            options = ", ".join("--" + flag.replace("_", "-") for flag in given)
+            raise CLIError(f"demo: {options} need a CHECKPOINT; without one the demo runs the built-in tiny default.")
+        engine = DemoEngine.tiny_default()
+    else:
+        engine = DemoEngine.from_pretrained(
+            args.checkpoint,
+            base_model=args.base_model or "stabilityai/stable-diffusion-xl-base-1.0",
+            subfolder=args.subfolder,
+            revision=args.revision,
+            token=args.token,
+            device=args.device,
+            image_encoder=args.image_encoder,
+            face_models=args.face_models,
+        )
+    page = launch_demo(engine, host=args.host, port=args.port, block=False)
+    print(f"HyperLoRA demo running on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    page.block_thread()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
