@@ -63,3 +63,11 @@ class TrainingDataError(HyperLoRAError, ValueError):
 
 class HyperLoRAWriteError(HyperLoRAError, OSError):
     """A file could not be written (missing permission, full disk, ...). The destination was left unchanged."""
+
+
+class IdentityCountError(HyperLoRAError, ValueError):
+    """Per-sample identities: the batch does not have one identity per prompt."""
+
+
+class PerSampleFusedError(HyperLoRAError, RuntimeError):
+    """Per-sample identities were asked for while HyperLoRA's adapters are fused (or fused while in use)."""
