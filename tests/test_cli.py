@@ -77,7 +77,7 @@ def test_export_of_several_files_pools_them_and_fp16(setup, tmp_path, capsys):
     code, stdout, _ = _run(
         ["export", alice, alice_more, "-o", out, "--model", root / "model", "--dtype", "fp16"], capsys
     )
-    assert code == 0 and "5 image(s)" in stdout
+    assert code == 0 and "5 images" in stdout
     pooled = HyperLoRAIdentity.merge([HyperLoRAIdentity.load(alice), HyperLoRAIdentity.load(alice_more)])
     expected = predictor.export_lora(pooled)
     written = load_file(str(out))

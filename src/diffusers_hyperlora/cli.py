@@ -10,24 +10,88 @@
     diffusers-hyperlora demo                      # the web demo, offline on the built-in tiny default
 
 Only the HyperLoRA predictor (and, for photos, the face models and CLIP encoder) is loaded, never SDXL, except
-by `train` and `demo`.
+by `train` and `demo`. `org/hyperlora` above is a placeholder: the public release is `--model
+bytedance-research/HyperLoRA --subfolder sdxl_hyper_id_lora_v1_fidelity`.
+
+Start-up is kept fast: heavy modules (torch, diffusers) are imported inside the subcommands. Output is quiet by
+default: third-party warnings and prints are hidden unless `--verbose`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
-
-import torch
 
 from .errors import HyperLoRAError
 
 PROG = "diffusers-hyperlora"
 IDENTITY_SUFFIX = ".safetensors"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "fp16", "bf16")
+# Python keyword arguments named in library messages -> the flag that does the same here.
+CLI_FLAGS = {
+    "face_analyzer": "--face-models",
+    "image_encoder": "--image-encoder",
+    "heads": "--heads",
+    "dim_head": "--dim-head",
+    "subfolder": "--subfolder",
+    "revision": "--revision",
+    "token": "--token",
+}
+THIRD_PARTY_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "accelerate", "peft", "insightface")
+DIFFUSERS_FORMAT_NOTE = (
+    "note: a --format diffusers file loads only in diffusers (pipe.load_lora_weights); ComfyUI, A1111, Forge and "
+    "kohya sd-scripts apply nothing from it. Use --format kohya (the default) for every other tool."
+)
+
+
+def torch_dtype(name: str):
+    """`fp32` / `fp16` / `bf16` -> the torch dtype (torch is imported only when a command needs it)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """`1 identity`, `2 identities`, `3 images`."""
+    return f"{count} {singular if count == 1 else (plural_form or singular + 's')}"
+
+
+def cli_wording(message: str) -> str:
+    """A library message for the command line: `face_analyzer=` becomes `--face-models`, and so on."""
+    names = "|".join(CLI_FLAGS)
+    pattern = rf"(?:load_hyperlora's )?`({names})=`(?: to load_hyperlora)?"
+    return re.sub(pattern, lambda match: f"`{CLI_FLAGS[match.group(1)]}`", message)
+
+
+@contextlib.contextmanager
+def third_party_output(verbose: bool, keep_stdout: bool = False) -> Iterator[None]:
+    """Hide other libraries' warnings, log messages below errors and prints (e.g. insightface's model list).
+
+    This library's own warnings (a photo without a face, ...) still show. `verbose=True` changes nothing.
+    """
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in THIRD_PARTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.nullcontext() if keep_stdout else contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class CLIError(Exception):
@@ -69,13 +133,20 @@ def _add_lora_options(parser: argparse.ArgumentParser, default_scale: str) -> No
         "--format",
         choices=("kohya", "diffusers"),
         default="kohya",
-        help="kohya: the reference generator's keys, for ComfyUI, A1111/Forge and diffusers (default). "
-        "diffusers: the layout pipe.load_lora_weights reads natively, alpha in the file's adapter metadata.",
+        help="kohya (default): the reference generator's keys; loads in ComfyUI, A1111, Forge, kohya sd-scripts "
+        "and diffusers. diffusers: the layout pipe.load_lora_weights reads natively; diffusers only.",
     )
     parser.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="fp32", help="Dtype of the stored tensors (fp16 halves the file)."
+        "--dtype", choices=DTYPES, default="fp32", help="Dtype of the stored tensors (fp16 halves the file)."
     )
     parser.epilog = f"Load the file like any LoRA; recommended weight {default_scale}."
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="Also show other libraries' warnings, logs.")
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     identity = commands.add_parser(
         "identity",
+        parents=[_common_options()],
         help="photos -> a saved identity file",
         description="Predict one person's identity from face photos and save it (a small .safetensors file). "
         "Saved identity files given among the inputs are pooled in exactly, as if their photos were given again.",
@@ -100,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
+        parents=[_common_options()],
         help="identity -> a LoRA file for ComfyUI, A1111/Forge, diffusers",
         description="Turn saved identities into a standard LoRA file. Several identity files of the same person "
         "are pooled first (exactly like predicting from all their photos).",
@@ -114,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     slider = commands.add_parser(
         "slider",
+        parents=[_common_options()],
         help="neutral + edited photos of one person -> a slider LoRA file",
         description="Build a slider LoRA that moves generations from the neutral photos towards the edited ones "
         "(e.g. the same person aged). Its update is exactly LoRA(edited) - LoRA(neutral); use a negative weight "
@@ -128,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mix = commands.add_parser(
         "mix",
+        parents=[_common_options()],
         help="blend several identities into one",
         description="Blend different people: a weighted mix of their normalized coefficients (only the ratios of "
         "the weights matter). Use `identity` with several files to pool photos of one person instead.",
@@ -142,13 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
+        parents=[_common_options()],
         help="release folder / repo -> the library's checkpoint format",
         description="Convert a HyperLoRA checkpoint (e.g. the public release's folder layout, local or on the Hub) "
         "into the library's format (config.json + model.safetensors), optionally changing its dtype.",
     )
     convert.add_argument("src", metavar="SRC", help="Source checkpoint: Hub repo id or local folder.")
     convert.add_argument("dst", metavar="DST", help="Output folder.")
-    convert.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="Output dtype (default: as stored).")
+    convert.add_argument("--dtype", choices=DTYPES, default=None, help="Output dtype (default: as stored).")
     convert.add_argument("--subfolder", default=None, help="Folder inside SRC that holds the checkpoint.")
     convert.add_argument("--revision", default=None, help="Hub branch, tag or commit of SRC.")
     convert.add_argument("--token", default=None, help="Hub token for private repos.")
@@ -163,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser(
         "cache-features",
+        parents=[_common_options()],
         help="training data folder -> cached face features (features.safetensors)",
         description="Run the face pipeline once per image listed in DATA/metadata.jsonl (lines of "
         '{"file": ..., "person": ..., "caption": ...}) and store ArcFace + CLIP features for `train`. '
@@ -176,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
+        parents=[_common_options()],
         help="train a HyperLoRA with the paper's three-stage curriculum",
         description="Train the projector, resampler(s) and basis banks on a dataset folder whose features were "
         "cached by `cache-features`; SDXL and the encoders stay frozen. Stages run in order: base (Base-LoRA "
@@ -186,12 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base-model", required=True, help="SDXL pipeline to train against: repo id or folder.")
     train.add_argument("--output-dir", required=True, help="Where checkpoints, losses and predictors go.")
     train.add_argument("--init", default=None, help="Start from this HyperLoRA checkpoint (default: a new one).")
-    train.add_argument("--stages", nargs="+", choices=("base", "id_clip", "id_full"), default=None)
+    train.add_argument(
+        "--stages",
+        nargs="+",
+        choices=("base", "id_clip", "id_full"),
+        default=None,
+        metavar="STAGE",
+        help="Which stages to run, in curriculum order: base, id_clip, id_full (default: all; base is skipped "
+        "without a Base branch).",
+    )
     train.add_argument("--steps", type=int, default=1000, help="Optimizer steps per stage.")
-    train.add_argument("--batch-size", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=1, help="Images per optimizer step (default 1).")
     train.add_argument("--lr", type=float, default=1e-4, help="Learning rate (id_full uses half).")
     train.add_argument("--resolution", type=int, default=1024, help="Training image size in pixels.")
-    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    train.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default="no",
+        help="accelerate's mixed precision: no (float32, default), fp16, or bf16 (on hardware that has it).",
+    )
+    train.add_argument(
+        "--image-embed-dim",
+        type=int,
+        default=None,
+        help="New checkpoints: CLIP width (default: read from DATA/features.safetensors; 1024 for ViT-L/14).",
+    )
     train.add_argument("--num-basis", type=int, default=128, help="New checkpoints: bases per LoRA matrix (K).")
     train.add_argument("--rank", type=int, default=8, help="New checkpoints: ID-LoRA rank.")
     train.add_argument("--base-rank", type=int, default=4, help="New checkpoints: Base-LoRA rank (0: no Base).")
@@ -203,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo_parser(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
+        parents=[_common_options()],
         help="the web demo (Gradio): photos -> identity -> images, LoRA downloads, sliders",
         description="Serve the web demo. Without CHECKPOINT it starts offline, in seconds, on the built-in tiny "
         "default (random weights: every real step, noise-like images). Needs the extra: "
@@ -233,7 +331,9 @@ def _add_demo_parser(commands: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _device(name: str | None) -> torch.device:
+def _device(name: str | None):
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -304,36 +404,33 @@ def _predict_from_images(predictor, images: list[str], args: argparse.Namespace)
 
 def _resolve_identity(inputs: Sequence[str], args: argparse.Namespace, predictor, what: str):
     """Photos and identity files -> one identity: the photos predicted together, then everything pooled exactly."""
-    from .identity import HyperLoRAIdentity
+    from .identity_inputs import resolve_identity
 
-    images, files = _split_inputs(inputs, what)
-    identities = [HyperLoRAIdentity.load(path, predictor=predictor) for path in files]
-    if images:
-        identities.append(_predict_from_images(predictor, images, args))
-    return identities[0] if len(identities) == 1 else HyperLoRAIdentity.merge(identities)
+    _split_inputs(inputs, what)
+    return resolve_identity(inputs, lambda photos: _predict_from_images(predictor, photos, args), predictor)
 
 
 def _describe(identity) -> str:
-    return f"{identity.num_images} image(s)" + (f" ({', '.join(identity.sources)})" if identity.sources else "")
+    return plural(identity.num_images, "image") + (f" ({', '.join(identity.sources)})" if identity.sources else "")
 
 
 # ---------------------------------------------------------------------------------------------- subcommands
-def _run_identity(args: argparse.Namespace) -> None:
+def _run_identity(args: argparse.Namespace) -> str:
     predictor = _load_predictor(args)
     identity = _resolve_identity(args.inputs, args, predictor, "identity")
     identity.save(args.output)
-    print(f"Saved the identity of {_describe(identity)} to {args.output}")
+    return f"Saved the identity of {_describe(identity)} to {args.output}"
 
 
-def _run_export(args: argparse.Namespace) -> None:
+def _run_export(args: argparse.Namespace) -> str:
     _split_inputs(args.identities, "export")
     predictor = _load_predictor(args)
     identity = _resolve_identity(args.identities, args, predictor, "export")
-    predictor.export_lora(identity, args.output, format=args.format, branch=args.branch, dtype=DTYPES[args.dtype])
-    print(f"Saved the {args.branch} LoRA ({args.format} format) of {_describe(identity)} to {args.output}")
+    predictor.export_lora(identity, args.output, format=args.format, branch=args.branch, dtype=torch_dtype(args.dtype))
+    return f"Saved the {args.branch} LoRA ({args.format} format) of {_describe(identity)} to {args.output}"
 
 
-def _run_slider(args: argparse.Namespace) -> None:
+def _run_slider(args: argparse.Namespace) -> str:
     from .sliders import HyperLoRASlider
 
     _split_inputs(list(args.neutral) + list(args.edited), "slider")
@@ -342,11 +439,11 @@ def _run_slider(args: argparse.Namespace) -> None:
         neutral=_resolve_identity(args.neutral, args, predictor, "slider --neutral"),
         edited=_resolve_identity(args.edited, args, predictor, "slider --edited"),
     )
-    predictor.export_lora(slider, args.output, format=args.format, dtype=DTYPES[args.dtype])
-    print(f"Saved the slider LoRA ({args.format} format) to {args.output}")
+    predictor.export_lora(slider, args.output, format=args.format, dtype=torch_dtype(args.dtype))
+    return f"Saved the slider LoRA ({args.format} format) to {args.output}"
 
 
-def _run_mix(args: argparse.Namespace) -> None:
+def _run_mix(args: argparse.Namespace) -> str:
     from .identity import HyperLoRAIdentity
 
     _split_inputs(args.identities, "mix")
@@ -364,10 +461,10 @@ def _run_mix(args: argparse.Namespace) -> None:
     else:
         blend = HyperLoRAIdentity.mix(identities, weights)
     blend.save(args.output)
-    print(f"Saved the blend of {len(identities)} identities to {args.output}")
+    return f"Saved the blend of {plural(len(identities), 'identity', 'identities')} to {args.output}"
 
 
-def _run_convert(args: argparse.Namespace) -> None:
+def _run_convert(args: argparse.Namespace) -> str:
     try:
         from .io.convert import convert_checkpoint
     except ImportError as error:
@@ -375,7 +472,7 @@ def _run_convert(args: argparse.Namespace) -> None:
     convert_checkpoint(
         args.src,
         args.dst,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
         subfolder=args.subfolder,
         revision=args.revision,
         token=args.token,
@@ -385,10 +482,10 @@ def _run_convert(args: argparse.Namespace) -> None:
         face_models=args.face_models,
         progress=not args.quiet,
     )
-    print(f"Converted {args.src} to {args.dst}")
+    return f"Converted {args.src} to {args.dst}"
 
 
-def _run_cache_features(args: argparse.Namespace) -> None:
+def _run_cache_features(args: argparse.Namespace) -> str:
     from .face import build_feature_extractor
     from .training import cache_features
 
@@ -407,35 +504,65 @@ def _run_cache_features(args: argparse.Namespace) -> None:
         device=predictor.device,
         dtype=predictor.dtype,
     )
-    print(f"Cached features of {args.data} in {path}")
+    return f"Cached features of {args.data} in {path}"
 
 
-def _new_predictor(unet, args: argparse.Namespace):
+def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int):
     from .config import HyperLoRAConfig
     from .predictor import HyperLoRAPredictor
     from .targets import targets_from_unet
 
     config = HyperLoRAConfig(
-        targets=targets_from_unet(unet), num_basis=args.num_basis, id_rank=args.rank, base_rank=args.base_rank
+        targets=targets_from_unet(unet),
+        num_basis=args.num_basis,
+        id_rank=args.rank,
+        base_rank=args.base_rank,
+        image_embed_dim=image_embed_dim,
     )
     return HyperLoRAPredictor(config)
 
 
-def _run_train(args: argparse.Namespace) -> None:
-    from diffusers import StableDiffusionXLPipeline
+def _data_clip_width(dataset) -> int | None:
+    """The CLIP width of the cached features (`None` when the data has no CLIP features)."""
+    for record in dataset.records:
+        if record.clip_hidden_states is not None:
+            return int(record.clip_hidden_states.shape[-1])
+    return None
 
+
+def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_width: int | None) -> int:
+    """The CLIP width to train with, checked against the data before any model is loaded."""
+    wanted = init_width if init_width is not None else args.image_embed_dim
+    if wanted is not None and data_width is not None and wanted != data_width:
+        source = f"the checkpoint --init {args.init}" if init_width is not None else "--image-embed-dim"
+        raise CLIError(
+            f"train: {source} expects CLIP features {wanted} wide, but {args.data}/features.safetensors holds "
+            f"features {data_width} wide. Cache the features again with the matching CLIP encoder "
+            f"(`cache-features --image-encoder ...`), or pass --image-embed-dim {data_width} for a new checkpoint."
+        )
+    return wanted if wanted is not None else (data_width if data_width is not None else 1024)
+
+
+def _run_train(args: argparse.Namespace) -> str:
     from .io import load_predictor
     from .training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.base_model)
-    predictor = load_predictor(args.init) if args.init else _new_predictor(pipe.unet, args)
+    # Everything cheap is checked first (the data, the checkpoint's CLIP width); only then SDXL is loaded.
     dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=args.resolution)
+    predictor = load_predictor(args.init) if args.init else None
+    init_width = predictor.config.image_embed_dim if predictor is not None else None
+    width = _training_clip_width(args, _data_clip_width(dataset), init_width)
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.base_model)
+    predictor = predictor if predictor is not None else _new_predictor(pipe.unet, args, width)
     stages = default_curriculum(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, mixed_precision=args.mixed_precision
     )
     stages = [stage for stage in stages if args.stages is None or stage.stage in args.stages]
     train_curriculum(pipe, predictor, dataset, TrainingConfig(args.output_dir, stages=stages))
-    print(f"Trained stages {', '.join(s.stage for s in stages)}; predictors saved under {args.output_dir}")
+    return f"Trained stages {', '.join(s.stage for s in stages)}; predictors saved under {args.output_dir}"
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -474,11 +601,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)
+    if getattr(args, "format", None) == "diffusers":
+        print(f"{PROG} {args.command}: {DIFFUSERS_FORMAT_NOTE}", file=sys.stderr)
     try:
-        args.handler(args)
+        # the demo prints its address and serves until stopped: its output stays
+        with third_party_output(args.verbose, keep_stdout=args.command == "demo"):
+            message = args.handler(args)
     except (CLIError, HyperLoRAError, OSError, ValueError, TypeError) as error:
-        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {cli_wording(str(error))}", file=sys.stderr)
         return 1
+    if message:
+        print(message)
     return 0
 
 

@@ -25,6 +25,7 @@ from .adapters import HyperLoRAAdapters
 from .errors import HyperLoRANotLoadedError
 from .features import FeatureExtractor
 from .identity import HyperLoRAIdentity
+from .identity_inputs import resolve_identity
 from .predictor import HyperLoRAPredictor
 
 logger = logging.get_logger(__name__)
@@ -248,23 +249,34 @@ def _feature_extractor(pipe: Any, state: HyperLoRAState) -> FeatureExtractor:
 
 
 def predict_hyperlora_identity(pipe: Any, images: Any, **extractor_kwargs: Any) -> HyperLoRAIdentity:
-    """Photos -> `HyperLoRAIdentity` with the pipeline's HyperLoRA, without touching the adapters."""
+    """Photos -> `HyperLoRAIdentity` with the pipeline's HyperLoRA, without touching the adapters.
+
+    Saved identity files (`.safetensors`) and `HyperLoRAIdentity` objects may stand among the photos: they are
+    pooled in exactly, as if their photos were given again (`diffusers_hyperlora.identity_inputs`).
+
+    Example:
+        >>> identity = pipe.predict_hyperlora_identity(["me.safetensors", "new.jpg"])  # doctest: +SKIP
+    """
     state = _state(pipe)
     predictor = sync_predictor(pipe)
-    extractor = _feature_extractor(pipe, state)
-    features = extractor(
-        _as_image_list(images),
-        device=predictor.device,
-        dtype=predictor.dtype,
-        with_base=predictor.config.has_base,
-        **extractor_kwargs,
-    )
-    return predictor.predict(
-        id_embeds=features.id_embeds,
-        clip_hidden_states=features.clip_hidden_states,
-        base_clip_hidden_states=features.base_clip_hidden_states,
-        sources=features.sources,
-    )
+
+    def predict_photos(photos: list[Any]) -> HyperLoRAIdentity:
+        extractor = _feature_extractor(pipe, state)
+        features = extractor(
+            photos,
+            device=predictor.device,
+            dtype=predictor.dtype,
+            with_base=predictor.config.has_base,
+            **extractor_kwargs,
+        )
+        return predictor.predict(
+            id_embeds=features.id_embeds,
+            clip_hidden_states=features.clip_hidden_states,
+            base_clip_hidden_states=features.base_clip_hidden_states,
+            sources=features.sources,
+        )
+
+    return resolve_identity(_as_image_list(images), predict_photos, predictor)
 
 
 @torch.no_grad()
@@ -272,7 +284,8 @@ def set_hyperlora_identity(pipe: Any, images_or_identity: Any, **extractor_kwarg
     """Write a person's LoRA into the pipeline's `"id"` (and `"base"`) adapters, in place.
 
     Args:
-        images_or_identity: one image or a list (PIL, numpy, torch, file path), or a `HyperLoRAIdentity`.
+        images_or_identity: one image or a list (PIL, numpy, torch, file path), or a `HyperLoRAIdentity`; saved
+            identity files (`.safetensors`) are accepted wherever photos are, and pooled in exactly.
         extractor_kwargs: forwarded to the feature extractor (e.g. face selection options).
 
     Returns:

@@ -1,0 +1,156 @@
+"""How the command line talks: flags (not Python kwargs) in messages, quiet by default, help texts, warnings."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from conftest import random_features
+
+from diffusers_hyperlora import cli
+from diffusers_hyperlora.cli import main
+from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_ux")
+    predictor = tiny_hyperlora_predictor(seed=0)
+    predictor.save_pretrained(root / "model")
+    predictor.predict(*random_features(batch=2, seed=1)).save(root / "alice.safetensors")
+    return root
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_messages_name_cli_flags_not_python_arguments():
+    message = (
+        "No face models were named (load_hyperlora's `face_analyzer=`, or the checkpoint's `face_models`). Fix: pass "
+        "`face_analyzer=` a folder; pass `image_encoder=` to load_hyperlora; or pass `heads=`."
+    )
+    worded = cli.cli_wording(message)
+    assert "face_analyzer=" not in worded and "image_encoder=" not in worded and "heads=" not in worded
+    assert worded.count("`--face-models`") == 2 and "`--image-encoder`" in worded and "`--heads`" in worded
+
+
+def test_missing_face_models_error_suggests_the_flag(saved, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("insightface")
+    from PIL import Image
+
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "no_models_here"))
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "me.png")
+    argv = ["identity", tmp_path / "me.png", "-o", tmp_path / "me.safetensors", "--model", saved / "model"]
+    code, _, err = _run(argv + ["--device", "cpu", "--image-encoder", tmp_path / "clip"], capsys)
+    assert code == 1 and "--face-models" in err and "face_analyzer=" not in err
+    assert not (tmp_path / "me.safetensors").exists()
+
+
+def _noisy_handler(args):
+    print("find model: glintr100.onnx")  # insightface prints like this while loading
+    logging.getLogger("transformers.image_processing").warning("requires torchvision; falling back")
+    warnings.warn("some FutureWarning from a dependency", FutureWarning, stacklevel=1)
+    logging.getLogger("diffusers_hyperlora.face").warning("No face detected in b.jpg: skipped.")
+    return "Saved the blend of 2 identities to x"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_by_default_verbose_on_request(saved, capsys, monkeypatch, caplog, verbose):
+    monkeypatch.setattr(cli, "_run_mix", _noisy_handler)
+    caplog.set_level(logging.WARNING)
+    argv = ["mix", saved / "alice.safetensors", "-o", "x"] + (["--verbose"] if verbose else [])
+    level = logging.getLogger("transformers").level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, _ = _run(argv, capsys)
+    assert code == 0
+    third_party = [r.name for r in caplog.records if r.name.startswith("transformers")]
+    ours = [r.name for r in caplog.records if r.name.startswith("diffusers_hyperlora")]
+    assert ours  # our own warnings always show
+    if verbose:
+        assert "find model" in out and third_party and caught
+    else:
+        assert out == "Saved the blend of 2 identities to x\n" and not third_party and not caught
+    assert logging.getLogger("transformers").level == level  # restored afterwards
+
+
+def test_plural_of_identities(saved, tmp_path, capsys):
+    code, out, _ = _run(["mix", saved / "alice.safetensors", "-o", tmp_path / "one.safetensors"], capsys)
+    assert code == 0 and "blend of 1 identity to" in out
+    two = ["mix", saved / "alice.safetensors", saved / "alice.safetensors", "-o", tmp_path / "two.safetensors"]
+    code, out, _ = _run(two, capsys)
+    assert code == 0 and "blend of 2 identities to" in out
+
+
+def test_diffusers_format_says_it_is_for_diffusers_only(saved, tmp_path, capsys):
+    base = ["export", saved / "alice.safetensors", "--model", saved / "model", "--device", "cpu"]
+    code, _, err = _run(base + ["-o", tmp_path / "d.safetensors", "--format", "diffusers"], capsys)
+    assert code == 0 and "loads only in diffusers" in err and "--format kohya" in err
+    code, _, err = _run(base + ["-o", tmp_path / "k.safetensors"], capsys)
+    assert code == 0 and "loads only in diffusers" not in err
+
+
+def test_train_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, words in {
+        "--stages": "curriculum order",
+        "--batch-size": "Images per optimizer step",
+        "--mixed-precision": "accelerate's mixed precision",
+        "--image-embed-dim": "CLIP width",
+    }.items():
+        assert flag in text and words in text
+
+
+def _training_data(root, width: int):
+    import json
+
+    from PIL import Image
+
+    from diffusers_hyperlora import HyperLoRAFeatures
+    from diffusers_hyperlora.training import cache_features
+
+    class Features:
+        def __call__(self, images, *, device, dtype, with_base, **options):
+            g = torch.Generator().manual_seed(len(images))
+            embeds = torch.nn.functional.normalize(torch.randn(len(images), 512, generator=g), dim=-1)
+            clip = torch.randn(len(images), 5, width, generator=g)
+            return HyperLoRAFeatures(embeds, clip, None, [str(i) for i in images])
+
+    root.mkdir()
+    rows = []
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(root / f"{i}.png")
+        rows.append({"file": f"{i}.png", "person": f"p{i}", "caption": "a photo of a person"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cache_features(root, Features(), with_base=False, progress=False)
+
+
+def test_train_checks_the_clip_width_before_loading_models(tmp_path, capsys):
+    _training_data(tmp_path / "data", width=48)
+    argv = ["train", "--data", tmp_path / "data", "--output-dir", tmp_path / "run"]
+    argv += ["--base-model", tmp_path / "no_such_sdxl", "--image-embed-dim", "1024"]
+    code, _, err = _run(argv, capsys)
+    assert code == 1 and "48 wide" in err and "1024" in err and "no_such_sdxl" not in err
+
+
+def test_train_without_init_reads_the_clip_width_from_the_data(tmp_path, capsys):
+    from diffusers_hyperlora import HyperLoRAPredictor
+    from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+
+    _training_data(tmp_path / "data", width=48)
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    argv = ["train", "--data", tmp_path / "data", "--output-dir", tmp_path / "run", "--base-model", tmp_path / "sdxl"]
+    argv += ["--stages", "id_clip", "--steps", "1", "--resolution", "32", "--num-basis", "4", "--rank", "2"]
+    argv += ["--base-rank", "0"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    trained = HyperLoRAPredictor.from_pretrained(tmp_path / "run" / "id_clip" / "predictor")
+    assert trained.config.image_embed_dim == 48 and trained.config.num_basis == 4
+
