@@ -38,7 +38,6 @@ def measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from diffusers_hyperlora.face import CLIPImageEncoder, FaceAnalyzer, FaceFeatureExtractor, default_clip_processor
-    from diffusers_hyperlora.pipeline import _state
 
     repeats = max(1, min(args.repeats, 3))
     pipe = pipe_factory()
@@ -82,7 +81,7 @@ def measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor
     coefficients = predictor.split_coefficients(identity.id_coefficients.to(device))
     mix_time = _median_time(lambda: bank.mix(coefficients), repeats, device)
     mixed = bank.mix(coefficients)
-    adapters = _state(pipe).adapters
+    adapters = pipe.hyperlora.adapters
     write_time = _median_time(lambda: adapters.write_mixed("id", bank.groups, mixed), repeats, device)
     total = face_time + clip_time + resampler_time + mix_time + write_time
     stand_in = "tiny ONNX stand-ins" if device.type != "cuda" else "tiny ONNX stand-ins (real AntelopeV2 not bundled)"

@@ -34,7 +34,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import diffusers_hyperlora  # noqa: E402,F401  (installs pipe.load_hyperlora)
 from diffusers_hyperlora import HyperLoRAConfig, HyperLoRAIdentity, HyperLoRAPredictor  # noqa: E402
-from diffusers_hyperlora.pipeline import _state  # noqa: E402
 from diffusers_hyperlora.targets import targets_from_unet  # noqa: E402
 
 # The SDXL base UNet's config (diffusers' `stabilityai/stable-diffusion-xl-base-1.0/unet/config.json`).
@@ -301,7 +300,7 @@ def switch_section(
     coefficients = predictor.split_coefficients(identities[0].id_coefficients.to(device))
     mix_time = min(timed(lambda: bank.mix(coefficients), args.repeats, device))
     mixed = bank.mix(coefficients)
-    adapters = _state(pipe).adapters
+    adapters = pipe.hyperlora.adapters
     write_time = min(timed(lambda: adapters.write_mixed("id", bank.groups, mixed), args.repeats, device))
     ROWS.append(
         Row("1 identity switch", f"{label}: of which bank mix / adapter write", f"{ms(mix_time)} / {ms(write_time)}")
@@ -377,7 +376,7 @@ def generation_section(pipe, predictor, device, args) -> None:
         for mode in order[round_index % 3 :] + order[: round_index % 3]:  # rotate the order every round
             if mode != "plain":
                 pipe.load_hyperlora(predictor)
-                _state(pipe).adapters.write_mixed("id", bank.groups, mixed)
+                pipe.hyperlora.adapters.write_mixed("id", bank.groups, mixed)
                 if mode == "fused":
                     pipe.fuse_lora()
             times[mode] += unet_step_times(unet, inputs, args.steps, device)

@@ -33,7 +33,7 @@ def _lora_layer(unet):
 def test_load_registers_both_adapters_with_defaults(pipe, predictor):
     before = unet_output(pipe.unet)
     returned = pipe.load_hyperlora(predictor)
-    assert returned is pipe and pipe.hyperlora is predictor
+    assert returned is pipe and pipe.hyperlora.predictor is predictor
     assert pipe.unet.active_adapters() == ["id", "base"]
     layer = _lora_layer(pipe.unet)
     assert layer.r["id"] == 8 and layer.lora_alpha["id"] == 4
@@ -96,7 +96,7 @@ def test_unload_restores_the_unet_bitwise(pipe, predictor):
     pipe.load_hyperlora(predictor)
     pipe.set_hyperlora_identity(_identity(predictor))
     pipe.unload_hyperlora()
-    assert pipe.hyperlora is None
+    assert not pipe.hyperlora.is_loaded
     assert type(_lora_layer(pipe.unet)) is torch.nn.Linear
     assert not hasattr(pipe.unet, "peft_config")
     assert torch.equal(unet_output(pipe.unet), reference)
@@ -141,11 +141,13 @@ def test_adapter_name_clash_is_a_clear_error(pipe, predictor):
 
 
 def test_identity_methods_before_load_raise(pipe, predictor):
-    assert pipe.hyperlora is None
+    assert not pipe.hyperlora.is_loaded
     with pytest.raises(HyperLoRANotLoadedError, match="load_hyperlora"):
         pipe.set_hyperlora_identity(_identity(predictor))
-    with pytest.raises(HyperLoRANotLoadedError):
-        pipe.unload_hyperlora()
+    with pytest.raises(HyperLoRANotLoadedError, match=r"pipe\.hyperlora\.predict"):
+        pipe.hyperlora.predict(*random_features())
+    pipe.unload_hyperlora()  # a no-op, like diffusers' unload_lora_weights
+    pipe.unload_hyperlora()
 
 
 def test_identity_from_another_checkpoint_is_refused(pipe, predictor):
@@ -208,7 +210,7 @@ def test_unet_without_the_targets_names_the_first_mismatch(predictor):
     ):
         pipe.load_hyperlora(predictor)
     assert not hasattr(pipe.unet, "peft_config")  # nothing was injected
-    assert pipe.hyperlora is None
+    assert not pipe.hyperlora.is_loaded
 
 
 def test_width_mismatch_is_reported(predictor):
@@ -254,7 +256,7 @@ def test_custom_pipeline_class_with_the_mixin(predictor):
 
     pipe = MyPipeline(**tiny_sdxl_components())
     pipe.load_hyperlora(predictor)
-    assert pipe.hyperlora is predictor
+    assert pipe.hyperlora.predictor is predictor
 
 
 def _run(pipe, **kwargs):

@@ -325,7 +325,7 @@ def test_photos_to_identity_to_unet_weights(pipe, face_pack, encoder, astronaut,
     encoder.processor.save_pretrained(folder)
     predictor = tiny_hyperlora_predictor(seed=1)
     pipe.load_hyperlora(predictor, image_encoder=str(folder), face_analyzer=str(face_pack))
-    state = pipe._hyperlora_state
+    state = pipe.hyperlora
     assert state.feature_extractor is None  # nothing loaded before the first identity
     before = [b.clone() for _, b in state.adapters.lora_parameters("id")]
     identity = pipe.set_hyperlora_identity([astronaut, group_photo, np.zeros((80, 80, 3), np.uint8)])

@@ -8,7 +8,6 @@ from conftest import unet_output
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from diffusers_hyperlora.identity import HyperLoRAIdentity
-from diffusers_hyperlora.pipeline import _state
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +26,10 @@ def _identity(predictor, seed: int) -> HyperLoRAIdentity:
 
 
 def _target_base_weights(pipe) -> dict[str, torch.Tensor]:
-    adapters = _state(pipe).adapters
+    adapters = pipe.hyperlora.adapters
     return {
         linear.module_path: layer.get_base_layer().weight.detach().clone()
-        for linear, layer in zip(adapters.config.linears, adapters._layers)
+        for linear, layer in zip(adapters.config.linears, adapters.layers)
     }
 
 
@@ -57,18 +56,18 @@ def test_thousand_fp16_switches_while_fused_unfuse_bitwise(pipe, predictor):
     fused_once = _target_base_weights(pipe)
     assert not _bitwise_equal(fused_once, {k: original[k + ".weight"] for k in fused_once})
 
-    adapters = _state(pipe).adapters
-    bank = pipe.hyperlora.id_bank
-    mixed = [bank.mix(pipe.hyperlora.split_coefficients(i.id_coefficients)) for i in identities]
+    adapters = pipe.hyperlora.adapters
+    bank = pipe.hyperlora.predictor.id_bank
+    mixed = [bank.mix(pipe.hyperlora.predictor.split_coefficients(i.id_coefficients)) for i in identities]
     for step in range(1000):  # the switch body of set_hyperlora_identity, without re-mixing the bank each time
         adapters.write_mixed("id", bank.groups, mixed[(step + 1) % 3])
     # Still fused, with the identity written last: fusing it freshly gives the very same weights.
-    assert all(layer.merged for layer in adapters._layers)
+    assert all(layer.merged for layer in adapters.layers)
     pipe.set_hyperlora_identity(identities[0])
     assert _bitwise_equal(_target_base_weights(pipe), fused_once)
 
     pipe.unfuse_lora()
-    assert not any(layer.merged for layer in adapters._layers)
+    assert not any(layer.merged for layer in adapters.layers)
     assert _bitwise_equal(_all_unet_weights(pipe.unet), original)
 
 
@@ -77,10 +76,10 @@ def test_peft_subtraction_alone_is_not_bitwise(pipe, predictor):
     pipe.unet.to(torch.float16)
     pipe.load_hyperlora(predictor)
     original = _target_base_weights(pipe)
-    adapters = _state(pipe).adapters
+    adapters = pipe.hyperlora.adapters
     for seed in range(5):
         pipe.set_hyperlora_identity(_identity(predictor, seed))
-        for layer in adapters._layers:
+        for layer in adapters.layers:
             type(layer).merge(layer, adapter_names=["id"])
             type(layer).unmerge(layer)
     assert not _bitwise_equal(_target_base_weights(pipe), original)
@@ -99,7 +98,7 @@ def test_switch_while_fused_matches_unfused_output(pipe, predictor):
     pipe.unfuse_lora()
     torch.testing.assert_close(unet_output(pipe.unet), expected, rtol=1e-4, atol=1e-5)
     # Unfused, the switch writes the adapters only; the base weights are untouched.
-    assert not any(layer.merged for layer in _state(pipe).adapters._layers)
+    assert not any(layer.merged for layer in pipe.hyperlora.adapters.layers)
 
 
 def test_other_fused_lora_survives_switch_and_unload(pipe, predictor):

@@ -36,7 +36,7 @@ def _assert_same_lora(a, b, identity_a, identity_b, atol=0.0):
 # ---------------------------------------------------------------------------------------------------- parity
 def test_official_tiny_parity_through_pipeline(pipe, official_tiny):
     pipe.load_hyperlora(str(official_tiny), torch_dtype=torch.float32)
-    predictor = pipe.hyperlora
+    predictor = pipe.hyperlora.predictor
     assert (predictor.config.num_basis, predictor.config.resampler_dim, predictor.config.image_embed_dim) == (8, 32, 48)
     inputs = load_file(official_tiny / "inputs.safetensors")
     identity = predictor.predict(inputs["arcface_normed_embedding"], inputs["clip_hidden_states"])

@@ -111,7 +111,7 @@ def test_several_sliders_add_up_and_follow_set_adapters(loaded, predictor, peopl
 
 def test_sliders_from_images_use_the_feature_extractor(loaded, predictor):
     slider = loaded.add_hyperlora_slider(["me.jpg", "me2.jpg"], ["me_old.jpg"], adapter_name="age")
-    extractor = loaded._hyperlora_state.feature_extractor
+    extractor = loaded.hyperlora.feature_extractor
     assert extractor.calls == [["me.jpg", "me2.jpg"], ["me_old.jpg"]]
     assert slider.neutral.num_images == 2 and slider.edited.sources == ["me_old.jpg"]
     expected = predictor.predict(*random_features(batch=1, seed=sum(map(ord, "me_old.jpg"))))

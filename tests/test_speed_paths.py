@@ -7,7 +7,6 @@ import torch
 
 from diffusers_hyperlora.bank import BasisBank, mix_bases
 from diffusers_hyperlora.identity import HyperLoRAIdentity
-from diffusers_hyperlora.pipeline import _state, sync_predictor
 
 
 def _identity(predictor, seed: int) -> HyperLoRAIdentity:
@@ -65,7 +64,7 @@ def test_switch_writes_reference_factors_into_live_adapters(pipe, predictor):
     for seed in (1, 2):
         identity = _identity(predictor, seed)
         pipe.set_hyperlora_identity(identity)
-        live = _state(pipe).adapters.lora_parameters("id")
+        live = pipe.hyperlora.adapters.lora_parameters("id")
         assert len(live) == len(predictor.config.linears)
         for (a, b), (ref_down, ref_up) in zip(live, _reference(predictor, identity)):
             torch.testing.assert_close(a.double(), ref_down, rtol=1e-5, atol=1e-6)
@@ -74,7 +73,7 @@ def test_switch_writes_reference_factors_into_live_adapters(pipe, predictor):
 
 def test_grouped_write_equals_list_write(pipe, predictor):
     pipe.load_hyperlora(predictor)
-    adapters = _state(pipe).adapters
+    adapters = pipe.hyperlora.adapters
     identity = _identity(predictor, 3)
     adapters.write("id", predictor.lora_weights(identity))
     by_list = [(a.clone(), b.clone()) for a, b in adapters.lora_parameters("id")]
@@ -92,10 +91,10 @@ def test_offload_bank_keeps_bank_in_cpu_memory(pipe, predictor):
     pipe.load_hyperlora(predictor, offload_bank=True)
     identity = _identity(predictor, 4)
     pipe.set_hyperlora_identity(identity)
-    bank = sync_predictor(pipe).id_bank
+    bank = pipe.hyperlora.predictor.id_bank
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in bank.parameters())
     reference = [(d.double(), u.double()) for d, u in predictor.lora_weights(identity)]
-    for (a, b), (ref_down, ref_up) in zip(_state(pipe).adapters.lora_parameters("id"), reference):
+    for (a, b), (ref_down, ref_up) in zip(pipe.hyperlora.adapters.lora_parameters("id"), reference):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.double(), ref_down, rtol=1e-2, atol=1e-3)
         torch.testing.assert_close(b.double(), ref_up, rtol=1e-2, atol=1e-3)

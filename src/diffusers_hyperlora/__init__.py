@@ -6,6 +6,7 @@
 __version__ = "0.1.0"
 
 from .config import HyperLoRAConfig
+from .controller import HyperLoRAController
 from .errors import (
     AdapterNameConflictError,
     CheckpointFormatError,
@@ -19,7 +20,10 @@ from .errors import (
     IdentityFormatError,
     IdentityMismatchError,
     ImageInputError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
     NoFaceDetectedError,
+    NonFiniteValueError,
     TargetMismatchError,
     TrainingConfigError,
     TrainingDataError,
@@ -31,15 +35,17 @@ from .io.convert import convert_checkpoint
 from .io.release import save_release_checkpoint
 from .pipeline import (
     HyperLoRAMixin,
+    add_hyperlora_slider,
     install_pipeline_methods,
     load_hyperlora,
     predict_hyperlora_identity,
     preview_hyperlora_inputs,
+    remove_hyperlora_slider,
     set_hyperlora_identity,
     unload_hyperlora,
 )
 from .predictor import HyperLoRAPredictor
-from .sliders import HyperLoRASlider, add_hyperlora_slider, remove_hyperlora_slider
+from .sliders import HyperLoRASlider
 
 install_pipeline_methods()
 
@@ -52,6 +58,7 @@ __all__ = [
     "FeatureExtractor",
     "FeatureShapeError",
     "HyperLoRAConfig",
+    "HyperLoRAController",
     "HyperLoRAError",
     "HyperLoRAFeatures",
     "HyperLoRAIdentity",
@@ -63,7 +70,10 @@ __all__ = [
     "IdentityFormatError",
     "IdentityMismatchError",
     "ImageInputError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "NoFaceDetectedError",
+    "NonFiniteValueError",
     "TargetMismatchError",
     "TrainingConfigError",
     "TrainingDataError",

@@ -14,7 +14,7 @@ While the adapters are fused, writes go through the exact merge of `exact_merge.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from diffusers.utils import logging
@@ -24,7 +24,7 @@ from torch import nn
 
 from .bank import BankGroup
 from .config import HyperLoRAConfig
-from .errors import AdapterNameConflictError, TargetMismatchError
+from .errors import AdapterNameConflictError, InvalidArgumentError, TargetMismatchError
 from .exact_merge import install_exact_merge, restore_base_weights
 from .targets import TargetLinear
 
@@ -113,6 +113,27 @@ class HyperLoRAAdapters:
         for layer in self._layers:
             install_exact_merge(layer)
 
+    @staticmethod
+    def check_attachable(
+        denoiser: nn.Module, config: HyperLoRAConfig, id_name: str, base_name: str, replacing: Collection[str] = ()
+    ) -> None:
+        """Raise unless `attach` would succeed: the target layers exist and both names are free.
+
+        Args:
+            replacing: adapter names that will be removed before attaching (the HyperLoRA being replaced).
+        """
+        check_targets(denoiser, config.linears)
+        if id_name == base_name:
+            raise AdapterNameConflictError(f"The ID and Base adapters need different names, got {id_name!r} twice.")
+        existing = set(getattr(denoiser, "peft_config", {}) or {}) - set(replacing)
+        for name in (id_name, base_name):
+            if name in existing:
+                raise AdapterNameConflictError(
+                    f"The {denoiser.__class__.__name__} already has an adapter named {name!r}. Delete it "
+                    f"(`pipe.delete_adapters({name!r})`) or load HyperLoRA under other names, e.g. "
+                    "`load_hyperlora(..., id_adapter_name='hyper_id', base_adapter_name='hyper_base')`."
+                )
+
     @classmethod
     def attach(
         cls,
@@ -124,20 +145,9 @@ class HyperLoRAAdapters:
         base_weight: float | None = None,
     ) -> HyperLoRAAdapters:
         """Validate the denoiser, register both adapters once, activate them beside the user's own adapters."""
-        linears = config.linears
-        check_targets(denoiser, linears)
-        if id_name == base_name:
-            raise AdapterNameConflictError(f"The ID and Base adapters need different names, got {id_name!r} twice.")
-        existing = set(getattr(denoiser, "peft_config", {}) or {})
-        for name in (id_name, base_name):
-            if name in existing:
-                raise AdapterNameConflictError(
-                    f"The {denoiser.__class__.__name__} already has an adapter named {name!r}. Delete it "
-                    f"(`pipe.delete_adapters({name!r})`) or load HyperLoRA under other names, e.g. "
-                    "`load_hyperlora(..., id_adapter_name='hyper_id', base_adapter_name='hyper_base')`."
-                )
+        cls.check_attachable(denoiser, config, id_name, base_name)
         previously_active = active_adapters(denoiser)
-        paths = [linear.module_path for linear in linears]
+        paths = [linear.module_path for linear in config.linears]
         add_adapter(
             denoiser, LoraConfig(r=config.id_rank, lora_alpha=config.alpha("id"), target_modules=paths), id_name
         )
@@ -156,6 +166,25 @@ class HyperLoRAAdapters:
         adapters.clear("base")
         return adapters
 
+    @property
+    def layers(self) -> list[BaseTunerLayer]:
+        """The PEFT layers of the target linears, in checkpoint order (empty once detached)."""
+        return list(self._layers)
+
+    def is_attached(self) -> bool:
+        """Whether both adapters are still on the denoiser (diffusers' `unload_lora_weights`, `delete_adapters` or
+        `unet.unload_lora()` remove them behind our back)."""
+        if not self._layers:
+            return False
+        existing = getattr(self.denoiser, "peft_config", None) or {}
+        if any(name not in existing for name in self.names.values()):
+            return False
+        path = self.config.linears[0].module_path
+        try:
+            return self.denoiser.get_submodule(path) is self._layers[0]
+        except AttributeError:
+            return False
+
     # ------------------------------------------------------------------ writing weights
     def _pairs(self, branch: str):
         name = self.names[branch]
@@ -165,7 +194,9 @@ class HyperLoRAAdapters:
 
     def _check_branch(self, branch: str) -> None:
         if branch == "base" and not self.config.has_base:
-            raise ValueError("This checkpoint has no Base branch; its 'base' adapter is a zero placeholder.")
+            raise InvalidArgumentError(
+                "This checkpoint has no Base branch; its 'base' adapter is a zero placeholder: write branch 'id'."
+            )
 
     def _group_destinations(self, branch: str, groups: list[BankGroup]) -> list[tuple[list[nn.Parameter], ...]]:
         """`(lora_A weights, lora_B weights)` of every shape group's members, cached per branch."""
@@ -194,7 +225,7 @@ class HyperLoRAAdapters:
         self._check_branch(branch)
         pairs = list(self._pairs(branch))
         if len(pairs) != len(weights):
-            raise ValueError(f"Expected {len(pairs)} (down, up) pairs for {branch!r}, got {len(weights)}.")
+            raise InvalidArgumentError(f"Expected {len(pairs)} (down, up) pairs for {branch!r}, got {len(weights)}.")
 
         def update() -> None:
             destinations = [a for _, a, _ in pairs] + [b for _, _, b in pairs]
@@ -213,7 +244,7 @@ class HyperLoRAAdapters:
         """
         self._check_branch(branch)
         if len(groups) != len(mixed):
-            raise ValueError(f"Expected factors for {len(groups)} shape groups, got {len(mixed)}.")
+            raise InvalidArgumentError(f"Expected factors for {len(groups)} shape groups, got {len(mixed)}.")
         destinations = self._group_destinations(branch, groups)
 
         def update() -> None:
@@ -253,23 +284,39 @@ class HyperLoRAAdapters:
         """Delete both adapters; remove the PEFT wrappers entirely when no other adapter is left.
 
         Fused layers are first restored exactly and the user's other fused adapters merged again; layers that
-        keep other adapters keep the exact merge/unmerge.
+        keep other adapters keep the exact merge/unmerge. Adapters already removed by diffusers are skipped, so
+        detaching twice, or after `pipe.unload_lora_weights()`, is a no-op.
         """
         names = list(self.names.values())
-        with torch.no_grad():
-            for layer in self._layers:
-                others = [n for n in layer.merged_adapters if n not in names]
-                if any(n in names for n in layer.merged_adapters):
-                    layer.unmerge()  # exact restore of the base weights
-                    if others:  # other fused adapters stay fused, with a fresh exact snapshot
-                        layer.merge(adapter_names=others)
+        if self.is_attached():
+            self._restore_merged(names)
+        existing = set(getattr(self.denoiser, "peft_config", None) or {})
+        present = [name for name in names if name in existing]
         self._destinations = {}
-        self.denoiser.delete_adapters(names)
-        if not getattr(self.denoiser, "peft_config", None):
-            from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
-            recurse_remove_peft_layers(self.denoiser)
-            if hasattr(self.denoiser, "peft_config"):
-                del self.denoiser.peft_config
-            self.denoiser._hf_peft_config_loaded = None
         self._layers = []
+        if present:
+            self.denoiser.delete_adapters(present)
+        if not getattr(self.denoiser, "peft_config", None):
+            remove_peft_layers(self.denoiser)
+
+    @torch.no_grad()
+    def _restore_merged(self, names: list[str]) -> None:
+        for layer in self._layers:
+            others = [n for n in layer.merged_adapters if n not in names]
+            if any(n in names for n in layer.merged_adapters):
+                layer.unmerge()  # exact restore of the base weights
+                if others:  # other fused adapters stay fused, with a fresh exact snapshot
+                    layer.merge(adapter_names=others)
+
+
+def remove_peft_layers(denoiser: nn.Module) -> None:
+    """Replace every PEFT wrapper of `denoiser` by its base layer (once no adapter is left)."""
+    if not any(isinstance(module, BaseTunerLayer) for module in denoiser.modules()):
+        return
+    # diffusers has no public "remove the empty PEFT wrappers" call; this is what its `unload_lora` uses.
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(denoiser)
+    if hasattr(denoiser, "peft_config"):
+        del denoiser.peft_config
+    denoiser._hf_peft_config_loaded = None

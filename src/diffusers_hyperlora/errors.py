@@ -71,3 +71,15 @@ class IdentityCountError(HyperLoRAError, ValueError):
 
 class PerSampleFusedError(HyperLoRAError, RuntimeError):
     """Per-sample identities were asked for while HyperLoRA's adapters are fused (or fused while in use)."""
+
+
+class NonFiniteValueError(HyperLoRAError, ValueError):
+    """A tensor holds NaN or infinite values (features, an identity, checkpoint weights, face-analyzer output)."""
+
+
+class InvalidArgumentError(HyperLoRAError, ValueError):
+    """An argument has a value the call cannot use (an empty list, an unknown name or format, bad weights)."""
+
+
+class InvalidArgumentTypeError(HyperLoRAError, TypeError):
+    """An argument has a type the call cannot use."""

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from .config import HyperLoRAConfig
+from .errors import InvalidArgumentError
+from .files import atomic_path
 from .targets import TargetLinear
 
 LORA_FORMATS = ("kohya", "diffusers")
@@ -34,9 +36,9 @@ LoraFactors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_format(format: str) -> str:
-    """Return `format` if it is a known LoRA layout, else raise `ValueError` naming the choices."""
+    """Return `format` if it is a known LoRA layout, else raise `InvalidArgumentError` naming the choices."""
     if format not in LORA_FORMATS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"Unknown LoRA format {format!r}: use 'kohya' (ComfyUI, A1111, Forge, kohya sd-scripts, diffusers) or "
             "'diffusers' (diffusers only)."
         )
@@ -197,8 +199,5 @@ def save_lora_file(
         recommended_scale=recommended_scale,
         extra=extra_metadata,
     )
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    save_file(state_dict, path, metadata=metadata)
+    with atomic_path(path) as temporary:
+        save_file(state_dict, os.fspath(temporary), metadata=metadata)

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
-from .errors import IdentityFormatError, IdentityMismatchError
+from .checks import count_non_finite, require_finite
+from .errors import (
+    IdentityFormatError,
+    IdentityMismatchError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+)
+from .files import atomic_path
 
 logger = logging.get_logger(__name__)
 
@@ -74,10 +81,15 @@ def slerp_directions(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor
 
 def _check_same_checkpoint(identities: Sequence[HyperLoRAIdentity], what: str) -> None:
     if not identities:
-        raise ValueError(f"{what}() needs at least one HyperLoRAIdentity.")
+        raise InvalidArgumentError(
+            f"HyperLoRAIdentity.{what}() got no identities: pass at least one HyperLoRAIdentity."
+        )
     for index, other in enumerate(identities):
         if not isinstance(other, HyperLoRAIdentity):
-            raise TypeError(f"{what}() takes HyperLoRAIdentity objects; item {index} is a {type(other).__name__}.")
+            raise InvalidArgumentTypeError(
+                f"HyperLoRAIdentity.{what}() takes HyperLoRAIdentity objects; item {index} is a "
+                f"{type(other).__name__}. Load saved ones with `HyperLoRAIdentity.load(path)`."
+            )
     first = identities[0]
     for other in identities[1:]:
         other.check_compatible(first.checkpoint, first.probe)
@@ -134,22 +146,59 @@ class HyperLoRAIdentity:
     def coefficients(self, branch: str = "id") -> torch.Tensor | None:
         """Normalized coefficients of `branch` (`"id"` or `"base"`), `None` when the identity has none."""
         if branch not in ("id", "base"):
-            raise ValueError(f"branch must be 'id' or 'base', got {branch!r}.")
+            raise InvalidArgumentError(f"branch must be 'id' or 'base', got {branch!r}.")
         return self.id_coefficients if branch == "id" else self.base_coefficients
 
-    def check_compatible(self, checkpoint: str, probe: torch.Tensor | None) -> None:
-        """Raise `IdentityMismatchError` unless this identity was predicted by the given checkpoint."""
-        same_probe = (
-            self.probe is None
-            or probe is None
-            or (self.probe.shape == probe.shape and torch.allclose(self.probe.float(), probe.float().cpu(), atol=1e-2))
-        )
-        if self.checkpoint != checkpoint or not same_probe:
+    def check_compatible(
+        self, checkpoint: str, probe: torch.Tensor | None, shape: tuple[int, int] | None = None
+    ) -> None:
+        """Raise `IdentityMismatchError` unless this identity was predicted by the given checkpoint.
+
+        Args:
+            checkpoint: the loaded checkpoint's `architecture_hash`.
+            probe: the loaded checkpoint's probe weights; an identity without a probe then cannot be matched.
+            shape: the coefficient shape `[num_tokens, K]` the checkpoint reads, checked when given.
+        """
+        fix = "Predict it again from the photos with the loaded checkpoint."
+        if self.checkpoint != checkpoint:
             raise IdentityMismatchError(
-                f"This identity was predicted by another HyperLoRA checkpoint (architecture {self.checkpoint!r}, "
-                f"loaded: {checkpoint!r}, or different weights). Predict it again from the photos with the loaded "
-                "checkpoint."
+                f"This identity was predicted by another HyperLoRA checkpoint, of another architecture (hash "
+                f"{self.checkpoint!r}); the loaded checkpoint's is {checkpoint!r}. {fix}"
             )
+        if probe is not None:
+            self._check_probe(probe.float().cpu(), fix)
+        if shape is not None:
+            for name, mean in (("id_mean", self.id_mean), ("base_mean", self.base_mean)):
+                if mean is not None and tuple(mean.shape) != tuple(shape):
+                    raise IdentityMismatchError(
+                        f"The identity's `{name}` has shape {list(mean.shape)}, but the loaded checkpoint reads "
+                        f"coefficients of shape {list(shape)} ([num_tokens, K]). {fix}"
+                    )
+
+    def _check_probe(self, probe: torch.Tensor, fix: str) -> None:
+        if self.probe is None:
+            raise IdentityMismatchError(
+                "The identity carries no `probe` weights, so nothing shows it was predicted by the loaded "
+                f"checkpoint's weights (only the architecture matches). {fix}"
+            )
+        mine = self.probe.float().cpu()
+        if mine.shape != probe.shape:
+            raise IdentityMismatchError(
+                f"The identity's probe has shape {list(mine.shape)}, the loaded checkpoint's {list(probe.shape)}. {fix}"
+            )
+        if not torch.allclose(mine, probe, atol=1e-2):
+            difference = float((mine - probe).abs().nan_to_num(float("inf")).max())
+            raise IdentityMismatchError(
+                "The identity was predicted by another HyperLoRA checkpoint with the same architecture but other "
+                f"weights: its probe weights differ from the loaded checkpoint's by up to {difference:.3g} (tolerance "
+                f"0.01). {fix}"
+            )
+
+    def check_finite(self) -> None:
+        """Raise `NonFiniteValueError` when a coefficient is NaN or infinite."""
+        fix = "predict the identity again from the photos"
+        require_finite(self.id_mean, "The identity's `id_mean`", fix)
+        require_finite(self.base_mean, "The identity's `base_mean`", fix)
 
     # ------------------------------------------------------------------ combining identities
     @classmethod
@@ -187,14 +236,23 @@ class HyperLoRAIdentity:
             >>> blend = HyperLoRAIdentity.mix([alice, bob, carol], [0.5, 0.3, 0.2])  # doctest: +SKIP
         """
         identities = list(identities)
-        weights = [float(w) for w in weights]
+        try:
+            weights = [float(w) for w in weights]
+        except (TypeError, ValueError) as error:
+            raise InvalidArgumentTypeError(
+                f"HyperLoRAIdentity.mix() weights must be numbers, one per identity, got {weights!r}."
+            ) from error
         _check_same_checkpoint(identities, "mix")
         if len(weights) != len(identities):
-            raise ValueError(
-                f"mix() got {len(identities)} identities but {len(weights)} weights: give one weight per identity."
+            raise InvalidArgumentError(
+                f"HyperLoRAIdentity.mix() got {len(identities)} identities but {len(weights)} weights: give one "
+                "weight per identity."
             )
         if not all(math.isfinite(w) for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"mix() weights must be finite numbers with a positive sum, got {weights}.")
+            raise InvalidArgumentError(
+                f"HyperLoRAIdentity.mix() weights must be finite numbers with a positive sum, got {weights}; e.g. "
+                "[0.5, 0.5]."
+            )
         first = identities[0]
         id_mean = blend_directions([i.id_mean for i in identities], weights)
         has_base = all(i.base_mean is not None for i in identities)
@@ -225,7 +283,7 @@ class HyperLoRAIdentity:
         """
         t = float(t)
         if not math.isfinite(t):
-            raise ValueError(f"interpolate() needs a finite t (0 = a, 1 = b), got {t}.")
+            raise InvalidArgumentError(f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.")
         if not spherical:
             return cls.mix([a, b], [1.0 - t, t])
         _check_same_checkpoint([a, b], "interpolate")
@@ -250,6 +308,7 @@ class HyperLoRAIdentity:
         """
         from safetensors.torch import save_file
 
+        self.check_finite()
         tensors = {"id_mean": self.id_mean.detach().float().cpu().contiguous()}
         if self.base_mean is not None:
             tensors["base_mean"] = self.base_mean.detach().float().cpu().contiguous()
@@ -263,7 +322,8 @@ class HyperLoRAIdentity:
             "sources": json.dumps([str(s) for s in self.sources]),
             "kind": self.kind,
         }
-        save_file(tensors, os.fspath(path), metadata=metadata)
+        with atomic_path(path) as temporary:
+            save_file(tensors, os.fspath(temporary), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, predictor: Any = None) -> HyperLoRAIdentity:
@@ -339,6 +399,11 @@ def identity_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, 
         raise IdentityFormatError(
             f"{name!r}: 'base_mean' has shape {list(base_mean.shape)}, expected {list(id_mean.shape)} like 'id_mean'."
         )
+    for key, tensor in tensors.items():
+        if count_non_finite(tensor):
+            raise IdentityFormatError(
+                f"{name!r}: tensor {key!r} holds NaN/infinite values; the file is damaged. {expected}."
+            )
     kind = metadata.get("kind", "photos")
     if num_images < 1 or kind not in IDENTITY_KINDS or not isinstance(sources, list):
         raise IdentityFormatError(

@@ -14,8 +14,14 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .bank import BasisBank
+from .checks import first_non_finite, require_finite
 from .config import HyperLoRAConfig
-from .errors import FeatureShapeError
+from .errors import (
+    FeatureShapeError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    NonFiniteValueError,
+)
 from .identity import HyperLoRAIdentity
 from .resampler import IDProjector, PerceiverResampler
 
@@ -111,6 +117,9 @@ class HyperLoRAPredictor(
                 )
         if config.use_image_embeds:
             clip_hidden_states = _check_clip(clip_hidden_states, config.image_embed_dim, "clip_hidden_states")
+        fix = "check the images and the encoders (a NaN usually comes from a damaged file or a 16-bit overflow)"
+        require_finite(id_embeds, "`id_embeds`", fix)
+        require_finite(clip_hidden_states, "`clip_hidden_states`", fix)
         if (
             id_embeds is not None
             and clip_hidden_states is not None
@@ -135,6 +144,7 @@ class HyperLoRAPredictor(
     def forward_base(self, base_clip_hidden_states: torch.Tensor) -> torch.Tensor:
         """Per-image Base coefficients `[B, num_tokens, K]` from CLIP features of the face-blurred images."""
         states = _check_clip(base_clip_hidden_states, self.config.image_embed_dim, "base_clip_hidden_states")
+        require_finite(states, "`base_clip_hidden_states`", "check the images and the CLIP encoder")
         return self.base_resampler(None, states.to(device=self.device, dtype=self.dtype))
 
     @torch.no_grad()
@@ -170,13 +180,39 @@ class HyperLoRAPredictor(
             sources=list(sources or []),
         )
 
+    # ------------------------------------------------------------------ validation
+    def check_identity(self, identity: HyperLoRAIdentity) -> None:
+        """Raise unless `identity` belongs to this checkpoint (hash, probe, coefficient shape) and is finite."""
+        if not isinstance(identity, HyperLoRAIdentity):
+            raise InvalidArgumentTypeError(
+                f"Expected a HyperLoRAIdentity, got {type(identity).__name__}. Predict one with "
+                "`pipe.predict_hyperlora_identity(images)` or load one with `HyperLoRAIdentity.load(path)`."
+            )
+        identity.check_compatible(
+            self.checkpoint_hash, self.probe, shape=(self.config.num_tokens, self.config.num_basis)
+        )
+        identity.check_finite()
+
+    def check_weights_finite(self) -> None:
+        """Raise `NonFiniteValueError` naming the first parameter with NaN/infinite values (a damaged file)."""
+        found = first_non_finite(self.named_parameters())
+        if found is not None:
+            name, count = found
+            raise NonFiniteValueError(
+                f"The HyperLoRA checkpoint's weight {name!r} holds {count} NaN/infinite value(s): the file is "
+                "damaged. Download it again (`force_download=True`) or re-convert it."
+            )
+
     # ------------------------------------------------------------------ coefficients -> LoRA weights
     def bank(self, branch: str = "id") -> BasisBank:
         if branch == "id":
             return self.id_bank
         if branch == "base" and self.base_bank is not None:
             return self.base_bank
-        raise ValueError(f"branch must be 'id' or 'base' (this checkpoint has a Base branch: {self.config.has_base}).")
+        raise InvalidArgumentError(
+            f"branch must be 'id' or 'base' (this checkpoint has a Base branch: {self.config.has_base}), "
+            f"got {branch!r}."
+        )
 
     def split_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
         """`[num_tokens, K]` -> `[num_linears, 2, K]`: entry i's 8 tokens are (down, up) for q, k, v, out."""
@@ -187,10 +223,12 @@ class HyperLoRAPredictor(
         self, identity: HyperLoRAIdentity, branch: str = "id", device: torch.device | str | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`(down [r, in], up [out, r])` float32 for every target linear (checkpoint order) of one branch."""
-        identity.check_compatible(self.checkpoint_hash, self.probe)
+        self.check_identity(identity)
         coefficients = identity.coefficients(branch)
         if coefficients is None:
-            raise ValueError(f"This identity has no {branch!r} coefficients.")
+            raise InvalidArgumentError(
+                f"This identity has no {branch!r} coefficients (it was predicted without Base inputs): use branch='id'."
+            )
         device = self.device if device is None else device
         return self.bank(branch).lora_weights(self.split_coefficients(coefficients.to(device)))
 
@@ -222,20 +260,22 @@ class HyperLoRAPredictor(
 
         check_format(format)
         if branch == "base" and not self.config.has_base:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "
                 "branch='id'."
             )
         if isinstance(identity, HyperLoRASlider):
             if branch != "id":
-                raise ValueError(f"Sliders are built from the ID branch; export them with branch='id', not {branch!r}.")
+                raise InvalidArgumentError(
+                    f"Sliders are built from the ID branch; export them with branch='id', not {branch!r}."
+                )
             weights, alpha = identity.lora_weights(self), slider_alpha(self.config)
             kind, scale = "slider", DEFAULT_SLIDER_WEIGHT
         elif isinstance(identity, HyperLoRAIdentity):
             weights, alpha = self.lora_weights(identity, branch), self.config.alpha(branch)
             kind, scale = "identity", None
         else:
-            raise TypeError(
+            raise InvalidArgumentTypeError(
                 f"export_lora() takes a HyperLoRAIdentity or a HyperLoRASlider, got {type(identity).__name__}. "
                 "Predict one with `pipe.predict_hyperlora_identity(images)` or load it with `HyperLoRAIdentity.load`."
             )

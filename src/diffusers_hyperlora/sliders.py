@@ -24,7 +24,7 @@ from torch import nn
 
 from .adapters import active_adapters, add_adapter, check_targets, set_active_adapters, update_while_unmerged
 from .config import HyperLoRAConfig
-from .errors import AdapterNameConflictError
+from .errors import AdapterNameConflictError, InvalidArgumentError, InvalidArgumentTypeError
 from .identity import HyperLoRAIdentity
 
 logger = logging.get_logger(__name__)
@@ -44,7 +44,9 @@ def difference_factors(edited: LoraFactors, neutral: LoraFactors) -> list[tuple[
     (torch.Size([4, 5]), torch.Size([3, 4]), True)
     """
     if len(edited) != len(neutral):
-        raise ValueError(f"Edited and neutral LoRAs cover {len(edited)} and {len(neutral)} linears; they must match.")
+        raise InvalidArgumentError(
+            f"Edited and neutral LoRAs cover {len(edited)} and {len(neutral)} linears; they must match."
+        )
     return [
         (torch.cat([down_e, down_n], dim=0), torch.cat([up_e, -up_n], dim=1))
         for (down_e, up_e), (down_n, up_n) in zip(edited, neutral)
@@ -86,7 +88,7 @@ class HyperLoRASlider:
         for side in ("neutral", "edited"):
             value = getattr(self, side)
             if not isinstance(value, HyperLoRAIdentity):
-                raise TypeError(
+                raise InvalidArgumentTypeError(
                     f"HyperLoRASlider.{side} must be a HyperLoRAIdentity, got {type(value).__name__}. Predict it with "
                     "`pipe.predict_hyperlora_identity(images)` or load it with `HyperLoRAIdentity.load(path)`."
                 )
@@ -110,7 +112,7 @@ def write_slider_adapter(denoiser: nn.Module, config: HyperLoRAConfig, name: str
     modules = dict(denoiser.named_modules())
     layers = [modules[linear.module_path] for linear in config.linears]
     if len(layers) != len(factors):
-        raise ValueError(f"Expected slider factors for {len(layers)} linears, got {len(factors)}.")
+        raise InvalidArgumentError(f"Expected slider factors for {len(layers)} linears, got {len(factors)}.")
 
     def update() -> None:
         destinations = [layer.lora_A[name].weight for layer in layers] + [layer.lora_B[name].weight for layer in layers]
@@ -149,101 +151,3 @@ def delete_slider_adapters(denoiser: nn.Module, names: Sequence[str]) -> None:
     present = [name for name in names if name in existing]
     if present:
         denoiser.delete_adapters(present)
-
-
-# ---------------------------------------------------------------------------------------------- pipeline surface
-def _as_identity(pipe: Any, value: Any, side: str, extractor_kwargs: dict) -> HyperLoRAIdentity:
-    from .pipeline import predict_hyperlora_identity
-
-    if isinstance(value, HyperLoRAIdentity):
-        return value
-    if value is None:
-        raise ValueError(f"add_hyperlora_slider(): `{side}` is missing; pass images or a HyperLoRAIdentity.")
-    return predict_hyperlora_identity(pipe, value, **extractor_kwargs)
-
-
-@torch.no_grad()
-def add_hyperlora_slider(
-    pipe: Any,
-    neutral: Any,
-    edited: Any,
-    adapter_name: str = DEFAULT_SLIDER_NAME,
-    weight: float = DEFAULT_SLIDER_WEIGHT,
-    **extractor_kwargs: Any,
-) -> HyperLoRASlider:
-    """Add (or rewrite) a slider adapter that moves generations from `neutral` towards `edited`.
-
-    Args:
-        pipe: a pipeline with a HyperLoRA loaded (`pipe.load_hyperlora(...)`).
-        neutral: photos (one or a list, as for `set_hyperlora_identity`) or a `HyperLoRAIdentity` of the person.
-        edited: the same for the edited photos of the same person (e.g. aged, smiling).
-        adapter_name: name of the PEFT adapter; add several sliders under different names.
-        weight: initial adapter weight (the reference slider workflows use +-0.7). Change it later with
-            `pipe.set_adapters([...], [...])` like any LoRA; a negative weight moves the other way.
-        extractor_kwargs: forwarded to the feature extractor for image inputs.
-
-    Returns:
-        The `HyperLoRASlider` (export it with `pipe.hyperlora.export_lora(slider, "slider.safetensors")`).
-
-    Example:
-        >>> slider = pipe.add_hyperlora_slider(["me.jpg"], ["me_aged.jpg"], adapter_name="age")  # doctest: +SKIP
-        >>> pipe.set_adapters(["id", "age"], [0.8, -0.5])  # younger  # doctest: +SKIP
-    """
-    from .pipeline import _state, sync_predictor
-
-    state = _state(pipe)
-    if adapter_name in state.adapters.names.values():
-        raise AdapterNameConflictError(
-            f"{adapter_name!r} is one of HyperLoRA's own adapters ({sorted(state.adapters.names.values())}); "
-            "give the slider another name, e.g. `adapter_name='slider'`."
-        )
-    slider = HyperLoRASlider(
-        neutral=_as_identity(pipe, neutral, "neutral", extractor_kwargs),
-        edited=_as_identity(pipe, edited, "edited", extractor_kwargs),
-    )
-    predictor = sync_predictor(pipe)
-    factors = slider.lora_weights(predictor)
-    denoiser, config = state.adapters.denoiser, predictor.config
-    sliders = hyperlora_sliders(state)
-    if adapter_name in sliders and adapter_name in (getattr(denoiser, "peft_config", None) or {}):
-        write_slider_adapter(denoiser, config, adapter_name, factors)
-        set_active_adapters(denoiser, _with(active_adapters(denoiser), adapter_name), {adapter_name: weight})
-    else:
-        add_slider_adapter(denoiser, config, adapter_name, factors, weight)
-    sliders[adapter_name] = slider
-    return slider
-
-
-def _with(names: list[str], name: str) -> list[str]:
-    return names if name in names else names + [name]
-
-
-def hyperlora_sliders(state: Any) -> dict[str, HyperLoRASlider]:
-    """The sliders a pipeline's HyperLoRA state created, by adapter name (created on first use)."""
-    return state.sliders
-
-
-def remove_hyperlora_slider(pipe: Any, adapter_name: str = DEFAULT_SLIDER_NAME) -> None:
-    """Delete one slider adapter created by `add_hyperlora_slider`.
-
-    Example:
-        >>> pipe.remove_hyperlora_slider("age")  # doctest: +SKIP
-    """
-    from .pipeline import _state
-
-    sliders = hyperlora_sliders(_state(pipe))
-    if adapter_name not in sliders:
-        raise ValueError(
-            f"No HyperLoRA slider named {adapter_name!r} on this pipeline (sliders: {sorted(sliders) or 'none'}). "
-            "Use the name given to `add_hyperlora_slider`."
-        )
-    state = _state(pipe)
-    delete_slider_adapters(state.adapters.denoiser, [adapter_name])
-    del sliders[adapter_name]
-
-
-def remove_all_sliders(state: Any) -> None:
-    """Delete every slider adapter of a HyperLoRA state (used by `unload_hyperlora`)."""
-    sliders = hyperlora_sliders(state)
-    delete_slider_adapters(state.adapters.denoiser, list(sliders))
-    sliders.clear()

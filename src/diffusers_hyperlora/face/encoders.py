@@ -118,11 +118,16 @@ class CLIPImageEncoder:
     def hidden_states(
         self, images: list[Any], device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """`hidden_states[-2]` of the images (PIL), on `device` in `dtype` (default: the model's)."""
-        if device is not None or dtype is not None:
-            self.to(device or self.model.device, dtype or self.model.dtype)
+        """`hidden_states[-2]` of the images (PIL), on `device` in `dtype` (default: the model's).
+
+        The model computes in its own dtype and the result is cast: an encoder shared with another pipeline is
+        never converted (only moved to `device` when it is elsewhere).
+        """
+        if device is not None:
+            self.to(device, self.model.dtype)
         pixels = self.pixel_values(images).to(device=self.model.device, dtype=self.model.dtype)
-        return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        states = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        return states if dtype is None else states.to(dtype)
 
 
 def _load_processor(path: str, options: dict, model: Any) -> Any:

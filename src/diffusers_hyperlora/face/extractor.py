@@ -31,6 +31,7 @@ from .analyzer import (
     download_face_models,
     resolve_face_models_dir,
 )
+from .checks import check_embedding, check_face_geometry
 from .conditioning import blur_face, remove_background
 from .crops import SquareCrop, arcface_crop, base_crop_box, box_iou, clip_crop, crop_padded, shift_box
 from .encoders import CLIPImageEncoder, as_image_encoder, is_local_folder
@@ -146,6 +147,7 @@ class FaceFeatureExtractor:
                 "face_index=... to choose another, or crop the photo to one person."
             )
         face = ranked[index]
+        check_face_geometry(face.bbox, face.landmarks, image.size, image.name)
         if face.landmarks is None or face.landmarks.shape[0] < 106:
             raise FaceModelsNotFoundError(
                 "The face analyzer gave no 106-point landmarks (`landmark_2d_106`), which the HyperLoRA crops need. "
@@ -278,6 +280,8 @@ class FaceFeatureExtractor:
                     f"No ArcFace embedding for {', '.join(missing)}: the face analyzer has no recognition model. Use "
                     "AntelopeV2 with glintr100.onnx, or an analyzer whose faces carry `normed_embedding`."
                 )
+            for p in prepared:
+                check_embedding(p.id_embedding, p.source)
             stacked = torch.from_numpy(np.stack([p.id_embedding for p in prepared]).astype(np.float32))
             id_embeds = torch.nn.functional.normalize(stacked, dim=-1).to(device=device, dtype=dtype)
         clip = None

@@ -1,0 +1,42 @@
+"""Small validators shared by every layer: one place that turns bad numbers into clear `HyperLoRAError`s.
+
+Example:
+    >>> import torch
+    >>> require_finite(torch.ones(2), "`id_embeds`", "pass normed ArcFace embeddings")
+    >>> count_non_finite(torch.tensor([1.0, float("nan"), float("inf")]))
+    2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .errors import NonFiniteValueError
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many elements of `tensor` are NaN or infinite (0 for integer tensors)."""
+    if not torch.is_floating_point(tensor):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def require_finite(tensor: torch.Tensor | None, what: str, fix: str) -> None:
+    """Raise `NonFiniteValueError` naming `what` when `tensor` holds NaN or infinite values."""
+    if tensor is None:
+        return
+    tensor = torch.as_tensor(tensor)
+    bad = count_non_finite(tensor)
+    if bad:
+        raise NonFiniteValueError(f"{what} holds {bad} NaN/infinite value(s) of {tensor.numel()}; {fix}.")
+
+
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:
+    """`(name, count)` of the first tensor holding NaN/infinite values, or `None` (scans tensor by tensor)."""
+    for name, tensor in named:
+        bad = count_non_finite(tensor.detach())
+        if bad:
+            return name, bad
+    return None

@@ -1,0 +1,522 @@
+"""`HyperLoRAController`: the one owner of HyperLoRA on a pipeline (what `pipe.hyperlora` returns).
+
+It owns the predictor, the `"id"`/`"base"` adapters, the sliders, the feature extractor, the device/offload
+policy, the current identity and a lock. Every public method validates its inputs before it changes anything,
+so a call that raises leaves the weights, the active adapters, the current identity and the loaded checkpoint
+exactly as they were.
+
+Concurrency: all methods that read or write HyperLoRA state hold `controller.lock` (a re-entrant lock), so
+concurrent identity switches are serialized and the live weights always equal exactly one identity, the one
+`identity` names. A generation (`pipe(...)`) does not take the lock: to pair a switch with the images generated
+from it across threads, hold the lock around both (`with pipe.hyperlora.lock: ...`).
+
+Living beside diffusers' own LoRA calls: when `pipe.unload_lora_weights()`, `pipe.delete_adapters(...)` or
+`pipe.unet.unload_lora()` removed HyperLoRA's adapters, the next identity switch attaches them again (with the
+adapter weights given at load) and logs a warning; `identity` is `None` until then.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers.utils import logging
+
+from .adapter_state_dict import hide_adapters_from_state_dict
+from .adapters import HyperLoRAAdapters, active_adapters, set_active_adapters
+from .config import HyperLoRAConfig
+from .errors import AdapterNameConflictError, HyperLoRANotLoadedError, InvalidArgumentError, InvalidArgumentTypeError
+from .features import FeatureExtractor
+from .identity import HyperLoRAIdentity
+from .identity_inputs import resolve_identity
+from .predictor import HyperLoRAPredictor
+from .sliders import (
+    DEFAULT_SLIDER_NAME,
+    DEFAULT_SLIDER_WEIGHT,
+    HyperLoRASlider,
+    add_slider_adapter,
+    delete_slider_adapters,
+    write_slider_adapter,
+)
+
+logger = logging.get_logger(__name__)
+
+DENOISER_NAMES = ("unet", "transformer")
+
+
+def find_denoiser(pipe: Any, name: str | None = None) -> torch.nn.Module:
+    """The pipeline's denoiser: `name` if given, else its `unet` or `transformer`."""
+    for candidate in (name,) if name else DENOISER_NAMES:
+        module = getattr(pipe, candidate, None)
+        if module is not None:
+            return module
+    raise InvalidArgumentTypeError(
+        f"{pipe.__class__.__name__} has no denoiser ({' or '.join(DENOISER_NAMES)}); HyperLoRA needs a diffusers "
+        "pipeline such as StableDiffusionXLPipeline."
+    )
+
+
+def as_image_list(images: Any, caller: str) -> list[Any]:
+    """One image or a list of images -> a non-empty list (`caller` names the user's call in the error)."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise InvalidArgumentError(f"{caller}() got an empty list: pass one image or a list of images.")
+        return list(images)
+    return [images]
+
+
+class _Loaded:
+    """What one `load` put on the pipeline; replaced as a whole by the next `load`."""
+
+    def __init__(
+        self,
+        predictor: HyperLoRAPredictor,
+        adapters: HyperLoRAAdapters,
+        source: str | None,
+        options: dict[str, Any],
+    ) -> None:
+        self.predictor = predictor
+        self.adapters = adapters
+        self.source = source
+        self.options = options  # hub options, encoders, weights, offload_bank: what `load` was given
+        self.feature_extractor: FeatureExtractor | None = options.get("feature_extractor")
+        self.identity: HyperLoRAIdentity | None = None
+        self.sliders: dict[str, HyperLoRASlider] = {}
+        self.synced_for: tuple | None = None
+        self.state_dict_hook: Any = None
+
+
+class HyperLoRAController:
+    """HyperLoRA on one pipeline. Get it as `pipe.hyperlora`; `pipe.load_hyperlora(...)` & co. delegate to it.
+
+    Example:
+        >>> from diffusers_hyperlora.tiny import tiny_sdxl_pipeline, tiny_hyperlora_predictor
+        >>> pipe = tiny_sdxl_pipeline()
+        >>> controller = pipe.hyperlora
+        >>> controller.is_loaded
+        False
+        >>> _ = pipe.load_hyperlora(tiny_hyperlora_predictor())
+        >>> identity = controller.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 5, 48))
+        >>> _ = controller.set_identity(identity)
+        >>> controller.identity is identity
+        True
+    """
+
+    def __init__(self, pipe: Any, denoiser_name: str | None = None) -> None:
+        self._pipe = pipe
+        self._denoiser_name = denoiser_name
+        self._loaded: _Loaded | None = None
+        self.lock = threading.RLock()
+
+    # ------------------------------------------------------------------ what is loaded
+    @property
+    def is_loaded(self) -> bool:
+        """Whether a HyperLoRA checkpoint is loaded on the pipeline."""
+        return self._loaded is not None
+
+    def _require(self, caller: str) -> _Loaded:
+        if self._loaded is None:
+            raise HyperLoRANotLoadedError(
+                f"{caller}: no HyperLoRA is loaded on this pipeline. Call `pipe.load_hyperlora(...)` first (a Hub "
+                "repo id such as 'bytedance-research/HyperLoRA' with its `subfolder=`, or a local folder)."
+            )
+        return self._loaded
+
+    @property
+    def predictor(self) -> HyperLoRAPredictor:
+        """The loaded `HyperLoRAPredictor`."""
+        return self._require("pipe.hyperlora.predictor").predictor
+
+    @property
+    def config(self) -> HyperLoRAConfig:
+        """The loaded checkpoint's `HyperLoRAConfig`."""
+        return self.predictor.config
+
+    @property
+    def adapters(self) -> HyperLoRAAdapters:
+        """The `"id"`/`"base"` PEFT adapters on the denoiser."""
+        return self._require("pipe.hyperlora.adapters").adapters
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.predictor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    @property
+    def source(self) -> str | None:
+        """Where the checkpoint was loaded from (`None` for a predictor passed in)."""
+        return self._require("pipe.hyperlora.source").source
+
+    @property
+    def identity(self) -> HyperLoRAIdentity | None:
+        """The identity written into the adapters, or `None` (nothing written, or the adapters were removed)."""
+        loaded = self._loaded
+        if loaded is None or not loaded.adapters.is_attached():
+            return None
+        return loaded.identity
+
+    @property
+    def sliders(self) -> dict[str, HyperLoRASlider]:
+        """The sliders on the pipeline, by adapter name (a copy)."""
+        loaded = self._loaded
+        return {} if loaded is None else dict(loaded.sliders)
+
+    @property
+    def feature_extractor(self) -> FeatureExtractor | None:
+        """The feature extractor (photos -> features), or `None` until the first call that needs it built it."""
+        loaded = self._loaded
+        return None if loaded is None else loaded.feature_extractor
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter HyperLoRA owns on the denoiser: "id", "base" and the sliders."""
+        loaded = self._loaded
+        return [] if loaded is None else [*loaded.adapters.names.values(), *loaded.sliders]
+
+    def _denoiser(self) -> torch.nn.Module:
+        return find_denoiser(self._pipe, self._denoiser_name)
+
+    # ------------------------------------------------------------------ load / unload
+    def load(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike | HyperLoRAPredictor,
+        *,
+        load_predictor: Callable[..., HyperLoRAPredictor],
+        id_adapter_name: str = "id",
+        base_adapter_name: str = "base",
+        id_weight: float | None = None,
+        base_weight: float | None = None,
+        offload_bank: bool = False,
+        **options: Any,
+    ) -> None:
+        """Load a checkpoint transactionally: resolve, read and check it against the denoiser, then replace the
+        HyperLoRA that was there. Any error leaves the old one (and its identity) in place.
+
+        `load_predictor(source, torch_dtype=...)` reads a checkpoint (`pipeline.load_hyperlora` passes the io
+        loader with the Hub options bound); the other options are kept for the feature extractor.
+        """
+        with self.lock:
+            denoiser = self._denoiser()
+            if isinstance(pretrained_model_name_or_path, HyperLoRAPredictor):
+                predictor, source = pretrained_model_name_or_path, None
+            else:
+                source = os.fspath(pretrained_model_name_or_path)
+                dtype = options.get("torch_dtype") or denoiser.dtype
+                predictor = load_predictor(source, torch_dtype=dtype)
+            predictor.check_weights_finite()
+            names = (id_adapter_name, base_adapter_name)
+            HyperLoRAAdapters.check_attachable(denoiser, predictor.config, *names, replacing=self.adapter_names())
+            self.unload()
+            adapters = HyperLoRAAdapters.attach(
+                denoiser, predictor.config, *names, id_weight=id_weight, base_weight=base_weight
+            )
+            options.update(id_weight=id_weight, base_weight=base_weight, offload_bank=offload_bank)
+            loaded = _Loaded(predictor.eval().requires_grad_(False), adapters, source, options)
+            loaded.state_dict_hook = hide_adapters_from_state_dict(denoiser, self.adapter_names_of(loaded))
+            self._loaded = loaded
+
+    @staticmethod
+    def adapter_names_of(loaded: _Loaded) -> Callable[[], list[str]]:
+        return lambda: [*loaded.adapters.names.values(), *loaded.sliders]
+
+    def unload(self) -> None:
+        """Remove HyperLoRA's adapters and predictor; the denoiser computes exactly what it did before loading.
+
+        A no-op when nothing is loaded (like diffusers' `unload_lora_weights`).
+        """
+        with self.lock:
+            loaded = self._loaded
+            if loaded is None:
+                return
+            delete_slider_adapters(loaded.adapters.denoiser, list(loaded.sliders))
+            if loaded.state_dict_hook is not None:
+                loaded.state_dict_hook.remove()
+            loaded.adapters.detach()
+            self._loaded = None
+
+    # ------------------------------------------------------------------ device policy
+    def _execution_device(self) -> torch.device:
+        device = getattr(self._pipe, "_execution_device", None)
+        return torch.device(device) if device is not None else self._denoiser().device
+
+    def _offloaded(self) -> bool:
+        """Whether accelerate's CPU offload hooks manage the denoiser (`enable_*_cpu_offload`)."""
+        return getattr(self._denoiser(), "_hf_hook", None) is not None
+
+    def _sync(self, loaded: _Loaded) -> HyperLoRAPredictor:
+        """Put the predictor on the execution device in the denoiser's dtype; with `offload_bank` the banks stay
+        in CPU memory (pinned when they feed a GPU) and are streamed during a switch."""
+        device, dtype = self._execution_device(), loaded.adapters.denoiser.dtype
+        predictor = loaded.predictor
+        if not loaded.options.get("offload_bank"):
+            if predictor.device != device or predictor.dtype != dtype:
+                predictor.to(device=device, dtype=dtype)
+            return predictor
+        for name, module in predictor.named_children():
+            if name in ("id_bank", "base_bank"):
+                _keep_on_cpu(module, dtype, pin=device.type == "cuda")
+            elif module is not None:
+                module.to(device=device, dtype=dtype)
+        return predictor
+
+    def prepare_predictor(self) -> HyperLoRAPredictor:
+        """Move the predictor where the next switch computes (honouring `offload_bank`) and return it."""
+        with self.lock:
+            return self._sync(self._require("pipe.hyperlora.prepare_predictor()"))
+
+    def _rest(self, loaded: _Loaded) -> None:
+        """Under CPU offload, send the predictor back to the CPU after use, like the offloaded models."""
+        if self._offloaded():
+            loaded.predictor.to("cpu")
+            loaded.synced_for = None
+
+    # ------------------------------------------------------------------ prediction
+    def predict(
+        self,
+        id_embeds: torch.Tensor | None = None,
+        clip_hidden_states: torch.Tensor | None = None,
+        base_clip_hidden_states: torch.Tensor | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> HyperLoRAIdentity:
+        """Features -> `HyperLoRAIdentity` (the features path: no face or CLIP models needed). Validated: wrong
+        shapes raise `FeatureShapeError`, NaN/inf raise `NonFiniteValueError`."""
+        with self.lock:
+            loaded = self._require("pipe.hyperlora.predict()")
+            predictor = self._sync(loaded)
+            try:
+                return predictor.predict(id_embeds, clip_hidden_states, base_clip_hidden_states, sources)
+            finally:
+                self._rest(loaded)
+
+    def predict_identity(self, images: Any, caller: str = "predict_hyperlora_identity", **kwargs: Any):
+        """Photos -> `HyperLoRAIdentity`, without touching the adapters. Saved identity files (`.safetensors`) and
+        `HyperLoRAIdentity` objects may stand among the photos: they are pooled in exactly."""
+        with self.lock:
+            loaded = self._require(f"pipe.{caller}()")
+            inputs = as_image_list(images, caller)
+            return resolve_identity(
+                inputs, lambda photos: self._predict_photos(loaded, photos, kwargs), loaded.predictor
+            )
+
+    def _predict_photos(self, loaded: _Loaded, photos: list[Any], kwargs: dict[str, Any]) -> HyperLoRAIdentity:
+        predictor = self._sync(loaded)
+        try:
+            features = self._extractor(loaded)(
+                photos, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base, **kwargs
+            )
+            return predictor.predict(
+                features.id_embeds, features.clip_hidden_states, features.base_clip_hidden_states, features.sources
+            )
+        finally:
+            self._rest(loaded)
+
+    def _extractor(self, loaded: _Loaded) -> FeatureExtractor:
+        if loaded.feature_extractor is None:
+            from .face import build_feature_extractor
+
+            options = loaded.options
+            loaded.feature_extractor = build_feature_extractor(
+                loaded.predictor.config,
+                source=loaded.source,
+                image_encoder=options.get("image_encoder"),
+                face_analyzer=options.get("face_analyzer"),
+                hub_options=options.get("hub_options") or {},
+            )
+        return loaded.feature_extractor
+
+    def preview_inputs(self, images: Any, **kwargs: Any) -> list:
+        """What the encoders will see for each photo (see `pipe.preview_hyperlora_inputs`)."""
+        with self.lock:
+            loaded = self._require("pipe.preview_hyperlora_inputs()")
+            images = as_image_list(images, "preview_hyperlora_inputs")
+            extractor = self._extractor(loaded)
+            prepare = getattr(extractor, "prepare_inputs", None)
+            if prepare is None:
+                raise InvalidArgumentTypeError(
+                    f"The pipeline's feature extractor ({type(extractor).__name__}) cannot show its inputs: only the "
+                    "built-in face pipeline (diffusers_hyperlora.face) has `prepare_inputs`."
+                )
+            return prepare(images, with_base=loaded.predictor.config.has_base, **kwargs)
+
+    # ------------------------------------------------------------------ switching identities
+    @torch.no_grad()
+    def set_identity(self, images_or_identity: Any, **kwargs: Any) -> HyperLoRAIdentity:
+        """Write a person's LoRA into the `"id"` (and `"base"`) adapters in place (see
+        `pipe.set_hyperlora_identity`). Everything is validated and mixed before the first weight changes."""
+        with self.lock:
+            loaded = self._require("pipe.set_hyperlora_identity()")
+            if isinstance(images_or_identity, HyperLoRAIdentity):
+                identity = images_or_identity
+            else:
+                identity = self.predict_identity(images_or_identity, caller="set_hyperlora_identity", **kwargs)
+            loaded.predictor.check_identity(identity)
+            self._ensure_attached(loaded)
+            self._write(loaded, identity)
+            loaded.identity = identity
+            return identity
+
+    def _write(self, loaded: _Loaded, identity: HyperLoRAIdentity) -> None:
+        adapters = loaded.adapters
+        # `_sync` walks every module of every component (tens of ms on SDXL), more than a GPU switch takes:
+        # sync again only when the live adapter weights moved or changed dtype since the last sync.
+        live = adapters.live_device_dtype()
+        if live is None or live != loaded.synced_for:
+            self._sync(loaded)
+            loaded.synced_for = live
+        predictor = loaded.predictor
+        try:
+            mixed = {}
+            for branch in ("id", "base") if predictor.config.has_base else ("id",):
+                coefficients = identity.coefficients(branch)
+                if coefficients is not None:
+                    bank = predictor.bank(branch)
+                    mixed[branch] = bank.mix(predictor.split_coefficients(coefficients.to(predictor.device)))
+            if predictor.config.has_base and "base" not in mixed:
+                adapters.clear("base")
+            for branch, factors in mixed.items():
+                adapters.write_mixed(branch, predictor.bank(branch).groups, factors)
+        finally:
+            self._rest(loaded)
+
+    def _ensure_attached(self, loaded: _Loaded) -> None:
+        """Attach the adapters again when diffusers' own LoRA calls removed them."""
+        adapters = loaded.adapters
+        if adapters.is_attached():
+            return
+        denoiser = self._denoiser()
+        logger.warning(
+            "HyperLoRA's adapters were removed from the denoiser (by `unload_lora_weights`, `delete_adapters` or "
+            "`unload_lora`); attaching them again with the weights given at load."
+        )
+        adapters.detach()
+        existing = set(getattr(denoiser, "peft_config", None) or {})
+        loaded.sliders = {name: s for name, s in loaded.sliders.items() if name in existing}
+        names = tuple(adapters.names.values())
+        HyperLoRAAdapters.check_attachable(denoiser, loaded.predictor.config, *names)
+        options = loaded.options
+        loaded.adapters = HyperLoRAAdapters.attach(
+            denoiser,
+            loaded.predictor.config,
+            *names,
+            id_weight=options.get("id_weight"),
+            base_weight=options.get("base_weight"),
+        )
+        loaded.identity = None
+        loaded.synced_for = None
+
+    # ------------------------------------------------------------------ LoRA weights and files
+    def lora_weights(self, identity: HyperLoRAIdentity, branch: str = "id") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`(down [r, in], up [out, r])` float32 for every target linear of a branch."""
+        with self.lock:
+            loaded = self._require("pipe.hyperlora.lora_weights()")
+            predictor = self._sync(loaded)
+            try:
+                return predictor.lora_weights(identity, branch)
+            finally:
+                self._rest(loaded)
+
+    def export_lora(
+        self,
+        identity: HyperLoRAIdentity | HyperLoRASlider,
+        path: str | os.PathLike | None = None,
+        format: str = "kohya",
+        branch: str = "id",
+        dtype: torch.dtype = torch.float32,
+    ) -> dict[str, torch.Tensor]:
+        """The identity's (or slider's) LoRA as a standard state dict, and a file when `path` is given (written
+        atomically). See `HyperLoRAPredictor.export_lora` for the formats."""
+        with self.lock:
+            loaded = self._require("pipe.hyperlora.export_lora()")
+            predictor = self._sync(loaded)
+            try:
+                return predictor.export_lora(identity, path, format=format, branch=branch, dtype=dtype)
+            finally:
+                self._rest(loaded)
+
+    # ------------------------------------------------------------------ sliders
+    @torch.no_grad()
+    def add_slider(
+        self,
+        neutral: Any,
+        edited: Any,
+        adapter_name: str = DEFAULT_SLIDER_NAME,
+        weight: float = DEFAULT_SLIDER_WEIGHT,
+        **kwargs: Any,
+    ) -> HyperLoRASlider:
+        """Add (or rewrite) a slider adapter (see `pipe.add_hyperlora_slider`)."""
+        with self.lock:
+            loaded = self._require("pipe.add_hyperlora_slider()")
+            if adapter_name in loaded.adapters.names.values():
+                raise AdapterNameConflictError(
+                    f"add_hyperlora_slider(): {adapter_name!r} is one of HyperLoRA's own adapters "
+                    f"({sorted(loaded.adapters.names.values())}); give the slider another name, e.g. "
+                    "`adapter_name='slider'`."
+                )
+            slider = HyperLoRASlider(
+                neutral=self._slider_side(neutral, "neutral", kwargs),
+                edited=self._slider_side(edited, "edited", kwargs),
+            )
+            predictor = self._sync(loaded)
+            try:
+                difference = slider.lora_weights(predictor)
+            finally:
+                self._rest(loaded)
+            self._ensure_attached(loaded)
+            denoiser, config = loaded.adapters.denoiser, loaded.predictor.config
+            existing = getattr(denoiser, "peft_config", None) or {}
+            if adapter_name in loaded.sliders and adapter_name in existing:
+                write_slider_adapter(denoiser, config, adapter_name, difference)
+                names = active_adapters(denoiser)
+                set_active_adapters(
+                    denoiser, names if adapter_name in names else [*names, adapter_name], {adapter_name: weight}
+                )
+            else:
+                add_slider_adapter(denoiser, config, adapter_name, difference, weight)
+            loaded.sliders[adapter_name] = slider
+            return slider
+
+    def _slider_side(self, value: Any, side: str, kwargs: dict) -> HyperLoRAIdentity:
+        if isinstance(value, HyperLoRAIdentity):
+            return value
+        if value is None:
+            raise InvalidArgumentError(
+                f"add_hyperlora_slider(): `{side}` is missing; pass images or a HyperLoRAIdentity."
+            )
+        return self.predict_identity(value, caller="add_hyperlora_slider", **kwargs)
+
+    def remove_slider(self, adapter_name: str = DEFAULT_SLIDER_NAME) -> None:
+        """Delete one slider adapter created by `add_slider`."""
+        with self.lock:
+            loaded = self._require("pipe.remove_hyperlora_slider()")
+            if adapter_name not in loaded.sliders:
+                raise InvalidArgumentError(
+                    f"remove_hyperlora_slider(): no HyperLoRA slider named {adapter_name!r} on this pipeline "
+                    f"(sliders: {sorted(loaded.sliders) or 'none'}). Use the name given to `add_hyperlora_slider`."
+                )
+            delete_slider_adapters(loaded.adapters.denoiser, [adapter_name])
+            del loaded.sliders[adapter_name]
+
+    def __repr__(self) -> str:
+        loaded = self._loaded
+        if loaded is None:
+            return "HyperLoRAController(not loaded)"
+        return (
+            f"HyperLoRAController(source={loaded.source!r}, adapters={self.adapter_names()}, "
+            f"identity={'set' if self.identity is not None else None})"
+        )
+
+
+def _keep_on_cpu(bank: torch.nn.Module, dtype: torch.dtype, pin: bool) -> None:
+    """Keep a basis bank in CPU memory in the denoiser's dtype, page-locked when it feeds a GPU."""
+    for param in bank.parameters():
+        data = param.data
+        if data.device.type != "cpu" or data.dtype != dtype:
+            data = data.to(device="cpu", dtype=dtype)
+        if pin and not data.is_pinned():
+            data = data.pin_memory()
+        param.data = data

@@ -1,0 +1,445 @@
+"""Faults at the seams: every bad input is a clear `HyperLoRAError`, and a failed call changes nothing.
+
+Each test names the case of the [lifecycle] issue it covers. "Nothing changed" is checked on the live adapter
+weights, the active adapters, the current identity, the loaded checkpoint and the files on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_features, unet_output
+
+from diffusers_hyperlora import (
+    AdapterNameConflictError,
+    HyperLoRAError,
+    HyperLoRAIdentity,
+    HyperLoRANotLoadedError,
+    HyperLoRAWriteError,
+    IdentityFormatError,
+    IdentityMismatchError,
+    ImageInputError,
+    InvalidArgumentError,
+    NonFiniteValueError,
+    TargetMismatchError,
+)
+from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+
+NAN = float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _identity(predictor, seed: int) -> HyperLoRAIdentity:
+    return predictor.predict(*random_features(batch=1, seed=seed))
+
+
+def _live(pipe) -> list[torch.Tensor]:
+    """Every live HyperLoRA adapter weight (ID + Base), cloned."""
+    adapters = pipe.hyperlora.adapters
+    return [p.detach().clone() for branch in ("id", "base") for pair in adapters.lora_parameters(branch) for p in pair]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _active(pipe) -> list[str]:
+    return pipe.get_active_adapters()
+
+
+@pytest.fixture
+def loaded(pipe, predictor):
+    pipe.load_hyperlora(predictor)
+    pipe.set_hyperlora_identity(_identity(predictor, 1))
+    return pipe
+
+
+def _snapshot(pipe):
+    return _live(pipe), _active(pipe), pipe.hyperlora_identity, pipe.hyperlora.predictor
+
+
+def _unchanged(pipe, snapshot) -> bool:
+    weights, active, identity, predictor = snapshot
+    return (
+        _same(_live(pipe), weights)
+        and _active(pipe) == active
+        and pipe.hyperlora_identity is identity
+        and pipe.hyperlora.predictor is predictor
+    )
+
+
+# ---------------------------------------------------------------------------------------------- NaN / inf sources
+@pytest.mark.parametrize("which", ["id_embeds", "clip_hidden_states"])
+@pytest.mark.parametrize("value", [NAN, float("inf")])
+def test_non_finite_features_are_refused(loaded, which, value):
+    embeds, clip = random_features(batch=2)
+    (embeds if which == "id_embeds" else clip)[1, 3] = value
+    count = 1 if which == "id_embeds" else 48
+    before = _snapshot(loaded)
+    with pytest.raises(NonFiniteValueError, match=f"`{which}` holds {count} NaN/infinite"):
+        loaded.hyperlora.predict(id_embeds=embeds, clip_hidden_states=clip)
+    assert _unchanged(loaded, before)
+
+
+def test_identity_file_with_nan_mean_is_refused(loaded, predictor, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "me.safetensors"
+    _identity(predictor, 2).save(path)
+    tensors = load_file(path)
+    tensors["id_mean"][0, 0] = NAN
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    save_file(tensors, path, metadata=metadata)
+    before = _snapshot(loaded)
+    with pytest.raises(IdentityFormatError, match="NaN"):
+        HyperLoRAIdentity.load(path)
+    with pytest.raises(IdentityFormatError):
+        loaded.set_hyperlora_identity(str(path))  # identity files are accepted where photos are
+    assert _unchanged(loaded, before)
+
+
+def test_nan_identity_object_is_refused_by_switch_and_export(loaded, predictor, tmp_path):
+    bad = _identity(predictor, 2)
+    bad.id_mean[3, 1] = NAN
+    before = _snapshot(loaded)
+    with pytest.raises(NonFiniteValueError, match="id_mean"):
+        loaded.set_hyperlora_identity(bad)
+    with pytest.raises(NonFiniteValueError):
+        loaded.hyperlora.export_lora(bad, tmp_path / "lora.safetensors")
+    with pytest.raises(NonFiniteValueError):
+        bad.save(tmp_path / "bad.safetensors")
+    assert _unchanged(loaded, before)
+    assert not list(tmp_path.iterdir())  # no LoRA file, no identity file, no temporary left behind
+
+
+def test_corrupt_bank_bytes_are_refused_at_load_and_the_old_hyperlora_stays(loaded, predictor, tmp_path):
+    folder = tmp_path / "ckpt"
+    tiny_hyperlora_predictor(seed=5).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4096:] = b"\xff" * 4096  # the last tensor's bytes: 0xFFFFFFFF is a float32 NaN
+    weights.write_bytes(bytes(data))
+    before = _snapshot(loaded)
+    with pytest.raises(NonFiniteValueError, match="damaged"):
+        loaded.load_hyperlora(str(folder))
+    assert _unchanged(loaded, before)
+
+
+# ---------------------------------------------------------------------------------------------- face analyzer output
+class _LyingAnalysis:
+    """A FaceAnalysis-like plug-in that reports one face with chosen (possibly broken) fields."""
+
+    def __init__(self, bbox=None, landmarks=None, embedding=None):
+        rng = np.random.default_rng(0)
+        self.landmarks = rng.uniform(40, 80, size=(106, 2)) if landmarks is None else landmarks
+        self.bbox = np.r_[self.landmarks.min(0), self.landmarks.max(0)] if bbox is None else bbox
+        if embedding is None:
+            embedding = rng.normal(size=512).astype(np.float32)
+            embedding /= np.linalg.norm(embedding)
+        self.embedding = embedding
+
+    def prepare(self, ctx_id, det_size=(640, 640), det_thresh=0.5):
+        pass
+
+    def get(self, img):
+        return [{"bbox": self.bbox, "landmark_2d_106": self.landmarks, "normed_embedding": self.embedding}]
+
+
+def _face_pipe(pipe, predictor, app):
+    from face_models import tiny_clip_encoder
+
+    from diffusers_hyperlora.face import FaceAnalyzer
+
+    pipe.load_hyperlora(predictor, image_encoder=tiny_clip_encoder(), face_analyzer=FaceAnalyzer(app))
+    pipe.set_hyperlora_identity(_identity(predictor, 1))
+    return pipe
+
+
+_GOOD = _LyingAnalysis()
+_NAN_LANDMARKS = np.where(np.arange(212).reshape(106, 2) == 7, NAN, _GOOD.landmarks)
+
+
+@pytest.mark.parametrize(
+    "app, error, match",
+    [
+        (_LyingAnalysis(embedding=np.full(512, NAN, np.float32)), NonFiniteValueError, "ArcFace embedding"),
+        (_LyingAnalysis(bbox=np.array([NAN, 1.0, 50.0, 60.0])), NonFiniteValueError, "box"),
+        (_LyingAnalysis(bbox=_GOOD.bbox, landmarks=_NAN_LANDMARKS), NonFiniteValueError, "landmarks"),
+        (_LyingAnalysis(bbox=np.array([500.0, 500.0, 600.0, 600.0])), ImageInputError, "outside"),
+        (_LyingAnalysis(bbox=_GOOD.bbox, landmarks=_GOOD.landmarks + 5000), ImageInputError, "far outside"),
+    ],
+    ids=["nan-embedding", "nan-box", "nan-landmarks", "box-outside", "landmarks-outside"],
+)
+def test_broken_analyzer_output_is_a_clear_error(pipe, predictor, app, error, match):
+    pytest.importorskip("insightface")
+    _face_pipe(pipe, predictor, app)
+    before = _snapshot(pipe)
+    photo = np.random.default_rng(1).integers(0, 256, (120, 120, 3), dtype=np.uint8)
+    with pytest.raises(error, match=match):
+        pipe.set_hyperlora_identity(photo)
+    assert _unchanged(pipe, before)
+
+
+def test_a_user_clip_encoder_is_not_converted(pipe, predictor):
+    pytest.importorskip("insightface")
+    from face_models import tiny_clip_encoder
+
+    from diffusers_hyperlora.face import FaceAnalyzer
+
+    encoder = tiny_clip_encoder()
+    pipe.unet.to(torch.bfloat16)
+    pipe.load_hyperlora(predictor, image_encoder=encoder, face_analyzer=FaceAnalyzer(_LyingAnalysis()))
+    identity = pipe.set_hyperlora_identity(np.random.default_rng(1).integers(0, 256, (120, 120, 3), dtype=np.uint8))
+    assert encoder.model.dtype == torch.float32  # still the user's dtype
+    assert torch.isfinite(identity.id_mean).all()
+
+
+# ---------------------------------------------------------------------------------------------- identity lies
+def test_identity_shape_and_probe_lies_are_refused(loaded, predictor):
+    good = _identity(predictor, 3)
+    before = _snapshot(loaded)
+    wrong_shape = HyperLoRAIdentity(torch.randn(96, 16), 1, None, good.checkpoint, good.probe)
+    odd_shape = HyperLoRAIdentity(torch.randn(9, 8), 1, None, good.checkpoint, good.probe)
+    no_probe = HyperLoRAIdentity(good.id_mean, 1, None, good.checkpoint, None)
+    other_weights = tiny_hyperlora_predictor(seed=9).predict(*random_features(batch=1))
+    for lie, match in [
+        (wrong_shape, r"shape \[96, 16\].*\[192, 8\]"),
+        (odd_shape, r"shape \[9, 8\]"),
+        (no_probe, "no `probe`"),
+        (other_weights, "differ from the loaded checkpoint's by up to"),
+    ]:
+        with pytest.raises(IdentityMismatchError, match=match):
+            loaded.set_hyperlora_identity(lie)
+        with pytest.raises(IdentityMismatchError):
+            loaded.hyperlora.export_lora(lie)
+    assert _unchanged(loaded, before)
+
+
+def test_other_architecture_message_names_both_hashes(loaded, predictor):
+    identity = _identity(predictor, 3)
+    identity.checkpoint = "0123456789abcdef"
+    with pytest.raises(IdentityMismatchError) as info:
+        loaded.set_hyperlora_identity(identity)
+    assert "0123456789abcdef" in str(info.value) and predictor.checkpoint_hash in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- transactional loads
+def test_a_failed_load_keeps_the_old_hyperlora_and_identity(loaded, predictor):
+    before = _snapshot(loaded)
+    reference = unet_output(loaded.unet)
+    from diffusers_hyperlora.targets import TargetModule
+
+    target = TargetModule("lora_unet_mid_block_attentions_9_transformer_blocks_0_attn1", 64)
+    mismatched = tiny_hyperlora_predictor(seed=3, targets=[target])
+    with pytest.raises(TargetMismatchError):
+        loaded.load_hyperlora(mismatched)
+    loaded.unet.add_adapter(__import__("peft").LoraConfig(r=2, target_modules=["to_q"]), adapter_name="mine")
+    loaded.set_adapters(["id", "base"], [0.8, 0.0])
+    before = _snapshot(loaded)
+    with pytest.raises(AdapterNameConflictError, match="mine"):
+        loaded.load_hyperlora(tiny_hyperlora_predictor(seed=3), id_adapter_name="mine")
+    with pytest.raises(HyperLoRAError):
+        loaded.load_hyperlora("/no/such/folder", local_files_only=True)
+    assert _unchanged(loaded, before)
+    torch.testing.assert_close(unet_output(loaded.unet), reference)
+
+
+def test_reloading_replaces_cleanly(loaded):
+    other = tiny_hyperlora_predictor(seed=4)
+    loaded.load_hyperlora(other)
+    assert loaded.hyperlora.predictor is other and loaded.hyperlora_identity is None
+    assert sorted(loaded.unet.peft_config) == ["base", "id"]
+
+
+# ---------------------------------------------------------------------------------------------- bad use
+def test_not_loaded_and_idempotent_unload(pipe):
+    with pytest.raises(HyperLoRANotLoadedError, match=r"pipe\.hyperlora\.predict"):
+        pipe.hyperlora.predict(*random_features())
+    with pytest.raises(HyperLoRANotLoadedError):
+        pipe.hyperlora.predictor  # noqa: B018
+    pipe.unload_hyperlora()
+    pipe.unload_hyperlora()
+
+
+def test_bad_arguments_are_hyperlora_errors_naming_the_call(loaded, predictor):
+    with pytest.raises(InvalidArgumentError, match="preview_hyperlora_inputs"):
+        loaded.preview_hyperlora_inputs([])
+    with pytest.raises(InvalidArgumentError, match="set_hyperlora_identity"):
+        loaded.set_hyperlora_identity([])
+    with pytest.raises(InvalidArgumentError, match="no HyperLoRA slider named 'age'"):
+        loaded.remove_hyperlora_slider("age")
+    a, b = _identity(predictor, 1), _identity(predictor, 2)
+    with pytest.raises(InvalidArgumentError, match="positive sum"):
+        HyperLoRAIdentity.mix([a, b], [1.0, -1.0])
+    with pytest.raises(HyperLoRAError, match="one weight per identity"):
+        HyperLoRAIdentity.mix([a, b], [1.0])
+    with pytest.raises(InvalidArgumentError, match="Unknown LoRA format 'webui'"):
+        loaded.hyperlora.export_lora(a, format="webui")
+    for error in (InvalidArgumentError,):
+        assert issubclass(error, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def test_identity_save_creates_folders_and_reports_the_real_destination(predictor, tmp_path):
+    identity = _identity(predictor, 1)
+    identity.save(tmp_path / "no" / "such" / "dir" / "id.safetensors")
+    assert HyperLoRAIdentity.load(tmp_path / "no" / "such" / "dir" / "id.safetensors").num_images == 1
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    destination = blocker / "id.safetensors"
+    with pytest.raises(HyperLoRAWriteError) as info:
+        identity.save(destination)
+    assert isinstance(info.value, OSError) and str(destination) in str(info.value) and ".tmp" not in str(info.value)
+
+
+_INTERRUPTED = textwrap.dedent(
+    """
+    import resource, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import random_features
+    from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+    predictor = tiny_hyperlora_predictor(seed=0)
+    identity = predictor.predict(*random_features(batch=1, seed=7))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+    try:
+        {call}
+    except OSError as error:
+        print("OSError", type(error).__name__, error)
+        sys.exit(3)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "identity.save({path!r})",
+        "predictor.export_lora(identity, {path!r})",
+    ],
+    ids=["identity.save", "export_lora"],
+)
+def test_an_interrupted_write_keeps_the_old_file(predictor, tmp_path, call):
+    path = tmp_path / "out.safetensors"
+    old = b"the old file, which must survive" * 10
+    path.write_bytes(old)
+    script = _INTERRUPTED.format(
+        tests=os.path.dirname(__file__), limit=2048, call=call.format(path=str(path))
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "HyperLoRAWriteError" in result.stdout and str(path) in result.stdout
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]  # no temporary file left
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def test_concurrent_switches_always_leave_exactly_one_identity(loaded, predictor):
+    people = {"a": _identity(predictor, 11), "b": _identity(predictor, 12)}
+    expected = {}
+    for name, person in people.items():
+        loaded.set_hyperlora_identity(person)
+        expected[name] = _live(loaded)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def switch(person):
+        try:
+            barrier.wait()
+            loaded.set_hyperlora_identity(person)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    for _ in range(100):
+        threads = [threading.Thread(target=switch, args=(p,)) for p in people.values()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        live = _live(loaded)
+        winner = [name for name, weights in expected.items() if _same(live, weights)]
+        assert len(winner) == 1, "the live weights mix two identities"
+        assert loaded.hyperlora_identity is people[winner[0]]
+    assert not errors
+
+
+# ---------------------------------------------------------------------------------------------- diffusers' lifecycle
+def _fresh_output(predictor, identity):
+    from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+
+    fresh = tiny_sdxl_pipeline()
+    fresh.load_hyperlora(predictor)
+    fresh.set_hyperlora_identity(identity)
+    return unet_output(fresh.unet)
+
+
+@pytest.mark.parametrize(
+    "remove",
+    [
+        lambda p: p.unload_lora_weights(),
+        lambda p: p.unet.unload_lora(),
+        lambda p: p.delete_adapters("id"),
+        lambda p: p.delete_adapters("base"),
+        lambda p: p.delete_adapters(["id", "base"]),
+    ],
+    ids=["unload_lora_weights", "unet.unload_lora", "delete-id", "delete-base", "delete-both"],
+)
+def test_diffusers_removals_reattach_on_the_next_switch(loaded, predictor, remove, caplog):
+    remove(loaded)
+    assert loaded.hyperlora_identity is None  # nothing HyperLoRA wrote is live any more
+    person = _identity(predictor, 21)
+    loaded.set_hyperlora_identity(person)
+    assert loaded.hyperlora_identity is person
+    torch.testing.assert_close(unet_output(loaded.unet), _fresh_output(predictor, person), rtol=1e-5, atol=1e-6)
+    loaded.unload_hyperlora()  # and unloading afterwards still works
+    loaded.unload_hyperlora()
+
+
+def test_fuse_then_diffusers_unfuse_and_pipe_to(loaded, predictor):
+    person = _identity(predictor, 22)
+    loaded.fuse_lora()
+    loaded.set_hyperlora_identity(person)
+    fused = unet_output(loaded.unet)
+    loaded.unfuse_lora()
+    torch.testing.assert_close(unet_output(loaded.unet), fused, rtol=1e-4, atol=1e-5)
+    loaded.to(torch.bfloat16)
+    loaded.set_hyperlora_identity(person)  # the predictor follows the pipeline's dtype
+    assert loaded.hyperlora.predictor.dtype == torch.bfloat16
+
+
+def test_offload_bank_keeps_the_bank_in_cpu_memory(pipe, predictor, monkeypatch):
+    """On a CPU-only machine the execution device is faked as `meta`: the bank must stay in CPU memory while
+    the rest of the predictor follows the execution device (without the flag the bank would move too)."""
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("meta")))
+    pipe.load_hyperlora(predictor, offload_bank=True)
+    pipe.hyperlora.prepare_predictor()
+    assert all(p.device.type == "cpu" for p in predictor.id_bank.parameters())
+    assert predictor.resampler.latents.device.type == "meta"
+    other = tiny_hyperlora_predictor(seed=2)
+    pipe.load_hyperlora(other)  # without the flag the whole predictor moves
+    pipe.hyperlora.prepare_predictor()
+    assert all(p.device.type == "meta" for p in other.id_bank.parameters())
+
+
+def test_model_cpu_offload_sends_the_predictor_back(loaded, predictor, monkeypatch):
+    """Under CPU offload (accelerate's hook on the UNet) the predictor computes on the execution device and rests
+    on the CPU afterwards. CPU-only machine: the moves are recorded instead of run."""
+    moves = []
+    monkeypatch.setattr(type(loaded), "_execution_device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(predictor, "to", lambda *args, **kwargs: moves.append(kwargs.get("device", args[:1])))
+    monkeypatch.setattr(loaded.unet, "_hf_hook", object(), raising=False)  # what enable_model_cpu_offload leaves
+    loaded.hyperlora.predict(*random_features())
+    assert moves == [torch.device("meta"), ("cpu",)]
+    moves.clear()
+    loaded.set_hyperlora_identity(_identity(predictor, 5))
+    assert moves[-1] == ("cpu",)
