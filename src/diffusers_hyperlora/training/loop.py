@@ -113,7 +113,7 @@ def _make_accelerator(config: StageConfig):
 def training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageConfig):
     """Register the training adapters on the UNet, activate them for the stage, remove them afterwards."""
     unet = pipe.unet
-    if getattr(pipe, "_hyperlora_state", None) is not None:
+    if pipe.hyperlora.is_loaded:
         raise TrainingConfigError(
             "This pipeline has a HyperLoRA loaded; call `pipe.unload_hyperlora()` before training on it."
         )
