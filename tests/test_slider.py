@@ -143,7 +143,7 @@ def test_unload_removes_sliders_and_restores_the_unet(predictor, people):
     pipe.add_hyperlora_slider(people[0], people[2], adapter_name="smile")
     pipe.remove_hyperlora_slider("smile")
     assert "smile" not in pipe.unet.peft_config and "age" in pipe.unet.peft_config
-    with pytest.raises(ValueError, match="No HyperLoRA slider named 'smile'"):
+    with pytest.raises(ValueError, match="no HyperLoRA slider named 'smile'"):
         pipe.remove_hyperlora_slider("smile")
     pipe.unload_hyperlora()
     assert not getattr(pipe.unet, "peft_config", None)
