@@ -93,6 +93,7 @@ class HyperLoRAController:
     """HyperLoRA on one pipeline. Get it as `pipe.hyperlora`; `pipe.load_hyperlora(...)` & co. delegate to it.
 
     Example:
+        >>> import torch
         >>> from diffusers_hyperlora.tiny import tiny_sdxl_pipeline, tiny_hyperlora_predictor
         >>> pipe = tiny_sdxl_pipeline()
         >>> controller = pipe.hyperlora
