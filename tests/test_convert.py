@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import huggingface_hub.hub_mixin
 import pytest
@@ -136,3 +138,81 @@ def test_push_to_hub_uploads_the_library_format(tmp_path, monkeypatch):
     assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
     assert 'pipe.load_hyperlora("me/my-hyperlora"' in uploaded["README.md"].decode()
     assert json.loads(uploaded["config.json"])["num_basis"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+def test_sharded_save_loads_and_a_later_save_replaces_the_shards(tmp_path, monkeypatch):
+    from test_hub import COMMIT_MAIN, add_snapshot, folder_files
+
+    predictor = tiny_hyperlora_predictor(seed=4)
+    predictor.save_pretrained(tmp_path / "ckpt", max_shard_size="1MB")
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    shards = [n for n in names if n.startswith("model-")]
+    assert len(shards) >= 3 and "model.safetensors.index.json" in names and "model.safetensors" not in names
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(predictor.state_dict()) and set(index["weight_map"].values()) == set(shards)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    add_snapshot(tmp_path / "cache", "org/sharded", COMMIT_MAIN, folder_files(tmp_path / "ckpt"))
+    for loaded in (load_predictor(tmp_path / "ckpt"), load_predictor("org/sharded", cache_dir=tmp_path / "cache")):
+        assert torch.equal(_identity(loaded).id_mean, _identity(predictor).id_mean)
+    # convert writes the same sharded layout
+    out = convert_checkpoint(tmp_path / "ckpt", tmp_path / "fp16", dtype="fp16", max_shard_size="1MB", progress=False)
+    assert len(list(out.glob("model-*.safetensors"))) >= 2
+    bank = load_predictor(out).state_dict()["id_bank.down.0"]
+    assert torch.equal(bank, predictor.state_dict()["id_bank.down.0"].half())
+    # an unsharded save over a sharded one leaves no stale shard or index behind
+    other = tiny_hyperlora_predictor(seed=5)
+    other.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert torch.equal(_identity(load_predictor(tmp_path / "ckpt")).id_mean, _identity(other).id_mean)
+
+
+# ---------------------------------------------------------------------------------------------------- atomic writes
+_FAILING_WRITES = """
+import json, resource, signal, sys, torch
+from diffusers_hyperlora.io.convert import convert_checkpoint
+from diffusers_hyperlora.io.release import save_release_checkpoint
+from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+
+root = sys.argv[1]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the JSON files fit, the weights do not
+new = tiny_hyperlora_predictor(seed=11)
+calls = {
+    "save_pretrained": lambda: new.save_pretrained(root + "/own"),
+    "save_release_checkpoint": lambda: save_release_checkpoint(new, root + "/release"),
+    "convert_checkpoint": lambda: convert_checkpoint(root + "/release", root + "/converted", progress=False),
+}
+results = {}
+for name, call in calls.items():
+    try:
+        call()
+        results[name] = "no error"
+    except Exception as error:
+        results[name] = [type(error).__name__, isinstance(error, OSError), str(error)]
+print(json.dumps(results))
+"""
+
+
+def _tree(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_failed_writes_leave_the_old_files_intact(tmp_path):
+    """A real full-file failure (RLIMIT_FSIZE) midway through each writer: every old file is as it was."""
+    old = tiny_hyperlora_predictor(seed=10)
+    old.save_pretrained(tmp_path / "own")
+    save_release_checkpoint(old, tmp_path / "release")
+    convert_checkpoint(tmp_path / "release", tmp_path / "converted", progress=False)
+    before = {name: _tree(tmp_path / name) for name in ("own", "release", "converted")}
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILING_WRITES, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, (kind, is_os_error, message) in results.items():
+        assert kind == "HyperLoRAWriteError" and is_os_error, (name, message)
+        assert "Nothing was changed there" in message, message
+    for name, files in before.items():
+        assert _tree(tmp_path / name) == files, name  # same names (no temporary files left), same bytes
+    assert torch.equal(_identity(load_predictor(tmp_path / "own")).id_mean, _identity(old).id_mean)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 from conftest import random_features
 
 from diffusers_hyperlora import CheckpointFormatError, CheckpointNotFoundError, HyperLoRAPredictor, load_predictor
-from diffusers_hyperlora.io.hub import CheckpointLocation, resolve_component, resolve_face_models_dir
+from diffusers_hyperlora.face.analyzer import ONNX_PATTERNS
+from diffusers_hyperlora.io import HubOptions, Location, resolve_location
 from diffusers_hyperlora.io.release import save_release_checkpoint
 from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
 
@@ -162,30 +164,66 @@ def test_release_on_hub_with_heads_override(tmp_path):
     assert loaded.dtype == torch.float32 and loaded.config.resampler_dim_head == 16
 
 
-def test_component_resolution(tmp_path, hub_cache):
-    cache, _ = hub_cache
-    hub = CheckpointLocation("org/hyperlora", subfolder="v1", cache_dir=cache)
-    assert resolve_component(None, None, hub) is None
-    assert resolve_component("image_encoder", None, hub) == ("org/hyperlora", "v1/image_encoder")
-    assert resolve_component("./models", "clip", hub) == ("org/hyperlora", "v1/models/clip")
-    assert resolve_component("openai/clip-vit-large-patch14", None, hub) == ("openai/clip-vit-large-patch14", None)
-    assert resolve_component("h94/IP-Adapter", "models/enc", hub) == ("h94/IP-Adapter", "models/enc")
-    local = CheckpointLocation(str(tmp_path))
-    assert resolve_component("image_encoder", None, local) == (str(tmp_path / "image_encoder"), None)
-    assert resolve_component(str(tmp_path), None, hub) == (str(tmp_path), None)
-    with pytest.raises(CheckpointNotFoundError, match="neither a local folder"):
-        resolve_component("a/b/c", None, hub)
+def test_one_rule_for_names(tmp_path):
+    """`resolve_location`: folders of the checkpoint keep its options; other repos keep all but revision/subfolder."""
+    options = HubOptions(subfolder="v1", revision="v2", token="t", cache_dir=str(tmp_path), local_files_only=True)
+    hub = Location("org/hyperlora", options)
+    encoder = resolve_location("image_encoder", options.for_other_repo(), relative_to=hub)
+    assert encoder == Location("org/hyperlora", dataclasses.replace(options, subfolder="v1/image_encoder"))
+    models = resolve_location("./models", subfolder="clip", relative_to=hub)
+    assert (models.path, models.options.subfolder, models.options.revision) == ("org/hyperlora", "v1/models/clip", "v2")
+    other = resolve_location("h94/IP-Adapter/models", options.for_other_repo(), subfolder="enc", relative_to=hub)
+    assert (other.path, other.options.subfolder, other.options.revision) == ("h94/IP-Adapter", "models/enc", None)
+    assert (other.options.token, other.options.cache_dir, other.options.local_files_only) == ("t", str(tmp_path), True)
+    local = Location(str(tmp_path))
+    assert resolve_location("image_encoder", relative_to=local).local_dir == tmp_path / "image_encoder"
+    assert resolve_location(str(tmp_path), relative_to=hub).local_dir == tmp_path
+    assert resolve_location(hub) is hub
+    with pytest.raises(CheckpointNotFoundError, match="neither a local folder, a Hub repo id"):
+        resolve_location("not a name/", options)
+    with pytest.raises(TypeError, match=r"Unknown Hub option\(s\) \['revison'\]"):
+        HubOptions.of({"revison": "v1"})
+    assert HubOptions.of({"revision": "a"}, revision="b").revision == "b"
 
 
 def test_face_models_from_a_repo_folder(tmp_path):
+    """Only the .onnx files of a repo folder are fetched, through the same resolver and options."""
     onnx = tmp_path / "glintr100.onnx"
     onnx.write_bytes(b"onnx")
     other = tmp_path / "notes.txt"
     other.write_text("not fetched")
     cache = tmp_path / "cache"
     add_snapshot(cache, "org/withfaces", COMMIT_MAIN, {"antelopev2/glintr100.onnx": onnx, "antelopev2/x.txt": other})
-    location = CheckpointLocation("org/withfaces", cache_dir=cache, local_files_only=True)
-    folder = Path(resolve_face_models_dir("antelopev2", location))
+    checkpoint = Location("org/withfaces", HubOptions(cache_dir=cache, local_files_only=True))
+    folder = resolve_location("antelopev2", relative_to=checkpoint).folder(ONNX_PATTERNS)
     assert (folder / "glintr100.onnx").read_bytes() == b"onnx"
-    assert resolve_face_models_dir(str(tmp_path), location) == str(tmp_path)
-    assert resolve_face_models_dir(None, location) is None
+    assert resolve_location(str(tmp_path), relative_to=checkpoint).folder(ONNX_PATTERNS) == tmp_path
+    with pytest.raises(CheckpointNotFoundError, match=r"org/nofaces.*downloads are off.*not in the cache folder"):
+        resolve_location("org/nofaces", checkpoint.options).folder(ONNX_PATTERNS)
+
+
+def test_cli_hub_flags_reach_the_resolver(hub_cache, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from diffusers_hyperlora.cli import main
+
+    cache, other = hub_cache
+    identity = _identity(other)
+    identity.save(tmp_path / "me.safetensors")
+    out = tmp_path / "lora.safetensors"
+    flags = ["--model", "org/hyperlora", "--revision", "v2", "--cache-dir", str(cache), "--local-files-only"]
+    assert main(["export", str(tmp_path / "me.safetensors"), "-o", str(out), *flags]) == 0
+    expected = other.export_lora(identity)
+    assert all(torch.allclose(value, expected[key], atol=1e-6) for key, value in load_file(out).items())
+    capsys.readouterr()
+    # Each flag matters: without --cache-dir the repo is not found; without --revision, main's root has no checkpoint.
+    without_cache = [f for f in flags if f != str(cache) and f != "--cache-dir"]
+    assert main(["export", str(tmp_path / "me.safetensors"), "-o", str(out), *without_cache]) == 1
+    assert "not in the cache folder" in capsys.readouterr().err
+    without_revision = [f for f in flags if f not in ("--revision", "v2")]
+    assert main(["export", str(tmp_path / "me.safetensors"), "-o", str(out), *without_revision]) == 1
+    assert "not a HyperLoRA checkpoint" in capsys.readouterr().err
+    converted = tmp_path / "converted"
+    argv = ["convert", "org/hyperlora", str(converted), "--subfolder", SUBFOLDER, "--cache-dir", str(cache), "--quiet"]
+    assert main(argv) == 0
+    assert load_predictor(converted).config.num_basis == 8

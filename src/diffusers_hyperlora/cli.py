@@ -44,6 +44,9 @@ CLI_FLAGS = {
     "subfolder": "--subfolder",
     "revision": "--revision",
     "token": "--token",
+    "cache_dir": "--cache-dir",
+    "local_files_only": "--local-files-only",
+    "force_download": "--force-download",
 }
 THIRD_PARTY_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "accelerate", "peft", "insightface")
 DIFFUSERS_FORMAT_NOTE = (
@@ -107,13 +110,36 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="HyperLoRA checkpoint: a Hub repo id (org/name) or a local folder, in the library format "
         "(config.json + model.safetensors) or the release layout (hyper_lora_modules.json + 3 .safetensors).",
     )
-    group.add_argument("--subfolder", default=None, help="Folder inside the repo / folder that holds the checkpoint.")
-    group.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main).")
-    group.add_argument("--token", default=None, help="Hub token for private repos (default: your saved login).")
+    _add_hub_options(group)
     group.add_argument("--heads", type=int, default=None, help="Resampler heads of release-layout folders (12).")
     group.add_argument("--dim-head", type=int, default=None, help="Resampler head width, release layout (64).")
     group.add_argument(
         "--device", default=None, help="Where to run: cpu, cuda, cuda:1, ... (default: cuda if available)."
+    )
+
+
+def _add_hub_options(group: argparse._ActionsContainer) -> None:
+    """The Hub options of `HubOptions` (docs/loading.md), for the checkpoint and the models it names."""
+    group.add_argument("--subfolder", default=None, help="Folder inside the repo / folder that holds the checkpoint.")
+    group.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main).")
+    group.add_argument("--token", default=None, help="Hub token for private repos (default: your saved login).")
+    group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HUB_CACHE).")
+    group.add_argument(
+        "--local-files-only", action="store_true", help="Never download; use the cache only (like HF_HUB_OFFLINE=1)."
+    )
+    group.add_argument("--force-download", action="store_true", help="Download again even if cached.")
+
+
+def _hub_options(args: argparse.Namespace):
+    from .io import HubOptions
+
+    return HubOptions(
+        subfolder=args.subfolder,
+        revision=args.revision,
+        token=args.token,
+        cache_dir=args.cache_dir,
+        local_files_only=args.local_files_only,
+        force_download=args.force_download,
     )
 
 
@@ -225,9 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", metavar="SRC", help="Source checkpoint: Hub repo id or local folder.")
     convert.add_argument("dst", metavar="DST", help="Output folder.")
     convert.add_argument("--dtype", choices=DTYPES, default=None, help="Output dtype (default: as stored).")
-    convert.add_argument("--subfolder", default=None, help="Folder inside SRC that holds the checkpoint.")
-    convert.add_argument("--revision", default=None, help="Hub branch, tag or commit of SRC.")
-    convert.add_argument("--token", default=None, help="Hub token for private repos.")
+    _add_hub_options(convert)
     convert.add_argument("--heads", type=int, default=None, help="Resampler heads of release-layout sources (12).")
     convert.add_argument("--dim-head", type=int, default=None, help="Resampler head width of release-layout sources.")
     convert.add_argument(
@@ -343,14 +367,7 @@ def _load_predictor(args: argparse.Namespace):
     from .io import load_predictor
 
     device = _device(args.device)
-    predictor = load_predictor(
-        args.model,
-        subfolder=args.subfolder,
-        revision=args.revision,
-        token=args.token,
-        heads=args.heads,
-        dim_head=args.dim_head,
-    )
+    predictor = load_predictor(args.model, _hub_options(args), heads=args.heads, dim_head=args.dim_head)
     if device.type == "cpu":
         # 16-bit matmuls are slow (or missing) on CPUs: run the small networks in float32; the banks already
         # accumulate in float32 whatever their storage dtype, so they keep theirs (half the memory).
@@ -378,20 +395,12 @@ def _predict_from_images(predictor, images: list[str], args: argparse.Namespace)
             f"Reading photos needs the face models ({error}). Install them with "
             "`pip install 'diffusers-hyperlora[face]'`, or pass saved identity files instead of photos."
         ) from error
-    hub_options = {
-        "subfolder": args.subfolder,
-        "revision": args.revision,
-        "token": args.token,
-        "cache_dir": None,
-        "local_files_only": False,
-        "force_download": False,
-    }
     extractor = build_feature_extractor(
         predictor.config,
         source=args.model,
         image_encoder=args.image_encoder,
         face_analyzer=args.face_models,
-        hub_options=hub_options,
+        hub_options=_hub_options(args),
     )
     features = extractor(images, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base)
     return predictor.predict(
@@ -472,10 +481,8 @@ def _run_convert(args: argparse.Namespace) -> str:
     convert_checkpoint(
         args.src,
         args.dst,
+        _hub_options(args),
         dtype=torch_dtype(args.dtype) if args.dtype else None,
-        subfolder=args.subfolder,
-        revision=args.revision,
-        token=args.token,
         heads=args.heads,
         dim_head=args.dim_head,
         image_encoder=args.image_encoder,
@@ -495,7 +502,7 @@ def _run_cache_features(args: argparse.Namespace) -> str:
         source=args.model,
         image_encoder=args.image_encoder,
         face_analyzer=args.face_models,
-        hub_options={"subfolder": args.subfolder, "revision": args.revision, "token": args.token},
+        hub_options=_hub_options(args),
     )
     path = cache_features(
         args.data,

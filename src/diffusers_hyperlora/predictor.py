@@ -286,89 +286,45 @@ class HyperLoRAPredictor(
             )
         return state_dict
 
-    # ------------------------------------------------------------------ hub mixin: safetensors only, no double init
+    # ------------------------------------------------------------------ Hub entry points (io does the file work)
+    # `diffusers_hyperlora.io` builds predictors and imports this module; these two thin entries reach it lazily.
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        torch_dtype: torch.dtype | None = None,
-        map_location: torch.device | str = "cpu",
-        heads: int | None = None,
-        dim_head: int | None = None,
-    ) -> HyperLoRAPredictor:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> HyperLoRAPredictor:
         """Load a predictor from a Hub repo id or a local folder, in the library format or the release's layout.
 
-        Same as `diffusers_hyperlora.io.load_predictor` (which see); `map_location` is the device.
+        Same as `diffusers_hyperlora.load_predictor` (which see), whose arguments it takes.
 
         Example:
-            >>> predictor = HyperLoRAPredictor.from_pretrained("org/hyperlora")  # doctest: +SKIP
+            >>> predictor = HyperLoRAPredictor.from_pretrained("org/hyperlora", revision="v1.0")  # doctest: +SKIP
         """
         from .io import load_predictor
 
-        return load_predictor(
-            pretrained_model_name_or_path,
-            subfolder=subfolder,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            torch_dtype=torch_dtype,
-            device=map_location,
-            heads=heads,
-            dim_head=dim_head,
-        )
+        return load_predictor(pretrained_model_name_or_path, **kwargs)
 
-    @classmethod
-    def _from_pretrained(
-        cls,
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
         *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        config: HyperLoRAConfig | dict | None = None,
-        map_location: str = "cpu",
-        torch_dtype: torch.dtype | None = None,
-        subfolder: str | None = None,
-        **kwargs,
-    ) -> HyperLoRAPredictor:
-        from .io.own_format import load_own_format_weights
+        config: Any = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict | None = None,
+        max_shard_size: int | str = "1GB",
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Write `config.json`, the safetensors weights and a model card `README.md` (docs/hub-format.md).
 
-        return load_own_format_weights(
-            cls,
-            model_id,
-            config,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-            subfolder=subfolder,
-            device=map_location,
-            torch_dtype=torch_dtype,
-        )
+        The files are written as one set: if writing fails midway, those already in `save_directory` are left
+        as they were. An existing `README.md` is kept. `config` is ignored (the predictor's own config is written);
+        `push_to_hub=True` uploads the folder afterwards, as huggingface_hub's `PyTorchModelHubMixin` does.
+        """
+        from .io.own_format import save_pretrained
 
-    def _save_pretrained(self, save_directory: Path) -> None:
-        """`config.json` + `model.safetensors` (the library format, docs/hub-format.md); the mixin adds README.md."""
-        from .io.own_format import save_own_format
-
-        save_own_format(self, save_directory)
-
-    def generate_model_card(self, *args, **kwargs):
-        """The Hub model card written by `save_pretrained` / `push_to_hub` (see `io.model_card`)."""
-        from .io.model_card import hyperlora_model_card
-
-        return hyperlora_model_card(self.config, **kwargs)
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, model_card_kwargs=model_card_kwargs)
+        if push_to_hub:
+            repo_id = repo_id or Path(save_directory).name
+            return self.push_to_hub(repo_id, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return None
 
     def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs) -> str:
         """`PyTorchModelHubMixin.push_to_hub`, with the repo id in the model card's usage snippet."""

@@ -13,7 +13,7 @@ So `insightface.app.FaceAnalysis` works as is, and so does any other detector ad
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -21,7 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from diffusers.utils import logging
 
-from ..errors import FaceModelsNotFoundError
+from ..errors import CheckpointNotFoundError, FaceModelsNotFoundError
+from ..io.hub import HubOptions, Location, resolve_location
 from .crops import box_area
 
 logger = logging.get_logger(__name__)
@@ -30,6 +31,7 @@ DETECTION_SIZES: tuple[int, ...] = (640, 512, 384, 256)  # the release's fallbac
 ANTELOPEV2 = "antelopev2"
 FACE_TASKS = ("detection", "landmark_2d_106", "recognition")
 INSIGHTFACE_HOME = "INSIGHTFACE_HOME"
+ONNX_PATTERNS = ("*.onnx",)  # at any depth (fnmatch's * crosses "/"): also the unpacked zip's nested folder
 
 
 @runtime_checkable
@@ -146,51 +148,6 @@ def resolve_face_models_dir(path: str | os.PathLike) -> Path:
     )
 
 
-def _is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def download_face_models(
-    repo_id: str,
-    subfolder: str | None = None,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-) -> Path:
-    """Fetch only the `.onnx` files of a Hub repo (or its `subfolder`) and return the folder that holds them."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        local = snapshot_download(
-            repo_id,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only or _is_offline(),
-            force_download=force_download,
-            allow_patterns=[f"{prefix}*.onnx", f"{prefix}*/*.onnx", f"{prefix}*/*/*.onnx"],
-        )
-    except (HFValidationError, ValueError) as error:
-        raise FaceModelsNotFoundError(
-            f"Face models {repo_id!r}: neither an existing local folder nor a valid Hub repo id ('org/name'). Pass a "
-            "folder with AntelopeV2's .onnx files, an insightface root, or a Hub repo id."
-        ) from error
-    except LocalEntryNotFoundError as error:
-        raise FaceModelsNotFoundError(
-            f"Face models of Hub repo {repo_id!r}{f' (subfolder {subfolder!r})' if subfolder else ''} are not in the "
-            "local cache and downloads are off (HF_HUB_OFFLINE=1 or local_files_only=True). Download them once "
-            "online, or pass `face_analyzer=` a local folder."
-        ) from error
-    except (HfHubHTTPError, OSError) as error:
-        raise FaceModelsNotFoundError(f"Could not download face models from Hub repo {repo_id!r}: {error}") from error
-    return resolve_face_models_dir(Path(local, subfolder) if subfolder else Path(local))
-
-
 def _gpu_available() -> bool:
     try:
         import torch
@@ -229,50 +186,34 @@ class FaceAnalyzer:
     @classmethod
     def from_pretrained(
         cls,
-        path_or_repo: str | os.PathLike,
+        path_or_repo: str | os.PathLike | Location,
+        hub_options: HubOptions | Mapping[str, Any] | None = None,
         *,
-        subfolder: str | None = None,
         providers: Sequence[Any] | None = None,
         det_thresh: float | None = 0.5,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
+        **hub_kwargs: Any,
     ) -> FaceAnalyzer:
         """Load AntelopeV2 with insightface from a folder, an insightface root or a Hub repo (sub)folder.
 
         Args:
             path_or_repo: local folder / insightface root, or a Hub repo id (`"org/name"`, or `"org/name/sub"` for a
-                subfolder).
-            subfolder: folder inside `path_or_repo`.
+                folder of it), resolved by `diffusers_hyperlora.io.resolve_location` (docs/loading.md). Only the
+                `.onnx` files of a Hub folder are downloaded.
+            hub_options: `HubOptions` (or a dict of its fields); the keywords `subfolder`, `revision`, `token`,
+                `cache_dir`, `local_files_only`, `force_download` override it.
             providers: ONNX Runtime execution providers (default: CUDA when onnxruntime-gpu and a GPU are there,
                 else CPU).
             det_thresh: detector score threshold.
-            revision, token, cache_dir, local_files_only, force_download: Hub options.
         """
-        folder = cls._locate(
-            os.fspath(path_or_repo),
-            subfolder,
-            dict(
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                force_download=force_download,
-            ),
-        )
-        return cls(load_insightface_app(folder, providers), det_thresh=det_thresh)
-
-    @staticmethod
-    def _locate(path: str, subfolder: str | None, hub: dict) -> Path:
-        local = Path(path).expanduser()
-        if local.is_dir() or local.is_absolute() or path.startswith((".", "~")):
-            return resolve_face_models_dir(local / subfolder if subfolder else local)
-        parts = path.strip("/").split("/")
-        if len(parts) > 2:  # "org/name/sub/folder"
-            subfolder = "/".join(parts[2:] + ([subfolder] if subfolder else []))
-        return download_face_models("/".join(parts[:2]), subfolder, **hub)
+        try:
+            location = resolve_location(path_or_repo, HubOptions.of(hub_options, **hub_kwargs))
+            folder = location.folder(ONNX_PATTERNS, what="the face models (.onnx files)")
+        except CheckpointNotFoundError as error:
+            raise FaceModelsNotFoundError(
+                f"{error} Alternatively pass `face_analyzer=` a folder with AntelopeV2's .onnx files, an insightface "
+                "root or a FaceAnalysis object."
+            ) from error
+        return cls(load_insightface_app(resolve_face_models_dir(folder), providers), det_thresh=det_thresh)
 
     # ------------------------------------------------------------------ detection
     def _prepare(self, size: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,15 @@ import torch
 from diffusers.utils import logging
 
 from ..errors import FaceModelsNotFoundError, FeatureShapeError
+from ..io.hub import HubOptions, Location, resolve_location
 
 logger = logging.get_logger(__name__)
+
+# The files of a CLIP vision model (single or sharded safetensors weights; never pickles).
+CLIP_FILES = (
+    "config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+)  # fmt: skip
 
 
 def default_clip_processor(image_size: int = 224) -> Any:
@@ -60,35 +68,27 @@ class CLIPImageEncoder:
     @classmethod
     def from_pretrained(
         cls,
-        path_or_repo: str | os.PathLike,
-        *,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
+        path_or_repo: str | os.PathLike | Location,
+        hub_options: HubOptions | Mapping[str, Any] | None = None,
+        **hub_kwargs: Any,
     ) -> CLIPImageEncoder:
-        """Load model (safetensors only) and processor from a local folder or Hub repo (and subfolder).
+        """Load model (safetensors only) and processor from a local folder or a Hub repo (`"org/name[/folder]"`).
+
+        `hub_options` (a `HubOptions` or a dict of its fields) and the keywords `subfolder`, `revision`, `token`,
+        `cache_dir`, `local_files_only`, `force_download` say where; `diffusers_hyperlora.io.resolve_location`
+        finds the files (docs/loading.md).
 
         Example:
             >>> encoder = CLIPImageEncoder.from_pretrained("openai/clip-vit-large-patch14")  # doctest: +SKIP
         """
         from transformers import CLIPVisionModelWithProjection
 
-        path = os.fspath(path_or_repo)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-        options = dict(
-            subfolder=subfolder or "",
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only or offline,
-            force_download=force_download,
-        )
-        where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        where = repr(os.fspath(path_or_repo)) if not isinstance(path_or_repo, Location) else path_or_repo.name
         try:
-            model = CLIPVisionModelWithProjection.from_pretrained(path, use_safetensors=True, **options)
+            location = resolve_location(path_or_repo, HubOptions.of(hub_options, **hub_kwargs))
+            where = location.name
+            folder = location.folder(CLIP_FILES, what="the CLIP image encoder")
+            model = CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise FaceModelsNotFoundError(
                 f"Could not load the CLIP image encoder from {where}: {str(error).rstrip('.')}. Expected a local "
@@ -96,7 +96,7 @@ class CLIPImageEncoder:
                 "'openai/clip-vit-large-patch14'). Fix: download it once online, or pass `image_encoder=` a local "
                 "folder or a ready CLIPVisionModelWithProjection."
             ) from error
-        return cls(model, _load_processor(path, options, model))
+        return cls(model, _load_processor(folder, model))
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> CLIPImageEncoder:
         if self.model.device != torch.device(device) or self.model.dtype != dtype:
@@ -130,14 +130,14 @@ class CLIPImageEncoder:
         return states if dtype is None else states.to(dtype)
 
 
-def _load_processor(path: str, options: dict, model: Any) -> Any:
+def _load_processor(folder: Path, model: Any) -> Any:
     from transformers import CLIPImageProcessor
 
     try:
-        return CLIPImageProcessor.from_pretrained(path, **options)
+        return CLIPImageProcessor.from_pretrained(folder)
     except (OSError, ValueError):
         size = int(getattr(model.config, "image_size", 224))
-        logger.warning(f"No image processor config next to the CLIP encoder {path!r}: using CLIP's at {size} px.")
+        logger.warning(f"No image processor config in the CLIP encoder's folder {str(folder)!r}: CLIP's at {size} px.")
         return default_clip_processor(size)
 
 
@@ -150,7 +150,3 @@ def as_image_encoder(value: Any) -> CLIPImageEncoder | None:
     if isinstance(value, torch.nn.Module):
         return CLIPImageEncoder(value)
     return None
-
-
-def is_local_folder(value: str | os.PathLike) -> bool:
-    return Path(os.fspath(value)).expanduser().is_dir()

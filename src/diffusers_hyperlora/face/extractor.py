@@ -9,7 +9,7 @@ Encoders are loaded on first use.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,19 +22,19 @@ from PIL import Image
 from ..config import HyperLoRAConfig
 from ..errors import FaceModelsNotFoundError, FaceSelectionError, NoFaceDetectedError
 from ..features import HyperLoRAFeatures
+from ..io.hub import HubOptions, Location, resolve_location
 from .analyzer import (
     DETECTION_SIZES,
     INSIGHTFACE_HOME,
     DetectedFace,
     FaceAnalysisLike,
     FaceAnalyzer,
-    download_face_models,
     resolve_face_models_dir,
 )
 from .checks import check_embedding, check_face_geometry
 from .conditioning import blur_face, remove_background
 from .crops import SquareCrop, arcface_crop, base_crop_box, box_iou, clip_crop, crop_padded, shift_box
-from .encoders import CLIPImageEncoder, as_image_encoder, is_local_folder
+from .encoders import CLIPImageEncoder, as_image_encoder
 from .images import DEFAULT_MAX_SIDE, InputImage, load_images
 
 logger = logging.get_logger(__name__)
@@ -299,20 +299,13 @@ class FaceFeatureExtractor:
 
 
 # ---------------------------------------------------------------------- wiring from load_hyperlora
-def _hub(hub_options: dict, *keys: str) -> dict:
-    return {k: hub_options.get(k) for k in keys if hub_options.get(k) is not None}
-
-
-_SHARED = ("token", "cache_dir", "local_files_only", "force_download")
-
-
-def _join(*parts: str | None) -> str | None:
-    kept = [p.strip("/") for p in parts if p]
-    return "/".join(kept) or None
+# Names are resolved now (a bad name fails at load time); the models are loaded on first use.
+def _checkpoint(source: str | None, options: HubOptions) -> Location | None:
+    return None if source is None else Location(os.fspath(source), options)
 
 
 def image_encoder_loader(
-    config: HyperLoRAConfig, source: str | None, image_encoder: Any, hub_options: dict
+    config: HyperLoRAConfig, source: str | None, image_encoder: Any, hub_options: HubOptions
 ) -> CLIPImageEncoder | Callable[[], CLIPImageEncoder]:
     """A ready encoder, or a function that loads the one `image_encoder` / the checkpoint's config names."""
     ready = as_image_encoder(image_encoder)
@@ -324,57 +317,33 @@ def image_encoder_loader(
             f"image_encoder must be a repo id, a local folder, a CLIPVisionModelWithProjection, (model, processor) "
             f"or a CLIPImageEncoder; got a {type(image_encoder).__name__}."
         )
-    shared = _hub(hub_options, *_SHARED)
-    if image_encoder is not None:  # the user's choice: a folder or a repo id ("org/name[/sub/folder]")
-        path = os.fspath(image_encoder)
-        if is_local_folder(path):
-            return lambda: CLIPImageEncoder.from_pretrained(Path(path).expanduser(), **shared)
-        parts = path.strip("/").split("/")
-        return lambda: CLIPImageEncoder.from_pretrained("/".join(parts[:2]), subfolder=_join(*parts[2:]), **shared)
-    name, sub = config.image_encoder, config.image_encoder_subfolder
-    if is_local_folder(name):
-        return lambda: CLIPImageEncoder.from_pretrained(Path(name).expanduser(), subfolder=sub, **shared)
-    checkpoint_sub = hub_options.get("subfolder")
-    if source is not None and is_local_folder(source) and Path(source, checkpoint_sub or "", name).is_dir():
-        folder = Path(source, checkpoint_sub or "", name)
-        return lambda: CLIPImageEncoder.from_pretrained(folder, subfolder=sub, **shared)
-    if source is not None and not is_local_folder(source) and "/" not in name.strip("/"):
-        options = {**shared, **_hub(hub_options, "revision")}  # a subfolder of the checkpoint's own repo
-        return lambda: CLIPImageEncoder.from_pretrained(source, subfolder=_join(checkpoint_sub, name, sub), **options)
-    return lambda: CLIPImageEncoder.from_pretrained(name, subfolder=sub, **shared)
+    if image_encoder is not None:  # the caller's choice: a folder or a repo id ("org/name[/sub/folder]")
+        location = resolve_location(image_encoder, hub_options.for_other_repo())
+    else:
+        location = resolve_location(
+            config.image_encoder, hub_options.for_other_repo(), subfolder=config.image_encoder_subfolder,
+            relative_to=_checkpoint(source, hub_options),
+        )  # fmt: skip
+    return lambda: CLIPImageEncoder.from_pretrained(location)
 
 
 def face_analyzer_loader(
-    config: HyperLoRAConfig, source: str | None, face_analyzer: Any, hub_options: dict
+    config: HyperLoRAConfig, source: str | None, face_analyzer: Any, hub_options: HubOptions
 ) -> FaceAnalyzer | Callable[[], FaceAnalyzer]:
     """A ready analyzer, or a function that loads the face models `face_analyzer` / the config names."""
     if isinstance(face_analyzer, FaceAnalyzer):
         return face_analyzer
     if face_analyzer is not None and not isinstance(face_analyzer, (str, os.PathLike)):
         return FaceAnalyzer(face_analyzer)  # raises a clear TypeError unless FaceAnalysisLike
-    shared = _hub(hub_options, *_SHARED)
     if face_analyzer is not None:
-        return lambda: FaceAnalyzer.from_pretrained(face_analyzer, **shared)
-    name = config.face_models
-    checkpoint_sub = hub_options.get("subfolder")
-    if name is not None and is_local_folder(name):
-        return lambda: FaceAnalyzer.from_pretrained(name)
-    if name is not None and source is not None and is_local_folder(source):
-        folder = Path(source, checkpoint_sub or "", name)
-        return lambda: FaceAnalyzer.from_pretrained(folder)
-    if name is not None and source is not None:
-        options = {**shared, **_hub(hub_options, "revision")}
-
-        def from_checkpoint_repo() -> FaceAnalyzer:
-            from .analyzer import load_insightface_app
-
-            folder = download_face_models(source, _join(checkpoint_sub, name), **options)
-            return FaceAnalyzer(load_insightface_app(folder))
-
-        return from_checkpoint_repo
-    if name is not None:
-        return lambda: FaceAnalyzer.from_pretrained(name, **shared)
-    return _default_insightface_root
+        location = resolve_location(face_analyzer, hub_options.for_other_repo())
+    elif config.face_models:
+        location = resolve_location(
+            config.face_models, hub_options.for_other_repo(), relative_to=_checkpoint(source, hub_options)
+        )
+    else:
+        return _default_insightface_root
+    return lambda: FaceAnalyzer.from_pretrained(location)
 
 
 def _default_insightface_root() -> FaceAnalyzer:
@@ -397,7 +366,7 @@ def build_feature_extractor(
     source: str | None,
     image_encoder: Any,
     face_analyzer: Any,
-    hub_options: dict,
+    hub_options: HubOptions | Mapping[str, Any] | None = None,
 ) -> FaceFeatureExtractor:
     """The face pipeline for a loaded checkpoint; what `load_hyperlora` builds on the first identity call.
 
@@ -407,15 +376,18 @@ def build_feature_extractor(
         source: the checkpoint's path or repo id (`None` for a predictor object).
         image_encoder: `None`, a repo id / local folder, or a ready model / `(model, processor)` / `CLIPImageEncoder`.
         face_analyzer: `None`, a folder / insightface root / Hub repo, or a `FaceAnalyzer` / FaceAnalysis-like object.
-        hub_options: the checkpoint's subfolder, revision, token, cache_dir, local_files_only, force_download.
+        hub_options: the checkpoint's `HubOptions` (or a dict of its fields: subfolder, revision, token, cache_dir,
+            local_files_only, force_download). Where names lead is decided by `io.resolve_location`
+            (docs/loading.md): folders of the checkpoint use all of them, other repos all but subfolder / revision.
 
     Example:
         >>> extractor = build_feature_extractor(config, source=None, image_encoder=encoder,
         ...                                     face_analyzer="~/.insightface", hub_options={})  # doctest: +SKIP
     """
+    options = HubOptions.of(hub_options)
     needs_clip = config.use_image_embeds or config.has_base
-    encoder = image_encoder_loader(config, source, image_encoder, hub_options) if needs_clip else None
-    analyzer = face_analyzer_loader(config, source, face_analyzer, hub_options)
+    encoder = image_encoder_loader(config, source, image_encoder, options) if needs_clip else None
+    analyzer = face_analyzer_loader(config, source, face_analyzer, options)
     return FaceFeatureExtractor(config, encoder, analyzer)
 
 

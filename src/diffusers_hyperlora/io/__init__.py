@@ -1,5 +1,10 @@
-"""Reading and writing checkpoints: the public release's folder layout, the library's own format, the Hub."""
+"""Reading and writing checkpoints (the release's folder layout, the library's own format) and finding files.
 
-from .hub import CheckpointLocation, load_predictor
+io builds predictors; the predictor module knows nothing of files. `hub.Location` is the one resolver for every
+file the library reads (checkpoints, the CLIP encoder, the face models), configured by `HubOptions`.
+"""
 
-__all__ = ["CheckpointLocation", "load_predictor"]
+from .hub import HubOptions, Location, resolve_location
+from .load import load_predictor
+
+__all__ = ["HubOptions", "Location", "load_predictor", "resolve_location"]

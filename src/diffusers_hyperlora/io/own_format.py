@@ -1,30 +1,43 @@
-"""The library's own checkpoint format: `config.json` (a `HyperLoRAConfig`) + `model.safetensors` (+ `README.md`).
+"""The library's own checkpoint format: `config.json` (a `HyperLoRAConfig`), the weights, and `README.md`.
 
-Written by `HyperLoRAPredictor.save_pretrained` / `push_to_hub` (huggingface_hub's `PyTorchModelHubMixin`) and by
-`diffusers_hyperlora.io.convert.convert_checkpoint`. `model.safetensors` holds the predictor's state dict: the
-release's projector / resampler keys under `id_projector.` / `resampler.`, and the basis banks stacked per shape
-group (`id_bank.down.{g}` `[G, K, in, r]`, `id_bank.up.{g}` `[G, K, r, out]`). docs/hub-format.md describes it.
-
-Loading builds the model without allocating random weights, reads one tensor at a time (casting as it goes) and
-never falls back to pickle files.
+Written by `HyperLoRAPredictor.save_pretrained` / `push_to_hub` and by `convert_checkpoint`. The weights are the
+predictor's state dict in safetensors, as transformers and diffusers store theirs: `model.safetensors`, or shards
+`model-0000i-of-0000n.safetensors` with `model.safetensors.index.json` above 1 GB. Keys: the release's projector /
+resampler keys under `id_projector.` / `resampler.`, and the basis banks stacked per shape group
+(`id_bank.down.{g}` `[G, K, in, r]`, `id_bank.up.{g}` `[G, K, r, out]`). docs/hub-format.md describes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..config import HyperLoRAConfig
 from ..errors import CheckpointFormatError
-from .hub import OWN_CONFIG, OWN_WEIGHTS, CheckpointLocation
-from .streaming import SafetensorsStreamWriter
+from ..files import atomic_write_files
+from ..predictor import HyperLoRAPredictor
+from .hub import Location
+from .model_card import hyperlora_model_card
+from .weights import (
+    MAX_SHARD_SIZE,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    Sources,
+    build_predictor,
+    check_shapes,
+    read_safetensors_shapes,
+    remove_stale_weights,
+    weight_writers,
+)
 
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 CLASS_NAME = "HyperLoRAPredictor"
 
@@ -53,7 +66,7 @@ def config_to_json_dict(config: HyperLoRAConfig) -> dict:
     }
 
 
-def config_from_json_dict(raw: Mapping, where: str = OWN_CONFIG) -> HyperLoRAConfig:
+def config_from_json_dict(raw: Mapping, where: str = CONFIG_NAME) -> HyperLoRAConfig:
     """Parse `config.json` (also the older `{"config": {...}}` nesting) into a `HyperLoRAConfig`."""
     if isinstance(raw.get("config"), Mapping):
         raw = raw["config"]
@@ -69,97 +82,24 @@ def config_from_json_dict(raw: Mapping, where: str = OWN_CONFIG) -> HyperLoRACon
         raise CheckpointFormatError(f"{where} is not a valid HyperLoRAConfig: {error}") from error
 
 
-def write_config(config: HyperLoRAConfig, folder: str | os.PathLike) -> Path:
-    """Write `config.json` into `folder` and return its path."""
-    path = Path(folder) / OWN_CONFIG
-    path.write_text(json.dumps(config_to_json_dict(config), indent=2, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def weights_metadata(config: HyperLoRAConfig) -> dict[str, str]:
-    """`__metadata__` of `model.safetensors`."""
-    return {
-        "format": "pt",
-        "hyperlora_format_version": str(FORMAT_VERSION),
-        "hyperlora_architecture": config.architecture_hash(),
-    }
-
-
-def save_own_format(
-    predictor, folder: str | os.PathLike, dtype: torch.dtype | None = None, write_config_file: bool = True
-) -> Path:
-    """Write `model.safetensors` (and `config.json`) of `predictor` into `folder`, one tensor at a time.
-
-    Example:
-        >>> import tempfile
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
-        >>> folder = save_own_format(tiny_hyperlora_predictor(), tempfile.mkdtemp())
-        >>> sorted(p.name for p in folder.iterdir())
-        ['config.json', 'model.safetensors']
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = predictor.state_dict()
-    entries = {key: (dtype or t.dtype, list(t.shape)) for key, t in state.items()}
-    with SafetensorsStreamWriter(folder / OWN_WEIGHTS, entries, weights_metadata(predictor.config)) as writer:
-        for key, tensor in state.items():
-            writer.write(key, tensor.detach().to(dtype or tensor.dtype))
-    if write_config_file:
-        write_config(predictor.config, folder)
-    return folder
-
-
-def _iter_weights(path: str, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    with safe_open(path, framework="pt") as handle:
-        for key in handle.keys():
-            tensor = handle.get_tensor(key)
-            yield key, tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
-
-
-def build_predictor_from_weights(cls, config: HyperLoRAConfig, weights_path: str, device, torch_dtype, where: str):
-    """Instantiate `cls(config)` with no storage, then adopt the file's tensors (strict keys and shapes)."""
-    from .release import read_safetensors_shapes
-
-    predictor = cls(config, device="meta")
-    expected = predictor.state_dict()
-    shapes = read_safetensors_shapes(weights_path)
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [k for k in expected if k in shapes and list(shapes[k]) != list(expected[k].shape)]
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-        if wrong:
-            k = wrong[0]
-            details.append(f"{k} has shape {list(shapes[k])}, the config implies {list(expected[k].shape)}")
-        raise CheckpointFormatError(
-            f"{OWN_WEIGHTS} of {where} does not match its {OWN_CONFIG}: " + "; ".join(details) + ". The two files "
-            "must come from the same save_pretrained()/convert call."
-        )
-    state_dict = {key: tensor.to(device) for key, tensor in _iter_weights(weights_path, torch_dtype)}
-    predictor.load_state_dict(state_dict, strict=True, assign=True)
-    return predictor.eval()
-
-
-def load_own_format_weights(cls, model_id: str, config, *, subfolder=None, device="cpu", torch_dtype=None, **hub):
-    """`PyTorchModelHubMixin._from_pretrained` body: the config is already read by the mixin."""
-    location = CheckpointLocation(model_id, subfolder=subfolder, **hub)
-    if config is None:
-        config = _read_config(location)
-    elif isinstance(config, Mapping):
-        config = config_from_json_dict(config, f"{OWN_CONFIG} of {location.description}")
-    weights = location.require_file(OWN_WEIGHTS)
-    return build_predictor_from_weights(cls, config, weights, device, torch_dtype, location.description)
-
-
-def _read_config(location: CheckpointLocation) -> HyperLoRAConfig:
-    path = location.require_file(OWN_CONFIG)
-    where = f"{OWN_CONFIG} of {location.description}"
+def is_own_config_file(path: str | os.PathLike) -> bool:
+    """Whether a `config.json` is a `HyperLoRAConfig` (the library format), not some other model's config."""
     try:
         with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not isinstance(raw, dict):
+        return False
+    raw = raw.get("config", raw) if isinstance(raw.get("config"), dict) else raw
+    return isinstance(raw.get("targets"), list) and "num_basis" in raw
+
+
+def read_config(location: Location) -> HyperLoRAConfig:
+    """The `HyperLoRAConfig` in `config.json` of `location`."""
+    where = f"{CONFIG_NAME} of {location.description}"
+    try:
+        with open(location.require_file(CONFIG_NAME), encoding="utf-8") as f:
             raw = json.load(f)
     except json.JSONDecodeError as error:
         raise CheckpointFormatError(f"{where} is not valid JSON ({error}).") from error
@@ -168,15 +108,85 @@ def _read_config(location: CheckpointLocation) -> HyperLoRAConfig:
     return config_from_json_dict(raw, where)
 
 
-def load_own_format(location: CheckpointLocation, torch_dtype: torch.dtype | None = None, device="cpu", cls=None):
-    """Load a predictor in the library's format from `location`.
+def weight_files(location: Location) -> list[str]:
+    """Local paths of the weight files: `model.safetensors`, or the shards its index lists."""
+    single = location.file(WEIGHTS_NAME)
+    if single is not None:
+        return [single]
+    index = location.file(WEIGHTS_INDEX_NAME)
+    if index is None:
+        location.require_file(WEIGHTS_NAME)  # raises, naming the file and what is there instead
+    with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f).get("weight_map", {})
+    return [location.require_file(name) for name in dict.fromkeys(weight_map.values())]
+
+
+def own_sources(files: list[str]) -> tuple[Sources, dict[str, list[int]]]:
+    """`(key -> (file, [key]), key -> shape)` over the weight files."""
+    sources, shapes = {}, {}
+    for path in files:
+        for key, shape in read_safetensors_shapes(path).items():
+            sources[key], shapes[key] = (path, [key]), shape
+    return sources, shapes
+
+
+def load_own_format(
+    location: Location, torch_dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> HyperLoRAPredictor:
+    """Load a predictor in the library's format from `location`, tensor by tensor, never from pickle files."""
+    config = read_config(location)
+    sources, shapes = own_sources(weight_files(location))
+    check_shapes(HyperLoRAPredictor(config, device="meta").state_dict(), shapes, location.description)
+    return build_predictor(config, sources, torch_dtype, device)
+
+
+def weights_metadata(config: HyperLoRAConfig) -> dict[str, str]:
+    """`__metadata__` of the weight files."""
+    return {
+        "format": "pt",
+        "hyperlora_format_version": str(FORMAT_VERSION),
+        "hyperlora_architecture": config.architecture_hash(),
+    }
+
+
+def checkpoint_writers(config: HyperLoRAConfig, weights: dict, card: Any | None) -> dict:
+    """`weights` (file name -> writer) plus `config.json` and, when given, the model card."""
+    text = json.dumps(config_to_json_dict(config), indent=2)
+    writers = {**weights, CONFIG_NAME: lambda path: path.write_text(text, encoding="utf-8")}
+    if card is not None:
+        writers[CARD_NAME] = card.save
+    return writers
+
+
+def write_checkpoint(folder: str | os.PathLike, writers: dict) -> Path:
+    """Write the files as one set (all or nothing), then drop weight files of an earlier, differently sharded save."""
+    folder = atomic_write_files(folder, writers)
+    remove_stale_weights(folder, writers)
+    return folder
+
+
+def save_pretrained(
+    predictor: HyperLoRAPredictor,
+    folder: str | os.PathLike,
+    *,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+    model_card_kwargs: dict | None = None,
+) -> Path:
+    """Write `predictor` in the library format: `config.json`, the weights and (unless present) `README.md`.
+
+    If writing fails midway, the files already in `folder` are left as they were.
 
     Example:
-        >>> from diffusers_hyperlora.io import CheckpointLocation
-        >>> predictor = load_own_format(CheckpointLocation("org/my-hyperlora"))  # doctest: +SKIP
+        >>> import tempfile
+        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> folder = save_pretrained(tiny_hyperlora_predictor(), tempfile.mkdtemp())
+        >>> sorted(p.name for p in folder.iterdir())
+        ['README.md', 'config.json', 'model.safetensors']
     """
-    if cls is None:
-        from ..predictor import HyperLoRAPredictor as cls
-    config = _read_config(location)
-    weights = location.require_file(OWN_WEIGHTS)
-    return build_predictor_from_weights(cls, config, weights, device, torch_dtype, location.description)
+    state = predictor.state_dict()
+    weights = weight_writers(
+        state, lambda keys: {k: state[k] for k in keys}, weights_metadata(predictor.config), max_shard_size
+    )
+    has_card = Path(folder, CARD_NAME).exists()  # an existing card may have been edited: keep it
+    card = None if has_card else hyperlora_model_card(predictor.config, **(model_card_kwargs or {}))
+    return write_checkpoint(folder, checkpoint_writers(predictor.config, weights, card))

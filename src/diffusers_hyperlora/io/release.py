@@ -6,9 +6,9 @@ condition). Every architecture number is read off tensor shapes; only the resamp
 recoverable and default to the release's 12 x 64. The JSON's entry order decides which resampler tokens feed which
 layer: entry `i` owns tokens `[8i, 8i + 8)`.
 
-The shape/name functions here are pure (names and shapes in, config or keys out). The loader streams the bank
-tensor by tensor into the predictor's stacked layout; `save_release_checkpoint` writes the layout back (for the
-ComfyUI plugin, or to test the loader on other sizes), also tensor by tensor.
+The shape/name functions here are pure (names and shapes in, config or keys out). `release_sources` maps each
+predictor key to the release tensors it is stacked from; loading, converting and `save_release_checkpoint` (the
+layout written back, for the ComfyUI plugin or to test the loader on other sizes) all follow that one map.
 """
 
 from __future__ import annotations
@@ -16,17 +16,24 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ..bank import group_linears
 from ..config import HyperLoRAConfig
 from ..errors import CheckpointFormatError
+from ..files import atomic_write_files
+from ..predictor import HyperLoRAPredictor
 from ..targets import ATTENTION_LINEARS, TargetLinear, TargetModule
-from .hub import RELEASE_BASE_RESAMPLER, RELEASE_MODULES_JSON, RELEASE_WEIGHTS, CheckpointLocation
-from .streaming import SafetensorsStreamWriter
+from .hub import Location
+from .weights import Sources, build_predictor, read_safetensors_shapes, stored_dtype
+
+RELEASE_MODULES_JSON = "hyper_lora_modules.json"
+RELEASE_WEIGHTS = ("hyper_lora_modules.safetensors", "resampler.safetensors", "id_projector.safetensors")
+RELEASE_BASE_RESAMPLER = "base_resampler.safetensors"  # our extension: only for release-layout Base branches
 
 RELEASE_HEADS = 12
 RELEASE_DIM_HEAD = 64
@@ -246,17 +253,8 @@ def release_bank_keys(
     ]
 
 
-def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
-    """`{key: shape}` of a safetensors file, read from its header only."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own SafetensorError, or OSError
-        raise CheckpointFormatError(f"{path} is not a readable .safetensors file: {error}") from error
-
-
 def read_release_config(
-    location: CheckpointLocation, heads: int | None = None, dim_head: int | None = None
+    location: Location, heads: int | None = None, dim_head: int | None = None
 ) -> tuple[HyperLoRAConfig, dict[str, str]]:
     """Resolve (download if needed) the release's files and read its config. Returns `(config, {file: path})`.
 
@@ -283,141 +281,85 @@ def read_release_config(
     return config, files
 
 
-def iter_release_tensors(
-    config: HyperLoRAConfig, files: Mapping[str, str], dtype: torch.dtype | None = None, stack: bool = True
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(predictor state-dict key, tensor)` from release files, reading one tensor at a time.
+_MODULE_FILES = {
+    "id_projector.": PROJECTOR_FILE, "resampler.": RESAMPLER_FILE, "base_resampler.": RELEASE_BASE_RESAMPLER,
+}  # fmt: skip
 
-    With `stack=True` each bank group (`id_bank.down.{g}`, ...) is yielded once, stacked `[G, K, in, r]`: peak
-    memory is one group plus one release tensor, never the whole bank twice. With `stack=False` a group is yielded
-    as consecutive `[1, K, in, r]` chunks under the same key, one per linear, which is what a streaming writer
-    needs (peak memory: one release tensor).
+
+def release_sources(config: HyperLoRAConfig, files: Mapping[str, str]) -> Sources:
+    """Predictor state-dict key -> (path of the release file, release keys stacked into it, in order).
+
+    A resampler / projector tensor comes from one release tensor of the same name; a bank group
+    (`id_bank.down.{g}` `[G, K, in, r]`) is stacked from the G release tensors of its linears.
 
     Example:
-        >>> config, files = read_release_config(CheckpointLocation("path/to/release"))  # doctest: +SKIP
-        >>> state_dict = dict(iter_release_tensors(config, files, torch.float16))  # doctest: +SKIP
+        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_config
+        >>> sources = release_sources(tiny_hyperlora_config(), {"hyper_lora_modules.safetensors": "bank.st"})
+        >>> sources["id_bank.down.0"][1][:2]
+        ['0.to_q.id_down_basis', '0.to_k.id_down_basis']
     """
-    from ..bank import group_linears
-
-    if config.use_id_embeds:
-        with safe_open(files[PROJECTOR_FILE], framework="pt") as handle:
-            for key in handle.keys():
-                yield f"id_projector.{key}", _cast(handle.get_tensor(key), dtype)
-    for file, prefix in ((RESAMPLER_FILE, "resampler"), (RELEASE_BASE_RESAMPLER, "base_resampler")):
-        if file not in files:
-            continue
-        with safe_open(files[file], framework="pt") as handle:
-            for key in handle.keys():
-                yield f"{prefix}.{key}", _cast(handle.get_tensor(key), dtype)
-
+    sources: dict[str, tuple[str, list[str]]] = {}
+    for key in HyperLoRAPredictor(config, device="meta").state_dict():
+        prefix = next((p for p in _MODULE_FILES if key.startswith(p)), None)
+        if prefix is not None:
+            sources[key] = (files.get(_MODULE_FILES[prefix], _MODULE_FILES[prefix]), [key[len(prefix) :]])
     linears = config.linears
-    with safe_open(files[BANK_FILE], framework="pt") as handle:
-        for branch in ("id", "base") if config.has_base else ("id",):
-            rank = config.rank(branch)
-            for g, group in enumerate(group_linears(linears)):
-                for side in (0, 1):
-                    name = f"{branch}_bank.{'down' if side == 0 else 'up'}.{g}"
-                    stacked = None
-                    for position, index in enumerate(group.members):
-                        key = release_bank_keys(index // PER_MODULE, linears[index], branch, config.num_basis, rank)
-                        tensor = _cast(handle.get_tensor(key[side][0]), dtype)
-                        if not stack:
-                            yield name, tensor.unsqueeze(0)
-                            continue
-                        if stacked is None:
-                            stacked = torch.empty((len(group.members), *tensor.shape), dtype=tensor.dtype)
-                        stacked[position] = tensor
-                    if stack:
-                        yield name, stacked
+    for branch in ("id", "base") if config.has_base else ("id",):
+        rank = config.rank(branch)
+        for g, group in enumerate(group_linears(linears)):
+            keys = [
+                release_bank_keys(i // PER_MODULE, linears[i], branch, config.num_basis, rank) for i in group.members
+            ]
+            for side, part in enumerate(("down", "up")):
+                sources[f"{branch}_bank.{part}.{g}"] = (files.get(BANK_FILE, BANK_FILE), [k[side][0] for k in keys])
+    return sources
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
-
-
-def release_dtype(files: Mapping[str, str]) -> torch.dtype:
-    """The dtype the release's bank is stored in (what a load without `torch_dtype` gives)."""
-    with safe_open(files[BANK_FILE], framework="pt") as handle:
-        return handle.get_tensor("0.to_q.id_down_basis").dtype
+def check_release_keys(sources: Sources, files: Mapping[str, str], where: str) -> None:
+    """Every tensor of the release files must be used: extra tensors mean the files do not belong together."""
+    used: dict[str, set[str]] = {}
+    for path, names in sources.values():
+        used.setdefault(path, set()).update(names)
+    for name, path in files.items():
+        if name == RELEASE_MODULES_JSON:
+            continue
+        extra = sorted(set(read_safetensors_shapes(path)) - used.get(path, set()))
+        if extra:
+            raise CheckpointFormatError(
+                f"{name} of {where} holds tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} that the architecture "
+                "read off the shapes does not have: the files do not belong together."
+            )
 
 
 def load_release(
-    location: CheckpointLocation,
+    location: Location,
     torch_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     heads: int | None = None,
     dim_head: int | None = None,
-):
-    """Load a release-layout folder (local or Hub) into a `HyperLoRAPredictor`.
-
-    Example:
-        >>> from diffusers_hyperlora.io import CheckpointLocation
-        >>> predictor = load_release(CheckpointLocation("path/to/sdxl_hyper_id_lora_v1_fidelity"))  # doctest: +SKIP
-    """
-    from ..predictor import HyperLoRAPredictor
-
+) -> HyperLoRAPredictor:
+    """Load a release-layout folder (local or Hub) into a `HyperLoRAPredictor` (default dtype: as stored)."""
     config, files = read_release_config(location, heads=heads, dim_head=dim_head)
-    dtype = torch_dtype or release_dtype(files)
-    predictor = HyperLoRAPredictor(config, device="meta")
-    expected = predictor.state_dict()
-    loaded = {}
-    for key, tensor in iter_release_tensors(config, files, dtype):
-        if key not in expected:
-            raise CheckpointFormatError(
-                f"Unexpected tensor {key!r} in {location.description}: its files hold more than the architecture "
-                "read off their shapes."
-            )
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointFormatError(
-                f"{key} has shape {list(tensor.shape)} in {location.description}, expected {list(expected[key].shape)}."
-            )
-        loaded[key] = tensor.to(device)
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
-        raise CheckpointFormatError(f"{location.description} lacks tensors {missing[:5]}.")
-    predictor.load_state_dict(loaded, strict=True, assign=True)
-    return predictor.eval()
-
-
-# ---------------------------------------------------------------------------------------------------- writing
-def _release_entries(predictor, dtype: torch.dtype) -> dict[str, dict[str, tuple[torch.dtype, list[int]]]]:
-    config = predictor.config
-    entries: dict[str, dict] = {BANK_FILE: {}, RESAMPLER_FILE: {}}
-    for index, linear in enumerate(config.linears):
-        for branch in ("id", "base") if config.has_base else ("id",):
-            for key, shape in release_bank_keys(
-                index // PER_MODULE, linear, branch, config.num_basis, config.rank(branch)
-            ):
-                entries[BANK_FILE][key] = (dtype, shape)
-    modules = [(RESAMPLER_FILE, predictor.resampler)]
-    if predictor.id_projector is not None:
-        entries[PROJECTOR_FILE] = {}
-        modules.append((PROJECTOR_FILE, predictor.id_projector))
-    if predictor.base_resampler is not None:
-        entries[RELEASE_BASE_RESAMPLER] = {}
-        modules.append((RELEASE_BASE_RESAMPLER, predictor.base_resampler))
-    for file, module in modules:
-        for key, tensor in module.state_dict().items():
-            entries[file][key] = (dtype, list(tensor.shape))
-    return entries
+    sources = release_sources(config, files)
+    check_release_keys(sources, files, location.description)
+    return build_predictor(config, sources, torch_dtype or stored_dtype(files[BANK_FILE]), device)
 
 
 def save_release_checkpoint(
-    predictor, folder: str | os.PathLike, dtype: torch.dtype | None = None, progress: bool = False
+    predictor: HyperLoRAPredictor, folder: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> Path:
     """Write `predictor` in the public release's folder layout (what the ComfyUI plugin reads).
 
     Files: `hyper_lora_modules.json` (entries in the config's target order), `hyper_lora_modules.safetensors`,
     `resampler.safetensors`, `id_projector.safetensors` (only with the ArcFace condition) and, for checkpoints
-    with a Base branch (not in the public release), `base_resampler.safetensors`. Tensors are written one at a
-    time. The resampler's heads / dim_head are not stored by this layout: loading needs them again unless they
-    are the release's 12 x 64.
+    with a Base branch (not in the public release), `base_resampler.safetensors`. The files are written as one
+    set: if writing fails midway, those already in `folder` are left as they were. The resampler's heads /
+    dim_head are not stored by this layout: loading needs them again unless they are the release's 12 x 64.
 
     Args:
         predictor: a `HyperLoRAPredictor`.
-        folder: the output folder (created; existing files of the same names are overwritten).
+        folder: the output folder (created; files of the same names are replaced).
         dtype: dtype of the files (default: the predictor's). The release uses float16.
-        progress: show a tqdm bar over the bank.
 
     Returns:
         The folder.
@@ -429,33 +371,27 @@ def save_release_checkpoint(
         >>> sorted(p.name for p in folder.iterdir())[:2]
         ['hyper_lora_modules.json', 'hyper_lora_modules.safetensors']
     """
-    from tqdm.auto import tqdm
-
     config = predictor.config
-    dtype = dtype or predictor.dtype
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RELEASE_MODULES_JSON).write_text(json.dumps(modules_json_from_targets(config.targets), indent=2))
-    entries = _release_entries(predictor, dtype)
-    metadata = {"format": "pt"}
-    modules = {RESAMPLER_FILE: predictor.resampler, PROJECTOR_FILE: predictor.id_projector}
-    modules[RELEASE_BASE_RESAMPLER] = predictor.base_resampler
-    for file, module in modules.items():
-        if module is None:
-            (folder / file).unlink(missing_ok=True)
-            continue
-        with SafetensorsStreamWriter(folder / file, entries[file], metadata) as writer:
-            for key, tensor in module.state_dict().items():
-                writer.write(key, tensor.to(dtype))
-    with SafetensorsStreamWriter(folder / BANK_FILE, entries[BANK_FILE], metadata) as writer:
-        bar = tqdm(total=len(entries[BANK_FILE]), desc="Writing basis bank", unit="tensor", disable=not progress)
-        for branch in ("id", "base") if config.has_base else ("id",):
-            bank = predictor.bank(branch)
-            for index, linear in enumerate(config.linears):
-                g, position = bank.locations[index]
-                keys = release_bank_keys(index // PER_MODULE, linear, branch, config.num_basis, bank.rank)
-                for (key, _), side in zip(keys, (bank.down, bank.up)):
-                    writer.write(key, side[g][position].detach().to(dtype))
-                    bar.update()
-        bar.close()
+    state = predictor.state_dict()
+    per_file: dict[str, dict[str, tuple[str, int | None]]] = {}
+    for key, (file, names) in release_sources(config, {}).items():
+        for position, name in enumerate(names):
+            per_file.setdefault(file, {})[name] = (key, position if len(names) > 1 else None)
+
+    def writer(entries: dict[str, tuple[str, int | None]]):
+        def write(path: Path) -> None:
+            tensors = {}
+            for name, (key, position) in entries.items():
+                tensor = state[key] if position is None else state[key][position]
+                tensors[name] = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+            save_file(tensors, path, metadata={"format": "pt"})
+
+        return write
+
+    text = json.dumps(modules_json_from_targets(config.targets), indent=2)
+    writers = {RELEASE_MODULES_JSON: lambda path: path.write_text(text, encoding="utf-8")}
+    writers.update({file: writer(entries) for file, entries in per_file.items()})
+    folder = atomic_write_files(folder, writers)
+    for file in set(RELEASE_WEIGHTS + (RELEASE_BASE_RESAMPLER,)) - set(writers):
+        (folder / file).unlink(missing_ok=True)  # e.g. an id_projector.safetensors of an earlier checkpoint
     return folder

@@ -1,0 +1,148 @@
+"""Tensors in and out of `.safetensors` files, for both checkpoint formats.
+
+Reading: `read_tensors` follows a map from each predictor state-dict key to the stored tensor(s) it comes from (the
+release stacks several per key) and reads only the keys asked for, so a caller holds one shard at a time.
+Writing: huggingface_hub's `split_torch_state_dict_into_shards` plans the files (transformers' and diffusers'
+layout: `model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`) and
+`safetensors.torch.save_file` writes each one; `atomic_write_files` makes the set all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import HyperLoRAConfig
+from ..errors import CheckpointFormatError
+from ..predictor import HyperLoRAPredictor
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_PATTERN = "model{suffix}.safetensors"
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+MAX_SHARD_SIZE = "1GB"  # keeps converting the 3 GB release within ~1 GB of memory (docs/performance.md)
+
+Sources = Mapping[str, tuple[str, Sequence[str]]]  # predictor key -> (file path, stored keys stacked into it)
+
+
+def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """`{key: shape}` of a safetensors file, read from its header only."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+        raise CheckpointFormatError(f"{path} is not a readable .safetensors file: {error}") from error
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The dtype of the first tensor of a safetensors file."""
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        return handle.get_tensor(next(iter(handle.keys()))).dtype
+
+
+def read_tensors(sources: Sources, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `keys`, cast to `dtype`; a key with several stored names is their stack along a new dim 0.
+
+    Files are opened for this call only, so their memory maps (resident pages included) are released at its end.
+
+    Example:
+        >>> read_tensors({"w": ("a.safetensors", ["w"])}, ["w"], torch.float16)  # doctest: +SKIP
+    """
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, object] = {}
+
+        def stored(path: str, name: str) -> torch.Tensor:
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+            tensor = handles[path].get_tensor(name)
+            return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+        tensors = {}
+        for key in keys:
+            path, names = sources[key]
+            first = stored(path, names[0])
+            if len(names) > 1:
+                stacked = torch.empty((len(names), *first.shape), dtype=first.dtype)
+                stacked[0] = first
+                for position, name in enumerate(names[1:], start=1):
+                    stacked[position] = stored(path, name)
+                first = stacked
+            tensors[key] = first
+        return tensors
+
+
+def check_shapes(expected: Mapping[str, torch.Tensor], found: Mapping[str, Sequence[int]], where: str) -> None:
+    """Raise `CheckpointFormatError` unless `found` has exactly the keys and shapes of `expected`."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [k for k in expected if k in found and list(found[k]) != list(expected[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    details = []
+    if missing:
+        details.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        details.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+    if wrong:
+        key = wrong[0]
+        details.append(f"{key} has shape {list(found[key])}, the config implies {list(expected[key].shape)}")
+    raise CheckpointFormatError(
+        f"The tensors of {where} do not match its config: {'; '.join(details)}. All files of a checkpoint must come "
+        "from the same save_pretrained() / convert call."
+    )
+
+
+def build_predictor(
+    config: HyperLoRAConfig, sources: Sources, torch_dtype: torch.dtype | None, device: torch.device | str
+) -> HyperLoRAPredictor:
+    """A predictor built without allocating random weights, holding the tensors of `sources` (strict keys)."""
+    predictor = HyperLoRAPredictor(config, device="meta")
+    keys = list(predictor.state_dict())
+    state_dict = {key: tensor.to(device) for key, tensor in read_tensors(sources, keys, torch_dtype).items()}
+    predictor.load_state_dict(state_dict, strict=True, assign=True)
+    return predictor.eval()
+
+
+def weight_writers(
+    tensors: Mapping[str, torch.Tensor],
+    read: Callable[[list[str]], Mapping[str, torch.Tensor]],
+    metadata: Mapping[str, str],
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+) -> dict[str, Callable[[Path], None]]:
+    """File name -> writer (for `atomic_write_files`) of the weight files of `tensors` (meta tensors are fine).
+
+    Each shard's writer asks `read(keys)` for its tensors only when it runs, so one shard is in memory at a time.
+    """
+    split = split_torch_state_dict_into_shards(
+        dict(tensors), filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size
+    )
+    writers: dict[str, Callable[[Path], None]] = {
+        name: partial(_write_shard, read, keys, dict(metadata)) for name, keys in split.filename_to_tensors.items()
+    }
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, **metadata}, "weight_map": split.tensor_to_filename}
+        writers[WEIGHTS_INDEX_NAME] = lambda path: path.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return writers
+
+
+def _write_shard(read, keys: list[str], metadata: dict[str, str], path: Path) -> None:
+    tensors = {key: tensor.detach().to("cpu").contiguous() for key, tensor in read(keys).items()}
+    save_file(tensors, path, metadata=metadata)
+
+
+def remove_stale_weights(folder: str | os.PathLike, written: Iterable[str]) -> None:
+    """Delete weight files of an earlier save that the new set of files does not include (other sharding)."""
+    keep = set(written)
+    for path in Path(folder).glob("model*.safetensors*"):
+        if path.name not in keep and _WEIGHT_FILE.fullmatch(path.name):
+            path.unlink(missing_ok=True)
