@@ -52,14 +52,17 @@ class DemoHandlers:
     def __init__(self, engine: DemoEngine) -> None:
         self.engine = engine
 
-    def _identity(self, photos: Any, identity: Any) -> Any:
-        if identity is None:
-            identity = self.engine.identity_from_inputs(_files(photos))
-        return identity
+    def _identity(self, photos: Any, cached: Any) -> tuple[Any, Any]:
+        """`(identity, new cache)`: the cached identity while the photos are the same ones, else a new one."""
+        files = tuple(_files(photos))
+        if cached is not None and cached[0] == files:
+            return cached[1], cached
+        identity = self.engine.identity_from_inputs(list(files))
+        return identity, (files, identity)
 
-    def photos_changed(self, photos: Any) -> tuple[Any, str]:
+    def photos_changed(self, photos: Any) -> str:
         count = len(_files(photos))
-        return None, (f"{count} file(s) ready: generate, or preview the crops." if count else "")
+        return f"{count} file(s) ready: generate, or preview the crops." if count else ""
 
     def preview(self, photos: Any) -> tuple[Any, str]:
         try:
@@ -68,17 +71,17 @@ class DemoHandlers:
             return None, error_message(error)
         return gallery, f"Preview: {len(gallery)} crop(s) and mask(s)."
 
-    def create_identity(self, photos: Any) -> tuple[Any, str]:
+    def create_identity(self, photos: Any, cached: Any) -> tuple[Any, str]:
         try:
-            identity = self.engine.identity_from_inputs(_files(photos))
+            identity, cached = self._identity(photos, cached)
         except Exception as error:  # noqa: BLE001
             return None, error_message(error)
-        return identity, f"Ready: {_describe(identity)}."
+        return cached, f"Ready: {_describe(identity)}."
 
     def generate(
         self,
         photos: Any,
-        identity: Any,
+        cached: Any,
         prompt: str,
         add_trigger_words: bool,
         negative_prompt: str,
@@ -105,33 +108,34 @@ class DemoHandlers:
             slider=None if slider in (None, "", NO_SLIDER) else slider,
             slider_weight=float(slider_weight),
         )
+        identity = None
         try:
-            if _files(photos) or identity is not None:
+            if _files(photos):
                 progress(0.0, desc="Reading the photos")
-                identity = self._identity(photos, identity)
+                identity, cached = self._identity(photos, cached)
             image, used = self.engine.generate(
                 identity, settings, on_step=lambda i, n: progress((i, n), desc="Denoising", unit="steps")
             )
         except Exception as error:  # noqa: BLE001
-            return None, identity, error_message(error)
+            return None, cached, error_message(error)
         who = _describe(identity) if identity is not None else "no photos: HyperLoRA off"
-        return image, identity, f"Generated with {who}. Prompt: `{used}`"
+        return image, cached, f"Generated with {who}. Prompt: `{used}`"
 
-    def save_identity(self, photos: Any, identity: Any) -> tuple[Any, Any, str]:
+    def save_identity(self, photos: Any, cached: Any) -> tuple[Any, Any, str]:
         try:
-            identity = self._identity(photos, identity)
+            identity, cached = self._identity(photos, cached)
             path = self.engine.save_identity(identity)
         except Exception as error:  # noqa: BLE001
-            return None, identity, error_message(error)
-        return str(path), identity, f"Saved the {_describe(identity)}. Add the file to the photos to reuse it."
+            return None, cached, error_message(error)
+        return str(path), cached, f"Saved the {_describe(identity)}. Add the file to the photos to reuse it."
 
-    def export_lora(self, photos: Any, identity: Any, format: str) -> tuple[Any, Any, str]:
+    def export_lora(self, photos: Any, cached: Any, format: str) -> tuple[Any, Any, str]:
         try:
-            identity = self._identity(photos, identity)
+            identity, cached = self._identity(photos, cached)
             path = self.engine.export_lora(identity, format=format, name="identity_lora")
         except Exception as error:  # noqa: BLE001
-            return None, identity, error_message(error)
-        return str(path), identity, f"Exported the ID LoRA ({format} format); load it like any LoRA, weight ~0.8."
+            return None, cached, error_message(error)
+        return str(path), cached, f"Exported the ID LoRA ({format} format); load it like any LoRA, weight ~0.8."
 
     def add_slider(self, neutral: Any, edited: Any, name: str) -> tuple[Any, str]:
         try:
@@ -157,7 +161,7 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
     defaults = engine.defaults
     with gr.Blocks(title="HyperLoRA demo") as demo:
         gr.Markdown(f"# HyperLoRA demo\n{engine.description}")
-        identity = gr.State(None)
+        identity = gr.State(None)  # this visitor's (photo files, identity), reused while the photos stay the same
         with gr.Row():
             with gr.Column(scale=1):
                 photos = gr.File(
@@ -212,9 +216,9 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                 result = gr.Image(label="Result", type="pil", format="png", interactive=False, elem_id="result")
                 status = gr.Markdown("", elem_id="status")
 
-        _on(photos.change, handlers.photos_changed, [photos], [identity, status])
+        _on(photos.change, handlers.photos_changed, [photos], [status])
         _on(preview_button.click, handlers.preview, [photos], [preview, status])
-        _on(identity_button.click, handlers.create_identity, [photos], [identity, status])
+        _on(identity_button.click, handlers.create_identity, [photos, identity], [identity, status])
         generation_inputs = [photos, identity, prompt, trigger, negative, id_weight, base_weight, slider]
         generation_inputs += [slider_weight, steps, seed, width, height]
         _on(generate_button.click, handlers.generate, generation_inputs, [result, identity, status])

@@ -1,0 +1,219 @@
+"""The web demo end to end in a real browser: `diffusers-hyperlora demo` on the tiny default, driven by Chromium.
+
+The server is the real command (`python -m diffusers_hyperlora.cli demo --port N`) on 127.0.0.1. Headless
+Chromium (Debian's package; `scripts/install-browser.sh` installs it) is driven with Playwright. The photos are
+real: scikit-image's astronaut with the tiny detector's face marker drawn on the face (the tiny default's face
+detector finds marked faces, see `diffusers_hyperlora.tiny_face`), and the coffee photo, which has no face.
+The generated image is compared with what `DemoEngine` produces in this process for the same settings, so the
+page's controls must reach the pipeline. The test also writes the docs' screenshot (docs/images/demo.png).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+pytest.importorskip("insightface", reason="the demo extra is not installed: pip install -e '.[demo]'")
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed (test extra)")
+
+from diffusers_hyperlora.tiny_face import ASTRONAUT_FACE, draw_face_marker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "images" / "demo.png"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+START_TIMEOUT = 180.0  # seconds; the tiny default itself starts in seconds on an idle machine
+STEP_TIMEOUT = 120_000  # milliseconds for one page action (generation runs on the CPU)
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    path = find_chromium()
+    if path is None:
+        pytest.skip("no Chromium on this machine and none could be installed (run scripts/install-browser.sh as root)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The demo command on a free port; yields its URL and stops it afterwards."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("demo-server") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "diffusers_hyperlora.cli", "demo", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    start = time.perf_counter()
+    try:
+        while "HyperLoRA demo running on" not in log.read_text():
+            if process.poll() is not None:
+                pytest.fail(f"the demo exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            if time.perf_counter() - start > START_TIMEOUT:
+                pytest.fail(f"the demo did not start within {START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        print(f"demo started in {time.perf_counter() - start:.1f} s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def page(server, chromium_path):
+    # Playwright runs Chromium headless with a fresh temporary profile of its own.
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(STEP_TIMEOUT)
+        page.goto(server)
+        page.wait_for_selector("#generate-button")
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    astronaut = folder / "astronaut.png"
+    Image.fromarray(draw_face_marker(skimage_data.astronaut(), ASTRONAUT_FACE)).save(astronaut)
+    coffee = folder / "coffee.png"
+    Image.fromarray(skimage_data.coffee()).save(coffee)
+    broken = folder / "broken.png"
+    broken.write_bytes(b"this is not an image")
+    return {"astronaut": astronaut, "coffee": coffee, "broken": broken}
+
+
+def upload(page, selector: str, *paths: Path) -> None:
+    """Replace the files of the upload box `selector` by `paths` (Gradio adds uploads to the files already there)."""
+    clear = page.locator(f"{selector} button[aria-label=Clear]")
+    if clear.count():
+        clear.first.click()
+        playwright_api.expect(page.locator(f"{selector} .file-preview")).to_have_count(0, timeout=STEP_TIMEOUT)
+    page.locator(f"{selector} input[type=file]").set_input_files([str(p) for p in paths])
+    for path in paths:
+        playwright_api.expect(page.locator(selector)).to_contain_text(path.name, timeout=STEP_TIMEOUT)
+
+
+def wait_status(page, *texts: str) -> str:
+    """Wait until the status box contains every one of `texts`; returns the box's text."""
+    status = page.locator("#status")
+    for text in texts:
+        playwright_api.expect(status).to_contain_text(text, timeout=STEP_TIMEOUT)
+    return status.inner_text()
+
+
+def fetch(page, url: str) -> bytes:
+    if url.startswith("data:"):
+        return base64.b64decode(url.split(",", 1)[1])
+    response = page.request.get(url if url.startswith("http") else page.url.rstrip("/") + "/" + url.lstrip("/"))
+    assert response.ok, f"{url}: HTTP {response.status}"
+    return response.body()
+
+
+def expected_image(photo: Path) -> np.ndarray:
+    """What the engine makes in this process for the page's default settings (same seeds, same tiny models)."""
+    from diffusers_hyperlora.demo import DemoEngine, GenerationSettings
+
+    engine = DemoEngine.tiny_default()
+    identity = engine.identity_from_inputs([str(photo)])
+    settings = GenerationSettings(
+        prompt="a photo of a person as an astronaut, portrait", negative_prompt="blurry, low quality"
+    )
+    image, _ = engine.generate(identity, settings)
+    return np.asarray(image, dtype=np.float32)
+
+
+def test_demo_in_browser(page, photos):
+    # a real photo -> identity -> image
+    upload(page, "#photos", photos["astronaut"])
+    wait_status(page, "1 file(s) ready")
+    page.click("#preview-button")
+    wait_status(page, "Preview: 5 crop(s)")
+    page.click("#generate-button")
+    status = wait_status(page, "Generated with identity of 1 photo(s): astronaut.png")
+    assert "fcsks fxhks fhyks, a photo of a person as an astronaut" in status  # trigger words added
+    source = page.locator("#result img").first.get_attribute("src")
+    result = np.asarray(Image.open(io.BytesIO(fetch(page, source))).convert("RGB"), dtype=np.float32)
+    assert result.shape == (128, 128, 3)
+    assert result.std() > 1.0  # an image, not a blank
+    assert np.abs(result - expected_image(photos["astronaut"])).max() <= 2.0  # the page's settings reached the pipe
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # downloads: the identity file and the LoRA file (kohya by default)
+    from safetensors import safe_open
+
+    from diffusers_hyperlora import HyperLoRAIdentity
+
+    page.get_by_text("Identity and LoRA files").click()
+    page.click("#save-identity-button")
+    wait_status(page, "Saved the identity of 1 photo(s)")
+    identity_path = page.locator("#identity-file a").first.get_attribute("href")
+    data = fetch(page, identity_path)
+    identity_file = photos["astronaut"].parent / "downloaded_identity.safetensors"
+    identity_file.write_bytes(data)
+    assert HyperLoRAIdentity.load(identity_file).num_images == 1
+    page.click("#export-lora-button")
+    wait_status(page, "Exported the ID LoRA (kohya format)")
+    lora_file = photos["astronaut"].parent / "downloaded_lora.safetensors"
+    lora_file.write_bytes(fetch(page, page.locator("#lora-file a").first.get_attribute("href")))
+    with safe_open(str(lora_file), "pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+
+    # a photo without a face: a readable message, no traceback, no image
+    upload(page, "#photos", photos["coffee"])
+    page.click("#generate-button")
+    status = wait_status(page, "Error:", "No face was detected", "coffee.png")
+    assert "Traceback" not in status
+    playwright_api.expect(page.locator("#result img")).to_have_count(0, timeout=STEP_TIMEOUT)
+
+    # an unreadable file: the same
+    upload(page, "#photos", photos["broken"])
+    page.click("#identity-button")
+    assert "Traceback" not in wait_status(page, "Error:", "could not be read as an image")
+
+    # the app keeps working
+    upload(page, "#photos", photos["astronaut"])
+    page.click("#generate-button")
+    wait_status(page, "Generated with identity of 1 photo(s): astronaut.png")
+    playwright_api.expect(page.locator("#result img")).to_have_count(1, timeout=STEP_TIMEOUT)
