@@ -5,8 +5,8 @@
 Synthesizes (once, in WORKDIR) a checkpoint with the public release's exact shapes: the SDXL UNet's 140 attention
 modules, K = 128 bases of rank 8, a 4-layer 1024-wide resampler, 16 ArcFace tokens, float16 (3.1 GB on disk).
 Then converts it in a fresh process and prints the process's memory above its baseline (after imports): the
-peak resident set (`ru_maxrss`) and the peak of anonymous memory sampled from /proc (RssAnon; what is left once
-file-backed pages of the memory-mapped inputs are discounted).
+peak resident set (VmHWM: anonymous memory plus the resident pages of memory-mapped input files) and the peak of
+anonymous memory alone (RssAnon, sampled from /proc).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 MEASURE = """
-import json, resource, sys, threading, time
+import json, sys, threading, time
 import torch
 from diffusers_hyperlora.io.convert import convert_checkpoint
 
@@ -45,8 +45,7 @@ convert_checkpoint(sys.argv[1], sys.argv[2], dtype=sys.argv[3], progress=False)
 seconds = time.perf_counter() - start
 stop = True
 thread.join()
-max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"rss_above_baseline": max_rss - base_rss, "anon_above_baseline": peak["anon"] - base_anon,
+print(json.dumps({"rss_above_baseline": status("VmHWM") - base_rss, "anon_above_baseline": peak["anon"] - base_anon,
                   "seconds": seconds}))
 """
 
@@ -93,7 +92,7 @@ def main() -> None:
     print(
         f"release-shaped checkpoint: {size / gib:.2f} GiB; convert to {args.dtype} took {result['seconds']:.0f} s; "
         f"peak memory above the process baseline: {result['rss_above_baseline'] / gib:.2f} GiB resident "
-        f"(ru_maxrss), {result['anon_above_baseline'] / gib:.2f} GiB anonymous (RssAnon)"
+        f"(VmHWM), {result['anon_above_baseline'] / gib:.2f} GiB anonymous (RssAnon)"
     )
 
 

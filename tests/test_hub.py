@@ -227,3 +227,56 @@ def test_cli_hub_flags_reach_the_resolver(hub_cache, tmp_path, capsys):
     argv = ["convert", "org/hyperlora", str(converted), "--subfolder", SUBFOLDER, "--cache-dir", str(cache), "--quiet"]
     assert main(argv) == 0
     assert load_predictor(converted).config.num_basis == 8
+
+
+def test_encoders_named_by_a_hub_checkpoint_come_from_its_repo_revision_and_subfolder(tmp_path):
+    """The CLIP encoder and face models named in config.json are folders of the checkpoint, in the Hub cache."""
+    from diffusers_hyperlora import FaceModelsNotFoundError
+    from diffusers_hyperlora.face import FaceAnalyzer, build_feature_extractor
+    from diffusers_hyperlora.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
+
+    encoder = tiny_clip_encoder(seed=4)
+    encoder.model.save_pretrained(tmp_path / "encoder")
+    encoder.processor.save_pretrained(tmp_path / "encoder")
+    faces = export_tiny_antelopev2(tmp_path / "faces")
+    tiny_hyperlora_predictor(seed=3, image_encoder="./image_encoder", face_models="antelopev2").save_pretrained(
+        tmp_path / "ckpt"
+    )
+    files = {
+        **folder_files(tmp_path / "ckpt", "v1/"),
+        **folder_files(tmp_path / "encoder", "v1/image_encoder/"),
+        **folder_files(faces, "v1/antelopev2/"),
+    }
+    cache = tmp_path / "cache"
+    add_snapshot(cache, "org/with-encoders", COMMIT_V2, files, ref="v2")
+    options = HubOptions(subfolder="v1", revision="v2", cache_dir=str(cache))
+    predictor = load_predictor("org/with-encoders", options)
+    extractor = build_feature_extractor(
+        predictor.config, source="org/with-encoders", image_encoder=None, face_analyzer=None, hub_options=options
+    )
+    loaded = extractor.image_encoder.model.state_dict()
+    assert all(torch.equal(value, loaded[key]) for key, value in encoder.model.state_dict().items())
+    assert isinstance(extractor.face_analyzer, FaceAnalyzer)
+    # The checkpoint's revision is what finds them: at `main` this repo has nothing cached.
+    at_main = build_feature_extractor(
+        predictor.config, source="org/with-encoders", image_encoder=None, face_analyzer=None,
+        hub_options=dataclasses.replace(options, revision=None),
+    )  # fmt: skip
+    with pytest.raises(FaceModelsNotFoundError, match=r"CLIP image encoder.*revision 'main' is not in the cache"):
+        _ = at_main.image_encoder
+    with pytest.raises(FaceModelsNotFoundError, match=r"face models.*revision 'main' is not in the cache.*face_analyzer="):
+        _ = at_main.face_analyzer
+
+
+def test_the_predictor_module_knows_nothing_of_files():
+    """io builds predictors: predictor.py imports nothing from io at import time (its two Hub entries are lazy)."""
+    import ast
+
+    import diffusers_hyperlora.predictor as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if name.startswith(("io", ".io", "diffusers_hyperlora.io"))]
+    methods = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert "_from_pretrained" not in methods and "_save_pretrained" not in methods  # one loading path

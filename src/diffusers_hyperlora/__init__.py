@@ -30,7 +30,7 @@ from .errors import (
 )
 from .features import FeatureExtractor, HyperLoRAFeatures
 from .identity import HyperLoRAIdentity
-from .io import load_predictor
+from .io import HubOptions, load_predictor
 from .io.convert import convert_checkpoint
 from .io.release import save_release_checkpoint
 from .pipeline import (
@@ -57,6 +57,7 @@ __all__ = [
     "FaceSelectionError",
     "FeatureExtractor",
     "FeatureShapeError",
+    "HubOptions",
     "HyperLoRAConfig",
     "HyperLoRAController",
     "HyperLoRAError",

@@ -1,9 +1,7 @@
-"""Where files come from: one resolver for the checkpoint, the CLIP image encoder and the face models.
+"""Where files come from: one resolver (`Location` + `HubOptions`) for checkpoints, the CLIP encoder, face models.
 
-Every file the library reads from a local folder or the Hugging Face Hub is found by a `Location` (a folder or a
-repo id, plus `HubOptions`). Hub access goes through huggingface_hub's public API only (`hf_hub_download`,
-`snapshot_download`, `scan_cache_dir`, `HfApi`), so its cache layout, `HF_HUB_OFFLINE` and `HF_HUB_CACHE` are
-honoured exactly as everywhere else in the ecosystem. The rules are documented once, in docs/loading.md.
+Hub access goes through huggingface_hub's public API only, so its cache layout, `HF_HUB_OFFLINE` and
+`HF_HUB_CACHE` work as everywhere else. The rules are documented once, in docs/loading.md.
 """
 
 from __future__ import annotations
@@ -35,15 +33,9 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class HubOptions:
-    """How to fetch files: the Hub keyword arguments of diffusers' `from_pretrained`, in one object.
+    """How to fetch files: the Hub keyword arguments of diffusers' `from_pretrained`, as one object.
 
-    Args:
-        subfolder: a folder inside the repo (or local folder) that holds the files.
-        revision: branch, tag or commit of the Hub repo (default: `main`).
-        token: Hub token for private or gated repos (default: the saved login).
-        cache_dir: the Hugging Face cache folder (default: `HF_HUB_CACHE`).
-        local_files_only: never download; use the cache only (`HF_HUB_OFFLINE=1` does the same).
-        force_download: download again even when cached (ignored while offline).
+    Fields: `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download` (docs/loading.md).
 
     Example:
         >>> options = HubOptions.of({"revision": "v2"}, token=False)
@@ -267,15 +259,11 @@ def resolve_location(
     subfolder: str | None = None,
     relative_to: Location | None = None,
 ) -> Location:
-    """Where a model named by a string lives. The one rule for checkpoints, CLIP encoders and face models.
+    """Where a model named by a string lives: the one rule for checkpoints, CLIP encoders and face models.
 
-    - an existing local folder (`~` expanded): that folder;
-    - with `relative_to` (a name from a checkpoint's config): `"."`, `"./name"` or a name without a slash is a
-      folder of that checkpoint, read with its options (same repo, revision and subfolder);
-    - `"org/name"`, or `"org/name/sub/folder"` for a folder inside it: a Hub repo, read with `options`;
-    - anything else that looks like a path (`/...`, `./...`, `~/...`): a local folder (reported missing on use).
-
-    `subfolder` is appended to the folder found. A `Location` is returned unchanged.
+    An existing local folder; with `relative_to` (a name from a checkpoint's config), `"./name"` or a name
+    without a slash is a folder of that checkpoint, read with its options; `"org/name[/folder]"` is a Hub repo read
+    with `options`; another path is a local folder. `subfolder` is appended. The rules: docs/loading.md.
 
     Example:
         >>> checkpoint = Location("org/my-hyperlora", HubOptions(subfolder="v1", revision="v2"))

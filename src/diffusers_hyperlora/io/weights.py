@@ -9,7 +9,6 @@ layout: `model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+MAP_WINDOW = 256 * 2**20
 MAX_SHARD_SIZE = "1GB"  # keeps converting the 3 GB release within ~1 GB of memory (docs/performance.md)
 
 Sources = Mapping[str, tuple[str, Sequence[str]]]  # predictor key -> (file path, stored keys stacked into it)
@@ -50,23 +50,41 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
         return handle.get_tensor(next(iter(handle.keys()))).dtype
 
 
+class _MappedFiles:
+    """Open safetensors files, each reopened after `MAP_WINDOW` bytes: the pages of a memory map that were read
+    count as the process's resident memory until it is closed, which would double a large bank group's footprint."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, list] = {}  # path -> [open handle, bytes read through it]
+
+    def tensor(self, path: str, name: str) -> torch.Tensor:
+        entry = self._open.get(path)
+        if entry is None or entry[1] > MAP_WINDOW:
+            if entry is not None:
+                entry[0].__exit__(None, None, None)
+            entry = self._open[path] = [safe_open(path, framework="pt").__enter__(), 0]
+        tensor = entry[0].get_tensor(name)
+        entry[1] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def close(self) -> None:
+        for handle, _ in self._open.values():
+            handle.__exit__(None, None, None)
+
+
 def read_tensors(sources: Sources, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of `keys`, cast to `dtype`; a key with several stored names is their stack along a new dim 0.
-
-    Files are opened for this call only, so their memory maps (resident pages included) are released at its end.
 
     Example:
         >>> read_tensors({"w": ("a.safetensors", ["w"])}, ["w"], torch.float16)  # doctest: +SKIP
     """
-    with contextlib.ExitStack() as stack:
-        handles: dict[str, object] = {}
+    files = _MappedFiles()
 
-        def stored(path: str, name: str) -> torch.Tensor:
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(path, framework="pt"))
-            tensor = handles[path].get_tensor(name)
-            return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+    def stored(path: str, name: str) -> torch.Tensor:
+        tensor = files.tensor(path, name)
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
+    try:
         tensors = {}
         for key in keys:
             path, names = sources[key]
@@ -79,6 +97,8 @@ def read_tensors(sources: Sources, keys: Iterable[str], dtype: torch.dtype | Non
                 first = stacked
             tensors[key] = first
         return tensors
+    finally:
+        files.close()
 
 
 def check_shapes(expected: Mapping[str, torch.Tensor], found: Mapping[str, Sequence[int]], where: str) -> None:
