@@ -309,13 +309,14 @@ class HyperLoRAPredictor(
         repo_id: str | None = None,
         push_to_hub: bool = False,
         model_card_kwargs: dict | None = None,
-        max_shard_size: int | str = "1GB",
+        max_shard_size: int | str | None = None,
         **push_to_hub_kwargs: Any,
     ) -> str | None:
         """Write `config.json`, the safetensors weights and a model card `README.md` (docs/hub-format.md).
 
         The files are written as one set: if writing fails midway, those already in `save_directory` are left
-        as they were. An existing `README.md` is kept. `config` is ignored (the predictor's own config is written);
+        as they were. An existing `README.md` is kept. Weights above `max_shard_size` (default 1 GB) are split
+        into shards. `config` is ignored (the predictor's own config is written);
         `push_to_hub=True` uploads the folder afterwards, as huggingface_hub's `PyTorchModelHubMixin` does.
         """
         from .io.own_format import save_pretrained

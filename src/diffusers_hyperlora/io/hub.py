@@ -276,17 +276,17 @@ def resolve_location(
     if isinstance(value, Location):
         return value
     options = options or HubOptions()
-    text = os.fspath(value)
-    if Path(text).expanduser().is_dir():
-        return Location(text, dataclasses.replace(options, subfolder=_join(subfolder)))
-    if relative_to is not None and (text in (".", "./") or text.startswith("./") or "/" not in text):
+    text = os.fspath(value).strip()
+    exists = bool(text) and Path(text).expanduser().is_dir()
+    explicit = text in (".", "./") or text.startswith("./")
+    if relative_to is not None and text and (explicit or ("/" not in text and not exists)):
         inner = _join(relative_to.options.subfolder, text.removeprefix("."), subfolder)
         return Location(relative_to.path, dataclasses.replace(relative_to.options, subfolder=inner))
-    parts = text.strip("/").split("/")
-    if not text.startswith((".", "/", "~")) and len(parts) >= 2 and _REPO_ID.match("/".join(parts[:2])):
-        return Location("/".join(parts[:2]), dataclasses.replace(options, subfolder=_join(*parts[2:], subfolder)))
-    if text.startswith((".", "/", "~")):
+    if exists or text.startswith((".", "/", "~")):
         return Location(text, dataclasses.replace(options, subfolder=_join(subfolder)))
+    parts = text.strip("/").split("/")
+    if len(parts) >= 2 and _REPO_ID.match("/".join(parts[:2])):
+        return Location("/".join(parts[:2]), dataclasses.replace(options, subfolder=_join(*parts[2:], subfolder)))
     raise CheckpointNotFoundError(
         f"{text!r} is neither a local folder, a Hub repo id ('org/name', or 'org/name/folder' for a folder of it) "
         "nor, for names in a checkpoint's config, a folder of the checkpoint ('./name'). Fix the name."

@@ -115,7 +115,7 @@ def weight_files(location: Location) -> list[str]:
         return [single]
     index = location.file(WEIGHTS_INDEX_NAME)
     if index is None:
-        location.require_file(WEIGHTS_NAME)  # raises, naming the file and what is there instead
+        return [location.require_file(WEIGHTS_NAME)]  # raises, naming the file and what is there instead
     with open(index, encoding="utf-8") as f:
         weight_map = json.load(f).get("weight_map", {})
     return [location.require_file(name) for name in dict.fromkeys(weight_map.values())]
@@ -169,7 +169,7 @@ def save_pretrained(
     predictor: HyperLoRAPredictor,
     folder: str | os.PathLike,
     *,
-    max_shard_size: int | str = MAX_SHARD_SIZE,
+    max_shard_size: int | str | None = None,
     model_card_kwargs: dict | None = None,
 ) -> Path:
     """Write `predictor` in the library format: `config.json`, the weights and (unless present) `README.md`.
@@ -185,8 +185,9 @@ def save_pretrained(
     """
     state = predictor.state_dict()
     weights = weight_writers(
-        state, lambda keys: {k: state[k] for k in keys}, weights_metadata(predictor.config), max_shard_size
-    )
+        state, lambda keys: {k: state[k] for k in keys}, weights_metadata(predictor.config),
+        max_shard_size or MAX_SHARD_SIZE,
+    )  # fmt: skip
     has_card = Path(folder, CARD_NAME).exists()  # an existing card may have been edited: keep it
     card = None if has_card else hyperlora_model_card(predictor.config, **(model_card_kwargs or {}))
     return write_checkpoint(folder, checkpoint_writers(predictor.config, weights, card))
