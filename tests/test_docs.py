@@ -159,6 +159,7 @@ def _namespace() -> dict:
         "img1": Image.open("me1.jpg"),
         "img2": Image.open("me2.jpg"),
         "pipe": pipe,
+        "prompt": "fcsks fxhks fhyks, a photo of a person",
         "slider": HyperLoRASlider(neutral=people["alice"], edited=people["bob"]),
         "predictor": predictor,
         **people,
