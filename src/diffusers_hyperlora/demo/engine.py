@@ -3,7 +3,8 @@
 `DemoEngine` holds a diffusers pipeline with a HyperLoRA loaded and calls only the public API on it
 (`pipe.predict_hyperlora_identity`, `pipe.set_hyperlora_identity`, `pipe.set_adapters`, ...). The page (app.py)
 keeps each visitor's identity in its own session; the pipeline's adapters hold one identity at a time, so
-writing an identity and generating with it happen together under `DemoEngine.lock`.
+writing an identity and generating with it happen together under `DemoEngine.lock` (and the controller's
+`pipe.hyperlora.lock`).
 
     engine = DemoEngine.tiny_default()                  # offline, seconds
     identity = engine.identity_from_inputs(["me.jpg"])
@@ -90,12 +91,6 @@ def split_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[st
     paths = [os.fspath(path) for path in paths]
     identities = [path for path in paths if path.lower().endswith(IDENTITY_SUFFIX)]
     return [path for path in paths if path not in identities], identities
-
-
-def _predictor(pipe: Any) -> Any:
-    # `pipe.hyperlora` is the predictor today; after the controller refactor it is a controller with `.predictor`.
-    hyperlora = pipe.hyperlora
-    return getattr(hyperlora, "predictor", hyperlora)
 
 
 def tiny_example_photo(path: str | os.PathLike) -> Path:
@@ -250,8 +245,7 @@ class DemoEngine:
         if not inputs:
             raise ValueError("Add one or more photos of the person (or saved identity files) first.")
         images, files = split_inputs(inputs)
-        predictor = _predictor(self.pipe)
-        identities = [HyperLoRAIdentity.load(path, predictor=predictor) for path in files]
+        identities = [HyperLoRAIdentity.load(path, predictor=self.pipe.hyperlora.predictor) for path in files]
         if images:
             with self.lock:
                 identities.append(self.pipe.predict_hyperlora_identity(images))
@@ -281,7 +275,9 @@ class DemoEngine:
                 on_step(step + 1, int(settings.steps))
             return tensors
 
-        with self.lock:
+        # The demo's lock serializes its visitors; the controller's lock pairs the switch with this generation
+        # for any other thread that uses the pipeline too.
+        with self.lock, self.pipe.hyperlora.lock:
             if identity is not None:
                 self.pipe.set_hyperlora_identity(identity)
             self.pipe.set_adapters(names, weights)
