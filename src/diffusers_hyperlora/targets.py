@@ -123,7 +123,16 @@ def target_linears(targets: list[TargetModule]) -> list[TargetLinear]:
 def targets_from_unet(unet: Any) -> list[TargetModule]:
     """Every `attn1`/`attn2` of every transformer block of a diffusers UNet, in `attn_processors` order.
 
-    This is the layout the release was trained on (560 modules for SDXL) and what new checkpoints default to.
+    This is the layout the release was trained on and what new checkpoints default to: for SDXL, 140 attention
+    modules covering 560 linears (`to_q`, `to_k`, `to_v`, `to_out.0` of each).
+
+    Example:
+        >>> from diffusers_hyperlora.tiny import tiny_sdxl_components
+        >>> targets = targets_from_unet(tiny_sdxl_components()["unet"])
+        >>> len(targets), len(target_linears(targets))  # the tiny UNet: 24 modules, 96 linears
+        (24, 96)
+        >>> targets[0].name
+        'lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1'
     """
     targets = []
     for processor_name in unet.attn_processors:
