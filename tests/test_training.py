@@ -16,6 +16,7 @@ from diffusers_hyperlora.features import HyperLoRAFeatures
 from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
 from diffusers_hyperlora.training import (
     HyperLoRATrainingDataset,
+    HyperLoRATrainingModule,
     StageConfig,
     TrainingConfig,
     cache_features,
@@ -25,9 +26,9 @@ from diffusers_hyperlora.training import (
     diffusion_target,
     encode_batch,
     freeze_for_stage,
-    hyperlora_loss_backward,
     hyperlora_unet_prediction,
     identity_groups,
+    lora_denoising_loss,
     prompt_with_trigger,
     stage_coefficients,
     tiny_training_dataset,
@@ -147,7 +148,10 @@ def test_gradients_reach_exactly_the_stage_parameters(pipe, stage):
     assert not getattr(pipe.unet, "peft_config", None)  # training adapters removed
 
 
-def test_group_backward_with_gradient_checkpointing_matches_functional_call(pipe):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loss_through_the_module_gives_the_gradients_of_the_plain_forward(pipe, checkpointing):
+    """`lora_denoising_loss` (UNet backward per group, then one backward through the module) gives the gradients
+    of backpropagating the functional_call forward directly, with and without the UNet's gradient checkpointing."""
     predictor = tiny_hyperlora_predictor(pipe.unet, base_rank=4)
     freeze_for_stage(predictor, "id_full")
     dataset = tiny_training_dataset(num_people=2, images_per_person=2)
@@ -157,14 +161,18 @@ def test_group_backward_with_gradient_checkpointing_matches_functional_call(pipe
     loss.backward()
     expected = {n: p.grad.clone() for n, p in predictor.named_parameters() if p.requires_grad}
     predictor.zero_grad(set_to_none=True)
-    pipe.unet.enable_gradient_checkpointing()
+    if checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
     with training_adapters(pipe, predictor, StageConfig("id_full", output_dir="x")) as names:
-        args = (pipe.unet, predictor, "id_full", batch, noisy, timesteps, encoded, names)
-        grouped = hyperlora_loss_backward(*args, target, lambda part, **kw: part.backward(**kw))
+        factors = HyperLoRATrainingModule(predictor, "id_full", names)(batch)
+        groups = identity_groups(batch["reference_key"])
+        carried = lora_denoising_loss(pipe.unet, factors, groups, noisy, timesteps, encoded, target)
         restored = [n for n, _ in pipe.unet.named_parameters() if f".{names['id']}." in n]
         assert len(restored) == 2 * len(predictor.config.linears)  # the adapters' own parameters are back
+    assert all(p.grad is None for p in predictor.parameters())  # nothing reached the predictor yet
+    carried.backward()
     pipe.unet.disable_gradient_checkpointing()
-    assert grouped.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert carried.item() == pytest.approx(loss.item(), rel=1e-5)
     for name, grad in expected.items():
         torch.testing.assert_close(dict(predictor.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-7)
 

@@ -9,6 +9,7 @@ Example:
     ['base', 'id_clip', 'id_full']
 """
 
+from .conditioning import FrozenEncoders, NoisyBatch, encode_batch
 from .data import (
     FEATURE_KINDS,
     FEATURES_FILE,
@@ -27,15 +28,16 @@ from .losses import (
     EncodedBatch,
     diffusion_loss,
     diffusion_target,
-    encode_batch,
-    hyperlora_loss_backward,
-    hyperlora_unet_prediction,
     identity_groups,
+    lora_denoising_loss,
     lora_parameters,
+    lora_unet_prediction,
     prompt_with_trigger,
     stage_coefficients,
     substituted_parameters,
 )
+from .module import HyperLoRATrainingModule, hyperlora_unet_prediction
+from .order import EpochSampler, TrainingView, sample_generator
 from .stages import (
     STAGES,
     StageConfig,
@@ -53,11 +55,16 @@ __all__ = [
     "METADATA_FILE",
     "STAGES",
     "EncodedBatch",
+    "EpochSampler",
+    "FrozenEncoders",
     "HyperLoRATrainingDataset",
+    "HyperLoRATrainingModule",
+    "NoisyBatch",
     "StageConfig",
     "StepLog",
     "TrainingConfig",
     "TrainingRecord",
+    "TrainingView",
     "cache_features",
     "check_stage",
     "collate_examples",
@@ -67,13 +74,15 @@ __all__ = [
     "encode_batch",
     "features_of",
     "freeze_for_stage",
-    "hyperlora_loss_backward",
     "hyperlora_unet_prediction",
     "identity_groups",
     "load_feature_cache",
+    "lora_denoising_loss",
     "lora_parameters",
+    "lora_unet_prediction",
     "prompt_with_trigger",
     "read_metadata",
+    "sample_generator",
     "stage_coefficients",
     "substituted_parameters",
     "tiny_training_dataset",

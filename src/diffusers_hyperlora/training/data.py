@@ -272,25 +272,36 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def references(self, index: int, count: int) -> list[int]:
-        """`index` first, then up to `count - 1` other images of the same person, drawn at random."""
+    def references(self, index: int, count: int, rng: random.Random | None = None) -> list[int]:
+        """`index` first, then up to `count - 1` other images of the same person, drawn with `rng` (default:
+        Python's global random state)."""
         others = [i for i in self.by_person[self.records[index].person] if i != index]
-        return [index] + random.sample(others, min(count - 1, len(others)))
+        return [index] + (rng or random).sample(others, min(count - 1, len(others)))
 
-    def item(self, index: int, num_references: int | None = None) -> dict[str, Any]:
-        """The item at `index` with `num_references` reference images (default: the dataset's)."""
+    def item(
+        self,
+        index: int,
+        num_references: int | None = None,
+        rng: random.Random | None = None,
+        with_pixels: bool = True,
+    ) -> dict[str, Any]:
+        """The item at `index` with `num_references` reference images (default: the dataset's).
+
+        `rng` draws the other references; `with_pixels=False` leaves out `pixel_values`, `original_size` and
+        `crop_top_left` without reading the image (for training on cached latents).
+        """
         record = self.records[index]
-        pixels = _load_pixels(record.image, index)
-        pixel_values, crop_top_left = _square_crop(pixels, self.resolution)
-        refs = self.references(index, num_references or self.num_references)
+        refs = self.references(index, num_references or self.num_references, rng)
         item: dict[str, Any] = {
-            "pixel_values": pixel_values,
-            "original_size": (pixels.shape[0], pixels.shape[1]),
-            "crop_top_left": crop_top_left,
+            "index": index,
             "caption": record.caption,
             "person": record.person,
             "reference_key": tuple(sorted(refs)),
         }
+        if with_pixels:
+            pixels = _load_pixels(record.image, index)
+            item["pixel_values"], item["crop_top_left"] = _square_crop(pixels, self.resolution)
+            item["original_size"] = (pixels.shape[0], pixels.shape[1])
         for kind in FEATURE_KINDS:
             values = [getattr(self.records[i], kind) for i in refs]
             item[kind] = None if values[0] is None else torch.stack([torch.as_tensor(v) for v in values])
@@ -334,15 +345,21 @@ def _load_pixels(image: Any, index: int) -> np.ndarray:
 
 
 def collate_examples(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack pixels and size conditions; keep the per-sample features as lists (their image counts differ)."""
+    """Stack pixels and size conditions; keep the per-sample features as lists (their image counts differ).
+
+    `index` (the dataset index, which seeds each sample's noise) and the pixels are kept when every item has them.
+    """
     batch: dict[str, Any] = {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-        "original_size": [tuple(item["original_size"]) for item in items],
-        "crop_top_left": [tuple(item["crop_top_left"]) for item in items],
         "caption": [item["caption"] for item in items],
         "person": [item["person"] for item in items],
         "reference_key": [item.get("reference_key", (id(item),)) for item in items],
     }
+    if all("index" in item for item in items):
+        batch["index"] = [int(item["index"]) for item in items]
+    if all("pixel_values" in item for item in items):
+        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+        batch["original_size"] = [tuple(item["original_size"]) for item in items]
+        batch["crop_top_left"] = [tuple(item["crop_top_left"]) for item in items]
     for kind in FEATURE_KINDS:
         values = [item.get(kind) for item in items]
         batch[kind] = None if any(v is None for v in values) else values

@@ -1,14 +1,15 @@
-"""`train_stage` and `train_curriculum`: the accelerate training loop around `losses.hyperlora_unet_prediction`."""
+"""`train_stage` and `train_curriculum`: a plain accelerate training loop around `HyperLoRATrainingModule`."""
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import re
+import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,13 @@ from diffusers.utils import logging
 
 from ..adapters import HyperLoRAAdapters, set_active_adapters
 from ..errors import TrainingConfigError, TrainingDataError
+from ..files import atomic_path
 from ..predictor import HyperLoRAPredictor
+from .conditioning import FrozenEncoders
 from .data import collate_examples
-from .losses import (
-    diffusion_loss,
-    diffusion_target,
-    encode_batch,
-    hyperlora_loss_backward,
-    hyperlora_unet_prediction,
-)
+from .losses import diffusion_target, identity_groups, lora_denoising_loss
+from .module import HyperLoRATrainingModule
+from .order import EpochSampler, TrainingView, sample_generator
 from .stages import STAGES, StageConfig, TrainingConfig, check_stage, freeze_for_stage, zero_id_attention
 
 logger = logging.get_logger(__name__)
@@ -97,16 +96,20 @@ def _resolve_resume(config: StageConfig, output_dir: Path) -> Path | None:
 
 def _make_accelerator(config: StageConfig):
     from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
 
+    # Optimizer steps every `gradient_accumulation_steps` micro-batches, across epoch ends too: the step count
+    # then tells exactly where a resumed run continues.
+    plugin = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False)
     try:
-        return Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
-        )
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_plugin=plugin)
     except ValueError as error:
         raise TrainingConfigError(
             f"accelerate could not be set up with mixed_precision={config.mixed_precision!r}: {error} "
             "(accelerate allows one mixed-precision setting per process: use the same value for every stage)."
         ) from error
+    set_seed(config.seed)
+    return accelerator
 
 
 @contextmanager
@@ -142,6 +145,24 @@ def training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageCon
             adapters.detach()
 
 
+@dataclass
+class _Run:
+    """What the steps of one stage share."""
+
+    config: StageConfig
+    accelerator: Any
+    model: Any  # the prepared HyperLoRATrainingModule
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    encoders: FrozenEncoders
+    noise_scheduler: Any
+    unet: Any
+    output_dir: Path
+    global_step: int = 0
+    losses: list[dict[str, Any]] = field(default_factory=list)
+
+
 def train_stage(
     pipe: Any,
     predictor: HyperLoRAPredictor,
@@ -150,6 +171,12 @@ def train_stage(
     callback: Callable[[StepLog], None] | None = None,
 ) -> HyperLoRAPredictor:
     """Train one stage of the curriculum and save the predictor to `config.output_dir/predictor`.
+
+    The loop is a plain accelerate loop: the predictor's forward runs through the prepared module
+    (`HyperLoRATrainingModule`, wrapped by DDP / FSDP / DeepSpeed as configured with `accelerate config`), the
+    backward through `accelerator.backward`, accumulation through `accelerator.accumulate`, checkpoints through
+    `accelerator.save_state` / `load_state`. Run the same script with `accelerate launch` to train on several
+    processes; `config.batch_size` is the batch of each process.
 
     The pipeline's UNet, VAE and text encoders are frozen (never updated); they are moved to the accelerator's
     device, and with mixed precision the UNet and text encoders are cast to the half dtype (the VAE stays as it
@@ -161,7 +188,7 @@ def train_stage(
         predictor: the hypernetwork, trained in place (only the stage's parameters change).
         dataset: items as described in `training.data` (e.g. `HyperLoRATrainingDataset`).
         config: the stage (see `StageConfig`).
-        callback: called with a `StepLog` after every optimizer step.
+        callback: called with a `StepLog` after every optimizer step (on every process).
 
     Returns:
         The trained predictor (the same object), in eval mode with gradients off.
@@ -174,147 +201,242 @@ def train_stage(
         >>> config = StageConfig("base", steps=2, output_dir="runs/tiny/base", show_progress=False)
         >>> predictor = train_stage(pipe, predictor, tiny_training_dataset(), config)  # doctest: +SKIP
     """
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+    output_dir = _check_inputs(predictor, dataset, config)
+    accelerator = _make_accelerator(config)
+    weight_dtype = _freeze_pipeline(pipe, accelerator)
+    resume = _resolve_resume(config, output_dir)
+    _prepare_predictor(predictor, config, accelerator.device, resumed=resume is not None)
+    with training_adapters(pipe, predictor, config) as adapter_names, _checkpointing(pipe.unet, config):
+        run = _build_run(pipe, predictor, dataset, config, accelerator, weight_dtype, adapter_names, output_dir)
+        if resume is not None:
+            _load_checkpoint(run, resume)
+        if accelerator.is_main_process:
+            config.save(output_dir / "stage_config.json")
+        _train_steps(run, callback)
+    return _finish(run, predictor)
 
-    stage = config.stage
-    check_stage(predictor, stage)
-    _check_dataset(dataset, predictor, stage)
+
+# ---------------------------------------------------------------------------------------------- setting up
+def _check_inputs(predictor: HyperLoRAPredictor, dataset: Any, config: StageConfig) -> Path:
+    check_stage(predictor, config.stage)
+    _check_dataset(dataset, predictor, config.stage)
     if config.output_dir is None:
         raise TrainingConfigError("StageConfig.output_dir is not set (TrainingConfig fills it in per stage).")
-    output_dir = Path(config.output_dir)
-    accelerator = _make_accelerator(config)
-    set_seed(config.seed)
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return Path(config.output_dir)
 
+
+def _freeze_pipeline(pipe: Any, accelerator: Any) -> torch.dtype:
+    """Freeze the pipeline's models, move them to the device, cast all but the VAE; return the UNet's dtype."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
-        if module is not None:
-            module.requires_grad_(False).eval()
-            if name != "vae" and module.dtype != weight_dtype:
-                module.to(dtype=weight_dtype)
-            if module.device != device:
-                module.to(device)
-    unet = pipe.unet
-    checkpointing_was_on = getattr(unet, "is_gradient_checkpointing", False)
-    if config.gradient_checkpointing and not checkpointing_was_on:
-        unet.enable_gradient_checkpointing()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if module is None:
+            continue
+        module.requires_grad_(False).eval()
+        if name != "vae" and module.dtype != weight_dtype:
+            module.to(dtype=weight_dtype)
+        if module.device != accelerator.device:
+            module.to(accelerator.device)
+    return weight_dtype
 
+
+def _prepare_predictor(predictor: HyperLoRAPredictor, config: StageConfig, device: torch.device, resumed: bool):
     predictor.to(device=device, dtype=torch.float32)
-    resume = _resolve_resume(config, output_dir)
-    if stage == "id_full" and config.zero_init_id_attention and resume is None:
+    if config.stage == "id_full" and config.zero_init_id_attention and not resumed:
         zero_id_attention(predictor)
-    params = freeze_for_stage(predictor, stage)
+    freeze_for_stage(predictor, config.stage)
     predictor.train()
+
+
+@contextmanager
+def _checkpointing(unet: Any, config: StageConfig):
+    """The UNet's gradient checkpointing on for the stage when asked (and off again afterwards)."""
+    switch = config.gradient_checkpointing and not getattr(unet, "is_gradient_checkpointing", False)
+    if switch:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if switch:
+            unet.disable_gradient_checkpointing()
+
+
+def _make_encoders(pipe: Any, view: TrainingView, config: StageConfig, device, dtype, trigger_words) -> FrozenEncoders:
+    encoders = FrozenEncoders(pipe, trigger_words, device, dtype, caption_dropout=config.caption_dropout)
+    encoders.cache(view.dataset, latents=config.cache_latents, prompts=config.cache_prompt_embeds)
+    view.with_pixels = encoders.needs_pixels
+    return encoders
+
+
+def _build_run(pipe, predictor, dataset, config, accelerator, weight_dtype, adapter_names, output_dir) -> _Run:
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    module = HyperLoRATrainingModule(predictor, config.stage, adapter_names)
     optimizer = torch.optim.AdamW(
-        params,
+        [p for p in module.parameters() if p.requires_grad],
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay,
     )
-    view = dataset.with_references(config.num_references) if hasattr(dataset, "with_references") else dataset
-    generator = torch.Generator().manual_seed(config.seed)
+    view = TrainingView(dataset, config.num_references, config.seed)
+    trigger_words = predictor.config.trigger_words
+    encoders = _make_encoders(pipe, view, config, accelerator.device, weight_dtype, trigger_words)
     loader = torch.utils.data.DataLoader(
         view,
         batch_size=config.batch_size,
-        shuffle=True,
+        sampler=EpochSampler(len(view), config.seed),
         collate_fn=collate_examples,
         num_workers=config.dataloader_num_workers,
-        generator=generator,
     )
+    # accelerate steps a prepared scheduler once per process and optimizer step.
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.steps * accelerator.num_processes,
     )
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(predictor, optimizer, loader, lr_scheduler)
-    trained = accelerator.unwrap_model(model)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
+    return _Run(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        loader=loader,
+        encoders=encoders,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        unet=pipe.unet,
+        output_dir=output_dir,
+    )
 
-    global_step = 0
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        global_step = _checkpoint_step(resume)
-        logger.info(f"Stage {stage!r}: resumed from {resume} at step {global_step}.")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir / "stage_config.json")
-    losses_path = output_dir / LOSSES_FILE
-    trigger_words = predictor.config.trigger_words
 
+# ---------------------------------------------------------------------------------------------- the steps
+def _batches(run: _Run) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`(epoch, batch)` forever, starting where `run.global_step` left off (epochs are seeded, see `order`)."""
+    done = run.global_step * run.config.gradient_accumulation_steps
+    epoch, skip = divmod(done, len(run.loader))
+    while True:
+        run.loader.set_epoch(epoch)
+        loader = run.accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+        for batch in loader:
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0
+
+
+def _micro_step(run: _Run, epoch: int, batch: dict[str, Any]) -> torch.Tensor:
+    """Forward through the prepared module, UNet loss, `accelerator.backward`, and (when synced) the update."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.model):
+        generators = [sample_generator(run.config.seed, epoch, index) for index in batch["index"]]
+        noisy = run.encoders.noisy_batch(batch, generators, run.noise_scheduler)
+        target = diffusion_target(run.noise_scheduler, noisy.encoded.latents, noisy.noise, noisy.timesteps)
+        with accelerator.autocast():
+            factors = run.model(batch)
+            groups = identity_groups(batch["reference_key"])
+            args = (run.unet, factors, groups, noisy.noisy_latents, noisy.timesteps, noisy.encoded, target)
+            loss = lora_denoising_loss(*args)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and run.config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return accelerator.gather(loss.detach()).mean()
+
+
+def _train_steps(run: _Run, callback: Callable[[StepLog], None] | None) -> None:
+    from tqdm.auto import tqdm
+
+    config = run.config
+    if run.global_step >= config.steps:
+        return
     progress = tqdm(
         total=config.steps,
-        initial=global_step,
-        desc=f"stage {stage}",
-        disable=not (config.show_progress and accelerator.is_local_main_process),
+        initial=run.global_step,
+        desc=f"stage {config.stage}",
+        disable=not (config.show_progress and run.accelerator.is_local_main_process),
     )
-    window: list[float] = []
-    epochs = math.ceil((config.steps - global_step) * config.gradient_accumulation_steps / max(1, len(loader))) + 1
-    with training_adapters(pipe, trained, config) as adapter_names:
-        try:
-            for _ in range(epochs):
-                if global_step >= config.steps:
-                    break
-                for batch in loader:
-                    with accelerator.accumulate(model):
-                        encoded = encode_batch(pipe, batch, trigger_words, device, weight_dtype)
-                        latents = encoded.latents
-                        noise = torch.randn_like(latents)
-                        timesteps = torch.randint(
-                            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
-                        ).long()
-                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                        target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-                        inputs = (unet, trained, stage, batch, noisy, timesteps, encoded, adapter_names)
-                        if config.gradient_checkpointing:  # forward + backward per identity group
-                            with accelerator.autocast():
-                                loss = hyperlora_loss_backward(*inputs, target, accelerator.backward)
-                        else:
-                            with accelerator.autocast():
-                                loss = diffusion_loss(hyperlora_unet_prediction(*inputs), target)
-                            accelerator.backward(loss)
-                        if accelerator.sync_gradients and accelerator.num_processes > 1:
-                            # The predictor's submodules are called directly (not through the DDP wrapper's
-                            # forward), so average the gradients across processes here.
-                            for param in params:
-                                if param.grad is not None:
-                                    param.grad = accelerator.reduce(param.grad, reduction="mean")
-                        if accelerator.sync_gradients and config.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        optimizer.step()
-                        lr_scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    window.append(accelerator.gather(loss.detach()).mean().item())
-                    if not accelerator.sync_gradients:
-                        continue
-                    global_step += 1
-                    log = StepLog(stage, global_step, sum(window) / len(window), lr_scheduler.get_last_lr()[0])
-                    window = []
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{log.loss:.4f}")
-                    if accelerator.is_main_process:
-                        with losses_path.open("a") as handle:
-                            handle.write(json.dumps(log.__dict__) + "\n")
-                    if callback is not None:
-                        callback(log)
-                    if config.save_every and global_step % config.save_every == 0:
-                        accelerator.save_state(str(output_dir / CHECKPOINTS_FOLDER / f"step-{global_step:06d}"))
-                    if global_step >= config.steps:
-                        break
-        finally:
-            progress.close()
-            if config.gradient_checkpointing and not checkpointing_was_on:
-                unet.disable_gradient_checkpointing()
+    window: list[torch.Tensor] = []
+    try:
+        for epoch, batch in _batches(run):
+            window.append(_micro_step(run, epoch, batch))
+            if not run.accelerator.sync_gradients:
+                continue
+            run.global_step += 1
+            log = StepLog(config.stage, run.global_step, torch.stack(window).mean().item(), _learning_rate(run))
+            window = []
+            _record(run, log, progress, callback)
+            if config.save_every and run.global_step % config.save_every == 0:
+                _save_checkpoint(run)
+            if run.global_step >= config.steps:
+                break
+    finally:
+        progress.close()
 
+
+def _learning_rate(run: _Run) -> float:
+    return run.lr_scheduler.get_last_lr()[0]
+
+
+def _record(run: _Run, log: StepLog, progress: Any, callback: Callable[[StepLog], None] | None) -> None:
+    run.losses.append(asdict(log))
+    progress.update(1)
+    progress.set_postfix(loss=f"{log.loss:.4f}")
+    if callback is not None:
+        callback(log)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _write_losses(run: _Run) -> None:
+    """`losses.jsonl`: every step so far (written whole, atomically, at checkpoints and at the end)."""
+    with atomic_path(run.output_dir / LOSSES_FILE) as temporary:
+        temporary.write_text("".join(json.dumps(line) + "\n" for line in run.losses))
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """`accelerator.save_state` into `checkpoints/step-N`, atomically: every process writes into the main
+    process's temporary folder, which is renamed once all are done."""
+    from accelerate.utils import broadcast_object_list
+
+    accelerator = run.accelerator
+    destination = run.output_dir / CHECKPOINTS_FOLDER / f"step-{run.global_step:06d}"
+    if not accelerator.is_main_process:
+        shared = broadcast_object_list([None])
+        accelerator.save_state(shared[0])
+        accelerator.wait_for_everyone()
+        return
+    replaced = destination.with_name(f".{destination.name}.replaced")
+    with atomic_path(destination) as temporary:
+        broadcast_object_list([str(temporary)])
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if destination.exists():  # a re-run over an old checkpoint: a folder cannot be renamed over a folder
+            os.replace(destination, replaced)
+    shutil.rmtree(replaced, ignore_errors=True)
+    _write_losses(run)
+
+
+def _load_checkpoint(run: _Run, folder: Path) -> None:
+    run.accelerator.load_state(str(folder))
+    run.global_step = _checkpoint_step(folder)
+    if (run.output_dir / LOSSES_FILE).is_file():
+        lines = (run.output_dir / LOSSES_FILE).read_text().splitlines()
+        run.losses = [entry for entry in map(json.loads, lines) if entry["step"] <= run.global_step]
+    logger.info(f"Stage {run.config.stage!r}: resumed from {folder} at step {run.global_step}.")
+
+
+def _finish(run: _Run, predictor: HyperLoRAPredictor) -> HyperLoRAPredictor:
+    """Wait for every process; gather the full weights (sharded setups too) and save them on the main process."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    predictor = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(run.model)
     predictor.eval().requires_grad_(False)
     if accelerator.is_main_process:
-        predictor.save_pretrained(output_dir / PREDICTOR_FOLDER)
+        prefix = "predictor."
+        predictor.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        predictor.save_pretrained(run.output_dir / PREDICTOR_FOLDER)
+        _write_losses(run)
     accelerator.free_memory()
     return predictor
 
@@ -337,8 +459,8 @@ def train_curriculum(
         >>> predictor = train_curriculum(pipe, predictor, dataset, config)  # doctest: +SKIP
     """
     stages = config.resolved_stages()
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.output_dir) / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    with atomic_path(Path(config.output_dir) / "training_config.json") as temporary:
+        temporary.write_text(json.dumps(config.to_dict(), indent=2))
     for stage_config in stages:
         if stage_config.stage == "base" and not predictor.config.has_base and config.skip_base_without_branch:
             logger.warning("Skipping stage 'base': the predictor has no Base branch (base_rank=0).")

@@ -1,9 +1,10 @@
-"""The differentiable training forward: features -> coefficients -> LoRA -> UNet -> noise-prediction loss.
+"""The differentiable pieces of a training step: features -> coefficients -> LoRA -> UNet -> noise-prediction loss.
 
-The predicted LoRA factors enter the UNet through `torch.func.functional_call`: the PEFT adapters registered by
-`HyperLoRAAdapters.attach` provide the slots (`{module}.lora_A.{adapter}.weight`, `{module}.lora_B.{adapter}.weight`),
-and each call substitutes the predicted tensors for them, so gradients flow from the loss through the UNet's
-LoRA branches into the basis banks and the resampler(s). The UNet's own weights are never written.
+The predicted LoRA factors enter the UNet in place of the `lora_A` / `lora_B` weights of the PEFT adapters
+registered by `HyperLoRAAdapters.attach` (`{module}.lora_A.{adapter}.weight`, `{module}.lora_B.{adapter}.weight`):
+through `torch.func.functional_call` (`lora_unet_prediction`) or `substituted_parameters` (`lora_denoising_loss`).
+Gradients flow from the loss through the UNet's LoRA branches into the basis banks and the resampler(s). The
+UNet's own weights are never written.
 
 Samples whose reference images are the same (equal `reference_key`) share one LoRA and one UNet call; every other
 sample gets its own call (its own identity).
@@ -11,7 +12,6 @@ sample gets its own call (its own identity).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -58,32 +58,29 @@ def stage_coefficients(
 ) -> torch.Tensor:
     """Normalized coefficients `[num_groups, num_tokens, K]` of `branch` for each identity group.
 
-    The reference images of a group go through the resampler together with every other group's (one call), then
-    their coefficients are averaged and L2-normalized exactly as `HyperLoRAPredictor.predict` does.
-    ID coefficients in stage `id_clip` are computed without the ArcFace condition (attn2 skipped).
+    The reference images of each group go through the resampler (one call per group, so a sample's numbers do not
+    depend on what else is in its batch or on which process it lands), then their coefficients are averaged and
+    L2-normalized exactly as `HyperLoRAPredictor.predict` does. ID coefficients in stage `id_clip` are computed
+    without the ArcFace condition (attn2 skipped).
     """
     cast = {"device": predictor.device, "dtype": predictor.dtype}
-    first = [group[0] for group in groups]
 
-    def gather(kind: str) -> tuple[torch.Tensor, list[int]]:
+    def features(kind: str, sample: int) -> torch.Tensor | None:
         values = batch.get(kind)
         if values is None:
             raise TrainingDataError(f"Stage {stage!r} needs `{kind}` for every sample, but the batch has none.")
-        chosen = [torch.as_tensor(values[i]) for i in first]
-        return torch.cat(chosen).to(**cast), [v.shape[0] for v in chosen]
+        return torch.as_tensor(values[sample]).to(**cast)
 
-    if branch == "base":
-        states, counts = gather("base_clip_hidden_states")
-        per_image = predictor.forward_base(states)
-    elif stage == "id_clip":
-        states, counts = gather("clip_hidden_states")
-        per_image = predictor.resampler(None, states)
-    else:
-        embeds, counts = gather("id_embeds") if predictor.config.use_id_embeds else (None, None)
-        states, clip_counts = gather("clip_hidden_states") if predictor.config.use_image_embeds else (None, None)
-        counts = counts or clip_counts
-        per_image = predictor(embeds, states)
-    means = torch.stack([chunk.float().mean(0) for chunk in per_image.split(counts)])
+    def per_image(sample: int) -> torch.Tensor:
+        if branch == "base":
+            return predictor.forward_base(features("base_clip_hidden_states", sample))
+        if stage == "id_clip":
+            return predictor.resampler(None, features("clip_hidden_states", sample))
+        config = predictor.config
+        embeds = features("id_embeds", sample) if config.use_id_embeds else None
+        return predictor(embeds, features("clip_hidden_states", sample) if config.use_image_embeds else None)
+
+    means = torch.stack([per_image(group[0]).float().mean(0) for group in groups])
     return normalize_coefficients(means)
 
 
@@ -113,38 +110,6 @@ class EncodedBatch:
     added_cond_kwargs: dict[str, torch.Tensor] | None
 
 
-@torch.no_grad()
-def encode_batch(
-    pipe: Any, batch: dict[str, Any], trigger_words: str, device: torch.device, dtype: torch.dtype
-) -> EncodedBatch:
-    """VAE latents (scaled) and prompt embeddings (trigger words prepended) with the frozen pipeline models.
-
-    `added_cond_kwargs` (`text_embeds`: pooled text embedding, `time_ids`: original size, crop, target size) is
-    given when the UNet has SDXL's `text_time` conditioning, else `None`.
-    """
-    vae = pipe.vae
-    pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
-    latents = vae.encode(pixels).latent_dist.sample()
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        latents = latents - shift
-    latents = (latents * vae.config.scaling_factor).float()
-    prompts = [prompt_with_trigger(caption, trigger_words) for caption in batch["caption"]]
-    encoded = pipe.encode_prompt(
-        prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-    )
-    prompt_embeds = encoded[0].to(dtype)
-    added = None
-    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
-        target = tuple(batch["pixel_values"].shape[-2:])
-        time_ids = [list(o) + list(c) + list(target) for o, c in zip(batch["original_size"], batch["crop_top_left"])]
-        added = {
-            "text_embeds": encoded[2].to(device=device, dtype=dtype),
-            "time_ids": torch.tensor(time_ids, device=device, dtype=dtype),
-        }
-    return EncodedBatch(latents=latents, prompt_embeds=prompt_embeds, added_cond_kwargs=added)
-
-
 def diffusion_target(
     noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
@@ -159,27 +124,6 @@ def diffusion_target(
     raise TrainingConfigError(f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
 
 
-def _group_lora_parameters(
-    predictor: HyperLoRAPredictor, stage: str, batch: dict[str, Any], adapter_names: dict[str, str]
-):
-    """`(sample indices, {parameter name: tensor})` for every identity group of the batch."""
-    groups = identity_groups(batch["reference_key"])
-    branches: list[tuple[str, bool]] = [("base", True)] if stage == "base" else [("id", True)]
-    if stage != "base" and predictor.config.has_base:
-        branches.append(("base", False))
-    grad = torch.is_grad_enabled()
-    per_branch = {}
-    for branch, trains in branches:
-        with torch.set_grad_enabled(trains and grad):
-            per_branch[branch] = stage_coefficients(predictor, stage, branch, batch, groups)
-    for g, members in enumerate(groups):
-        params: dict[str, torch.Tensor] = {}
-        for branch, trains in branches:
-            with torch.set_grad_enabled(trains and grad):
-                params.update(lora_parameters(predictor, branch, per_branch[branch][g], adapter_names[branch]))
-        yield members, params
-
-
 def _unet_inputs(
     members: list[int], noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoded: EncodedBatch
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
@@ -190,33 +134,25 @@ def _unet_inputs(
     return (noisy_latents[index].to(encoded.prompt_embeds.dtype), timesteps[index]), kwargs
 
 
-def hyperlora_unet_prediction(
+def lora_unet_prediction(
     unet: torch.nn.Module,
-    predictor: HyperLoRAPredictor,
-    stage: str,
-    batch: dict[str, Any],
+    factors: list[dict[str, torch.Tensor]],
+    groups: list[list[int]],
     noisy_latents: torch.Tensor,
     timesteps: torch.Tensor,
     encoded: EncodedBatch,
-    adapter_names: dict[str, str],
 ) -> torch.Tensor:
-    """The UNet's output for every sample with its predicted LoRA(s) substituted in (differentiable).
-
-    Stage `base` predicts the Base LoRA (with gradients); stages `id_clip` / `id_full` predict the ID LoRA (with
-    gradients) and, when the predictor has a Base branch, the frozen Base LoRA (without). The adapters' weights
-    and which are active are whatever the UNet's PEFT layers are set to (the training loop sets them per stage).
+    """The UNet's output for every sample, each identity group with its LoRA factors substituted (differentiable).
 
     Args:
-        unet: the UNet carrying the adapters of `HyperLoRAAdapters.attach`.
-        predictor: the hypernetwork.
-        stage: `"base"`, `"id_clip"` or `"id_full"`.
-        batch: a collated batch (features per sample, `reference_key`).
+        unet: the UNet carrying the PEFT adapters the factors are named for (`HyperLoRAAdapters.attach`).
+        factors: one `{parameter name: tensor}` per group (`HyperLoRATrainingModule`'s output).
+        groups: the samples of each group (`identity_groups`).
         noisy_latents, timesteps: the UNet's inputs `[B, C, h, w]`, `[B]`.
         encoded: the batch's text and size conditions.
-        adapter_names: `{"id": ..., "base": ...}` adapter names on the UNet.
     """
     outputs, order = [], []
-    for members, params in _group_lora_parameters(predictor, stage, batch, adapter_names):
+    for members, params in zip(groups, factors):
         args, kwargs = _unet_inputs(members, noisy_latents, timesteps, encoded)
         outputs.append(functional_call(unet, params, args, kwargs, strict=False)[0])
         order.extend(members)
@@ -237,6 +173,7 @@ def substituted_parameters(module: torch.nn.Module, params: dict[str, torch.Tens
         for name, value in params.items():
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name)
+            # No public API swaps a registered parameter for a plain tensor for longer than one call.
             original = owner._parameters.pop(leaf)
             swapped.append((owner, leaf, original))
             setattr(owner, leaf, value)
@@ -247,42 +184,40 @@ def substituted_parameters(module: torch.nn.Module, params: dict[str, torch.Tens
             owner._parameters[leaf] = original
 
 
-def hyperlora_loss_backward(
+def lora_denoising_loss(
     unet: torch.nn.Module,
-    predictor: HyperLoRAPredictor,
-    stage: str,
-    batch: dict[str, Any],
+    factors: list[dict[str, torch.Tensor]],
+    groups: list[list[int]],
     noisy_latents: torch.Tensor,
     timesteps: torch.Tensor,
     encoded: EncodedBatch,
-    adapter_names: dict[str, str],
     target: torch.Tensor,
-    backward: Callable[..., None],
 ) -> torch.Tensor:
-    """`diffusion_loss` of `hyperlora_unet_prediction`, back-propagated one identity group at a time.
+    """The batch's `diffusion_loss`, as a tensor whose backward reaches the predictor through `factors` only.
 
-    Each group's forward *and* backward run while its LoRA is substituted into the UNet, which is what gradient
-    checkpointing needs (it recomputes the forward during the backward pass). The gradients equal those of
-    `diffusion_loss(hyperlora_unet_prediction(...), target).backward()`.
-
-    Args:
-        backward: called as `backward(loss_part, retain_graph=...)`, e.g. `accelerator.backward`.
-
-    Returns:
-        The (detached) loss of the whole batch.
+    The frozen UNet runs one identity group at a time: its forward *and* backward (down to that group's factors)
+    happen while the group's LoRA is substituted into the UNet, which is what gradient checkpointing needs (it
+    recomputes the forward during the backward). The factors' gradients are then attached to the returned
+    tensor: its value is the loss, and `accelerator.backward(loss)` carries those gradients into the predictor
+    in one backward pass through the prepared (DDP / FSDP / DeepSpeed) module. With grad disabled it is the plain
+    loss.
     """
     total = target.numel()
-    groups = list(_group_lora_parameters(predictor, stage, batch, adapter_names))
     loss = torch.zeros((), device=target.device)
-    for g, (members, params) in enumerate(groups):
+    carrier = torch.zeros((), device=target.device)
+    for members, params in zip(groups, factors):
+        leaves = {name: t.detach().requires_grad_(t.requires_grad) for name, t in params.items()}
+        trained = [name for name, t in params.items() if t.requires_grad]
         args, kwargs = _unet_inputs(members, noisy_latents, timesteps, encoded)
         index = torch.tensor(members, device=target.device)
-        with substituted_parameters(unet, params):
-            pred = unet(*args, **kwargs)[0]
-            part = F.mse_loss(pred.float(), target[index].float(), reduction="sum") / total
-            backward(part, retain_graph=g < len(groups) - 1)
+        with substituted_parameters(unet, leaves):
+            prediction = unet(*args, **kwargs)[0]
+            part = F.mse_loss(prediction.float(), target[index].float(), reduction="sum") / total
+            grads = torch.autograd.grad(part, [leaves[name] for name in trained]) if trained else ()
         loss = loss + part.detach()
-    return loss
+        for name, grad in zip(trained, grads):
+            carrier = carrier + (params[name].float() * grad.float()).sum()
+    return carrier - carrier.detach() + loss
 
 
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

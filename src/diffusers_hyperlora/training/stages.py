@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainingConfigError
+from ..files import atomic_path
 from ..predictor import HyperLoRAPredictor
 
 STAGES: tuple[str, ...] = ("base", "id_clip", "id_full")
@@ -108,10 +109,11 @@ class StageConfig:
         steps: optimizer steps (each `gradient_accumulation_steps` micro-batches of `batch_size`).
         learning_rate, weight_decay, adam_beta1, adam_beta2, max_grad_norm: AdamW and gradient clipping.
         lr_scheduler, lr_warmup_steps: a `diffusers.optimization.get_scheduler` name and its warm-up.
-        batch_size: images per micro-batch; every image gets the LoRA predicted from its own reference(s).
+        batch_size: images per micro-batch *per process*; every image gets the LoRA predicted from its own reference(s).
         gradient_accumulation_steps: micro-batches per optimizer step (accelerate's accumulation).
         mixed_precision: `"no"`, `"fp16"` or `"bf16"` (accelerate autocast; one value per process).
-        seed: seeds data order, noise and timesteps.
+        seed: seeds data order, noise, timesteps, latent samples, caption dropout and reference draws (each a
+            function of the seed, the epoch and the sample's dataset index: see `training.order`).
         output_dir: the stage's folder: `predictor/` (save_pretrained), `checkpoints/step-N` (save_state),
             `losses.jsonl`, `stage_config.json`.
         save_every: `accelerator.save_state` every this many optimizer steps (0: never).
@@ -121,6 +123,10 @@ class StageConfig:
             image first, then others drawn at random); their coefficients are averaged as at inference.
         zero_init_id_attention: `id_full` only: zero `attn2.to_out` first (see the module docstring).
         gradient_checkpointing: recompute the UNet's activations in the backward pass (less memory).
+        cache_latents: encode every image with the VAE once before the stage (its latent distribution; a fresh
+            sample is still drawn every step), so neither the VAE nor the image files are used per step.
+        cache_prompt_embeds: encode every distinct prompt with the text encoders once before the stage.
+        caption_dropout: probability that a sample's caption is replaced by `""` (the trigger words stay).
         dataloader_num_workers: worker processes of the data loader.
         show_progress: a tqdm progress bar.
 
@@ -150,6 +156,9 @@ class StageConfig:
     num_references: int = 1
     zero_init_id_attention: bool = False
     gradient_checkpointing: bool = False
+    cache_latents: bool = False
+    cache_prompt_embeds: bool = True
+    caption_dropout: float = 0.0
     dataloader_num_workers: int = 0
     show_progress: bool = True
 
@@ -168,6 +177,10 @@ class StageConfig:
             raise TrainingConfigError(
                 f"StageConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}."
             )
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise TrainingConfigError(
+                f"StageConfig.caption_dropout is a probability in [0, 1], got {self.caption_dropout}."
+            )
         if self.zero_init_id_attention and self.stage != "id_full":
             raise TrainingConfigError("zero_init_id_attention only applies to stage 'id_full'.")
 
@@ -175,7 +188,8 @@ class StageConfig:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(self.to_dict(), indent=2))
 
 
 def default_curriculum(**common: Any) -> list[StageConfig]:
