@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffusers_hyperlora import HyperLoRAPredictor
 from diffusers_hyperlora.errors import NoFaceDetectedError, TrainingConfigError, TrainingDataError
 from diffusers_hyperlora.features import HyperLoRAFeatures
 from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
 from diffusers_hyperlora.training import (
+    FrozenEncoders,
     HyperLoRATrainingDataset,
     HyperLoRATrainingModule,
     StageConfig,
@@ -30,6 +38,7 @@ from diffusers_hyperlora.training import (
     identity_groups,
     lora_denoising_loss,
     prompt_with_trigger,
+    sample_generator,
     stage_coefficients,
     tiny_training_dataset,
     train_curriculum,
@@ -382,3 +391,232 @@ def test_prompt_trigger_words():
     assert prompt_with_trigger("a man", "fcsks fxhks fhyks") == "fcsks fxhks fhyks, a man"
     assert prompt_with_trigger("fcsks fxhks fhyks, a man", "fcsks fxhks fhyks") == "fcsks fxhks fhyks, a man"
     assert prompt_with_trigger("a man", "") == "a man"
+
+
+# ---------------------------------------------------------------------------------------------- accelerate's path
+def _tiny_run(tmp_path, name, *extra):
+    """`examples/train_tiny.py` for 3 steps of stage id_clip, as a subprocess (argv after the script's path)."""
+    out = tmp_path / name
+    args = [str(EXAMPLE), "--steps", "3", "--stages", "id_clip", "--cache", "--output-dir", str(out), *extra]
+    return out, args
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_tiny.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment(**extra):
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_two_processes_with_batch_one_train_what_one_process_with_batch_two_trains(tmp_path):
+    """`examples/train_tiny.py` unchanged under `accelerate launch` (2 CPU processes, gloo): `--batch-size` is per
+    process, so 2 x 1 must give 1 x 2's predictor; both ranks end with identical parameters."""
+    launcher = Path(sys.executable).with_name("accelerate")
+    two, two_args = _tiny_run(tmp_path, "two", "--batch-size", "1")
+    one, one_args = _tiny_run(tmp_path, "one", "--batch-size", "2")
+    launch = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    distributed = subprocess.Popen(launch + two_args, env=_environment(ACCELERATE_USE_CPU="1"), **pipes)
+    single = subprocess.run([sys.executable, *one_args], env=_environment(), timeout=600, **pipes)
+    output = distributed.communicate(timeout=600)[0]
+    assert distributed.returncode == 0 and single.returncode == 0, output[-3000:] + single.stdout[-3000:]
+
+    digests = dict(re.findall(r"process (\d+)/2: predictor sha256 (\w+)", output))
+    assert sorted(digests) == ["0", "1"] and digests["0"] == digests["1"], output[-2000:]  # ranks in sync
+    assert "process 0/1:" in single.stdout
+    trained = load_file(str(two / "id_clip" / "predictor" / "model.safetensors"))
+    reference = load_file(str(one / "id_clip" / "predictor" / "model.safetensors"))
+    initial = tiny_hyperlora_predictor(seed=0).state_dict()
+    assert any(not torch.equal(reference[k], initial[k]) for k in reference)  # it trained
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-5, msg=name)
+    losses = [json.loads(line)["loss"] for line in (two / "id_clip" / "losses.jsonl").read_text().splitlines()]
+    expected = [json.loads(line)["loss"] for line in (one / "id_clip" / "losses.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(expected, rel=1e-5) and len(losses) == 3
+
+
+def _resume_config(tmp_path, **overrides):
+    settings = dict(
+        steps=4,
+        batch_size=1,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        save_every=1,
+        num_references=2,
+        caption_dropout=0.5,
+        show_progress=False,
+        output_dir=str(tmp_path),
+    )
+    return StageConfig("id_clip", **(settings | overrides))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_and_resumed_stage_equals_the_uninterrupted_one(pipe, tmp_path):
+    """Bitwise on the CPU: 3 images, batch 1, 2 micro-batches per step, so step 2 ends inside epoch 2."""
+    dataset = tiny_training_dataset(num_people=1, images_per_person=3, with_base=False)
+    whole = tiny_hyperlora_predictor(pipe.unet)
+    train_stage(pipe, whole, dataset, _resume_config(tmp_path / "whole"))
+
+    def crash_at_step_3(log):
+        if log.step == 3:
+            raise _Interrupt
+
+    interrupted = tiny_hyperlora_predictor(pipe.unet)
+    with pytest.raises(_Interrupt):
+        train_stage(pipe, interrupted, dataset, _resume_config(tmp_path / "cut"), callback=crash_at_step_3)
+    checkpoints = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000001", "step-000002"]  # complete folders only, no temporary names
+    resumed = tiny_hyperlora_predictor(pipe.unet, seed=7)  # every weight comes from the checkpoint
+    logs = []
+    train_stage(pipe, resumed, dataset, _resume_config(tmp_path / "cut", resume_from_checkpoint="latest"), logs.append)
+    assert [log.step for log in logs] == [3, 4]
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert (tmp_path / "cut" / "losses.jsonl").read_text() == (tmp_path / "whole" / "losses.jsonl").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- caches and dropout
+def test_cached_latents_and_prompts_train_exactly_as_encoding_every_step(pipe, tmp_path):
+    dataset = tiny_training_dataset(num_people=2, images_per_person=1, with_base=False)
+    calls = {"vae": 0, "text": 0}
+    pipe.vae.encoder.register_forward_hook(lambda *_: calls.__setitem__("vae", calls["vae"] + 1))
+    pipe.text_encoder.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
+    results = {}
+    for cache in (False, True):
+        calls.update(vae=0, text=0)
+        predictor = tiny_hyperlora_predictor(pipe.unet)
+        config = StageConfig(
+            "id_clip",
+            steps=3,
+            batch_size=2,
+            learning_rate=1e-2,
+            cache_latents=cache,
+            cache_prompt_embeds=cache,
+            caption_dropout=0.5,
+            show_progress=False,
+            output_dir=str(tmp_path / str(cache)),
+        )
+        train_stage(pipe, predictor, dataset, config)
+        results[cache] = (predictor.state_dict(), dict(calls))
+    assert results[False][1] == {"vae": 6, "text": 6}  # every step encodes both images and both prompts
+    assert results[True][1] == {"vae": 2, "text": 3}  # once per image; 2 captions + the dropped one
+    for name, value in results[False][0].items():
+        assert torch.equal(results[True][0][name], value), name
+
+
+def test_caption_dropout_keeps_the_trigger_words_and_is_seeded(pipe):
+    dataset = tiny_training_dataset(num_people=2, images_per_person=2, with_base=False)
+    batch = collate_examples([dataset[i] for i in range(4)])
+    trigger = "fcsks fxhks fhyks"
+
+    def embeds(dropout, seed=0):
+        encoders = FrozenEncoders(pipe, trigger, CPU, torch.float32, caption_dropout=dropout)
+        return encoders.encode(batch, [sample_generator(seed, 0, i) for i in range(4)]).prompt_embeds
+
+    kept, dropped = embeds(0.0), embeds(1.0)
+    only_trigger = pipe.encode_prompt(prompt=[trigger], device=CPU, do_classifier_free_guidance=False)[0]
+    captioned = pipe.encode_prompt(prompt=[f"{trigger}, {batch['caption'][0]}"], device=CPU)[0]
+    torch.testing.assert_close(dropped, only_trigger.expand(4, -1, -1))
+    torch.testing.assert_close(kept[:1], captioned)
+    half = embeds(0.5)
+    which = [torch.equal(half[i], dropped[i]) for i in range(4)]
+    assert which == [torch.equal(embeds(0.5)[i], dropped[i]) for i in range(4)]  # same seed, same draws
+    assert any(which) and not all(which)
+    with pytest.raises(TrainingConfigError, match="caption_dropout"):
+        StageConfig("id_clip", caption_dropout=1.5)
+
+
+# ---------------------------------------------------------------------------------------------- it learns
+def _distinct_people(num_people, images_per_person, resolution):
+    """Synthetic identities: a flat colour per person plus per-image pixel noise, with tiny_training_dataset's
+    per-person feature signatures; one caption for everyone, so only the predicted LoRA can tell people apart."""
+    colours = [(220, 60, 40), (40, 90, 220), (60, 200, 80)]
+    data = tiny_training_dataset(
+        num_people=num_people,
+        images_per_person=images_per_person,
+        resolution=resolution,
+        with_base=False,
+        captions=lambda person, view: "a photo of a person",
+        seed=3,
+    )
+    generator = torch.Generator().manual_seed(0)
+    for index, record in enumerate(data.records):
+        colour = torch.tensor(colours[index // images_per_person], dtype=torch.float32)
+        pixels = colour + 12 * torch.randn(resolution, resolution, 3, generator=generator)
+        record.image = pixels.clamp(0, 255).round().to(torch.uint8).numpy()
+    return data
+
+
+def _denoising_losses(pipe, predictor, data, held_out, lora_source, draws=8):
+    """Denoising loss of each held-out image at timesteps 600..999 (fixed noise), with the ID-LoRA predicted from
+    `lora_source(i)`'s features (`None`: no LoRA)."""
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    encoders = FrozenEncoders(pipe, predictor.config.trigger_words, CPU, torch.float32)
+    losses = []
+    for i in held_out:
+        batch = collate_examples([data[i]] * draws)
+        noisy = encoders.noisy_batch(batch, [sample_generator(123, d, i) for d in range(draws)], scheduler)
+        timesteps = torch.linspace(600, 999, draws).long()
+        latents = scheduler.add_noise(noisy.encoded.latents, noisy.noise, timesteps)
+        target = diffusion_target(scheduler, noisy.encoded.latents, noisy.noise, timesteps)
+        source = lora_source(i)
+        with torch.no_grad(), training_adapters(pipe, predictor, StageConfig("id_clip", output_dir="x")) as names:
+            if source is None:
+                pipe.unet.set_adapters([names["id"]], [0.0])
+                conditions = dict(
+                    encoder_hidden_states=noisy.encoded.prompt_embeds,
+                    added_cond_kwargs=noisy.encoded.added_cond_kwargs,
+                )
+                prediction = pipe.unet(latents, timesteps, **conditions).sample
+            else:
+                features = collate_examples([data[source]] * draws)
+                features["reference_key"] = [(source,)] * draws
+                args = (pipe.unet, predictor, "id_clip", features, latents, timesteps, noisy.encoded, names)
+                prediction = hyperlora_unet_prediction(*args)
+        losses.append(diffusion_loss(prediction, target).item())
+    return torch.tensor(losses)
+
+
+def test_training_learns_identities(pipe, tmp_path):
+    """After training, a held-out image of each person is denoised better with the ID-LoRA predicted from its own
+    features than with the other person's, and than with none (seeded margins: 1% and 10%)."""
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    with torch.no_grad():  # a near-deterministic VAE posterior (like a trained VAE's), latents at unit scale
+        pipe.vae.quant_conv.weight[4:] = 0
+        pipe.vae.quant_conv.bias[4:] = -30.0
+    data = _distinct_people(num_people=2, images_per_person=3, resolution=16)
+    pipe.vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
+    encoders = FrozenEncoders(pipe, "", CPU, torch.float32)
+    raw = torch.cat([encoders.encode(collate_examples([data[i]]), [torch.Generator()]).latents for i in range(6)])
+    pipe.vae.register_to_config(scaling_factor=float(1 / raw.std()), shift_factor=float(raw.mean()))
+    held_out = [2, 5]
+    train = HyperLoRATrainingDataset([r for i, r in enumerate(data.records) if i not in held_out], resolution=16)
+    predictor = tiny_hyperlora_predictor(pipe.unet)
+    config = StageConfig(
+        "id_clip",
+        steps=80,
+        batch_size=2,
+        learning_rate=1e-2,
+        cache_latents=True,
+        show_progress=False,
+        output_dir=str(tmp_path),
+    )
+    train_stage(pipe, predictor, train, config)
+    own = _denoising_losses(pipe, predictor, data, held_out, lambda i: i)
+    other = _denoising_losses(pipe, predictor, data, held_out, lambda i: held_out[1 - held_out.index(i)])
+    none = _denoising_losses(pipe, predictor, data, held_out, lambda i: None)
+    assert (own * 1.01 < other).all(), (own, other)
+    assert (own * 1.10 < none).all(), (own, none)

@@ -115,9 +115,7 @@ class FrozenEncoders:
             }
         return EncodedBatch(latents=latents, prompt_embeds=embeds.to(self.device, self.dtype), added_cond_kwargs=added)
 
-    def noisy_batch(
-        self, batch: dict[str, Any], generators: list[torch.Generator], noise_scheduler: Any
-    ) -> NoisyBatch:
+    def noisy_batch(self, batch: dict[str, Any], generators: list[torch.Generator], noise_scheduler: Any) -> NoisyBatch:
         """`encode`, then each sample's noise and timestep (uniform over the scheduler's training steps)."""
         encoded = self.encode(batch, generators)
         shape = encoded.latents.shape[1:]
@@ -129,8 +127,10 @@ class FrozenEncoders:
 
     # ------------------------------------------------------------------ pieces
     def _latent_parameters_from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One image at a time, so a sample's latents do not depend on its batch (or on caching)."""
         vae = self.pipe.vae
-        return vae.encode(pixels.to(device=self.device, dtype=vae.dtype)).latent_dist.parameters
+        pixels = pixels.to(device=self.device, dtype=vae.dtype)
+        return torch.cat([vae.encode(image[None]).latent_dist.parameters for image in pixels])
 
     def _latent_parameters(self, batch: dict[str, Any]) -> torch.Tensor:
         if "pixel_values" in batch:
@@ -146,10 +146,15 @@ class FrozenEncoders:
         return (latents * config.scaling_factor).float()
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.pipe.encode_prompt(
-            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return encoded[0], encoded[2]
+        """One prompt at a time, for the same reason."""
+        embeds, pooled = [], []
+        for prompt in prompts:
+            encoded = self.pipe.encode_prompt(
+                prompt=[prompt], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            embeds.append(encoded[0])
+            pooled.append(encoded[2])
+        return torch.cat(embeds), torch.cat(pooled)
 
     def _prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.prompt_cache:
