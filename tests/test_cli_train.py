@@ -43,6 +43,7 @@ def test_train_runs_the_requested_stages(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), "--base-model", str(tmp_path / "sdxl"), "--output-dir", str(out)]
     argv += ["--init", str(tmp_path / "init"), "--stages", "id_clip", "--steps", "2", "--resolution", "32"]
+    argv += ["--cache-latents", "--caption-dropout", "0.25"]
     assert main(argv) == 0
 
     trained = HyperLoRAPredictor.from_pretrained(out / "id_clip" / "predictor")
@@ -51,6 +52,8 @@ def test_train_runs_the_requested_stages(tmp_path):
     assert torch.equal(before["base_bank.down.0"], after["base_bank.down.0"])  # Base frozen
     assert torch.equal(before["id_projector.0.weight"], after["id_projector.0.weight"])  # no ArcFace in id_clip
     assert not (out / "base").exists() and not (out / "id_full").exists()
+    stage = json.loads((out / "id_clip" / "stage_config.json").read_text())
+    assert stage["cache_latents"] is True and stage["caption_dropout"] == 0.25
 
 
 def test_train_reports_a_missing_feature_cache(tmp_path, capsys):

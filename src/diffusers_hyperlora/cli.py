@@ -298,7 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
         "without a Base branch).",
     )
     train.add_argument("--steps", type=int, default=1000, help="Optimizer steps per stage.")
-    train.add_argument("--batch-size", type=int, default=1, help="Images per optimizer step (default 1).")
+    train.add_argument(
+        "--batch-size", type=int, default=1, help="Images per step and process (accelerate launch: per GPU)."
+    )
+    train.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="Encode every image with the VAE once before each stage instead of every step (more CPU memory).",
+    )
+    train.add_argument(
+        "--caption-dropout", type=float, default=0.0, help="Probability of training a sample without its caption."
+    )
     train.add_argument("--lr", type=float, default=1e-4, help="Learning rate (id_full uses half).")
     train.add_argument("--resolution", type=int, default=1024, help="Training image size in pixels.")
     train.add_argument(
@@ -565,7 +575,12 @@ def _run_train(args: argparse.Namespace) -> str:
     pipe = StableDiffusionXLPipeline.from_pretrained(args.base_model)
     predictor = predictor if predictor is not None else _new_predictor(pipe.unet, args, width)
     stages = default_curriculum(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, mixed_precision=args.mixed_precision
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        mixed_precision=args.mixed_precision,
+        cache_latents=args.cache_latents,
+        caption_dropout=args.caption_dropout,
     )
     stages = [stage for stage in stages if args.stages is None or stage.stage in args.stages]
     train_curriculum(pipe, predictor, dataset, TrainingConfig(args.output_dir, stages=stages))
