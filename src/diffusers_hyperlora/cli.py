@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--steps", type=int, default=1000, help="Optimizer steps per stage.")
     train.add_argument(
-        "--batch-size", type=int, default=1, help="Images per step and process (accelerate launch: per GPU)."
+        "--batch-size", type=int, default=1, help="Images per optimizer step and process (default 1; per GPU)."
     )
     train.add_argument(
         "--cache-latents",
