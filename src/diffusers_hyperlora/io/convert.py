@@ -23,8 +23,8 @@ from .hub import HubOptions, Location
 from .load import detect_format
 from .model_card import hyperlora_model_card
 from .own_format import checkpoint_writers, own_sources, read_config, weight_files, weights_metadata, write_checkpoint
-from .release import BANK_FILE, check_release_keys, read_release_config, release_sources
-from .weights import MAX_SHARD_SIZE, check_shapes, read_tensors, stored_dtype, weight_writers
+from .release import BANK_FILE, check_release_shapes, read_release_config, release_sources
+from .weights import MAX_SHARD_SIZE, check_shapes, meta_shapes, read_tensors, stored_dtype, weight_writers
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -104,14 +104,14 @@ def convert_checkpoint(
     if detect_format(location) == "release":
         config, files = read_release_config(location, heads=heads, dim_head=dim_head)
         sources = release_sources(config, files)
-        check_release_keys(sources, files, location.description)
+        check_release_shapes(config, sources, files, location.description)
         stored = stored_dtype(files[BANK_FILE])
     else:
         if heads is not None or dim_head is not None:
             raise ValueError("`heads`/`dim_head` only apply to release-layout sources; the library format stores them.")
         config = read_config(location)
         sources, shapes = own_sources(weight_files(location))
-        check_shapes(HyperLoRAPredictor(config, device="meta").state_dict(), shapes, location.description)
+        check_shapes(meta_shapes(config), shapes, location.description)
         stored = stored_dtype(next(iter(sources.values()))[0])
     changes = {k: v for k, v in (("image_encoder", image_encoder), ("face_models", face_models)) if v is not None}
     config = dataclasses.replace(config, **changes)

@@ -1,6 +1,6 @@
 """The Hub model card (`README.md`) of a checkpoint in the library's format.
 
-Written by `save_pretrained` / `push_to_hub` (through `HyperLoRAPredictor.generate_model_card`) and by
+Written by `HyperLoRAPredictor.save_pretrained` / `push_to_hub` (through `io.own_format.save_pretrained`) and by
 `convert_checkpoint`. The YAML metadata makes the repo discoverable (library, base model, tags, licence) and
 carries the trigger words (`instance_prompt`, as LoRA repos on the Hub do) and the recommended adapter weight.
 """

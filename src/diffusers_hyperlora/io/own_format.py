@@ -31,6 +31,7 @@ from .weights import (
     Sources,
     build_predictor,
     check_shapes,
+    meta_shapes,
     read_safetensors_shapes,
     remove_stale_weights,
     weight_writers,
@@ -122,11 +123,11 @@ def weight_files(location: Location) -> list[str]:
 
 
 def own_sources(files: list[str]) -> tuple[Sources, dict[str, list[int]]]:
-    """`(key -> (file, [key]), key -> shape)` over the weight files."""
+    """`(key -> (file, key), key -> shape)` over the weight files."""
     sources, shapes = {}, {}
     for path in files:
         for key, shape in read_safetensors_shapes(path).items():
-            sources[key], shapes[key] = (path, [key]), shape
+            sources[key], shapes[key] = (path, key), shape
     return sources, shapes
 
 
@@ -136,7 +137,7 @@ def load_own_format(
     """Load a predictor in the library's format from `location`, tensor by tensor, never from pickle files."""
     config = read_config(location)
     sources, shapes = own_sources(weight_files(location))
-    check_shapes(HyperLoRAPredictor(config, device="meta").state_dict(), shapes, location.description)
+    check_shapes(meta_shapes(config), shapes, location.description)
     return build_predictor(config, sources, torch_dtype, device)
 
 

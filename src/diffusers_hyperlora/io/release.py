@@ -29,7 +29,7 @@ from ..files import atomic_write_files
 from ..predictor import HyperLoRAPredictor
 from ..targets import ATTENTION_LINEARS, TargetLinear, TargetModule
 from .hub import Location
-from .weights import Sources, build_predictor, read_safetensors_shapes, stored_dtype
+from .weights import Sources, build_predictor, check_shapes, meta_shapes, read_safetensors_shapes, stored_dtype
 
 RELEASE_MODULES_JSON = "hyper_lora_modules.json"
 RELEASE_WEIGHTS = ("hyper_lora_modules.safetensors", "resampler.safetensors", "id_projector.safetensors")
@@ -209,30 +209,7 @@ def config_from_release(
             f"({config.tokens_per_module} tokens each = {config.num_tokens}). The JSON and the weights do not "
             "belong together."
         )
-    _check_bank_shapes(config, bank_shapes)
     return config
-
-
-def _check_bank_shapes(config: HyperLoRAConfig, bank_shapes: Shapes) -> None:
-    expected_keys = set()
-    for index, linear in enumerate(config.linears):
-        module = index // PER_MODULE
-        for branch in ("id", "base") if config.has_base else ("id",):
-            for key, expected in release_bank_keys(module, linear, branch, config.num_basis, config.rank(branch)):
-                got = _shape(bank_shapes, key, BANK_FILE)
-                if got != expected:
-                    raise CheckpointFormatError(
-                        f"{BANK_FILE}: {key} has shape {got}, but {RELEASE_MODULES_JSON} entry "
-                        f"{config.targets[module].name!r} implies {expected}."
-                    )
-                expected_keys.add(key)
-    extra = sorted(set(bank_shapes) - expected_keys)
-    if extra:
-        raise CheckpointFormatError(
-            f"{BANK_FILE} holds tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} that no entry of "
-            f"{RELEASE_MODULES_JSON} ({len(config.targets)} modules) explains: the JSON and the bank do not belong "
-            "together."
-        )
 
 
 def release_bank_keys(
@@ -287,7 +264,7 @@ _MODULE_FILES = {
 
 
 def release_sources(config: HyperLoRAConfig, files: Mapping[str, str]) -> Sources:
-    """Predictor state-dict key -> (path of the release file, release keys stacked into it, in order).
+    """Predictor state-dict key -> (path of the release file, its release key, or the release keys stacked into it).
 
     A resampler / projector tensor comes from one release tensor of the same name; a bank group
     (`id_bank.down.{g}` `[G, K, in, r]`) is stacked from the G release tensors of its linears.
@@ -299,10 +276,10 @@ def release_sources(config: HyperLoRAConfig, files: Mapping[str, str]) -> Source
         ['0.to_q.id_down_basis', '0.to_k.id_down_basis']
     """
     sources: dict[str, tuple[str, list[str]]] = {}
-    for key in HyperLoRAPredictor(config, device="meta").state_dict():
+    for key in meta_shapes(config):
         prefix = next((p for p in _MODULE_FILES if key.startswith(p)), None)
         if prefix is not None:
-            sources[key] = (files.get(_MODULE_FILES[prefix], _MODULE_FILES[prefix]), [key[len(prefix) :]])
+            sources[key] = (files.get(_MODULE_FILES[prefix], _MODULE_FILES[prefix]), key[len(prefix) :])
     linears = config.linears
     for branch in ("id", "base") if config.has_base else ("id",):
         rank = config.rank(branch)
@@ -315,20 +292,17 @@ def release_sources(config: HyperLoRAConfig, files: Mapping[str, str]) -> Source
     return sources
 
 
-def check_release_keys(sources: Sources, files: Mapping[str, str], where: str) -> None:
-    """Every tensor of the release files must be used: extra tensors mean the files do not belong together."""
-    used: dict[str, set[str]] = {}
-    for path, names in sources.values():
-        used.setdefault(path, set()).update(names)
-    for name, path in files.items():
-        if name == RELEASE_MODULES_JSON:
-            continue
-        extra = sorted(set(read_safetensors_shapes(path)) - used.get(path, set()))
-        if extra:
-            raise CheckpointFormatError(
-                f"{name} of {where} holds tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} that the architecture "
-                "read off the shapes does not have: the files do not belong together."
-            )
+def check_release_shapes(config: HyperLoRAConfig, sources: Sources, files: Mapping[str, str], where: str) -> None:
+    """Every release file must hold exactly the tensors, of the shapes, that the architecture read off them implies."""
+    shapes = meta_shapes(config)
+    expected: dict[str, dict[str, list[int]]] = {}
+    for key, (path, names) in sources.items():
+        for name in [names] if isinstance(names, str) else names:
+            expected.setdefault(path, {})[name] = shapes[key] if isinstance(names, str) else shapes[key][1:]
+    for file, path in files.items():
+        if file != RELEASE_MODULES_JSON:
+            found = read_safetensors_shapes(path)
+            check_shapes(expected.get(path, {}), found, f"{file} of {where}", against=RELEASE_MODULES_JSON)
 
 
 def load_release(
@@ -341,7 +315,7 @@ def load_release(
     """Load a release-layout folder (local or Hub) into a `HyperLoRAPredictor` (default dtype: as stored)."""
     config, files = read_release_config(location, heads=heads, dim_head=dim_head)
     sources = release_sources(config, files)
-    check_release_keys(sources, files, location.description)
+    check_release_shapes(config, sources, files, location.description)
     return build_predictor(config, sources, torch_dtype or stored_dtype(files[BANK_FILE]), device)
 
 
@@ -375,8 +349,10 @@ def save_release_checkpoint(
     state = predictor.state_dict()
     per_file: dict[str, dict[str, tuple[str, int | None]]] = {}
     for key, (file, names) in release_sources(config, {}).items():
-        for position, name in enumerate(names):
-            per_file.setdefault(file, {})[name] = (key, position if len(names) > 1 else None)
+        if isinstance(names, str):
+            per_file.setdefault(file, {})[names] = (key, None)
+        for position, name in enumerate([] if isinstance(names, str) else names):
+            per_file.setdefault(file, {})[name] = (key, position)
 
     def writer(entries: dict[str, tuple[str, int | None]]):
         def write(path: Path) -> None:

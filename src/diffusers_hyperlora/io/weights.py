@@ -32,7 +32,8 @@ _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetens
 MAP_WINDOW = 256 * 2**20
 MAX_SHARD_SIZE = "1GB"  # keeps converting the 3 GB release within ~1 GB of memory (docs/performance.md)
 
-Sources = Mapping[str, tuple[str, Sequence[str]]]  # predictor key -> (file path, stored keys stacked into it)
+# predictor key -> (file path, stored name), or (file path, [stored names]) for a stack of them along a new dim 0
+Sources = Mapping[str, tuple[str, str | Sequence[str]]]
 
 
 def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
@@ -73,10 +74,10 @@ class _MappedFiles:
 
 
 def read_tensors(sources: Sources, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of `keys`, cast to `dtype`; a key with several stored names is their stack along a new dim 0.
+    """The tensors of `keys`, cast to `dtype`; a key stored as a list of names is their stack along a new dim 0.
 
     Example:
-        >>> read_tensors({"w": ("a.safetensors", ["w"])}, ["w"], torch.float16)  # doctest: +SKIP
+        >>> read_tensors({"w": ("a.safetensors", "w")}, ["w"], torch.float16)  # doctest: +SKIP
     """
     files = _MappedFiles()
 
@@ -88,24 +89,25 @@ def read_tensors(sources: Sources, keys: Iterable[str], dtype: torch.dtype | Non
         tensors = {}
         for key in keys:
             path, names = sources[key]
+            if isinstance(names, str):
+                tensors[key] = stored(path, names)
+                continue
             first = stored(path, names[0])
-            if len(names) > 1:
-                stacked = torch.empty((len(names), *first.shape), dtype=first.dtype)
-                stacked[0] = first
-                for position, name in enumerate(names[1:], start=1):
-                    stacked[position] = stored(path, name)
-                first = stacked
-            tensors[key] = first
+            tensors[key] = torch.empty((len(names), *first.shape), dtype=first.dtype)
+            for position, name in enumerate(names):
+                tensors[key][position] = first if position == 0 else stored(path, name)
         return tensors
     finally:
         files.close()
 
 
-def check_shapes(expected: Mapping[str, torch.Tensor], found: Mapping[str, Sequence[int]], where: str) -> None:
+def check_shapes(
+    expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], where: str, against: str = "its config"
+) -> None:
     """Raise `CheckpointFormatError` unless `found` has exactly the keys and shapes of `expected`."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    wrong = [k for k in expected if k in found and list(found[k]) != list(expected[k].shape)]
+    wrong = [k for k in expected if k in found and list(found[k]) != list(expected[k])]
     if not (missing or unexpected or wrong):
         return
     details = []
@@ -115,11 +117,16 @@ def check_shapes(expected: Mapping[str, torch.Tensor], found: Mapping[str, Seque
         details.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
     if wrong:
         key = wrong[0]
-        details.append(f"{key} has shape {list(found[key])}, the config implies {list(expected[key].shape)}")
+        details.append(f"{key} has shape {list(found[key])}, {against} implies {list(expected[key])}")
     raise CheckpointFormatError(
-        f"The tensors of {where} do not match its config: {'; '.join(details)}. All files of a checkpoint must come "
-        "from the same save_pretrained() / convert call."
+        f"The tensors of {where} do not match {against}: {'; '.join(details)}. The files of a checkpoint must "
+        "belong together: download or save them again as one set."
     )
+
+
+def meta_shapes(config: HyperLoRAConfig) -> dict[str, list[int]]:
+    """`{state-dict key: shape}` of a predictor of `config`, computed without allocating anything."""
+    return {key: list(t.shape) for key, t in HyperLoRAPredictor(config, device="meta").state_dict().items()}
 
 
 def build_predictor(
