@@ -443,3 +443,28 @@ def test_model_cpu_offload_sends_the_predictor_back(loaded, predictor, monkeypat
     moves.clear()
     loaded.set_hyperlora_identity(_identity(predictor, 5))
     assert moves[-1] == ("cpu",)
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_switches_under_diffusers_cpu_offload_write_real_weights(pipe, predictor, mode):
+    """`enable_*_cpu_offload(device="cpu")`: under sequential offload the live parameters are `meta` placeholders;
+    a switch must still reach the weights the UNet computes with (not a silent no-op)."""
+    person = _identity(predictor, 31)
+    pipe.load_hyperlora(predictor)
+    getattr(pipe, f"enable_{mode}_cpu_offload")(device="cpu")
+    pipe.set_hyperlora_identity(_identity(predictor, 30))
+    pipe.set_hyperlora_identity(person)
+    assert pipe.hyperlora_identity is person
+    # What the hooks hold is what the UNet computes with: take them off (accelerate puts the held weights back)
+    # and run the UNet (a forward under sequential offload itself fails on CPU-only torch 2.13 + accelerate,
+    # with or without HyperLoRA).
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(pipe.unet, recurse=True)
+    offloaded = unet_output(pipe.unet)
+    from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+
+    plain = tiny_sdxl_pipeline()
+    plain.load_hyperlora(predictor)
+    plain.set_hyperlora_identity(person)
+    torch.testing.assert_close(offloaded, unet_output(plain.unet), rtol=1e-5, atol=1e-6)

@@ -1,35 +1,34 @@
-"""Keep HyperLoRA's adapters out of the denoiser's `state_dict`, so `pipe.save_pretrained` is unchanged.
+"""Keep HyperLoRA's adapters out of the files `save_pretrained` writes, so `pipe.save_pretrained` is unchanged.
 
 HyperLoRA's adapter weights are derived data (written from an identity on every switch); saving them into
-the UNet's checkpoint would also rename every wrapped base weight to `...base_layer.weight`. A state-dict
-post-hook on the denoiser drops the adapters' keys and, for layers that carry no other adapter, restores the
-plain key names. Layers that also carry a user's LoRA keep diffusers' usual layout for that LoRA.
+the UNet's checkpoint would also rename every wrapped base weight to `...base_layer.weight`. While the denoiser's
+`save_pretrained` runs (directly, or through `pipe.save_pretrained`), a state-dict post-hook drops the adapters'
+keys and, for layers that carry no other adapter, restores the plain key names. Layers that also carry a user's
+LoRA keep diffusers' usual layout for that LoRA.
+
+Outside `save_pretrained`, `denoiser.state_dict()` is PEFT's usual one, with the adapters in it: accelerate's
+`enable_sequential_cpu_offload` and other tools that rebuild the model from its state dict need every key.
 Export a predicted LoRA with `pipe.hyperlora.export_lora(...)` instead.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Collection
+from typing import Any
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 _ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_MARK = "_hyperlora_adapter_names"
 
 
 def _is_adapter_key(parts: list[str], names: Collection[str]) -> bool:
     return any(part in _ADAPTER_CONTAINERS and nxt in names for part, nxt in zip(parts, parts[1:]))
 
 
-def hide_adapters_from_state_dict(
-    denoiser: nn.Module, adapter_names: Callable[[], Collection[str]]
-) -> RemovableHandle:
-    """Register the hook on `denoiser`; call `.remove()` on the returned handle to undo it.
-
-    `adapter_names` is asked at every `state_dict()` call, so adapters added later (sliders) are hidden too.
-    """
-
+def _hiding_hook(adapter_names: Callable[[], Collection[str]]):
     def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
         names = frozenset(adapter_names())
         only_ours = {
@@ -47,4 +46,35 @@ def hide_adapters_from_state_dict(
             if sep and f"{head}." in only_ours:
                 state_dict[f"{head}.{tail}"] = state_dict.pop(key)
 
-    return denoiser.register_state_dict_post_hook(hook)
+    return hook
+
+
+def _save_pretrained_without_adapters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    handle = self.register_state_dict_post_hook(_hiding_hook(getattr(self, _MARK)))
+    try:
+        return type(self).save_pretrained(self, *args, **kwargs)
+    finally:
+        handle.remove()
+
+
+class _Unhide:
+    """Handle returned by `hide_adapters_when_saving`; `remove()` undoes it."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        self.denoiser = denoiser
+
+    def remove(self) -> None:
+        for name in ("save_pretrained", _MARK):
+            self.denoiser.__dict__.pop(name, None)
+
+
+def hide_adapters_when_saving(denoiser: nn.Module, adapter_names: Callable[[], Collection[str]]) -> _Unhide:
+    """Make `denoiser.save_pretrained` write the denoiser without the named adapters; `.remove()` the handle to
+    undo it.
+
+    `adapter_names` is asked at every save, so adapters added later (sliders) are left out too. The override is a
+    bound method of this instance, so a `copy.deepcopy` of the denoiser saves itself.
+    """
+    denoiser.__dict__[_MARK] = adapter_names
+    denoiser.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_without_adapters, denoiser)
+    return _Unhide(denoiser)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from diffusers.utils import logging
 
-from .adapter_state_dict import hide_adapters_from_state_dict
+from .adapter_state_dict import hide_adapters_when_saving
 from .adapters import HyperLoRAAdapters, active_adapters, set_active_adapters
 from .config import HyperLoRAConfig
 from .errors import AdapterNameConflictError, HyperLoRANotLoadedError, InvalidArgumentError, InvalidArgumentTypeError
@@ -218,7 +219,7 @@ class HyperLoRAController:
             )
             options.update(id_weight=id_weight, base_weight=base_weight, offload_bank=offload_bank)
             loaded = _Loaded(predictor.eval().requires_grad_(False), adapters, source, options)
-            loaded.state_dict_hook = hide_adapters_from_state_dict(denoiser, self.adapter_names_of(loaded))
+            loaded.state_dict_hook = hide_adapters_when_saving(denoiser, self.adapter_names_of(loaded))
             self._loaded = loaded
 
     @staticmethod
@@ -269,6 +270,29 @@ class HyperLoRAController:
         """Move the predictor where the next switch computes (honouring `offload_bank`) and return it."""
         with self.lock:
             return self._sync(self._require("pipe.hyperlora.prepare_predictor()"))
+
+    @contextmanager
+    def _offload_lifted(self, loaded: _Loaded) -> Iterator[None]:
+        """Under `enable_sequential_cpu_offload` the live parameters are `meta` placeholders and the real weights sit
+        in accelerate's offload map: lift the hooks (the weights come back), run the write, then offload again."""
+        live = loaded.adapters.live_device_dtype()
+        if live is None or live[0].type != "meta":
+            yield
+            return
+        from accelerate.hooks import remove_hook_from_module
+
+        pipe = self._pipe
+        # diffusers' own `load_lora_weights` does the same (its private `_func_optionally_disable_offloading`);
+        # `_offload_device` is where `enable_sequential_cpu_offload` was told to compute (no public getter).
+        device = getattr(pipe, "_offload_device", None)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module) and hasattr(component, "_hf_hook"):
+                remove_hook_from_module(component, recurse=True)
+        loaded.synced_for = None
+        try:
+            yield
+        finally:
+            pipe.enable_sequential_cpu_offload(device=device)
 
     def _rest(self, loaded: _Loaded) -> None:
         """Under CPU offload, send the predictor back to the CPU after use, like the offloaded models."""
@@ -357,7 +381,8 @@ class HyperLoRAController:
                 identity = self.predict_identity(images_or_identity, caller="set_hyperlora_identity", **kwargs)
             loaded.predictor.check_identity(identity)
             self._ensure_attached(loaded)
-            self._write(loaded, identity)
+            with self._offload_lifted(loaded):
+                self._write(loaded, identity)
             loaded.identity = identity
             return identity
 
@@ -468,18 +493,22 @@ class HyperLoRAController:
             finally:
                 self._rest(loaded)
             self._ensure_attached(loaded)
-            denoiser, config = loaded.adapters.denoiser, loaded.predictor.config
-            existing = getattr(denoiser, "peft_config", None) or {}
-            if adapter_name in loaded.sliders and adapter_name in existing:
-                write_slider_adapter(denoiser, config, adapter_name, difference)
-                names = active_adapters(denoiser)
-                set_active_adapters(
-                    denoiser, names if adapter_name in names else [*names, adapter_name], {adapter_name: weight}
-                )
-            else:
-                add_slider_adapter(denoiser, config, adapter_name, difference, weight)
+            with self._offload_lifted(loaded):
+                self._write_slider(loaded, adapter_name, difference, weight)
             loaded.sliders[adapter_name] = slider
             return slider
+
+    def _write_slider(self, loaded: _Loaded, adapter_name: str, difference: list, weight: float) -> None:
+        denoiser, config = loaded.adapters.denoiser, loaded.predictor.config
+        existing = getattr(denoiser, "peft_config", None) or {}
+        if adapter_name in loaded.sliders and adapter_name in existing:
+            write_slider_adapter(denoiser, config, adapter_name, difference)
+            names = active_adapters(denoiser)
+            set_active_adapters(
+                denoiser, names if adapter_name in names else [*names, adapter_name], {adapter_name: weight}
+            )
+        else:
+            add_slider_adapter(denoiser, config, adapter_name, difference, weight)
 
     def _slider_side(self, value: Any, side: str, kwargs: dict) -> HyperLoRAIdentity:
         if isinstance(value, HyperLoRAIdentity):
