@@ -87,7 +87,7 @@ class _Loaded:
         self.identity: HyperLoRAIdentity | None = None
         self.sliders: dict[str, HyperLoRASlider] = {}
         self.synced_for: tuple | None = None
-        self.state_dict_hook: Any = None
+        self.save_hook: Any = None
 
 
 class HyperLoRAController:
@@ -219,7 +219,7 @@ class HyperLoRAController:
             )
             options.update(id_weight=id_weight, base_weight=base_weight, offload_bank=offload_bank)
             loaded = _Loaded(predictor.eval().requires_grad_(False), adapters, source, options)
-            loaded.state_dict_hook = hide_adapters_when_saving(denoiser, self.adapter_names_of(loaded))
+            loaded.save_hook = hide_adapters_when_saving(denoiser, self.adapter_names_of(loaded))
             self._loaded = loaded
 
     @staticmethod
@@ -236,8 +236,8 @@ class HyperLoRAController:
             if loaded is None:
                 return
             delete_slider_adapters(loaded.adapters.denoiser, list(loaded.sliders))
-            if loaded.state_dict_hook is not None:
-                loaded.state_dict_hook.remove()
+            if loaded.save_hook is not None:
+                loaded.save_hook.remove()
             loaded.adapters.detach()
             self._loaded = None
 
