@@ -427,18 +427,33 @@ def _load_checkpoint(run: _Run, folder: Path) -> None:
 
 
 def _finish(run: _Run, predictor: HyperLoRAPredictor) -> HyperLoRAPredictor:
-    """Wait for every process; gather the full weights (sharded setups too) and save them on the main process."""
+    """Wait for every process, then save the trained weights on the main process (`save_pretrained`)."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(run.model)
     predictor.eval().requires_grad_(False)
+    if _is_sharded(accelerator):
+        predictor = _gathered_copy(run, predictor)
     if accelerator.is_main_process:
-        prefix = "predictor."
-        predictor.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
         predictor.save_pretrained(run.output_dir / PREDICTOR_FOLDER)
         _write_losses(run)
     accelerator.free_memory()
     return predictor
+
+
+def _is_sharded(accelerator: Any) -> bool:
+    """FSDP and DeepSpeed hold the predictor's weights in their own (possibly sharded) form."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+
+
+def _gathered_copy(run: _Run, predictor: HyperLoRAPredictor) -> HyperLoRAPredictor:
+    """The full weights (`accelerator.get_state_dict`, a collective) in a fresh predictor on the main process."""
+    state = run.accelerator.get_state_dict(run.model)
+    if not run.accelerator.is_main_process:
+        return predictor
+    prefix = "predictor."
+    full = HyperLoRAPredictor(predictor.config)
+    full.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return full.eval().requires_grad_(False)
 
 
 def train_curriculum(
