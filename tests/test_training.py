@@ -445,6 +445,30 @@ def test_two_processes_with_batch_one_train_what_one_process_with_batch_two_trai
     assert losses == pytest.approx(expected, rel=1e-5) and len(losses) == 3
 
 
+def test_gradient_accumulation_equals_the_larger_batch(pipe, tmp_path):
+    """`accelerator.accumulate`: batch 1 x 2 micro-batches per step trains what batch 2 trains."""
+    dataset = tiny_training_dataset(num_people=2, images_per_person=1, with_base=False)
+    trained = {}
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        predictor = tiny_hyperlora_predictor(pipe.unet)
+        config = StageConfig(
+            "id_clip",
+            steps=2,
+            batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=1e-2,
+            show_progress=False,
+            output_dir=str(tmp_path / str(batch_size)),
+        )
+        train_stage(pipe, predictor, dataset, config)
+        trained[batch_size] = predictor.state_dict()
+    assert not torch.equal(
+        trained[2]["id_bank.down.0"], tiny_hyperlora_predictor(pipe.unet).state_dict()["id_bank.down.0"]
+    )
+    for name, value in trained[2].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=0, atol=1e-6, msg=name)
+
+
 def _resume_config(tmp_path, **overrides):
     settings = dict(
         steps=4,
