@@ -114,11 +114,13 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("photos")
     astronaut = folder / "astronaut.png"
     Image.fromarray(draw_face_marker(skimage_data.astronaut(), ASTRONAUT_FACE)).save(astronaut)
+    moved = folder / "astronaut_moved.png"  # the face marked a little lower: another "person" for a slider
+    Image.fromarray(draw_face_marker(skimage_data.astronaut(), (170, 90, 270, 210))).save(moved)
     coffee = folder / "coffee.png"
     Image.fromarray(skimage_data.coffee()).save(coffee)
     broken = folder / "broken.png"
     broken.write_bytes(b"this is not an image")
-    return {"astronaut": astronaut, "coffee": coffee, "broken": broken}
+    return {"astronaut": astronaut, "moved": moved, "coffee": coffee, "broken": broken}
 
 
 def upload(page, selector: str, *paths: Path) -> None:
@@ -148,6 +150,10 @@ def fetch(page, url: str) -> bytes:
     return response.body()
 
 
+def result_source(page) -> str:
+    return page.locator("#result img").first.get_attribute("src")
+
+
 def expected_image(photo: Path) -> np.ndarray:
     """What the engine makes in this process for the page's default settings (same seeds, same tiny models)."""
     from diffusers_hyperlora.demo import DemoEngine, GenerationSettings
@@ -170,8 +176,7 @@ def test_demo_in_browser(page, photos):
     page.click("#generate-button")
     status = wait_status(page, "Generated with identity of 1 photo(s): astronaut.png")
     assert "fcsks fxhks fhyks, a photo of a person as an astronaut" in status  # trigger words added
-    source = page.locator("#result img").first.get_attribute("src")
-    result = np.asarray(Image.open(io.BytesIO(fetch(page, source))).convert("RGB"), dtype=np.float32)
+    result = np.asarray(Image.open(io.BytesIO(fetch(page, result_source(page)))).convert("RGB"), dtype=np.float32)
     assert result.shape == (128, 128, 3)
     assert result.std() > 1.0  # an image, not a blank
     assert np.abs(result - expected_image(photos["astronaut"])).max() <= 2.0  # the page's settings reached the pipe
@@ -199,6 +204,18 @@ def test_demo_in_browser(page, photos):
     with safe_open(str(lora_file), "pt") as handle:
         keys = list(handle.keys())
     assert keys and all(k.startswith("lora_unet_") for k in keys)
+
+    # a slider from two photo sets, used at the page's default weight (0.7)
+    page.get_by_text("Build a slider from two photo sets").click()
+    upload(page, "#slider-neutral", photos["astronaut"])
+    upload(page, "#slider-edited", photos["moved"])
+    page.locator("#slider-name [data-testid=textbox]").fill("moved")
+    page.click("#slider-button")
+    wait_status(page, "Slider 'moved' ready")
+    page.click("#generate-button")
+    wait_status(page, "slider 'moved' at 0.7")
+    with_slider = np.asarray(Image.open(io.BytesIO(fetch(page, result_source(page)))).convert("RGB"), np.float32)
+    assert not np.array_equal(with_slider, result)  # the slider adapter is active (small effect on the tiny model)
 
     # a photo without a face: a readable message, no traceback, no image
     upload(page, "#photos", photos["coffee"])

@@ -119,6 +119,8 @@ class DemoHandlers:
         except Exception as error:  # noqa: BLE001
             return None, cached, error_message(error)
         who = _describe(identity) if identity is not None else "no photos: HyperLoRA off"
+        if settings.slider:
+            who += f", slider {settings.slider!r} at {settings.slider_weight:g}"
         return image, cached, f"Generated with {who}. Prompt: `{used}`"
 
     def save_identity(self, photos: Any, cached: Any) -> tuple[Any, Any, str]:
@@ -143,7 +145,10 @@ class DemoHandlers:
         except Exception as error:  # noqa: BLE001
             return gr.update(), error_message(error)
         choices = [NO_SLIDER, *self.engine.sliders]
-        return gr.update(choices=choices, value=name), f"Slider {name!r} ready: pick it below and set its weight."
+        return gr.update(choices=choices, value=name), f"Slider {name!r} ready: chosen below; set its weight."
+
+    def slider_choices(self) -> Any:
+        return gr.update(choices=[NO_SLIDER, *self.engine.sliders], value=NO_SLIDER)
 
     def export_slider(self, slider: str, format: str) -> tuple[Any, str]:
         try:
@@ -183,11 +188,16 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                     lora_button = gr.Button("Export LoRA", elem_id="export-lora-button")
                     lora_file = gr.File(label="LoRA file", interactive=False, elem_id="lora-file")
                 with gr.Accordion("Build a slider from two photo sets", open=False):
-                    neutral = gr.File(label="Neutral photos", file_count="multiple", type="filepath")
-                    edited = gr.File(
-                        label="Edited photos (same person, e.g. aged)", file_count="multiple", type="filepath"
+                    neutral = gr.File(
+                        label="Neutral photos", file_count="multiple", type="filepath", elem_id="slider-neutral"
                     )
-                    slider_name = gr.Textbox(value="slider", label="Slider name")
+                    edited = gr.File(
+                        label="Edited photos (same person, e.g. aged)",
+                        file_count="multiple",
+                        type="filepath",
+                        elem_id="slider-edited",
+                    )
+                    slider_name = gr.Textbox(value="slider", label="Slider name", elem_id="slider-name")
                     slider_button = gr.Button("Build slider", elem_id="slider-button")
                     slider_export = gr.Button("Export the chosen slider as a LoRA")
                     slider_file = gr.File(label="Slider LoRA file", interactive=False)
@@ -226,6 +236,7 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
         _on(lora_button.click, handlers.export_lora, [photos, identity, lora_format], [lora_file, identity, status])
         _on(slider_button.click, handlers.add_slider, [neutral, edited, slider_name], [slider, status])
         _on(slider_export.click, handlers.export_slider, [slider, lora_format], [slider_file, status])
+        _on(demo.load, handlers.slider_choices, [], [slider])  # sliders built by other visitors
     return demo
 
 
