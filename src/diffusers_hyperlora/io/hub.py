@@ -214,9 +214,10 @@ class Location:
     # ------------------------------------------------------------------ errors
     def _check_local_dir(self) -> None:
         if not self.local_dir.is_dir():
+            sub = self.options.subfolder
             raise CheckpointNotFoundError(
-                f"Local folder {str(self.local_dir)!r} does not exist (subfolder {self.options.subfolder!r} of "
-                f"{self.path!r}). Check the subfolder name."
+                f"Local folder {str(self.local_dir)!r} does not exist"
+                + (f" (subfolder {sub!r} of {self.path!r}). Check the subfolder name." if sub else ". Check the path.")
             )
 
     def _error(self, what: str, error: Exception) -> CheckpointNotFoundError:
