@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from .errors import AdapterNameConflictError, HyperLoRANotLoadedError, InvalidAr
 from .features import FeatureExtractor
 from .identity import HyperLoRAIdentity
 from .identity_inputs import resolve_identity
+from .io.hub import HubOptions
 from .predictor import HyperLoRAPredictor
 from .sliders import (
     DEFAULT_SLIDER_NAME,
@@ -69,21 +71,40 @@ def as_image_list(images: Any, caller: str) -> list[Any]:
     return [images]
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything `load_hyperlora` takes besides the checkpoint (see its docstring), kept for the whole load:
+    the face pipeline is built from it on first use, and the adapters are re-attached with it."""
+
+    hub_options: HubOptions = field(default_factory=HubOptions)
+    torch_dtype: torch.dtype | None = None
+    heads: int | None = None
+    dim_head: int | None = None
+    image_encoder: Any = None
+    face_analyzer: Any = None
+    feature_extractor: FeatureExtractor | None = None
+    id_adapter_name: str = "id"
+    base_adapter_name: str = "base"
+    id_weight: float | None = None
+    base_weight: float | None = None
+    offload_bank: bool = False
+
+    @property
+    def adapter_names(self) -> tuple[str, str]:
+        return self.id_adapter_name, self.base_adapter_name
+
+
 class _Loaded:
     """What one `load` put on the pipeline; replaced as a whole by the next `load`."""
 
     def __init__(
-        self,
-        predictor: HyperLoRAPredictor,
-        adapters: HyperLoRAAdapters,
-        source: str | None,
-        options: dict[str, Any],
+        self, predictor: HyperLoRAPredictor, adapters: HyperLoRAAdapters, source: str | None, options: LoadOptions
     ) -> None:
         self.predictor = predictor
         self.adapters = adapters
         self.source = source
-        self.options = options  # hub options, encoders, weights, offload_bank: what `load` was given
-        self.feature_extractor: FeatureExtractor | None = options.get("feature_extractor")
+        self.options = options
+        self.feature_extractor: FeatureExtractor | None = options.feature_extractor
         self.identity: HyperLoRAIdentity | None = None
         self.sliders: dict[str, HyperLoRASlider] = {}
         self.synced_for: tuple | None = None
@@ -184,43 +205,40 @@ class HyperLoRAController:
         return find_denoiser(self._pipe, self._denoiser_name)
 
     # ------------------------------------------------------------------ load / unload
-    def load(
-        self,
-        pretrained_model_name_or_path: str | os.PathLike | HyperLoRAPredictor,
-        *,
-        load_predictor: Callable[..., HyperLoRAPredictor],
-        id_adapter_name: str = "id",
-        base_adapter_name: str = "base",
-        id_weight: float | None = None,
-        base_weight: float | None = None,
-        offload_bank: bool = False,
-        **options: Any,
-    ) -> None:
+    def load(self, pretrained_model_name_or_path: str | os.PathLike | HyperLoRAPredictor, options: LoadOptions) -> None:
         """Load a checkpoint transactionally: resolve, read and check it against the denoiser, then replace the
-        HyperLoRA that was there. Any error leaves the old one (and its identity) in place.
-
-        `load_predictor(source, torch_dtype=...)` reads a checkpoint (`pipeline.load_hyperlora` passes the io
-        loader with the Hub options bound); the other options are kept for the feature extractor.
-        """
+        HyperLoRA that was there. Any error leaves the old one (and its identity) in place."""
         with self.lock:
             denoiser = self._denoiser()
-            if isinstance(pretrained_model_name_or_path, HyperLoRAPredictor):
-                predictor, source = pretrained_model_name_or_path, None
-            else:
-                source = os.fspath(pretrained_model_name_or_path)
-                dtype = options.get("torch_dtype") or denoiser.dtype
-                predictor = load_predictor(source, torch_dtype=dtype)
+            predictor, source = self._read(pretrained_model_name_or_path, options, denoiser.dtype)
             predictor.check_weights_finite()
-            names = (id_adapter_name, base_adapter_name)
+            names = options.adapter_names
             HyperLoRAAdapters.check_attachable(denoiser, predictor.config, *names, replacing=self.adapter_names())
             self.unload()
             adapters = HyperLoRAAdapters.attach(
-                denoiser, predictor.config, *names, id_weight=id_weight, base_weight=base_weight
+                denoiser, predictor.config, *names, id_weight=options.id_weight, base_weight=options.base_weight
             )
-            options.update(id_weight=id_weight, base_weight=base_weight, offload_bank=offload_bank)
             loaded = _Loaded(predictor.eval().requires_grad_(False), adapters, source, options)
             loaded.save_hook = hide_adapters_when_saving(denoiser, self.adapter_names_of(loaded))
             self._loaded = loaded
+
+    @staticmethod
+    def _read(
+        checkpoint: str | os.PathLike | HyperLoRAPredictor, options: LoadOptions, dtype: torch.dtype
+    ) -> tuple[HyperLoRAPredictor, str | None]:
+        if isinstance(checkpoint, HyperLoRAPredictor):
+            return checkpoint, None
+        from .io import load_predictor
+
+        source = os.fspath(checkpoint)
+        predictor = load_predictor(
+            source,
+            options.hub_options,
+            torch_dtype=options.torch_dtype or dtype,
+            heads=options.heads,
+            dim_head=options.dim_head,
+        )
+        return predictor, source
 
     @staticmethod
     def adapter_names_of(loaded: _Loaded) -> Callable[[], list[str]]:
@@ -255,7 +273,7 @@ class HyperLoRAController:
         in CPU memory (pinned when they feed a GPU) and are streamed during a switch."""
         device, dtype = self._execution_device(), loaded.adapters.denoiser.dtype
         predictor = loaded.predictor
-        if not loaded.options.get("offload_bank"):
+        if not loaded.options.offload_bank:
             if predictor.device != device or predictor.dtype != dtype:
                 predictor.to(device=device, dtype=dtype)
             return predictor
@@ -348,9 +366,9 @@ class HyperLoRAController:
             loaded.feature_extractor = build_feature_extractor(
                 loaded.predictor.config,
                 source=loaded.source,
-                image_encoder=options.get("image_encoder"),
-                face_analyzer=options.get("face_analyzer"),
-                hub_options=options.get("hub_options") or {},
+                image_encoder=options.image_encoder,
+                face_analyzer=options.face_analyzer,
+                hub_options=options.hub_options,
             )
         return loaded.feature_extractor
 
@@ -422,15 +440,14 @@ class HyperLoRAController:
         adapters.detach()
         existing = set(getattr(denoiser, "peft_config", None) or {})
         loaded.sliders = {name: s for name, s in loaded.sliders.items() if name in existing}
-        names = tuple(adapters.names.values())
-        HyperLoRAAdapters.check_attachable(denoiser, loaded.predictor.config, *names)
         options = loaded.options
+        HyperLoRAAdapters.check_attachable(denoiser, loaded.predictor.config, *options.adapter_names)
         loaded.adapters = HyperLoRAAdapters.attach(
             denoiser,
             loaded.predictor.config,
-            *names,
-            id_weight=options.get("id_weight"),
-            base_weight=options.get("base_weight"),
+            *options.adapter_names,
+            id_weight=options.id_weight,
+            base_weight=options.base_weight,
         )
         loaded.identity = None
         loaded.synced_for = None

@@ -13,16 +13,16 @@ dtype whenever it is used, and back to the CPU afterwards under `enable_model_cp
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .controller import HyperLoRAController
+from .controller import HyperLoRAController, LoadOptions
 from .features import FeatureExtractor
 from .identity import HyperLoRAIdentity
+from .io.hub import HubOptions
 from .predictor import HyperLoRAPredictor
 from .sliders import DEFAULT_SLIDER_NAME, DEFAULT_SLIDER_WEIGHT, HyperLoRASlider
 
@@ -94,31 +94,29 @@ def load_hyperlora(
         >>> pipe.load_hyperlora(release, subfolder="sdxl_hyper_id_lora_v1_fidelity")  # doctest: +SKIP
         >>> pipe.set_hyperlora_identity(["me1.jpg", "me2.jpg"])  # doctest: +SKIP
     """
-    from .io import load_predictor
-
-    hub_options = {
-        "subfolder": subfolder,
-        "revision": revision,
-        "token": token,
-        "cache_dir": cache_dir,
-        "local_files_only": local_files_only,
-        "force_download": force_download,
-    }
-    read = functools.partial(load_predictor, heads=heads, dim_head=dim_head, **hub_options)
-    controller_of(pipe).load(
-        pretrained_model_name_or_path,
-        load_predictor=read,
+    hub_options = HubOptions(
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        force_download=force_download,
+    )
+    options = LoadOptions(
+        hub_options=hub_options,
+        torch_dtype=torch_dtype,
+        heads=heads,
+        dim_head=dim_head,
+        image_encoder=image_encoder,
+        face_analyzer=face_analyzer,
+        feature_extractor=feature_extractor,
         id_adapter_name=id_adapter_name,
         base_adapter_name=base_adapter_name,
         id_weight=id_weight,
         base_weight=base_weight,
         offload_bank=offload_bank,
-        torch_dtype=torch_dtype,
-        image_encoder=image_encoder,
-        face_analyzer=face_analyzer,
-        feature_extractor=feature_extractor,
-        hub_options=hub_options,
     )
+    controller_of(pipe).load(pretrained_model_name_or_path, options)
     return pipe
 
 
