@@ -120,7 +120,7 @@ class StageConfig:
         resume_from_checkpoint: a `checkpoints/step-N` folder to continue from (`"latest"`: the newest).
         id_weight, base_weight: adapter weights of the predicted LoRAs inside the UNet while training.
         num_references: images of the same person whose features predict a sample's LoRA (the sample's own
-            image first, then others drawn at random); their coefficients are averaged as at inference.
+            image first, then others drawn anew each epoch, seeded); their coefficients are averaged as at inference.
         zero_init_id_attention: `id_full` only: zero `attn2.to_out` first (see the module docstring).
         gradient_checkpointing: recompute the UNet's activations in the backward pass (less memory).
         cache_latents: encode every image with the VAE once before the stage (its latent distribution; a fresh
