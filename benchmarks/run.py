@@ -233,6 +233,26 @@ def bank_reader(predictor: HyperLoRAPredictor) -> Callable[[], object]:
     return read
 
 
+def scan_section(predictor: HyperLoRAPredictor, device: torch.device, label: str, args) -> None:
+    """The NaN/inf scan `load_hyperlora` runs once over every weight, against one read of the bank's bytes."""
+    read_bank = bank_reader(predictor)
+    scan_times, read_times = [], []
+    for repeat in range(args.repeats):
+        scan_times += timed(predictor.check_weights_finite, 1, device, warmup=int(repeat == 0))
+        read_times += timed(read_bank, 1, device, warmup=int(repeat == 0))
+    scan, bound = min(scan_times), min(read_times)
+    ROWS.append(
+        Row(
+            "1 identity switch",
+            f"{label}: load-time NaN/inf scan of every predictor weight (once per load_hyperlora)",
+            ms(scan),
+            f"one read of the ID bank's bytes {ms(bound)} (best of {args.repeats}, interleaved)",
+            f"{scan / bound:.2f}x",
+            data={"kind": "scan", "dtype": label, "scan_ms": 1e3 * scan, "bound_ms": 1e3 * bound},
+        )
+    )
+
+
 def naive_switch(pipe, predictor: HyperLoRAPredictor, identity: HyperLoRAIdentity, device) -> dict[str, float]:
     """What a user does today: per-layer einsum into a kohya dict, `load_lora_weights`, later `delete_adapters`."""
     coefficients = predictor.split_coefficients(identity.id_coefficients.to(device))
@@ -622,6 +642,7 @@ def main() -> None:
             log("float32 identity switches")
             # No fused-switch row in float32: the base-weight copy (3.6 GB) would not fit beside bank and UNet.
             switch_section(pipe, predictor, device, "float32", bandwidth, args, naive=not args.no_naive, fused=False)
+            scan_section(predictor, device, "float32", args)
             report()
         if "generation" in args.sections:
             log("UNet steps with the identity, unfused / fused")

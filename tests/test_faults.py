@@ -468,3 +468,14 @@ def test_switches_under_diffusers_cpu_offload_write_real_weights(pipe, predictor
     plain.load_hyperlora(predictor)
     plain.set_hyperlora_identity(person)
     torch.testing.assert_close(offloaded, unet_output(plain.unet), rtol=1e-5, atol=1e-6)
+
+
+def test_the_finiteness_scan_is_exact():
+    from diffusers_hyperlora.checks import first_non_finite, is_finite
+
+    assert is_finite(torch.tensor([3e38, 3e38]))  # the float32 sum overflows; the values are finite
+    assert not is_finite(torch.tensor([1.0, float("inf"), float("-inf")]))  # inf - inf: NaN, still caught
+    assert is_finite(torch.ones(3, dtype=torch.float16) * 60000)  # 16-bit values sum in float32
+    half = torch.zeros(4, dtype=torch.bfloat16)
+    half[2] = NAN
+    assert first_non_finite([("a", torch.ones(2)), ("b", half)]) == ("b", 1)

@@ -23,11 +23,23 @@ def count_non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite, in one read and without a mask as large as the tensor: NaN and inf
+    propagate into a float32 sum; only a sum that overflows (finite values near 1e38) needs the exact count."""
+    if not torch.is_floating_point(tensor) or tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return count_non_finite(tensor) == 0
+
+
 def require_finite(tensor: torch.Tensor | None, what: str, fix: str) -> None:
     """Raise `NonFiniteValueError` naming `what` when `tensor` holds NaN or infinite values."""
     if tensor is None:
         return
     tensor = torch.as_tensor(tensor)
+    if is_finite(tensor):
+        return
     bad = count_non_finite(tensor)
     if bad:
         raise NonFiniteValueError(f"{what} holds {bad} NaN/infinite value(s) of {tensor.numel()}; {fix}.")
@@ -36,7 +48,6 @@ def require_finite(tensor: torch.Tensor | None, what: str, fix: str) -> None:
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:
     """`(name, count)` of the first tensor holding NaN/infinite values, or `None` (scans tensor by tensor)."""
     for name, tensor in named:
-        bad = count_non_finite(tensor.detach())
-        if bad:
-            return name, bad
+        if not is_finite(tensor.detach()):
+            return name, count_non_finite(tensor.detach())
     return None
