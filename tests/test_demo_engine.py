@@ -307,3 +307,18 @@ def test_command_tiny_default_refuses_checkpoint_options(flag, capsys):
 
     assert cli.main(["demo", flag, "x"]) == 1
     assert f"{flag} need a CHECKPOINT" in capsys.readouterr().err
+
+
+def test_command_wrong_model_is_a_readable_error(checkpoint_folders, tmp_path, capsys):
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_hyperlora import cli
+    from diffusers_hyperlora.tiny import TINY_UNET_CONFIG, tiny_hyperlora_predictor
+
+    other_unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": 48})
+    tiny_hyperlora_predictor(other_unet).save_pretrained(tmp_path / "other")
+    argv = ["demo", str(tmp_path / "other"), "--base-model", str(checkpoint_folders / "sdxl"), "--device", "cpu"]
+    assert cli.main(argv) == 1
+    error = capsys.readouterr().err
+    assert "checkpoint expects" in error and "Traceback" not in error
