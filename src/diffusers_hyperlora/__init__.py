@@ -5,8 +5,9 @@
 
 __version__ = "0.1.0"
 
-from .config import HyperLoRAConfig
-from .controller import HyperLoRAController
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AdapterNameConflictError,
     CheckpointFormatError,
@@ -28,26 +29,72 @@ from .errors import (
     TrainingConfigError,
     TrainingDataError,
 )
-from .features import FeatureExtractor, HyperLoRAFeatures
-from .identity import HyperLoRAIdentity
-from .io import HubOptions, load_predictor
-from .io.convert import convert_checkpoint
-from .io.release import save_release_checkpoint
-from .pipeline import (
-    HyperLoRAMixin,
-    add_hyperlora_slider,
-    install_pipeline_methods,
-    load_hyperlora,
-    predict_hyperlora_identity,
-    preview_hyperlora_inputs,
-    remove_hyperlora_slider,
-    set_hyperlora_identity,
-    unload_hyperlora,
-)
-from .predictor import HyperLoRAPredictor
-from .sliders import HyperLoRASlider
+from .install import install_when_diffusers_loads
 
-install_pipeline_methods()
+# Public names -> the module that defines them. They are imported on first use, so `import diffusers_hyperlora`
+# (and the command line's `--help`) stays fast: torch and diffusers load only when something needs them.
+_LAZY_EXPORTS = {
+    "HyperLoRAConfig": ".config",
+    "HyperLoRAController": ".controller",
+    "FeatureExtractor": ".features",
+    "HyperLoRAFeatures": ".features",
+    "HyperLoRAIdentity": ".identity",
+    "HubOptions": ".io",
+    "load_predictor": ".io",
+    "convert_checkpoint": ".io.convert",
+    "save_release_checkpoint": ".io.release",
+    "HyperLoRAMixin": ".pipeline",
+    "add_hyperlora_slider": ".pipeline",
+    "install_pipeline_methods": ".pipeline",
+    "load_hyperlora": ".pipeline",
+    "predict_hyperlora_identity": ".pipeline",
+    "preview_hyperlora_inputs": ".pipeline",
+    "remove_hyperlora_slider": ".pipeline",
+    "set_hyperlora_identity": ".pipeline",
+    "unload_hyperlora": ".pipeline",
+    "HyperLoRAPredictor": ".predictor",
+    "HyperLoRASlider": ".sliders",
+}
+
+if TYPE_CHECKING:  # type checkers and the API reference (mkdocstrings) see the real imports
+    from .config import HyperLoRAConfig
+    from .controller import HyperLoRAController
+    from .features import FeatureExtractor, HyperLoRAFeatures
+    from .identity import HyperLoRAIdentity
+    from .io import HubOptions, load_predictor
+    from .io.convert import convert_checkpoint
+    from .io.release import save_release_checkpoint
+    from .pipeline import (
+        HyperLoRAMixin,
+        add_hyperlora_slider,
+        install_pipeline_methods,
+        load_hyperlora,
+        predict_hyperlora_identity,
+        preview_hyperlora_inputs,
+        remove_hyperlora_slider,
+        set_hyperlora_identity,
+        unload_hyperlora,
+    )
+    from .predictor import HyperLoRAPredictor
+    from .sliders import HyperLoRASlider
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffusers_hyperlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # next time a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+
+
+# `import diffusers_hyperlora` installs pipe.load_hyperlora & co. on diffusers' SD / SDXL pipelines: now if
+# diffusers' LoRA loaders are already imported, else the moment they are (see install.py).
+install_when_diffusers_loads()
 
 __all__ = [
     "AdapterNameConflictError",
@@ -78,6 +125,7 @@ __all__ = [
     "TargetMismatchError",
     "TrainingConfigError",
     "TrainingDataError",
+    "install_pipeline_methods",
     "load_hyperlora",
     "add_hyperlora_slider",
     "convert_checkpoint",

@@ -276,7 +276,16 @@ _MIXIN_MEMBERS: Sequence[str] = (
 
 
 def install_pipeline_methods() -> None:
-    """Add HyperLoRA's methods to diffusers' SDXL and SD LoRA loader mixins (idempotent, never overwrites)."""
+    """Add HyperLoRA's methods to diffusers' SDXL and SD LoRA loader mixins (idempotent, never overwrites).
+
+    `import diffusers_hyperlora` does this for you, as soon as diffusers' LoRA loaders are imported.
+
+    Example:
+        >>> from diffusers import StableDiffusionXLPipeline
+        >>> install_pipeline_methods()  # again: changes nothing
+        >>> hasattr(StableDiffusionXLPipeline, "load_hyperlora")
+        True
+    """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     for target in (StableDiffusionXLLoraLoaderMixin, StableDiffusionLoraLoaderMixin):
