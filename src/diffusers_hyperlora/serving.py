@@ -1,0 +1,141 @@
+"""Serving many people: identity switches through the prepared-identity cache, and per-sample identities.
+
+`IdentityServing` is what the pipeline's controller (`pipe.hyperlora`) uses to write identities into its
+adapters: one identity for the whole batch (`write`, the body of `pipe.set_hyperlora_identity`), or one identity
+per prompt (`set_identities`, behind `pipe.set_hyperlora_identities`). Either way an identity's factors come from
+the cache when it was prepared before, so returning to a person costs only the copy into the adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .adapters import HyperLoRAAdapters
+from .errors import IdentityCountError, PerSampleFusedError
+from .identity import HyperLoRAIdentity
+from .identity_cache import DEFAULT_CACHE_BYTES, PreparedFactors, PreparedIdentityCache
+from .per_sample import PerSampleLoRA, per_sample_branches, target_layers
+from .predictor import HyperLoRAPredictor
+
+
+def mix_identity(predictor: HyperLoRAPredictor, identity: HyperLoRAIdentity) -> PreparedFactors:
+    """The bank's grouped float32 factors of every branch the identity has (`{"id": ..., "base": ...}`)."""
+    mixed = {}
+    for branch in ("id", "base") if predictor.config.has_base else ("id",):
+        coefficients = identity.coefficients(branch)
+        if coefficients is not None:
+            bank = predictor.bank(branch)
+            mixed[branch] = bank.mix(predictor.split_coefficients(coefficients.to(predictor.device)))
+    return mixed
+
+
+class IdentityServing:
+    """Identity writes of one loaded HyperLoRA: cached switches and the per-sample mode.
+
+    Args:
+        predictor: the loaded predictor (already on the device/dtype the caller wants it to mix on).
+        adapters: its `"id"`/`"base"` adapters on the denoiser.
+        guidance: whether the denoiser's batch is `[uncond, cond]` right now (the pipeline's
+            `do_classifier_free_guidance`); read once per denoiser call in per-sample mode.
+        cache_bytes: byte budget of the prepared-identity cache (0 disables it).
+    """
+
+    def __init__(
+        self,
+        predictor: HyperLoRAPredictor,
+        adapters: HyperLoRAAdapters,
+        guidance: Callable[[], bool],
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.predictor = predictor
+        self.adapters = adapters
+        self.cache = PreparedIdentityCache(cache_bytes)
+        paths = [linear.module_path for linear in predictor.config.linears]
+        self._layers = target_layers(adapters.denoiser, paths)
+        self._per_sample = PerSampleLoRA(adapters.denoiser, self._layers, guidance)
+        self.identities: list[HyperLoRAIdentity] | None = None
+
+    @property
+    def per_sample_active(self) -> bool:
+        """Whether the next denoiser calls use one identity per prompt."""
+        return self._per_sample.active
+
+    def prepare(self, identity: HyperLoRAIdentity) -> PreparedFactors:
+        """The identity's factors in the live adapters' dtype and device (cached)."""
+        live = self.adapters.live_device_dtype()
+        device, dtype = live if live is not None else (self.predictor.device, torch.float32)
+        return self.cache.prepare(identity, lambda: mix_identity(self.predictor, identity), dtype, device)
+
+    def write(self, identity: HyperLoRAIdentity) -> None:
+        """One identity for the whole batch: leave the per-sample mode, copy the factors into the adapters."""
+        prepared = self.prepare(identity)
+        self.leave_per_sample()
+        if self.predictor.config.has_base and "base" not in prepared:
+            self.adapters.clear("base")
+        for branch, factors in prepared.items():
+            self.adapters.write_mixed(branch, self.predictor.bank(branch).groups, factors)
+
+    def set_identities(self, identities: Sequence[HyperLoRAIdentity]) -> None:
+        """One identity per prompt from the next denoiser call on. Validated and prepared before anything
+        changes; the live adapters then hold zeros and the per-sample hooks add each row's LoRA."""
+        identities = list(identities)
+        if not identities:
+            raise IdentityCountError(
+                "set_hyperlora_identities() got no identities: pass at least one identity (one per prompt)."
+            )
+        for index, identity in enumerate(identities):
+            if not isinstance(identity, HyperLoRAIdentity):
+                raise TypeError(
+                    f"set_hyperlora_identities() takes HyperLoRAIdentity objects (or photos, one entry per prompt); "
+                    f"item {index} is a {type(identity).__name__}."
+                )
+            identity.check_compatible(self.predictor.checkpoint_hash, self.predictor.probe)
+        self._check_unfused()
+        prepared = [self.prepare(identity) for identity in identities]
+        names = self.adapters.names
+        groups = {"id": self.predictor.bank("id").groups}
+        if self.predictor.config.has_base:
+            groups["base"] = self.predictor.bank("base").groups
+        self._per_sample.set_factors(per_sample_branches(names, groups, prepared), len(identities))
+        self.adapters.clear("id")
+        if self.predictor.config.has_base:
+            self.adapters.clear("base")
+        self.identities = identities
+
+    def _check_unfused(self) -> None:
+        names = set(self.adapters.names.values())
+        for layer in self._layers:
+            fused = names.intersection(layer.merged_adapters)
+            if fused:
+                raise PerSampleFusedError(
+                    f"HyperLoRA's {sorted(fused)} adapter is fused; per-sample identities need it unfused (one merged "
+                    "weight cannot hold several people). Call `pipe.unfuse_lora()` first, or keep one identity for "
+                    "the whole batch with `pipe.set_hyperlora_identity(x)`."
+                )
+
+    def leave_per_sample(self) -> None:
+        """Remove the per-sample hooks (the adapters' own factors apply again)."""
+        self._per_sample.remove()
+        self.identities = None
+
+    def close(self) -> None:
+        """Before the adapters go away (unload, re-attach): no hooks left behind, cache dropped."""
+        self.leave_per_sample()
+        self.cache.clear()
+
+
+def pipeline_guidance(pipe) -> Callable[[], bool]:
+    """Whether `pipe`'s current call runs classifier-free guidance (its `do_classifier_free_guidance`).
+
+    False before the pipeline's first call (the property reads state the call sets) and for pipelines without it.
+    """
+
+    def guidance() -> bool:
+        try:
+            return bool(pipe.do_classifier_free_guidance)
+        except AttributeError:
+            return False
+
+    return guidance
