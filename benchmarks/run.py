@@ -285,6 +285,8 @@ def switch_section(
 ) -> None:
     """Prepared identity -> weights live in the UNet, against the bandwidth bound and the naive path."""
     pipe.load_hyperlora(predictor)
+    cache = pipe.hyperlora.cache
+    cache_budget, cache.max_bytes = cache.max_bytes, 0  # uncached: every switch mixes the bank
     identities = [random_identity(predictor, seed) for seed in range(2)]
     counter = iter(range(10**6))
 
@@ -315,6 +317,12 @@ def switch_section(
             {"kind": "switch", "dtype": label, "switch_ms": 1e3 * switch_time, "bound_ms": 1e3 * bound},
         )
     )
+    bound_row = f"bandwidth bound {ms(bound)}"
+    cached_section(pipe, switch, read_bank, device, label, bound_row, bound, switch_time, cache_budget, args)
+    if predictor.dtype != torch.float32:
+        compiled_switch_section(pipe, predictor, switch, read_bank, device, label, bound_row, args)
+    else:
+        compiled_reduction_tried(predictor, read_bank, device, label, bound_row, args)
     # Where the time goes: the mix alone, and the write alone.
     bank = predictor.id_bank
     coefficients = predictor.split_coefficients(identities[0].id_coefficients.to(device))
@@ -357,19 +365,173 @@ def switch_section(
     pipe.unload_hyperlora()
 
 
-def unet_inputs(latent: int, device: torch.device, dtype: torch.dtype) -> dict:
+def interleaved(fn: Callable[[], object], read_bank: Callable[[], object], device, repeats: int) -> tuple[float, float]:
+    """Best times of `fn` and of the bank read, measured alternately (same machine conditions for both)."""
+    times, reads = [], []
+    for repeat in range(repeats):
+        times += timed(fn, 1, device, warmup=int(repeat == 0))
+        reads += timed(read_bank, 1, device, warmup=int(repeat == 0))
+    return min(times), min(reads)
+
+
+def cached_section(pipe, switch, read_bank, device, label, bound_row, bound, uncached, budget, args) -> None:
+    """Switching back to identities in the prepared-identity cache: only the write into the adapters is left."""
+    cache = pipe.hyperlora.cache
+    cache.max_bytes = budget
+    switch()
+    switch()  # both identities are prepared now
+    hits = cache.hits
+    cached, bound = interleaved(switch, read_bank, device, args.repeats)
+    if cache.hits - hits < args.repeats:
+        raise RuntimeError("cached switches missed the prepared-identity cache")
+    ROWS.append(
+        Row(
+            "1 identity switch",
+            f"{label}: cached switch (identity in the prepared-identity cache: write only)",
+            ms(cached),
+            f"{bound_row}; uncached switch {ms(uncached)}",
+            f"{cached / bound:.2f}x bound, {uncached / cached:.1f}x faster than uncached",
+            "",
+            "",
+            {"kind": "cached", "dtype": label, "cached_ms": 1e3 * cached, "uncached_ms": 1e3 * uncached},
+        )
+    )
+    cache.clear()
+    cache.max_bytes = 0
+
+
+def compiled_switch_section(pipe, predictor, switch, read_bank, device, label, bound_row, args) -> None:
+    """The 16-bit bank mixed by the compiled fused kernel (`BasisBank.compile_mix`) instead of chunked upcasts."""
+    for bank in (predictor.id_bank, predictor.base_bank):
+        if bank is not None:
+            bank.compile_mix()
+    start = time.perf_counter()
+    switch()  # compiles the kernel (once per process)
+    synchronize(device)
+    first = time.perf_counter() - start
+    compiled, bound = interleaved(switch, read_bank, device, args.repeats)
+    ratio = compiled / bound
+    ROWS.append(
+        Row(
+            "1 identity switch",
+            f"{label}: switch with the compiled fused kernel (`compile_mix()`; first switch incl. compilation "
+            f"{first:,.1f} s)",
+            ms(compiled),
+            f"bandwidth bound {ms(bound)} (interleaved)",
+            f"{ratio:.2f}x",
+            "<= 1.3x bound",
+            verdict(ratio <= 1.3),
+            {"kind": "compiled", "dtype": label, "switch_ms": 1e3 * compiled, "bound_ms": 1e3 * bound},
+        )
+    )
+    for bank in (predictor.id_bank, predictor.base_bank):
+        if bank is not None:
+            bank.compile_mix(False)
+
+
+def compiled_reduction_tried(predictor, read_bank, device, label, bound_row, args) -> None:
+    """What the compiled fused reduction gives on a float32 bank (tried; the batched product stays)."""
+    from diffusers_hyperlora.bank import compiled_mix
+
+    bank = predictor.id_bank
+    identity = random_identity(predictor, 0)
+    coefficients = predictor.split_coefficients(identity.id_coefficients.to(device))
+    ordered = [coefficients[list(group.members)] for group in bank.groups]
+
+    def kernel_mix() -> None:
+        for g, picked in enumerate(ordered):
+            compiled_mix(picked[:, 0], bank.down[g])
+            compiled_mix(picked[:, 1], bank.up[g])
+
+    def batched_mix() -> None:
+        bank.mix(predictor.split_coefficients(identity.id_coefficients.to(device)))
+
+    kernel_mix()  # compile
+    kernel_time, bound = interleaved(kernel_mix, read_bank, device, max(2, args.repeats - 2))
+    batched_time, bound2 = interleaved(batched_mix, read_bank, device, max(2, args.repeats - 2))
+    ROWS.append(
+        Row(
+            "1 identity switch",
+            f"{label}: bank mix only, compiled fused reduction (tried) / batched matrix product (used)",
+            f"{ms(kernel_time)} / {ms(batched_time)}",
+            f"bandwidth bound {ms(min(bound, bound2))} (interleaved)",
+            f"{kernel_time / bound:.2f}x / {batched_time / bound2:.2f}x",
+        )
+    )
+
+
+def unet_inputs(latent: int, device: torch.device, dtype: torch.dtype, batch: int = 1) -> dict:
     generator = torch.Generator().manual_seed(0)
+    side = 8.0 * latent
     return dict(
-        sample=torch.randn(1, 4, latent, latent, generator=generator).to(device, dtype),
-        timestep=torch.tensor([500], device=device),
-        encoder_hidden_states=torch.randn(1, 77, 2048, generator=generator).to(device, dtype),
+        sample=torch.randn(batch, 4, latent, latent, generator=generator).to(device, dtype),
+        timestep=torch.tensor([500] * batch, device=device),
+        encoder_hidden_states=torch.randn(batch, 77, 2048, generator=generator).to(device, dtype),
         added_cond_kwargs={
-            "text_embeds": torch.randn(1, 1280, generator=generator).to(device, dtype),
-            "time_ids": torch.tensor([[8.0 * latent, 8.0 * latent, 0, 0, 8.0 * latent, 8.0 * latent]]).to(
-                device, dtype
-            ),
+            "text_embeds": torch.randn(batch, 1280, generator=generator).to(device, dtype),
+            "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * batch).to(device, dtype),
         },
     )
+
+
+def serving_section(pipe, predictor, device, args) -> None:
+    """A batch of 4 different identities (per-sample LoRAs) against 4 batch-1 steps and a batch-4 one-identity step.
+
+    Modes run interleaved, in an order rotated every round. Switching between modes uses the prepared-identity
+    cache, so the bank is mixed once per identity.
+    """
+    unet = pipe.unet
+    pipe.load_hyperlora(predictor)
+    people = [random_identity(predictor, seed) for seed in range(4)]
+    batch4, batch1 = unet_inputs(args.latent, device, unet.dtype, 4), unet_inputs(args.latent, device, unet.dtype)
+    with torch.no_grad():
+
+        def per_sample() -> None:
+            pipe.set_hyperlora_identities(people)
+            times["4 identities, batch 4 (per-sample)"] += unet_step_times(unet, batch4, args.steps, device)
+
+        def one_identity() -> None:
+            pipe.set_hyperlora_identity(people[0])
+            times["1 identity, batch 4"] += unet_step_times(unet, batch4, args.steps, device)
+
+        def separate() -> None:
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                for person in people:  # cached switch + one batch-1 step per person
+                    pipe.set_hyperlora_identity(person)
+                    unet(**batch1)
+                synchronize(device)
+                times["4 identities, 4 batch-1 steps"].append(time.perf_counter() - start)
+
+        times: dict[str, list[float]] = {
+            "4 identities, batch 4 (per-sample)": [],
+            "1 identity, batch 4": [],
+            "4 identities, 4 batch-1 steps": [],
+        }
+        modes = [per_sample, one_identity, separate]
+        per_sample()  # warm-up: prepares every identity, first steps
+        times["4 identities, batch 4 (per-sample)"].clear()
+        for round_index in range(args.rounds):
+            for mode in modes[round_index % 3 :] + modes[: round_index % 3]:
+                mode()
+    pipe.set_hyperlora_identity(people[0])
+    pipe.unload_hyperlora()
+    base = min(times["1 identity, batch 4"])
+    size = f"latent {args.latent}x{args.latent}, {unet.dtype}".replace("torch.", "")
+    for name, values in times.items():
+        step = min(values)
+        ROWS.append(
+            Row(
+                "5 many identities",
+                f"UNet step, {name}, {size}",
+                ms(step),
+                f"1 identity, batch 4: {ms(base)}" if name != "1 identity, batch 4" else f"best of {len(values)}",
+                f"{step / base:.2f}x" if name != "1 identity, batch 4" else "",
+                "",
+                "",
+                {"kind": "serving", "mode": name, "step_ms": 1e3 * step, "baseline_ms": 1e3 * base},
+            )
+        )
 
 
 def unet_step_times(unet, inputs: dict, steps: int, device: torch.device) -> list[float]:
@@ -596,7 +758,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="UNet steps per round and configuration")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of plain / unfused / fused steps")
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer size for the read bandwidth")
-    parser.add_argument("--sections", default="switch,generation,photo,memory")
+    parser.add_argument("--sections", default="switch,serving,generation,photo,memory")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive load_lora_weights path")
     parser.add_argument("--no-naive-16bit", action="store_true", help="skip the naive path for the 16-bit bank")
     parser.add_argument("--memory-dtypes", default="float16", help="comma list of predictor dtypes for the RSS rows")
@@ -630,7 +792,7 @@ def main() -> None:
     )
     log(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
 
-    if args.sections & {"switch", "generation", "photo"}:
+    if args.sections & {"switch", "serving", "generation", "photo"}:
         log("building the SDXL UNet (random weights)")
         unet = build_unet(device, torch.float32)
         pipe = sdxl_pipeline(unet)
@@ -643,6 +805,10 @@ def main() -> None:
             # No fused-switch row in float32: the base-weight copy (3.6 GB) would not fit beside bank and UNet.
             switch_section(pipe, predictor, device, "float32", bandwidth, args, naive=not args.no_naive, fused=False)
             scan_section(predictor, device, "float32", args)
+            report()
+        if "serving" in args.sections:
+            log("many identities: per-sample batch vs separate steps vs one identity")
+            serving_section(pipe, predictor, device, args)
             report()
         if "generation" in args.sections:
             log("UNet steps with the identity, unfused / fused")
