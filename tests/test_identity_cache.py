@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusers_hyperlora.identity import HyperLoRAIdentity
-from diffusers_hyperlora.identity_cache import PreparedIdentityCache, identity_key
+from diffusers_hyperlora.identity_cache import PreparedIdentityCache, factors_bytes, identity_key
 
 
 def _identity(predictor, seed: int) -> HyperLoRAIdentity:
@@ -44,3 +44,31 @@ def test_key_follows_content_checkpoint_and_dtype(predictor):
     assert identity_key(a, torch.float32, cpu) != identity_key(a, torch.float16, cpu)
     other_checkpoint = HyperLoRAIdentity(a.id_mean.clone(), 1, None, "another", a.probe)
     assert identity_key(a, torch.float32, cpu) != identity_key(other_checkpoint, torch.float32, cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cached_switch_writes_bitwise_the_uncached_weights(pipe, predictor, dtype):
+    pipe.unet.to(dtype)
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, seed) for seed in range(3)]
+    uncached = []
+    for person in people:
+        pipe.set_hyperlora_identity(person)
+        uncached.append([(a.clone(), b.clone()) for a, b in pipe.hyperlora.adapters.lora_parameters("id")])
+    cache = pipe.hyperlora.cache
+    assert cache.misses == 3 and cache.hits == 0
+    for index in (1, 0, 2):  # back to people seen before: every switch is a hit, the mix is not run
+        pipe.set_hyperlora_identity(people[index])
+        for (a, b), (ra, rb) in zip(pipe.hyperlora.adapters.lora_parameters("id"), uncached[index]):
+            assert torch.equal(a, ra) and torch.equal(b, rb)
+    assert cache.hits == 3 and cache.misses == 3
+    assert cache.nbytes == sum(factors_bytes(cache.get(key)) for key in list(cache._entries))
+
+
+def test_cache_budget_option_reaches_the_cache(pipe, predictor):
+    pipe.load_hyperlora(predictor)
+    pipe.hyperlora.cache.max_bytes = 0  # disabled: every switch mixes
+    people = [_identity(predictor, seed) for seed in range(2)]
+    for person in people + people:
+        pipe.set_hyperlora_identity(person)
+    assert pipe.hyperlora.cache.hits == 0 and len(pipe.hyperlora.cache) == 0

@@ -3,9 +3,117 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from conftest import random_features
 
-from diffusers_hyperlora.errors import IdentityCountError
+from diffusers_hyperlora.errors import HyperLoRAError, IdentityCountError, PerSampleFusedError
 from diffusers_hyperlora.per_sample import batch_rows
+
+PROMPTS = ["a photo of fcsks", "a painting of fhyks", "fxhks at the beach"]
+
+
+def _identity(predictor, seed):
+    embeds, clip = random_features(batch=1, seed=seed)
+    return predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+
+
+def _generators(seeds):
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def _run(pipe, prompts, seeds, **kwargs):
+    return pipe(
+        prompts,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=_generators(seeds),
+        **kwargs,
+    ).images
+
+
+def _relative_error(got, expected) -> float:
+    return float(abs(got - expected).max() / abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "guidance, per_prompt", [(1.0, 1), (5.0, 1), (5.0, 2)], ids=["no-guidance", "guidance", "guidance-2-images"]
+)
+def test_each_sample_equals_its_single_identity_run(pipe, predictor, guidance, per_prompt):
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, seed) for seed in range(2)]
+    options = dict(guidance_scale=guidance, num_images_per_prompt=per_prompt)
+    seeds = list(range(len(people) * per_prompt))
+    pipe.set_hyperlora_identities(people)
+    batch = _run(pipe, PROMPTS[: len(people)], seeds, **options)
+    assert batch.shape[0] == len(people) * per_prompt
+    for index, person in enumerate(people):
+        pipe.set_hyperlora_identity(person)
+        own_seeds = seeds[index * per_prompt : (index + 1) * per_prompt]
+        single = _run(pipe, PROMPTS[index], own_seeds, **options)
+        got = batch[index * per_prompt : (index + 1) * per_prompt]
+        assert _relative_error(got, single) < 1e-5, f"prompt {index}"
+    # The identities matter: prompt 0 with identity 1 differs from prompt 0 with identity 0.
+    other = _run(pipe, PROMPTS[0], seeds[:per_prompt], **options)  # identity 1 is set now
+    assert _relative_error(batch[:per_prompt], other) > 1e-3
+
+
+def test_adapter_weights_and_other_loras_apply_per_sample(pipe, predictor):
+    from test_core_pipeline import _style_lora
+
+    pipe.load_lora_weights(_style_lora(pipe.unet), adapter_name="style")
+    pipe.load_hyperlora(predictor)
+    pipe.set_adapters(["style", "id", "base"], [0.7, 0.5, 1.0])
+    people = [_identity(predictor, seed) for seed in (4, 5)]
+    pipe.set_hyperlora_identities(people)
+    batch = _run(pipe, PROMPTS[:2], [0, 1], guidance_scale=5.0)
+    for index, person in enumerate(people):
+        pipe.set_hyperlora_identity(person)
+        single = _run(pipe, PROMPTS[index], [index], guidance_scale=5.0)
+        assert _relative_error(batch[index : index + 1], single) < 1e-5
+    # Weight 0 for "id" turns the per-sample LoRAs off too: the batch is then the style-only batch.
+    pipe.set_hyperlora_identities(people)
+    pipe.set_adapters(["style", "id", "base"], [0.7, 0.0, 1.0])
+    off = _run(pipe, PROMPTS[:2], [0, 1], guidance_scale=5.0)
+    pipe.set_adapters(["style"], [0.7])
+    style_only = _run(pipe, PROMPTS[:2], [0, 1], guidance_scale=5.0)
+    assert _relative_error(off, style_only) < 1e-6
+
+
+def test_one_identity_for_all_after_per_sample(pipe, predictor):
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, seed) for seed in (6, 7)]
+    pipe.set_hyperlora_identity(people[0])
+    reference = _run(pipe, PROMPTS[:2], [0, 1])
+    pipe.set_hyperlora_identities(people)
+    pipe.set_hyperlora_identity(people[0])
+    assert _relative_error(_run(pipe, PROMPTS[:2], [0, 1]), reference) < 1e-6
+    assert not pipe.hyperlora.per_sample_active
+
+
+def test_prompt_count_must_match_identity_count(pipe, predictor):
+    pipe.load_hyperlora(predictor)
+    pipe.set_hyperlora_identities([_identity(predictor, 0), _identity(predictor, 1)])
+    with pytest.raises(IdentityCountError, match="one identity per\\s+prompt") as error:
+        _run(pipe, PROMPTS[:3], [0, 1, 2])
+    assert isinstance(error.value, HyperLoRAError) and isinstance(error.value, ValueError)
+    with pytest.raises(IdentityCountError, match="at least one"):
+        pipe.set_hyperlora_identities([])
+
+
+def test_per_sample_refuses_fused_adapters(pipe, predictor):
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, 0), _identity(predictor, 1)]
+    pipe.set_hyperlora_identity(people[0])
+    pipe.fuse_lora()
+    with pytest.raises(PerSampleFusedError, match="unfuse_lora"):
+        pipe.set_hyperlora_identities(people)
+    pipe.unfuse_lora()
+    pipe.set_hyperlora_identities(people)
+    pipe.fuse_lora()  # fusing afterwards: the next call says why it cannot run
+    with pytest.raises(PerSampleFusedError, match="unfuse_lora"):
+        _run(pipe, PROMPTS[:2], [0, 1])
 
 
 def test_batch_rows_layout():

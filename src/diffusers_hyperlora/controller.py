@@ -33,9 +33,11 @@ from .config import HyperLoRAConfig
 from .errors import AdapterNameConflictError, HyperLoRANotLoadedError, InvalidArgumentError, InvalidArgumentTypeError
 from .features import FeatureExtractor
 from .identity import HyperLoRAIdentity
+from .identity_cache import PreparedIdentityCache
 from .identity_inputs import resolve_identity
 from .io.hub import HubOptions
 from .predictor import HyperLoRAPredictor
+from .serving import IdentityServing, pipeline_guidance
 from .sliders import (
     DEFAULT_SLIDER_NAME,
     DEFAULT_SLIDER_WEIGHT,
@@ -109,6 +111,7 @@ class _Loaded:
         self.sliders: dict[str, HyperLoRASlider] = {}
         self.synced_for: tuple | None = None
         self.save_hook: Any = None
+        self.serving: IdentityServing | None = None  # cached switches, per-sample identities (serving.py)
 
 
 class HyperLoRAController:
@@ -253,6 +256,8 @@ class HyperLoRAController:
             loaded = self._loaded
             if loaded is None:
                 return
+            if loaded.serving is not None:
+                loaded.serving.close()
             delete_slider_adapters(loaded.adapters.denoiser, list(loaded.sliders))
             if loaded.save_hook is not None:
                 loaded.save_hook.remove()
@@ -412,20 +417,79 @@ class HyperLoRAController:
         if live is None or live != loaded.synced_for:
             self._sync(loaded)
             loaded.synced_for = live
-        predictor = loaded.predictor
         try:
-            mixed = {}
-            for branch in ("id", "base") if predictor.config.has_base else ("id",):
-                coefficients = identity.coefficients(branch)
-                if coefficients is not None:
-                    bank = predictor.bank(branch)
-                    mixed[branch] = bank.mix(predictor.split_coefficients(coefficients.to(predictor.device)))
-            if predictor.config.has_base and "base" not in mixed:
-                adapters.clear("base")
-            for branch, factors in mixed.items():
-                adapters.write_mixed(branch, predictor.bank(branch).groups, factors)
+            self._serving(loaded).write(identity)  # from the prepared-identity cache, or mixed and kept there
         finally:
             self._rest(loaded)
+
+    def _serving(self, loaded: _Loaded) -> IdentityServing:
+        """The cache and per-sample mode of the current adapters (made again, same cache budget, after a
+        re-attach)."""
+        serving = loaded.serving
+        if serving is None or serving.adapters is not loaded.adapters:
+            guidance = pipeline_guidance(self._pipe)
+            if serving is None:
+                serving = IdentityServing(loaded.predictor, loaded.adapters, guidance)
+            else:
+                serving.close()
+                serving = IdentityServing(loaded.predictor, loaded.adapters, guidance, serving.cache.max_bytes)
+            loaded.serving = serving
+        return serving
+
+    @torch.no_grad()
+    def set_identities(self, identities: Sequence[Any], **kwargs: Any) -> list[HyperLoRAIdentity]:
+        """One identity per prompt for the next pipeline calls (see `pipe.set_hyperlora_identities`).
+
+        Every entry is predicted (photos, identity files) and validated before anything changes.
+        """
+        with self.lock:
+            loaded = self._require("pipe.set_hyperlora_identities()")
+            if isinstance(identities, (str, HyperLoRAIdentity)) or not isinstance(identities, Sequence):
+                raise InvalidArgumentTypeError(
+                    "set_hyperlora_identities() takes a list with one entry per prompt (a HyperLoRAIdentity, or "
+                    f"photos / an identity file), got a {type(identities).__name__}. For one identity for the whole "
+                    "batch use `pipe.set_hyperlora_identity(x)`."
+                )
+            resolved = [
+                entry
+                if isinstance(entry, HyperLoRAIdentity)
+                else self.predict_identity(entry, caller="set_hyperlora_identities", **kwargs)
+                for entry in identities
+            ]
+            for identity in resolved:
+                loaded.predictor.check_identity(identity)
+            self._ensure_attached(loaded)
+            with self._offload_lifted(loaded):
+                live = loaded.adapters.live_device_dtype()
+                if live is None or live != loaded.synced_for:
+                    self._sync(loaded)
+                    loaded.synced_for = live
+                try:
+                    self._serving(loaded).set_identities(resolved)
+                finally:
+                    self._rest(loaded)
+            loaded.identity = None
+            return resolved
+
+    @property
+    def identities(self) -> list[HyperLoRAIdentity] | None:
+        """The per-prompt identities of `set_identities`, or `None` (one identity for the whole batch)."""
+        loaded = self._loaded
+        if loaded is None or loaded.serving is None or not loaded.serving.per_sample_active:
+            return None
+        return list(loaded.serving.identities)
+
+    @property
+    def per_sample_active(self) -> bool:
+        """Whether the next pipeline calls use one identity per prompt."""
+        return self.identities is not None
+
+    @property
+    def cache(self) -> PreparedIdentityCache:
+        """The prepared-identity cache (mixed factors of recent identities, LRU under `cache.max_bytes`)."""
+        with self.lock:
+            loaded = self._require("pipe.hyperlora.cache")
+            return self._serving(loaded).cache
 
     def _ensure_attached(self, loaded: _Loaded) -> None:
         """Attach the adapters again when diffusers' own LoRA calls removed them."""

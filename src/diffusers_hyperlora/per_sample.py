@@ -148,6 +148,8 @@ class PerSampleLoRA:
                 f"A target layer got a batch of {x.shape[0]} rows outside a denoiser call laid out for "
                 f"{self.num_identities} identities; call the denoiser (or the pipeline) itself."
             )
+        if down.device != x.device:  # e.g. sequential CPU offload computes on another device than it stores
+            down, up, rows = down.to(x.device), up.to(x.device), rows.to(x.device)
         flat = x.to(down.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [B, L, in]
         hidden = torch.bmm(flat, down[rows].transpose(1, 2))  # [B, L, r]
         delta = torch.bmm(hidden, up[rows].transpose(1, 2)) * scale  # [B, L, out]

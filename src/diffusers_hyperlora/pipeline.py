@@ -147,6 +147,23 @@ def set_hyperlora_identity(pipe: Any, images_or_identity: Any, **extractor_kwarg
     return controller_of(pipe).set_identity(images_or_identity, **extractor_kwargs)
 
 
+def set_hyperlora_identities(pipe: Any, identities: Sequence[Any], **extractor_kwargs: Any) -> list:
+    """One identity per prompt: prompt *i* of the next pipeline calls uses `identities[i]` (see docs/serving.md).
+
+    Args:
+        identities: one entry per prompt: a `HyperLoRAIdentity`, or photos / an identity file (predicted here).
+        extractor_kwargs: forwarded to the feature extractor for entries that are photos.
+
+    Returns:
+        The identities, in prompt order. `pipe.set_hyperlora_identity(x)` returns to one identity for all.
+
+    Example:
+        >>> pipe.set_hyperlora_identities([alice, bob])  # doctest: +SKIP
+        >>> images = pipe(["alice on the moon", "bob in a garden"]).images  # doctest: +SKIP
+    """
+    return controller_of(pipe).set_identities(identities, **extractor_kwargs)
+
+
 def preview_hyperlora_inputs(pipe: Any, images: Any, **extractor_kwargs: Any) -> list:
     """What the encoders will see for each photo: crops and masks as PIL images, plus the ArcFace embedding.
 
@@ -241,6 +258,10 @@ class HyperLoRAMixin:
         """See `diffusers_hyperlora.set_hyperlora_identity`."""
         return set_hyperlora_identity(self, images_or_identity, **kwargs)
 
+    def set_hyperlora_identities(self, identities: Sequence[Any], **kwargs: Any) -> list:
+        """See `diffusers_hyperlora.set_hyperlora_identities`."""
+        return set_hyperlora_identities(self, identities, **kwargs)
+
     def predict_hyperlora_identity(self, images: Any, **kwargs: Any) -> HyperLoRAIdentity:
         """See `diffusers_hyperlora.predict_hyperlora_identity`."""
         return predict_hyperlora_identity(self, images, **kwargs)
@@ -267,6 +288,7 @@ _MIXIN_MEMBERS: Sequence[str] = (
     "hyperlora_identity",
     "load_hyperlora",
     "set_hyperlora_identity",
+    "set_hyperlora_identities",
     "predict_hyperlora_identity",
     "preview_hyperlora_inputs",
     "unload_hyperlora",

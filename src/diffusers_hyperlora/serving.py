@@ -85,13 +85,8 @@ class IdentityServing:
             raise IdentityCountError(
                 "set_hyperlora_identities() got no identities: pass at least one identity (one per prompt)."
             )
-        for index, identity in enumerate(identities):
-            if not isinstance(identity, HyperLoRAIdentity):
-                raise TypeError(
-                    f"set_hyperlora_identities() takes HyperLoRAIdentity objects (or photos, one entry per prompt); "
-                    f"item {index} is a {type(identity).__name__}."
-                )
-            identity.check_compatible(self.predictor.checkpoint_hash, self.predictor.probe)
+        for identity in identities:
+            self.predictor.check_identity(identity)
         self._check_unfused()
         prepared = [self.prepare(identity) for identity in identities]
         names = self.adapters.names
