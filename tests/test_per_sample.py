@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import random_features
 
-from diffusers_hyperlora.errors import HyperLoRAError, IdentityCountError, PerSampleFusedError
+from diffusers_hyperlora.errors import HyperLoRAError, IdentityCountError, InvalidArgumentTypeError, PerSampleFusedError
 from diffusers_hyperlora.per_sample import batch_rows
 
 PROMPTS = ["a photo of fcsks", "a painting of fhyks", "fxhks at the beach"]
@@ -100,6 +100,19 @@ def test_prompt_count_must_match_identity_count(pipe, predictor):
     assert isinstance(error.value, HyperLoRAError) and isinstance(error.value, ValueError)
     with pytest.raises(IdentityCountError, match="at least one"):
         pipe.set_hyperlora_identities([])
+    with pytest.raises(InvalidArgumentTypeError, match="one entry per prompt"):
+        pipe.set_hyperlora_identities(_identity(predictor, 0))  # one identity, not a list
+    assert pipe.hyperlora.identities is not None  # the failed calls changed nothing
+
+
+def test_identity_files_are_accepted_per_prompt(pipe, predictor, tmp_path):
+    pipe.load_hyperlora(predictor)
+    alice, bob = _identity(predictor, 0), _identity(predictor, 1)
+    bob.save(tmp_path / "bob.safetensors")
+    pipe.set_hyperlora_identities([alice, str(tmp_path / "bob.safetensors")])
+    got = pipe.hyperlora.identities
+    assert got[0] is alice and torch.equal(got[1].id_coefficients, bob.id_coefficients)
+    assert pipe.hyperlora.identity is None and pipe.hyperlora_identity is None
 
 
 def test_per_sample_refuses_fused_adapters(pipe, predictor):
