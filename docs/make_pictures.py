@@ -284,7 +284,7 @@ def dataflow_svg() -> Path:
         '<defs><marker id="a" markerWidth="10" markerHeight="8" refX="9" refY="4" orient="auto">'
         '<path d="M0,0 L10,4 L0,8 z" fill="#334155"/></marker></defs>',
         '<text x="20" y="30" font-size="16" font-weight="bold">ID branch: the face</text>',
-        f'<text x="20" y="{base_y - 20}" font-size="16" font-weight="bold">Base branch (checkpoints that have '
+        f'<text x="{xs[1]}" y="{base_y - 20}" font-size="16" font-weight="bold">Base branch (checkpoints that have '
         "one): everything but the face</text>",
     ]
     for row, y, fill in ((id_row, id_y, "#dbeafe"), (base_row, base_y, "#fef3c7")):
@@ -292,7 +292,7 @@ def dataflow_svg() -> Path:
             parts.append(svg_box(xs[i], y, w, h + 20, title, lines, fill))
             if i:
                 parts.append(svg_arrow(xs[i] - gap + 2, y + h / 2, xs[i] - 4, y + h / 2))
-    parts.append(svg_arrow(xs[0] + w / 2, id_y + h + 20, xs[0] + w / 2, base_y - 30))
+    parts.append(svg_arrow(xs[0] + w / 2, id_y + h + 20, xs[0] + w / 2, base_y - 4))
     parts.append(
         f'<text x="20" y="390" font-size="12">Shapes read from the library: SDXL from a config on the SDXL UNet '
         f"layout ({sdxl['modules']}, {len(config.linears)} linears, K = {config.num_basis}), tiny from a forward "
@@ -326,6 +326,12 @@ def bar_chart(title: str, subtitle: str, bars: list[tuple[str, float, str]], uni
     return "\n".join(parts) + "\n"
 
 
+def _short(what: str) -> str:
+    """A bar label from a benchmark row: its first words, plus a note when the step ran on stand-in models."""
+    label = what.split(" (")[0].split(":")[0][:45]
+    return label + " (tiny stand-in models)" if "stand-in" in what else label
+
+
 def benchmark_charts() -> list[Path]:
     report = json.loads(BENCHMARK_JSON.read_text())
     rows = [row.get("data", {}) for row in report["rows"]]
@@ -351,13 +357,10 @@ def benchmark_charts() -> list[Path]:
     ]
     if parts:
         colours = ["#0ea5e9", "#8b5cf6", "#f59e0b", "#10b981", "#ef4444", "#64748b"]
-        bars = [
-            (what.split(" (")[0].split(":")[0][:45], ms, colours[i % len(colours)])
-            for i, (what, ms) in enumerate(parts)
-        ]
+        bars = [(_short(what), ms, colours[i % len(colours)]) for i, (what, ms) in enumerate(parts)]
         total = sum(ms for _, ms in parts)
         path = OUT / "benchmark-photo.svg"
-        title = f"One photo to live LoRA weights: {total:,.0f} ms in total, by step"
+        title = f"One photo to live LoRA weights: {total:,.0f} ms in total, by step (random weights)"
         path.write_text(bar_chart(title, subtitle, bars))
         paths.append(path)
     return paths

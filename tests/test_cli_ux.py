@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import pytest
@@ -51,7 +52,12 @@ def test_missing_face_models_error_suggests_the_flag(saved, tmp_path, capsys, mo
     assert not (tmp_path / "me.safetensors").exists()
 
 
+SEEN_VERBOSITY = []
+
+
 def _noisy_handler(args):
+    # a library imported only now (lazily, as the CLI does) reads its level from the environment
+    SEEN_VERBOSITY.append(os.environ.get("TRANSFORMERS_VERBOSITY"))
     print("find model: glintr100.onnx")  # insightface prints like this while loading
     logging.getLogger("transformers.image_processing").warning("requires torchvision; falling back")
     warnings.warn("some FutureWarning from a dependency", FutureWarning, stacklevel=1)
@@ -62,6 +68,7 @@ def _noisy_handler(args):
 @pytest.mark.parametrize("verbose", [False, True])
 def test_quiet_by_default_verbose_on_request(saved, capsys, monkeypatch, caplog, verbose):
     monkeypatch.setattr(cli, "_run_mix", _noisy_handler)
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     caplog.set_level(logging.WARNING)
     argv = ["mix", saved / "alice.safetensors", "-o", "x"] + (["--verbose"] if verbose else [])
     level = logging.getLogger("transformers").level
@@ -73,9 +80,11 @@ def test_quiet_by_default_verbose_on_request(saved, capsys, monkeypatch, caplog,
     ours = [r.name for r in caplog.records if r.name.startswith("diffusers_hyperlora")]
     assert ours  # our own warnings always show
     if verbose:
-        assert "find model" in out and third_party and caught
+        assert "find model" in out and third_party and caught and SEEN_VERBOSITY[-1] is None
     else:
         assert out == "Saved the blend of 2 identities to x\n" and not third_party and not caught
+        assert SEEN_VERBOSITY[-1] == "error"
+    assert "TRANSFORMERS_VERBOSITY" not in os.environ  # restored afterwards
     assert logging.getLogger("transformers").level == level  # restored afterwards
 
 

@@ -49,6 +49,7 @@ CLI_FLAGS = {
     "force_download": "--force-download",
 }
 THIRD_PARTY_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "accelerate", "peft", "insightface")
+VERBOSITY_VARIABLES = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
 DIFFUSERS_FORMAT_NOTE = (
     "note: a --format diffusers file loads only in diffusers (pipe.load_lora_weights); ComfyUI, A1111, Forge and "
     "kohya sd-scripts apply nothing from it. Use --format kohya (the default) for every other tool."
@@ -85,8 +86,11 @@ def third_party_output(verbose: bool, keep_stdout: bool = False) -> Iterator[Non
         return
     loggers = [logging.getLogger(name) for name in THIRD_PARTY_LOGGERS]
     levels = [logger.level for logger in loggers]
-    for logger in loggers:
+    for logger in loggers:  # libraries imported already
         logger.setLevel(logging.ERROR)
+    # libraries imported from now on set their own level from these when they first log
+    environment = {name: os.environ.get(name) for name in VERBOSITY_VARIABLES}
+    os.environ.update({name: "error" for name in VERBOSITY_VARIABLES})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -95,6 +99,11 @@ def third_party_output(verbose: bool, keep_stdout: bool = False) -> Iterator[Non
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class CLIError(Exception):
