@@ -130,8 +130,9 @@ def upload(page, selector: str, *paths: Path) -> None:
         clear.first.click()
         playwright_api.expect(page.locator(f"{selector} .file-preview")).to_have_count(0, timeout=STEP_TIMEOUT)
     page.locator(f"{selector} input[type=file]").set_input_files([str(p) for p in paths])
-    for path in paths:
-        playwright_api.expect(page.locator(selector)).to_contain_text(path.name, timeout=STEP_TIMEOUT)
+    for path in paths:  # the uploaded file's row (its text splits the name: "astronaut .png")
+        row = page.locator(f'{selector} .file-preview [aria-label="{path.name}"]')
+        playwright_api.expect(row).to_have_count(1, timeout=STEP_TIMEOUT)
 
 
 def wait_status(page, *texts: str) -> str:
