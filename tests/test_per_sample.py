@@ -136,3 +136,32 @@ def test_batch_rows_layout():
     for batch, guidance in ((3, False), (6, True), (5, True)):
         with pytest.raises(IdentityCountError):
             batch_rows(2, batch, guidance)
+
+
+def _other_pipeline_cases():
+    from test_core_pipeline import _pipeline_cases
+
+    return _pipeline_cases()
+
+
+@pytest.mark.parametrize("case", _other_pipeline_cases(), ids=lambda c: c[0])
+def test_per_sample_in_other_sdxl_pipelines(case):
+    from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_components
+
+    _, pipeline_class, extra, call_kwargs = case
+    components = tiny_sdxl_components()
+    components.update(extra(components))
+    pipe = pipeline_class(**components)
+    pipe.set_progress_bar_config(disable=True)
+    predictor = tiny_hyperlora_predictor()
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, seed) for seed in (8, 9)]
+    # One conditioning image per prompt, as diffusers expects for a batch of prompts (a single image is encoded
+    # with the first generator only, which would make the batch's noise differ from the single runs').
+    per_prompt = {k: [v, v] if k in ("image", "mask_image") else v for k, v in call_kwargs.items()}
+    pipe.set_hyperlora_identities(people)
+    batch = _run(pipe, PROMPTS[:2], [0, 1], guidance_scale=5.0, **per_prompt)
+    for index, person in enumerate(people):
+        pipe.set_hyperlora_identity(person)
+        single = _run(pipe, PROMPTS[index], [index], guidance_scale=5.0, **call_kwargs)
+        assert _relative_error(batch[index : index + 1], single) < 1e-5, f"prompt {index}"
