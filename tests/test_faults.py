@@ -27,6 +27,7 @@ from diffusers_hyperlora import (
     IdentityMismatchError,
     ImageInputError,
     InvalidArgumentError,
+    InvalidArgumentTypeError,
     NonFiniteValueError,
     TargetMismatchError,
 )
@@ -479,3 +480,38 @@ def test_the_finiteness_scan_is_exact():
     half = torch.zeros(4, dtype=torch.bfloat16)
     half[2] = NAN
     assert first_non_finite([("a", torch.ones(2)), ("b", half)]) == ("b", 1)
+
+
+def test_controller_surface_and_its_errors(pipe, predictor):
+    controller = pipe.hyperlora
+    assert repr(controller) == "HyperLoRAController(not loaded)" and controller.sliders == {}
+    assert controller.adapter_names() == [] and controller.feature_extractor is None
+    pipe.load_hyperlora(predictor)
+    person = _identity(predictor, 41)
+    controller.set_identity(person)
+    assert controller.source is None and controller.device == predictor.device and controller.dtype == torch.float32
+    assert "identity=set" in repr(controller)
+    weights = controller.lora_weights(person)
+    torch.testing.assert_close(weights[0][0], predictor.lora_weights(person)[0][0])
+    with pytest.raises(InvalidArgumentError, match="`neutral` is missing"):
+        pipe.add_hyperlora_slider(None, person)
+    controller.add_slider(person, _identity(predictor, 42), adapter_name="age")
+    assert list(controller.sliders) == ["age"] and "age" in controller.adapter_names()
+    pipe.load_hyperlora(predictor, feature_extractor=lambda images, **kwargs: None)
+    with pytest.raises(InvalidArgumentTypeError, match="cannot show its inputs"):
+        pipe.preview_hyperlora_inputs(["me.jpg"])
+
+
+def test_a_pipeline_without_a_denoiser_is_a_clear_error():
+    from diffusers_hyperlora.controller import HyperLoRAController, LoadOptions
+
+    with pytest.raises(InvalidArgumentTypeError, match="has no denoiser"):
+        HyperLoRAController(object()).load(tiny_hyperlora_predictor(), LoadOptions())
+
+
+def test_offload_bank_keeps_the_bank_in_the_pipelines_dtype(pipe, predictor):
+    pipe.unet.to(torch.bfloat16)
+    pipe.load_hyperlora(predictor, offload_bank=True)
+    pipe.set_hyperlora_identity(_identity(predictor, 43))
+    assert {p.dtype for p in predictor.id_bank.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" and not p.is_pinned() for p in predictor.id_bank.parameters())
