@@ -335,11 +335,8 @@ class HyperLoRAController:
         shapes raise `FeatureShapeError`, NaN/inf raise `NonFiniteValueError`."""
         with self.lock:
             loaded = self._require("pipe.hyperlora.predict()")
-            predictor = self._sync(loaded)
-            try:
+            with self._computing(loaded) as predictor:
                 return predictor.predict(id_embeds, clip_hidden_states, base_clip_hidden_states, sources)
-            finally:
-                self._rest(loaded)
 
     def predict_identity(self, images: Any, caller: str = "predict_hyperlora_identity", **kwargs: Any):
         """Photos -> `HyperLoRAIdentity`, without touching the adapters. Saved identity files (`.safetensors`) and
@@ -352,16 +349,13 @@ class HyperLoRAController:
             )
 
     def _predict_photos(self, loaded: _Loaded, photos: list[Any], kwargs: dict[str, Any]) -> HyperLoRAIdentity:
-        predictor = self._sync(loaded)
-        try:
+        with self._computing(loaded) as predictor:
             features = self._extractor(loaded)(
                 photos, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base, **kwargs
             )
             return predictor.predict(
                 features.id_embeds, features.clip_hidden_states, features.base_clip_hidden_states, features.sources
             )
-        finally:
-            self._rest(loaded)
 
     def _extractor(self, loaded: _Loaded) -> FeatureExtractor:
         if loaded.feature_extractor is None:
@@ -404,21 +398,33 @@ class HyperLoRAController:
                 identity = self.predict_identity(images_or_identity, caller="set_hyperlora_identity", **kwargs)
             loaded.predictor.check_identity(identity)
             self._ensure_attached(loaded)
-            with self._offload_lifted(loaded):
-                self._write(loaded, identity)
+            with self._writing(loaded) as serving:
+                serving.write(identity)
             loaded.identity = identity
             return identity
 
-    def _write(self, loaded: _Loaded, identity: HyperLoRAIdentity) -> None:
-        adapters = loaded.adapters
-        # `_sync` walks every module of every component (tens of ms on SDXL), more than a GPU switch takes:
-        # sync again only when the live adapter weights moved or changed dtype since the last sync.
-        live = adapters.live_device_dtype()
-        if live is None or live != loaded.synced_for:
-            self._sync(loaded)
-            loaded.synced_for = live
+    @contextmanager
+    def _writing(self, loaded: _Loaded) -> Iterator[IdentityServing]:
+        """What a write into the adapters needs: sequential-offload hooks lifted, the predictor where the live
+        adapter weights are, and put back to rest afterwards."""
+        with self._offload_lifted(loaded):
+            # `_sync` walks every module of every component (tens of ms on SDXL), more than a GPU switch takes:
+            # sync again only when the live adapter weights moved or changed dtype since the last sync.
+            live = loaded.adapters.live_device_dtype()
+            if live is None or live != loaded.synced_for:
+                self._sync(loaded)
+                loaded.synced_for = live
+            try:
+                yield self._serving(loaded)  # the prepared-identity cache and the per-sample mode
+            finally:
+                self._rest(loaded)
+
+    @contextmanager
+    def _computing(self, loaded: _Loaded) -> Iterator[HyperLoRAPredictor]:
+        """The predictor on the execution device in the denoiser's dtype for one computation, at rest after."""
+        predictor = self._sync(loaded)
         try:
-            self._serving(loaded).write(identity)  # from the prepared-identity cache, or mixed and kept there
+            yield predictor
         finally:
             self._rest(loaded)
 
@@ -459,15 +465,8 @@ class HyperLoRAController:
             for identity in resolved:
                 loaded.predictor.check_identity(identity)
             self._ensure_attached(loaded)
-            with self._offload_lifted(loaded):
-                live = loaded.adapters.live_device_dtype()
-                if live is None or live != loaded.synced_for:
-                    self._sync(loaded)
-                    loaded.synced_for = live
-                try:
-                    self._serving(loaded).set_identities(resolved)
-                finally:
-                    self._rest(loaded)
+            with self._writing(loaded) as serving:
+                serving.set_identities(resolved)
             loaded.identity = None
             return resolved
 
@@ -521,11 +520,8 @@ class HyperLoRAController:
         """`(down [r, in], up [out, r])` float32 for every target linear of a branch."""
         with self.lock:
             loaded = self._require("pipe.hyperlora.lora_weights()")
-            predictor = self._sync(loaded)
-            try:
+            with self._computing(loaded) as predictor:
                 return predictor.lora_weights(identity, branch)
-            finally:
-                self._rest(loaded)
 
     def export_lora(
         self,
@@ -539,11 +535,8 @@ class HyperLoRAController:
         atomically). See `HyperLoRAPredictor.export_lora` for the formats."""
         with self.lock:
             loaded = self._require("pipe.hyperlora.export_lora()")
-            predictor = self._sync(loaded)
-            try:
+            with self._computing(loaded) as predictor:
                 return predictor.export_lora(identity, path, format=format, branch=branch, dtype=dtype)
-            finally:
-                self._rest(loaded)
 
     # ------------------------------------------------------------------ sliders
     @torch.no_grad()
@@ -568,11 +561,8 @@ class HyperLoRAController:
                 neutral=self._slider_side(neutral, "neutral", kwargs),
                 edited=self._slider_side(edited, "edited", kwargs),
             )
-            predictor = self._sync(loaded)
-            try:
+            with self._computing(loaded) as predictor:
                 difference = slider.lora_weights(predictor)
-            finally:
-                self._rest(loaded)
             self._ensure_attached(loaded)
             with self._offload_lifted(loaded):
                 self._write_slider(loaded, adapter_name, difference, weight)
