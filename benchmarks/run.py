@@ -551,7 +551,8 @@ def generation_section(pipe, predictor, device, args) -> None:
     bank = predictor.id_bank
     identity = random_identity(predictor, 0)
     mixed = bank.mix(predictor.split_coefficients(identity.id_coefficients.to(device)))
-    bank.to_empty(device="meta")  # frees the float32 bank for the fused mode's base-weight copy
+    for param in bank.parameters():  # free the float32 bank for the fused mode's base-weight copy
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     times: dict[str, list[float]] = {"plain": [], "unfused": [], "fused": []}
     order = list(times)
     for round_index in range(args.rounds):

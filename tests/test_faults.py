@@ -515,3 +515,13 @@ def test_offload_bank_keeps_the_bank_in_the_pipelines_dtype(pipe, predictor):
     pipe.set_hyperlora_identity(_identity(predictor, 43))
     assert {p.dtype for p in predictor.id_bank.parameters()} == {torch.bfloat16}
     assert all(p.device.type == "cpu" and not p.is_pinned() for p in predictor.id_bank.parameters())
+
+
+def test_a_predictor_without_weights_is_refused_at_load(pipe):
+    from diffusers_hyperlora import CheckpointFormatError, HyperLoRAPredictor
+    from diffusers_hyperlora.tiny import tiny_hyperlora_config
+
+    empty = HyperLoRAPredictor(tiny_hyperlora_config(), device="meta")
+    with pytest.raises(CheckpointFormatError, match="meta device and never loaded"):
+        pipe.load_hyperlora(empty)
+    assert not pipe.hyperlora.is_loaded

@@ -17,6 +17,7 @@ from .bank import BasisBank
 from .checks import first_non_finite, require_finite
 from .config import HyperLoRAConfig
 from .errors import (
+    CheckpointFormatError,
     FeatureShapeError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
@@ -195,6 +196,13 @@ class HyperLoRAPredictor(
 
     def check_weights_finite(self) -> None:
         """Raise `NonFiniteValueError` naming the first parameter with NaN/infinite values (a damaged file)."""
+        empty = [name for name, param in self.named_parameters() if param.is_meta]
+        if empty:
+            raise CheckpointFormatError(
+                f"The HyperLoRA predictor has no weights in {empty[0]!r} (and {len(empty) - 1} more): it was created "
+                "on the meta device and never loaded. Load a checkpoint with `HyperLoRAPredictor.from_pretrained` "
+                "or pass the checkpoint's path to `load_hyperlora`."
+            )
         found = first_non_finite(self.named_parameters())
         if found is not None:
             name, count = found
