@@ -34,25 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import diffusers_hyperlora  # noqa: E402,F401  (installs pipe.load_hyperlora)
 from diffusers_hyperlora import HyperLoRAConfig, HyperLoRAIdentity, HyperLoRAPredictor  # noqa: E402
-from diffusers_hyperlora.targets import targets_from_unet  # noqa: E402
-
-# The SDXL base UNet's config (diffusers' `stabilityai/stable-diffusion-xl-base-1.0/unet/config.json`).
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
+from diffusers_hyperlora.targets import SDXL_UNET_CONFIG, targets_from_unet  # noqa: E402
 
 
 @dataclass

@@ -35,26 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from diffusers_hyperlora import HyperLoRAConfig  # noqa: E402
 from diffusers_hyperlora.face import FaceAnalyzer, FaceFeatureExtractor, arcface_crop  # noqa: E402
-from diffusers_hyperlora.targets import targets_from_unet  # noqa: E402
+from diffusers_hyperlora.targets import SDXL_UNET_CONFIG, targets_from_unet  # noqa: E402
 from diffusers_hyperlora.tiny import tiny_hyperlora_config, tiny_hyperlora_predictor  # noqa: E402
-
-# The SDXL base UNet's layout (its published config.json), for the diagram's shapes; built on the meta device.
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 
 # Hand-measured face boxes (x0, y0, x1, y1) in the photos' pixels.
 ASTRONAUT_FACES = [(176, 68, 274, 188)]

@@ -150,3 +150,23 @@ def targets_from_unet(unet: Any) -> list[TargetModule]:
             )
         )
     return targets
+
+
+# The SDXL base UNet's layout (its published config.json): `UNet2DConditionModel(**SDXL_UNET_CONFIG)` on the meta
+# device gives the full-size target layers without weights (benchmarks, documentation pictures).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
