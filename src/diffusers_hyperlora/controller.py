@@ -392,10 +392,7 @@ class HyperLoRAController:
         `pipe.set_hyperlora_identity`). Everything is validated and mixed before the first weight changes."""
         with self.lock:
             loaded = self._require("pipe.set_hyperlora_identity()")
-            if isinstance(images_or_identity, HyperLoRAIdentity):
-                identity = images_or_identity
-            else:
-                identity = self.predict_identity(images_or_identity, caller="set_hyperlora_identity", **kwargs)
+            identity = self._as_identity(images_or_identity, "set_hyperlora_identity", kwargs)
             loaded.predictor.check_identity(identity)
             self._ensure_attached(loaded)
             with self._writing(loaded) as serving:
@@ -456,12 +453,7 @@ class HyperLoRAController:
                     f"photos / an identity file), got a {type(identities).__name__}. For one identity for the whole "
                     "batch use `pipe.set_hyperlora_identity(x)`."
                 )
-            resolved = [
-                entry
-                if isinstance(entry, HyperLoRAIdentity)
-                else self.predict_identity(entry, caller="set_hyperlora_identities", **kwargs)
-                for entry in identities
-            ]
+            resolved = [self._as_identity(entry, "set_hyperlora_identities", kwargs) for entry in identities]
             for identity in resolved:
                 loaded.predictor.check_identity(identity)
             self._ensure_attached(loaded)
@@ -582,13 +574,17 @@ class HyperLoRAController:
             add_slider_adapter(denoiser, config, adapter_name, difference, weight)
 
     def _slider_side(self, value: Any, side: str, kwargs: dict) -> HyperLoRAIdentity:
-        if isinstance(value, HyperLoRAIdentity):
-            return value
         if value is None:
             raise InvalidArgumentError(
                 f"add_hyperlora_slider(): `{side}` is missing; pass images or a HyperLoRAIdentity."
             )
-        return self.predict_identity(value, caller="add_hyperlora_slider", **kwargs)
+        return self._as_identity(value, "add_hyperlora_slider", kwargs)
+
+    def _as_identity(self, value: Any, caller: str, kwargs: dict) -> HyperLoRAIdentity:
+        """A `HyperLoRAIdentity` as given, else predicted from photos / identity files."""
+        if isinstance(value, HyperLoRAIdentity):
+            return value
+        return self.predict_identity(value, caller=caller, **kwargs)
 
     def remove_slider(self, adapter_name: str = DEFAULT_SLIDER_NAME) -> None:
         """Delete one slider adapter created by `add_slider`."""
