@@ -327,7 +327,7 @@ class HyperLoRAPredictor(
         into shards. `config` is ignored (the predictor's own config is written);
         `push_to_hub=True` uploads the folder afterwards, as huggingface_hub's `PyTorchModelHubMixin` does.
         """
-        from .io.own_format import save_pretrained
+        from .io.checkpoint import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, model_card_kwargs=model_card_kwargs)
         if push_to_hub:

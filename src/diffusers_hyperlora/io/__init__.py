@@ -4,7 +4,7 @@ io builds predictors; the predictor module knows nothing of files. `hub.Location
 file the library reads (checkpoints, the CLIP encoder, the face models), configured by `HubOptions`.
 """
 
+from .checkpoint import load_predictor
 from .hub import HubOptions, Location, resolve_location
-from .load import load_predictor
 
 __all__ = ["HubOptions", "Location", "load_predictor", "resolve_location"]

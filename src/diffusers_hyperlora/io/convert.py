@@ -19,21 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..predictor import HyperLoRAPredictor
+from .checkpoint import read_checkpoint, write_checkpoint
 from .hub import HubOptions, Location
-from .load import detect_format
 from .model_card import hyperlora_model_card
-from .own_format import checkpoint_writers, own_sources, read_config, weight_files, weights_metadata, write_checkpoint
-from .release import BANK_FILE, check_release_shapes, read_release_config, release_sources
-from .weights import MAX_SHARD_SIZE, check_shapes, meta_shapes, read_tensors, stored_dtype, weight_writers
+from .weights import MAX_SHARD_SIZE, read_tensors
 
 _DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
+    **dict.fromkeys(("fp32", "float32"), torch.float32),
+    **dict.fromkeys(("fp16", "float16", "half"), torch.float16),
+    **dict.fromkeys(("bf16", "bfloat16"), torch.bfloat16),
 }
 
 
@@ -44,13 +38,11 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         >>> parse_dtype("bf16")
         torch.bfloat16
     """
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}.")
-        return dtype
+    if dtype is None:
+        return None
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or the torch dtypes), got {dtype!r}.")
     return _DTYPES[key]
 
 
@@ -101,21 +93,10 @@ def convert_checkpoint(
     dst = Path(dst)
     if location.is_local and dst.resolve() == location.local_dir.resolve():
         raise ValueError(f"convert_checkpoint() would overwrite its source {str(dst)!r}: choose another output folder.")
-    if detect_format(location) == "release":
-        config, files = read_release_config(location, heads=heads, dim_head=dim_head)
-        sources = release_sources(config, files)
-        check_release_shapes(config, sources, files, location.description)
-        stored = stored_dtype(files[BANK_FILE])
-    else:
-        if heads is not None or dim_head is not None:
-            raise ValueError("`heads`/`dim_head` only apply to release-layout sources; the library format stores them.")
-        config = read_config(location)
-        sources, shapes = own_sources(weight_files(location))
-        check_shapes(meta_shapes(config), shapes, location.description)
-        stored = stored_dtype(next(iter(sources.values()))[0])
+    checkpoint = read_checkpoint(location, heads=heads, dim_head=dim_head)
     changes = {k: v for k, v in (("image_encoder", image_encoder), ("face_models", face_models)) if v is not None}
-    config = dataclasses.replace(config, **changes)
-    out_dtype = dtype or stored
+    config = dataclasses.replace(checkpoint.config, **changes)
+    out_dtype = dtype or checkpoint.dtype
     planned = HyperLoRAPredictor(config, device="meta", dtype=out_dtype).state_dict()
     source = location.path + (f"/{location.options.subfolder}" if location.options.subfolder else "")
     card = hyperlora_model_card(config, source=source, dtype=str(out_dtype).removeprefix("torch."))
@@ -123,9 +104,8 @@ def convert_checkpoint(
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"Converting to {dst.name}", disable=not progress) as bar:
 
         def read(keys: list[str]) -> dict[str, torch.Tensor]:
-            tensors = read_tensors(sources, keys, out_dtype)
+            tensors = read_tensors(checkpoint.sources, keys, out_dtype)
             bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
             return tensors
 
-        weights = weight_writers(planned, read, weights_metadata(config), max_shard_size)
-        return write_checkpoint(dst, checkpoint_writers(config, weights, card))
+        return write_checkpoint(dst, config, planned, read, card, max_shard_size)

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir, snapshot_download
+from huggingface_hub import HfApi, constants, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     CacheNotFound,
-    EntryNotFoundError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
@@ -119,78 +118,47 @@ class Location:
         revision = self.options.revision
         return f"Hub repo {self.name}" + (f" at revision {revision!r}" if revision else "")
 
-    # ------------------------------------------------------------------ files and folders
-    def file(self, filename: str) -> str | None:
-        """Local path of `filename` (downloaded if needed), or `None` when this location has no such file.
+    @property
+    def _prefix(self) -> str:
+        return f"{self.options.subfolder.strip('/')}/" if self.options.subfolder else ""
 
-        Offline, a file missing from the cached snapshot counts as absent. Location-level problems (no such folder,
-        repo or revision, nothing cached while offline, network errors) raise `CheckpointNotFoundError`.
+    # ------------------------------------------------------------------ files and folders
+    def folder(self, patterns: Sequence[str], what: str = "the files") -> Path:
+        """A local folder holding this location's files that match `patterns` (fetched with `snapshot_download`).
+
+        Offline, it is the cached snapshot, whatever it holds. Location-level problems (no such folder, repo or
+        revision, nothing cached while offline, network errors) raise `CheckpointNotFoundError`.
         """
         if self.is_local:
             self._check_local_dir()
-            candidate = self.local_dir / filename
-            return str(candidate) if candidate.is_file() else None
+            return self.local_dir
         try:
-            return hf_hub_download(
-                self.path, filename, subfolder=self.options.subfolder, **self.options.download_kwargs()
+            root = snapshot_download(
+                self.path, allow_patterns=[self._prefix + p for p in patterns], **self.options.download_kwargs()
             )
-        except LocalEntryNotFoundError as error:
-            if self.options.offline and self.cached_snapshot() is not None:
-                return None  # offline the cached snapshot is all there is, and the file is not part of it
-            raise self._error(repr(filename), error) from error
-        except EntryNotFoundError:  # after LocalEntryNotFoundError, which subclasses it
-            return None
-        except (HFValidationError, HfHubHTTPError) as error:
-            raise self._error(repr(filename), error) from error
+        except (LocalEntryNotFoundError, HFValidationError, HfHubHTTPError, ValueError) as error:
+            raise self._error(what, error) from error
+        return Path(root, self._prefix)
 
-    def require_file(self, filename: str) -> str:
-        """Like `file`, but a missing file is a `CheckpointFormatError` naming the file and what is there instead."""
-        path = self.file(filename)
-        if path is None:
+    def require(self, folder: Path, *filenames: str) -> None:
+        """Raise `CheckpointFormatError` naming the first of `filenames` missing from `folder` and what is here."""
+        for filename in filenames:
+            if (folder / filename).is_file():
+                continue
             where = " in the cached snapshot (downloads are off)" if self.options.offline and not self.is_local else ""
             raise CheckpointFormatError(
                 f"{self.description} has no {filename!r}{where}. Files found: {self.listing_text()}."
                 + self.unsafe_hint()
             )
-        return path
-
-    def folder(self, patterns: Sequence[str], what: str = "the files") -> Path:
-        """A local folder holding this location's files that match `patterns` (fetched with `snapshot_download`)."""
-        if self.is_local:
-            self._check_local_dir()
-            return self.local_dir
-        prefix = f"{self.options.subfolder.strip('/')}/" if self.options.subfolder else ""
-        try:
-            root = snapshot_download(
-                self.path, allow_patterns=[prefix + p for p in patterns], **self.options.download_kwargs()
-            )
-        except (LocalEntryNotFoundError, HFValidationError, HfHubHTTPError, ValueError) as error:
-            raise self._error(what, error) from error
-        return Path(root, prefix)
-
-    def cached_snapshot(self) -> Path | None:
-        """The cached snapshot folder of this repo and revision (`snapshot_download` offline), or `None`."""
-        try:
-            cached = snapshot_download(
-                self.path, revision=self.options.revision, cache_dir=self.options.cache_dir, local_files_only=True,
-                allow_patterns=[],
-            )  # fmt: skip
-        except (LocalEntryNotFoundError, HFValidationError, OSError):
-            return None
-        return Path(cached)
 
     def listing(self) -> list[str] | None:
         """File names directly in this folder (local, cached snapshot, or the Hub when online), if they can be known."""
         try:
-            if self.is_local:
-                return sorted(p.name for p in self.local_dir.iterdir() if p.is_file())
-            prefix = f"{self.options.subfolder.strip('/')}/" if self.options.subfolder else ""
-            if self.options.offline:
-                snapshot = self.cached_snapshot()
-                folder = snapshot / prefix if snapshot is not None else None
-                return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder and folder.is_dir() else None
+            if self.is_local or self.options.offline:
+                return sorted(p.name for p in self.folder([]).iterdir() if p.is_file())
             files = HfApi().list_repo_files(self.path, revision=self.options.revision, token=self.options.token)
-            return sorted(f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :])
+            inside = [f.removeprefix(self._prefix) for f in files if f.startswith(self._prefix)]
+            return sorted(name for name in inside if "/" not in name)
         except Exception:  # a listing only improves an error message; never fail because of it
             return None
 

@@ -1,11 +1,14 @@
 """The Hub model card (`README.md`) of a checkpoint in the library's format.
 
-Written by `HyperLoRAPredictor.save_pretrained` / `push_to_hub` (through `io.own_format.save_pretrained`) and by
-`convert_checkpoint`. The YAML metadata makes the repo discoverable (library, base model, tags, licence) and
-carries the trigger words (`instance_prompt`, as LoRA repos on the Hub do) and the recommended adapter weight.
+Written by `HyperLoRAPredictor.save_pretrained` / `push_to_hub` and by `convert_checkpoint`, with huggingface_hub's
+`ModelCard.from_template` from `model_card_template.md`. The YAML metadata makes the repo discoverable (library,
+base model, tags, licence) and carries the trigger words (`instance_prompt`, as LoRA repos on the Hub do) and the
+recommended adapter weight.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -14,6 +17,7 @@ from ..config import HyperLoRAConfig
 LIBRARY_NAME = "diffusers-hyperlora"
 CARD_TAGS = ["lora", "text-to-image", "hyperlora", "stable-diffusion-xl", "diffusers"]
 PAPER_URL = "https://arxiv.org/abs/2503.16944"
+TEMPLATE = Path(__file__).with_name("model_card_template.md")
 
 
 def hyperlora_model_card(
@@ -48,54 +52,16 @@ def hyperlora_model_card(
         instance_prompt=config.trigger_words or None,
         recommended_lora_scale=config.default_id_weight,
     )
-    repo = repo_id or "<your-namespace>/<this-repo>"
     conditions = [name for name, on in (("ArcFace", config.use_id_embeds), ("CLIP", config.use_image_embeds)) if on]
-    lines = [
-        "# HyperLoRA for SDXL",
-        "",
-        "A HyperLoRA hypernetwork ([paper](" + PAPER_URL + ")): it reads face photos and predicts an identity "
-        "LoRA for the SDXL UNet in one forward pass, without per-person training. Use it with "
-        "[diffusers-hyperlora](https://github.com/diffusers-hyperlora/diffusers-hyperlora).",
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "from diffusers import StableDiffusionXLPipeline",
-        "import diffusers_hyperlora  # adds pipe.load_hyperlora & co.",
-        "",
-        f'pipe = StableDiffusionXLPipeline.from_pretrained("{config.base_model}", torch_dtype=torch.float16)',
-        'pipe.to("cuda")',
-        f'pipe.load_hyperlora("{repo}", id_weight={config.default_id_weight})',
-        'pipe.set_hyperlora_identity(["me_1.jpg", "me_2.jpg"])  # one or more photos of one person',
-        f'image = pipe("{config.trigger_words + ", " if config.trigger_words else ""}a portrait photo of a person '
-        'in a garden").images[0]',
-        "```",
-        "",
-        "## Details",
-        "",
-        f"- Trigger words: start prompts with `{config.trigger_words}, `."
-        if config.trigger_words
-        else "- No trigger words.",
-        f"- Recommended LoRA weight: {config.default_id_weight} (0.75-0.85 works well).",
-        f"- Base model: `{config.base_model}`; works best on photoreal SDXL fine-tunes.",
-        f"- Conditions: {' + '.join(conditions)}; CLIP vision encoder: `{config.image_encoder}`"
-        + (f" (subfolder `{config.image_encoder_subfolder}`)" if config.image_encoder_subfolder else "")
-        + (
-            f"; face models: `{config.face_models}`."
-            if config.face_models
-            else "; face models: insightface AntelopeV2."
-        ),
-        f"- {len(config.targets)} attention modules, {config.num_basis} bases, LoRA rank {config.id_rank} "
-        f"(alpha {config.alpha('id'):g})" + (f", Base branch rank {config.base_rank}" if config.has_base else "") + ".",
-        f"- Resampler: width {config.resampler_dim}, depth {config.resampler_depth}, "
-        f"{config.resampler_heads} x {config.resampler_dim_head} heads.",
-    ]
-    if dtype:
-        lines.append(f"- Weights stored as {dtype}.")
-    if source:
-        lines.append(f"- Converted from `{source}` with `diffusers-hyperlora convert`.")
-    if license:
-        lines.append(f"- Licence: `{license}` (the licence of the original weights applies).")
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
-    return ModelCard(content)
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE),
+        config=config,
+        repo_id=repo_id or "<your-namespace>/<this-repo>",
+        conditions=" + ".join(conditions),
+        alpha=f"{config.alpha('id'):g}",
+        paper_url=PAPER_URL,
+        source=source,
+        dtype=dtype,
+        license=license,
+    )

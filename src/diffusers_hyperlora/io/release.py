@@ -27,13 +27,14 @@ from ..config import HyperLoRAConfig
 from ..errors import CheckpointFormatError
 from ..files import atomic_write_files
 from ..predictor import HyperLoRAPredictor
-from ..targets import ATTENTION_LINEARS, TargetLinear, TargetModule
+from ..targets import ATTENTION_LINEARS, TargetModule
 from .hub import Location
-from .weights import Sources, build_predictor, check_shapes, meta_shapes, read_safetensors_shapes, stored_dtype
+from .weights import Checkpoint, Sources, check_shapes, meta_shapes, read_safetensors_shapes, stored_dtype
 
 RELEASE_MODULES_JSON = "hyper_lora_modules.json"
 RELEASE_WEIGHTS = ("hyper_lora_modules.safetensors", "resampler.safetensors", "id_projector.safetensors")
 RELEASE_BASE_RESAMPLER = "base_resampler.safetensors"  # our extension: only for release-layout Base branches
+RELEASE_FILES = (RELEASE_MODULES_JSON, *RELEASE_WEIGHTS, RELEASE_BASE_RESAMPLER)
 
 RELEASE_HEADS = 12
 RELEASE_DIM_HEAD = 64
@@ -73,11 +74,6 @@ def targets_from_modules_json(modules: Mapping[str, Mapping]) -> list[TargetModu
     if not targets:
         raise CheckpointFormatError(f"{RELEASE_MODULES_JSON} lists no modules.")
     return targets
-
-
-def modules_json_from_targets(targets: Sequence[TargetModule]) -> dict[str, dict]:
-    """The inverse of `targets_from_modules_json`: the ordered JSON object of a release folder."""
-    return {t.name: {"hidden_size": t.hidden_size, "cross_attention_dim": t.cross_attention_dim} for t in targets}
 
 
 def _shape(shapes: Shapes, key: str, file: str) -> list[int]:
@@ -125,6 +121,9 @@ def config_from_release(
 ) -> HyperLoRAConfig:
     """Read every architecture number of a release checkpoint off its tensor shapes.
 
+    Only what is needed to read the numbers is checked here; `read_release` then checks every tensor's shape
+    against the architecture, which catches files that do not belong together.
+
     Args:
         modules: the parsed `hyper_lora_modules.json`.
         bank_shapes, resampler_shapes, projector_shapes: `{key: shape}` of the three safetensors files
@@ -147,12 +146,7 @@ def config_from_release(
     if depth == 0 or layer_ids != set(range(depth)):
         raise CheckpointFormatError(f"{RESAMPLER_FILE}: expected layers 0..n-1, found layers {sorted(layer_ids)}.")
     ff_inner = _shape(resampler_shapes, "layers.0.ff.net.0.proj.weight", RESAMPLER_FILE)[0]
-    if ff_inner % dim:
-        raise CheckpointFormatError(
-            f"{RESAMPLER_FILE}: the feed-forward is {ff_inner} wide, not a multiple of the resampler width {dim}."
-        )
     inner = _shape(resampler_shapes, "layers.0.attn1.to_q.weight", RESAMPLER_FILE)[0]
-    proj_out_basis = _shape(resampler_shapes, "proj_out.weight", RESAMPLER_FILE)[0]
     use_id = "proj_in.weight" in resampler_shapes
     use_image = "proj_in_2.weight" in resampler_shapes
     if not (use_id or use_image):
@@ -160,18 +154,8 @@ def config_from_release(
             f"{RESAMPLER_FILE} has neither 'proj_in.weight' (ArcFace condition) nor 'proj_in_2.weight' (CLIP "
             "condition); a HyperLoRA resampler reads at least one."
         )
-    widths = {resampler_shapes[k][1] for k in ("proj_in.weight", "proj_in_2.weight") if k in resampler_shapes}
-    if len(widths) != 1:
-        raise CheckpointFormatError(
-            f"{RESAMPLER_FILE}: expected proj_in / proj_in_2 to read one input width, got {sorted(widths)}."
-        )
-    (image_embed_dim,) = widths
+    image_embed_dim = resampler_shapes["proj_in.weight" if use_id else "proj_in_2.weight"][1]
     heads, dim_head = resolve_heads(inner, heads, dim_head)
-    if proj_out_basis != num_basis:
-        raise CheckpointFormatError(
-            f"{RESAMPLER_FILE}: proj_out gives {proj_out_basis} coefficients but {BANK_FILE} has {num_basis} bases; "
-            "the files do not belong together."
-        )
 
     num_id_tokens, id_embed_dim = 16, 512
     if use_id:
@@ -180,10 +164,6 @@ def config_from_release(
                 f"The resampler reads ArcFace tokens (it has proj_in) but there is no {PROJECTOR_FILE}."
             )
         rows, id_embed_dim = _shape(projector_shapes, "0.weight", PROJECTOR_FILE)
-        if rows % image_embed_dim:
-            raise CheckpointFormatError(
-                f"{PROJECTOR_FILE}: '0.weight' has {rows} rows, not a multiple of the token width {image_embed_dim}."
-            )
         num_id_tokens = rows // image_embed_dim
     config = HyperLoRAConfig(
         targets=targets,
@@ -212,52 +192,6 @@ def config_from_release(
     return config
 
 
-def release_bank_keys(
-    index: int, linear: TargetLinear, branch: str, num_basis: int, rank: int
-) -> list[tuple[str, list[int]]]:
-    """`[(down key, down shape), (up key, up shape)]` of one linear in `hyper_lora_modules.safetensors`.
-
-    Example:
-        >>> from diffusers_hyperlora.targets import TargetModule
-        >>> q = TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 64).linears()[0]
-        >>> release_bank_keys(3, q, "id", 128, 8)
-        [('3.to_q.id_down_basis', [128, 64, 8]), ('3.to_q.id_up_basis', [128, 8, 64])]
-    """
-    prefix = f"{index}.{linear.release_name}.{branch}"
-    return [
-        (f"{prefix}_down_basis", [num_basis, linear.in_features, rank]),
-        (f"{prefix}_up_basis", [num_basis, rank, linear.out_features]),
-    ]
-
-
-def read_release_config(
-    location: Location, heads: int | None = None, dim_head: int | None = None
-) -> tuple[HyperLoRAConfig, dict[str, str]]:
-    """Resolve (download if needed) the release's files and read its config. Returns `(config, {file: path})`.
-
-    Only the files the checkpoint needs are fetched: `id_projector.safetensors` only when the resampler reads
-    ArcFace tokens, `base_resampler.safetensors` only when the bank has a Base branch.
-    """
-    files = {name: location.require_file(name) for name in (RELEASE_MODULES_JSON, BANK_FILE, RESAMPLER_FILE)}
-    with open(files[RELEASE_MODULES_JSON], encoding="utf-8") as f:
-        try:
-            modules = json.load(f)
-        except json.JSONDecodeError as error:
-            raise CheckpointFormatError(
-                f"{RELEASE_MODULES_JSON} of {location.description} is not valid JSON ({error}); re-download it."
-            ) from error
-    bank_shapes = read_safetensors_shapes(files[BANK_FILE])
-    resampler_shapes = read_safetensors_shapes(files[RESAMPLER_FILE])
-    projector_shapes = None
-    if "proj_in.weight" in resampler_shapes:
-        files[PROJECTOR_FILE] = location.require_file(PROJECTOR_FILE)
-        projector_shapes = read_safetensors_shapes(files[PROJECTOR_FILE])
-    config = config_from_release(modules, bank_shapes, resampler_shapes, projector_shapes, heads, dim_head)
-    if config.has_base:
-        files[RELEASE_BASE_RESAMPLER] = location.require_file(RELEASE_BASE_RESAMPLER)
-    return config, files
-
-
 _MODULE_FILES = {
     "id_projector.": PROJECTOR_FILE, "resampler.": RESAMPLER_FILE, "base_resampler.": RELEASE_BASE_RESAMPLER,
 }  # fmt: skip
@@ -282,41 +216,55 @@ def release_sources(config: HyperLoRAConfig, files: Mapping[str, str]) -> Source
             sources[key] = (files.get(_MODULE_FILES[prefix], _MODULE_FILES[prefix]), key[len(prefix) :])
     linears = config.linears
     for branch in ("id", "base") if config.has_base else ("id",):
-        rank = config.rank(branch)
         for g, group in enumerate(group_linears(linears)):
-            keys = [
-                release_bank_keys(i // PER_MODULE, linears[i], branch, config.num_basis, rank) for i in group.members
-            ]
-            for side, part in enumerate(("down", "up")):
-                sources[f"{branch}_bank.{part}.{g}"] = (files.get(BANK_FILE, BANK_FILE), [k[side][0] for k in keys])
+            for part in ("down", "up"):
+                names = [f"{i // PER_MODULE}.{linears[i].release_name}.{branch}_{part}_basis" for i in group.members]
+                sources[f"{branch}_bank.{part}.{g}"] = (files.get(BANK_FILE, BANK_FILE), names)
     return sources
 
 
-def check_release_shapes(config: HyperLoRAConfig, sources: Sources, files: Mapping[str, str], where: str) -> None:
-    """Every release file must hold exactly the tensors, of the shapes, that the architecture read off them implies."""
+def read_release(location: Location, heads: int | None = None, dim_head: int | None = None) -> Checkpoint:
+    """Find a release-layout checkpoint, read its config off the tensor shapes and check every tensor against it.
+
+    `id_projector.safetensors` is needed only when the resampler reads ArcFace tokens, `base_resampler.safetensors`
+    only when the bank has a Base branch; other files of the folder are not read.
+    """
+    folder = location.folder(RELEASE_FILES, what="the release files")
+    location.require(folder, RELEASE_MODULES_JSON, BANK_FILE, RESAMPLER_FILE)
+    shapes = {name: read_safetensors_shapes(folder / name) for name in RELEASE_WEIGHTS if (folder / name).is_file()}
+    modules = _read_modules_json(folder / RELEASE_MODULES_JSON, location)
+    projector = shapes.get(PROJECTOR_FILE)
+    config = config_from_release(modules, shapes[BANK_FILE], shapes[RESAMPLER_FILE], projector, heads, dim_head)
+    if config.has_base:
+        location.require(folder, RELEASE_BASE_RESAMPLER)
+        shapes[RELEASE_BASE_RESAMPLER] = read_safetensors_shapes(folder / RELEASE_BASE_RESAMPLER)
+    used = [BANK_FILE, RESAMPLER_FILE] + [PROJECTOR_FILE] * config.use_id_embeds
+    files = {name: str(folder / name) for name in used + [RELEASE_BASE_RESAMPLER] * config.has_base}
+    sources = release_sources(config, files)
+    expected = _expected_shapes(config, sources)
+    for name, path in files.items():
+        where = f"{name} of {location.description}"
+        check_shapes(expected.get(path, {}), shapes[name], where, against="the architecture read off the files")
+    return Checkpoint(config, sources, stored_dtype(files[BANK_FILE]))
+
+
+def _read_modules_json(path: Path, location: Location) -> Mapping:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise CheckpointFormatError(
+            f"{RELEASE_MODULES_JSON} of {location.description} is not valid JSON ({error}); re-download it."
+        ) from error
+
+
+def _expected_shapes(config: HyperLoRAConfig, sources: Sources) -> dict[str, dict[str, list[int]]]:
+    """`{file path: {release key: shape}}` that the architecture implies."""
     shapes = meta_shapes(config)
     expected: dict[str, dict[str, list[int]]] = {}
     for key, (path, names) in sources.items():
         for name in [names] if isinstance(names, str) else names:
             expected.setdefault(path, {})[name] = shapes[key] if isinstance(names, str) else shapes[key][1:]
-    for file, path in files.items():
-        if file != RELEASE_MODULES_JSON:
-            found = read_safetensors_shapes(path)
-            check_shapes(expected.get(path, {}), found, f"{file} of {where}", against=RELEASE_MODULES_JSON)
-
-
-def load_release(
-    location: Location,
-    torch_dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-    heads: int | None = None,
-    dim_head: int | None = None,
-) -> HyperLoRAPredictor:
-    """Load a release-layout folder (local or Hub) into a `HyperLoRAPredictor` (default dtype: as stored)."""
-    config, files = read_release_config(location, heads=heads, dim_head=dim_head)
-    sources = release_sources(config, files)
-    check_release_shapes(config, sources, files, location.description)
-    return build_predictor(config, sources, torch_dtype or stored_dtype(files[BANK_FILE]), device)
+    return expected
 
 
 def save_release_checkpoint(
@@ -364,7 +312,10 @@ def save_release_checkpoint(
 
         return write
 
-    text = json.dumps(modules_json_from_targets(config.targets), indent=2)
+    modules = {
+        t.name: {"hidden_size": t.hidden_size, "cross_attention_dim": t.cross_attention_dim} for t in config.targets
+    }
+    text = json.dumps(modules, indent=2)
     writers = {RELEASE_MODULES_JSON: lambda path: path.write_text(text, encoding="utf-8")}
     writers.update({file: writer(entries) for file, entries in per_file.items()})
     folder = atomic_write_files(folder, writers)

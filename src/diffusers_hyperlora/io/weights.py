@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +35,15 @@ MAX_SHARD_SIZE = "1GB"  # keeps converting the 3 GB release within ~1 GB of memo
 
 # predictor key -> (file path, stored name), or (file path, [stored names]) for a stack of them along a new dim 0
 Sources = Mapping[str, tuple[str, str | Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint found and checked but not read yet: its config, where each tensor is, and the stored dtype."""
+
+    config: HyperLoRAConfig
+    sources: Sources
+    dtype: torch.dtype
 
 
 def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:

@@ -1,0 +1,246 @@
+"""The library's checkpoint format, and `load_predictor`: the one way a predictor is loaded, from either format.
+
+The library format (written by `save_pretrained` / `push_to_hub` and `convert_checkpoint`): `config.json` (a
+`HyperLoRAConfig`), the predictor's state dict in safetensors as transformers and diffusers store theirs
+(`model.safetensors`, or shards `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` above 1 GB),
+and a model card `README.md`; docs/hub-format.md describes it. The release's layout is read by `release.py`. The
+format is told from a location's JSON files, and only that format's files are downloaded. Pickle files are never
+loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import logging
+from huggingface_hub import ModelCard
+
+from ..config import HyperLoRAConfig
+from ..errors import CheckpointFormatError
+from ..files import atomic_write_files
+from ..predictor import HyperLoRAPredictor
+from .hub import HubOptions, Location
+from .model_card import hyperlora_model_card
+from .release import RELEASE_MODULES_JSON, RELEASE_WEIGHTS, read_release
+from .weights import (
+    MAX_SHARD_SIZE,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    Checkpoint,
+    build_predictor,
+    check_shapes,
+    meta_shapes,
+    read_safetensors_shapes,
+    remove_stale_weights,
+    stored_dtype,
+    weight_writers,
+)
+
+logger = logging.get_logger(__name__)
+
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+FORMAT_VERSION = 1
+OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+def config_to_json_dict(config: HyperLoRAConfig) -> dict:
+    """The content of `config.json`: the config's fields plus `_class_name`, `_format_version`, `_library_version`.
+
+    Example:
+        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_config
+        >>> data = config_to_json_dict(tiny_hyperlora_config())
+        >>> data["_class_name"], data["num_basis"], len(data["targets"])
+        ('HyperLoRAPredictor', 8, 24)
+    """
+    try:
+        version = metadata.version("diffusers-hyperlora")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        version = "unknown"
+    header = {"_class_name": "HyperLoRAPredictor", "_format_version": FORMAT_VERSION, "_library_version": version}
+    return {**header, **config.to_dict()}
+
+
+def config_from_json_dict(raw: Mapping, where: str = CONFIG_NAME) -> HyperLoRAConfig:
+    """Parse `config.json` (also the older `{"config": {...}}` nesting) into a `HyperLoRAConfig`."""
+    raw = raw["config"] if isinstance(raw.get("config"), Mapping) else raw
+    version = raw.get("_format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{where} is format version {version!r}; this diffusers-hyperlora reads up to {FORMAT_VERSION}. "
+            "Upgrade diffusers-hyperlora."
+        )
+    try:
+        return HyperLoRAConfig.from_dict(dict(raw))
+    except (TypeError, ValueError) as error:
+        raise CheckpointFormatError(f"{where} is not a valid HyperLoRAConfig: {error}") from error
+
+
+def _hyperlora_config_json(path: Path) -> Mapping | None:
+    """The parsed `config.json` when it is a HyperLoRA config; `None` when missing, unreadable or another model's."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    inner = raw.get("config", raw) if isinstance(raw, dict) else None
+    return raw if isinstance(inner, dict) and isinstance(inner.get("targets"), list) and "num_basis" in inner else None
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_checkpoint(location: Location, heads: int | None = None, dim_head: int | None = None) -> Checkpoint:
+    """Find the checkpoint at `location` (either format), read its config and check every tensor's shape.
+
+    `heads` / `dim_head` apply to the release's layout only (the library format stores them).
+    """
+    folder = location.folder([CONFIG_NAME, RELEASE_MODULES_JSON], what="the checkpoint's JSON files")
+    raw = _hyperlora_config_json(folder / CONFIG_NAME)
+    if raw is None and (folder / RELEASE_MODULES_JSON).is_file():
+        return read_release(location, heads=heads, dim_head=dim_head)
+    if raw is None:
+        raise _not_a_checkpoint(location, has_config=(folder / CONFIG_NAME).is_file())
+    if heads is not None or dim_head is not None:
+        raise ValueError(
+            f"`heads`/`dim_head` only apply to release-layout checkpoints; {location.description} is in the library "
+            "format, whose config.json already stores them. Drop the two arguments."
+        )
+    config = config_from_json_dict(raw, f"{CONFIG_NAME} of {location.description}")
+    files = _weight_files(location, location.folder(OWN_FILES, what="the weights"))
+    sources, shapes = {}, {}
+    for path in files:
+        for key, shape in read_safetensors_shapes(path).items():
+            sources[key], shapes[key] = (path, key), shape
+    check_shapes(meta_shapes(config), shapes, location.description)
+    return Checkpoint(config, sources, stored_dtype(files[0]))
+
+
+def _weight_files(location: Location, folder: Path) -> list[str]:
+    """Local paths of the weight files: `model.safetensors`, or the shards its index lists."""
+    if (folder / WEIGHTS_NAME).is_file() or not (folder / WEIGHTS_INDEX_NAME).is_file():
+        location.require(folder, WEIGHTS_NAME)  # raises, naming the file and what is there instead
+        return [str(folder / WEIGHTS_NAME)]
+    try:
+        weight_map = json.loads((folder / WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointFormatError(
+            f"{WEIGHTS_INDEX_NAME} of {location.description} is not a shard index ({error!r}); save or download the "
+            "checkpoint again."
+        ) from error
+    names = list(dict.fromkeys(weight_map.values()))
+    location.require(folder, *names)
+    return [str(folder / name) for name in names]
+
+
+def _not_a_checkpoint(location: Location, has_config: bool) -> CheckpointFormatError:
+    if has_config:
+        return CheckpointFormatError(
+            f"{location.description} has a {CONFIG_NAME!r}, but it is not a HyperLoRA config (no 'targets' / "
+            f"'num_basis'; it may belong to another model), and no {RELEASE_MODULES_JSON!r}. Point to the folder "
+            "of a HyperLoRA checkpoint (use `subfolder=` for a folder inside a repo)."
+        )
+    return CheckpointFormatError(
+        f"{location.description} is not a HyperLoRA checkpoint: looked for {CONFIG_NAME!r} (library format, with "
+        f"{WEIGHTS_NAME}) and {RELEASE_MODULES_JSON!r} (release layout, with {', '.join(RELEASE_WEIGHTS)}). "
+        f"Files found: {location.listing_text()}. If the checkpoint is in a folder of the repo, pass `subfolder=`."
+        + location.unsafe_hint()
+    )
+
+
+def load_predictor(
+    pretrained_model_name_or_path: str | os.PathLike,
+    hub_options: HubOptions | Mapping[str, Any] | None = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    heads: int | None = None,
+    dim_head: int | None = None,
+    **hub_kwargs: Any,
+) -> HyperLoRAPredictor:
+    """Load a `HyperLoRAPredictor` from a local folder or Hub repo, in either checkpoint format.
+
+    Args:
+        pretrained_model_name_or_path: a Hub repo id (`"org/hyperlora"`) or a local folder.
+        hub_options: a `HubOptions` (or a dict of its fields); the keywords below override it.
+        torch_dtype: dtype of the parameters (default: as stored, e.g. float16 for the release).
+        device: where to put the parameters.
+        heads, dim_head: resampler attention layout for release-layout checkpoints (default 12 x 64); they
+            cannot be read off tensor shapes. The library format stores them.
+        **hub_kwargs: `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, as in
+            diffusers' loaders (docs/loading.md). `HF_HUB_OFFLINE=1` implies `local_files_only=True`.
+
+    Raises:
+        CheckpointNotFoundError: no such folder, repo, revision, or nothing cached while offline.
+        CheckpointFormatError: the location is neither format, misses a file, or its tensors do not fit.
+
+    Example:
+        >>> predictor = load_predictor("path/to/sdxl_hyper_id_lora_v1_fidelity")  # doctest: +SKIP
+        >>> predictor = load_predictor(
+        ...     "bytedance-research/HyperLoRA", subfolder="sdxl_hyper_id_lora_v1_fidelity", torch_dtype=torch.float16
+        ... )  # doctest: +SKIP
+    """
+    options = HubOptions.of(hub_options, **hub_kwargs)
+    if options.force_download and options.offline:
+        logger.warning("force_download=True is ignored: downloads are off (HF_HUB_OFFLINE or local_files_only).")
+    location = Location(os.fspath(pretrained_model_name_or_path), options)
+    checkpoint = read_checkpoint(location, heads=heads, dim_head=dim_head)
+    return build_predictor(checkpoint.config, checkpoint.sources, torch_dtype or checkpoint.dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_checkpoint(
+    folder: str | os.PathLike,
+    config: HyperLoRAConfig,
+    tensors: Mapping[str, torch.Tensor],
+    read: Callable[[list[str]], Mapping[str, torch.Tensor]],
+    card: ModelCard | None,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """Write `config.json`, the weights and `card` as one set (all or nothing); drop stale shards of an earlier save.
+
+    `tensors` plans the weight files (meta tensors are fine); `read(keys)` gives each file's tensors when it is
+    written, so one shard is in memory at a time.
+    """
+    metadata = {
+        "format": "pt",
+        "hyperlora_format_version": str(FORMAT_VERSION),
+        "hyperlora_architecture": config.architecture_hash(),
+    }
+    writers = weight_writers(tensors, read, metadata, max_shard_size or MAX_SHARD_SIZE)
+    text = json.dumps(config_to_json_dict(config), indent=2)
+    writers[CONFIG_NAME] = lambda path: path.write_text(text, encoding="utf-8")
+    if card is not None:
+        writers[CARD_NAME] = card.save
+    folder = atomic_write_files(folder, writers)
+    remove_stale_weights(folder, writers)
+    return folder
+
+
+def save_pretrained(
+    predictor: HyperLoRAPredictor,
+    folder: str | os.PathLike,
+    *,
+    max_shard_size: int | str | None = None,
+    model_card_kwargs: dict | None = None,
+) -> Path:
+    """Write `predictor` in the library format: `config.json`, the weights and (unless present) `README.md`.
+
+    If writing fails midway, the files already in `folder` are left as they were.
+
+    Example:
+        >>> import tempfile
+        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> folder = save_pretrained(tiny_hyperlora_predictor(), tempfile.mkdtemp())
+        >>> sorted(p.name for p in folder.iterdir())
+        ['README.md', 'config.json', 'model.safetensors']
+    """
+    state = predictor.state_dict()
+    has_card = Path(folder, CARD_NAME).exists()  # an existing card may have been edited: keep it
+    card = None if has_card else hyperlora_model_card(predictor.config, **(model_card_kwargs or {}))
+    read = lambda keys: {key: state[key] for key in keys}  # noqa: E731
+    return write_checkpoint(folder, predictor.config, state, read, card, max_shard_size)
