@@ -113,8 +113,20 @@ def test_train_help_documents_every_option(capsys):
         "--batch-size": "Images per optimizer step",
         "--mixed-precision": "accelerate's mixed precision",
         "--image-embed-dim": "CLIP width",
+        "--init": "Start from this HyperLoRA checkpoint",
+        "--local-files-only": "Never download",
+        "--cache-dir": "Hugging Face cache folder",
     }.items():
         assert flag in text and words in text
+    assert "Hub options of --init" in text
+
+
+def test_hub_flags_are_the_fields_of_hub_options():
+    import dataclasses
+
+    from diffusers_hyperlora.io import HubOptions
+
+    assert cli.HUB_OPTIONS == tuple(field.name for field in dataclasses.fields(HubOptions))
 
 
 def _training_data(root, width: int):
@@ -163,3 +175,50 @@ def test_train_without_init_reads_the_clip_width_from_the_data(tmp_path, capsys)
     trained = HyperLoRAPredictor.from_pretrained(tmp_path / "run" / "id_clip" / "predictor")
     assert trained.config.image_embed_dim == 48 and trained.config.num_basis == 4
 
+
+def test_train_init_takes_every_hub_option(tmp_path, capsys, monkeypatch):
+    """`train --init REPO` with the Hub flags reads the checkpoint from a pre-filled Hub cache, offline."""
+    import huggingface_hub.constants
+    from test_hub import COMMIT_V2, add_snapshot, folder_files
+
+    from diffusers_hyperlora import io
+    from diffusers_hyperlora.io import HubOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _training_data(tmp_path / "data", width=40)
+    tiny_hyperlora_predictor(seed=2).save_pretrained(tmp_path / "init")  # CLIP width 48
+    cache = tmp_path / "cache"
+    add_snapshot(cache, "org/init", COMMIT_V2, folder_files(tmp_path / "init", "v1/"), ref="v2")
+    calls, load_predictor = [], io.load_predictor
+
+    def spy(path, hub_options=None, **kwargs):
+        calls.append((path, hub_options))
+        return load_predictor(path, hub_options, **kwargs)
+
+    monkeypatch.setattr(io, "load_predictor", spy)
+    hub = ["--subfolder", "v1", "--revision", "v2", "--token", "hf_test", "--cache-dir", cache]
+    hub += ["--local-files-only", "--force-download"]
+    argv = ["train", "--data", tmp_path / "data", "--output-dir", tmp_path / "run"]
+    argv += ["--base-model", tmp_path / "no_such_sdxl", "--init", "org/init", *hub]
+    code, _, err = _run(argv, capsys)
+    # The checkpoint was read from the cache (its CLIP width, 48, is checked against the data's, 40), before SDXL.
+    assert code == 1 and "--init org/init expects CLIP features 48 wide" in err and "40 wide" in err, err
+    assert "no_such_sdxl" not in err
+    expected = HubOptions("v1", "v2", "hf_test", str(cache), local_files_only=True, force_download=True)
+    assert calls == [("org/init", expected)]
+    # Without --revision the cache has no such checkpoint: only v2 is cached.
+    code, _, err = _run([a for a in argv if a not in ("--revision", "v2")], capsys)
+    assert code == 1 and "revision 'main' is not in the cache" in err, err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--subfolder", "v1"], ["--revision", "v2"], ["--token", "t"], ["--cache-dir", "c"], ["--local-files-only"]]
+    + [["--force-download"]],
+)
+def test_train_hub_options_need_init(flags, tmp_path, capsys):
+    argv = ["train", "--data", tmp_path / "no_data", "--output-dir", tmp_path / "run", "--base-model", "x", *flags]
+    code, _, err = _run(argv, capsys)
+    assert code == 1 and f"{flags[0]} apply to --init" in err and "Pass --init CHECKPOINT" in err, err
+    assert "no_data" not in err  # checked before the data is read

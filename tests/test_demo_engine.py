@@ -300,13 +300,83 @@ def test_command_options_reach_the_engine(checkpoint_folders, photos, monkeypatc
     assert identity.num_images == 1
 
 
-@pytest.mark.parametrize("flag", ["--base-model", "--subfolder", "--face-models"])
-def test_command_tiny_default_refuses_checkpoint_options(flag, capsys):
+def _files(folder, prefix: str = "") -> dict:
+    """Every file under `folder`, by its path in a repo (under `prefix`)."""
+    return {prefix + path.relative_to(folder).as_posix(): path for path in folder.rglob("*") if path.is_file()}
+
+
+def test_command_hub_options_reach_the_checkpoint_and_the_base_model(checkpoint_folders, tmp_path, monkeypatch):
+    """`demo REPO --subfolder --revision --token --cache-dir --local-files-only --force-download`, from a Hub cache."""
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    import diffusers
+    import huggingface_hub.constants
+    from test_hub import COMMIT_MAIN, COMMIT_V2, add_snapshot
+
+    from diffusers_hyperlora import cli, io
+    from diffusers_hyperlora.demo import app
+    from diffusers_hyperlora.io import HubOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(app, "launch_demo", lambda engine, host, port, block: _Served(engine, host, port, block))
+    cache = tmp_path / "cache"
+    add_snapshot(cache, "org/demo", COMMIT_V2, _files(checkpoint_folders / "repo"), ref="v2")
+    add_snapshot(cache, "org/sdxl", COMMIT_MAIN, _files(checkpoint_folders / "sdxl"))
+    loads, bases = [], []
+    load_predictor, from_pretrained = io.load_predictor, diffusers.DiffusionPipeline.from_pretrained
+
+    def spy_load(path, hub_options=None, **kwargs):
+        loads.append((path, hub_options))
+        return load_predictor(path, hub_options, **kwargs)
+
+    def spy_base(cls, name, **kwargs):
+        bases.append((name, kwargs))
+        return from_pretrained.__func__(cls, name, **kwargs)
+
+    monkeypatch.setattr(io, "load_predictor", spy_load)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(spy_base))
+    argv = ["demo", "org/demo", "--subfolder", "sub", "--revision", "v2", "--token", "hf_test"]
+    argv += ["--cache-dir", str(cache), "--local-files-only", "--force-download", "--base-model", "org/sdxl"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    engine = _Served.engines[-1][0]
+    assert "org/demo (sub)" in engine.description and "org/sdxl" in engine.description
+    expected = HubOptions("sub", "v2", "hf_test", str(cache), local_files_only=True, force_download=True)
+    assert loads == [("org/demo", expected)]
+    # The base model gets the token, the cache and the download switches (force_download is off: offline).
+    base = {key: bases[0][1][key] for key in ("revision", "token", "cache_dir", "local_files_only", "force_download")}
+    assert bases[0][0] == "org/sdxl" and base == expected.for_other_repo().download_kwargs()
+    assert base == {"revision": None, "token": "hf_test", "cache_dir": str(cache), "local_files_only": True,
+                    "force_download": False}  # fmt: skip
+
+
+def test_engine_takes_hub_options_as_an_object_or_keywords(checkpoint_folders, monkeypatch):
+    from diffusers_hyperlora.io import HubOptions
+
+    seen = []
+
+    class Controller:  # records what load_hyperlora hands over, loads nothing
+        def load(self, path, options) -> None:
+            seen.append(options.hub_options)
+
+    monkeypatch.setattr("diffusers_hyperlora.pipeline.controller_of", lambda pipe: Controller())
+    root = checkpoint_folders
+    DemoEngine.from_pretrained(root / "repo", {"subfolder": "sub", "revision": "x"}, base_model=str(root / "sdxl"))
+    DemoEngine.from_pretrained(root / "repo", HubOptions(revision="x"), base_model=str(root / "sdxl"), subfolder="sub")
+    assert seen == [HubOptions(subfolder="sub", revision="x")] * 2
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--base-model", "x"], ["--subfolder", "x"], ["--face-models", "x"], ["--revision", "x"], ["--token", "x"]]
+    + [["--cache-dir", "x"], ["--local-files-only"], ["--force-download"]],
+)
+def test_command_tiny_default_refuses_checkpoint_options(flags, capsys):
     pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
     from diffusers_hyperlora import cli
 
-    assert cli.main(["demo", flag, "x"]) == 1
-    assert f"{flag} need a CHECKPOINT" in capsys.readouterr().err
+    assert cli.main(["demo", *flags]) == 1
+    error = capsys.readouterr().err
+    assert f"{flags[0]} need a CHECKPOINT" in error and "Pass a CHECKPOINT" in error
 
 
 def test_command_wrong_model_is_a_readable_error(checkpoint_folders, tmp_path, capsys):

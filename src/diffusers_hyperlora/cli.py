@@ -48,6 +48,8 @@ CLI_FLAGS = {
     "local_files_only": "--local-files-only",
     "force_download": "--force-download",
 }
+# The fields of `io.HubOptions`, as argparse destinations of `_add_hub_options`.
+HUB_OPTIONS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
 THIRD_PARTY_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "accelerate", "peft", "insightface")
 VERBOSITY_VARIABLES = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
 DIFFUSERS_FORMAT_NOTE = (
@@ -142,14 +144,12 @@ def _add_hub_options(group: argparse._ActionsContainer) -> None:
 def _hub_options(args: argparse.Namespace):
     from .io import HubOptions
 
-    return HubOptions(
-        subfolder=args.subfolder,
-        revision=args.revision,
-        token=args.token,
-        cache_dir=args.cache_dir,
-        local_files_only=args.local_files_only,
-        force_download=args.force_download,
-    )
+    return HubOptions(**{name: getattr(args, name) for name in HUB_OPTIONS})
+
+
+def _given_flags(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """The flags among `names` (argparse destinations) that the command line set."""
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name)]
 
 
 def _add_face_options(parser: argparse.ArgumentParser) -> None:
@@ -296,7 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="Dataset folder with metadata.jsonl and features.safetensors.")
     train.add_argument("--base-model", required=True, help="SDXL pipeline to train against: repo id or folder.")
     train.add_argument("--output-dir", required=True, help="Where checkpoints, losses and predictors go.")
-    train.add_argument("--init", default=None, help="Start from this HyperLoRA checkpoint (default: a new one).")
+    train.add_argument(
+        "--init",
+        default=None,
+        help="Start from this HyperLoRA checkpoint: Hub repo id or local folder (default: a new one).",
+    )
+    _add_hub_options(train.add_argument_group("Hub options of --init (the checkpoint to start from; need --init)"))
     train.add_argument(
         "--stages",
         nargs="+",
@@ -357,9 +362,12 @@ def _add_demo_parser(commands: Any) -> None:
         help="HyperLoRA checkpoint: Hub repo id or local folder (e.g. bytedance-research/HyperLoRA with --subfolder "
         "sdxl_hyper_id_lora_v1_fidelity). Default: the built-in tiny default.",
     )
-    demo.add_argument("--subfolder", default=None, help="Folder inside the repo / folder that holds the checkpoint.")
-    demo.add_argument("--revision", default=None, help="Hub branch, tag or commit of the checkpoint.")
-    demo.add_argument("--token", default=None, help="Hub token for private repos (default: your saved login).")
+    _add_hub_options(
+        demo.add_argument_group(
+            "Hub options of CHECKPOINT (need a CHECKPOINT; --token, --cache-dir, --local-files-only and "
+            "--force-download also apply to --base-model)"
+        )
+    )
     demo.add_argument(
         "--base-model",
         default=None,
@@ -569,13 +577,24 @@ def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_
     return wanted if wanted is not None else (data_width if data_width is not None else 1024)
 
 
+def _check_init_options(args: argparse.Namespace) -> None:
+    """The Hub flags of `train` say how to fetch --init: without --init they are a mistake, not silently unused."""
+    given = _given_flags(args, HUB_OPTIONS)
+    if given and not args.init:
+        raise CLIError(
+            f"train: {', '.join(given)} apply to --init, the checkpoint to start from, but no --init was given. "
+            "Pass --init CHECKPOINT (Hub repo id or local folder), or drop them to train a new checkpoint."
+        )
+
+
 def _run_train(args: argparse.Namespace) -> str:
     from .io import load_predictor
     from .training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
 
-    # Everything cheap is checked first (the data, the checkpoint's CLIP width); only then SDXL is loaded.
+    # Everything cheap is checked first (the flags, the data, the checkpoint's CLIP width); only then SDXL is loaded.
+    _check_init_options(args)
     dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=args.resolution)
-    predictor = load_predictor(args.init) if args.init else None
+    predictor = load_predictor(args.init, _hub_options(args)) if args.init else None
     init_width = predictor.config.image_embed_dim if predictor is not None else None
     width = _training_clip_width(args, _data_clip_width(dataset), init_width)
 
@@ -602,19 +621,18 @@ def _run_demo(args: argparse.Namespace) -> None:
     except ImportError as error:
         raise CLIError(f"The demo needs its extra ({error}): pip install 'diffusers-hyperlora[demo]'.") from error
     if args.checkpoint is None:
-        flags = ("subfolder", "revision", "base_model", "image_encoder", "face_models")
-        given = [flag for flag in flags if getattr(args, flag)]
+        given = _given_flags(args, (*HUB_OPTIONS, "base_model", "image_encoder", "face_models"))
         if given:
-            options = ", ".join("--" + flag.replace("_", "-") for flag in given)
-            raise CLIError(f"demo: {options} need a CHECKPOINT; without one the demo runs the built-in tiny default.")
+            raise CLIError(
+                f"demo: {', '.join(given)} need a CHECKPOINT; without one the demo runs the built-in tiny default. "
+                "Pass a CHECKPOINT (Hub repo id or local folder), or drop them."
+            )
         engine = DemoEngine.tiny_default()
     else:
         engine = DemoEngine.from_pretrained(
             args.checkpoint,
+            _hub_options(args),
             base_model=args.base_model or "stabilityai/stable-diffusion-xl-base-1.0",
-            subfolder=args.subfolder,
-            revision=args.revision,
-            token=args.token,
             device=args.device,
             image_encoder=args.image_encoder,
             face_models=args.face_models,

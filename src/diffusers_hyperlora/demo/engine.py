@@ -17,8 +17,8 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..identity import HyperLoRAIdentity
+from ..io.hub import HubOptions
 
 IDENTITY_SUFFIX = ".safetensors"
 LORA_FORMATS = ("kohya", "diffusers")
@@ -175,31 +176,35 @@ class DemoEngine:
     def from_pretrained(
         cls,
         checkpoint: str | os.PathLike,
+        hub_options: HubOptions | Mapping[str, Any] | None = None,
         *,
         base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
-        subfolder: str | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
         device: str | None = None,
         image_encoder: str | None = None,
         face_models: str | None = None,
+        **hub_kwargs: Any,
     ) -> DemoEngine:
-        """An SDXL pipeline from `base_model` with the HyperLoRA `checkpoint`, on the GPU when there is one."""
+        """An SDXL pipeline from `base_model` with the HyperLoRA `checkpoint`, on the GPU when there is one.
+
+        `hub_options` (a `HubOptions` or a dict of its fields) and the keywords `subfolder`, `revision`, `token`,
+        `cache_dir`, `local_files_only`, `force_download` (which override it) say where the checkpoint comes from;
+        the token, cache folder and download switches also apply to `base_model` (docs/loading.md).
+        """
         from diffusers import DiffusionPipeline
 
+        options = HubOptions.of(hub_options, **hub_kwargs)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype, token=token).to(device)
+        base_kwargs = options.for_other_repo().download_kwargs()
+        pipe = DiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype, **base_kwargs).to(device)
         pipe.set_progress_bar_config(disable=True)
         pipe.load_hyperlora(
             os.fspath(checkpoint),
-            subfolder=subfolder,
-            revision=revision,
-            token=token,
+            **asdict(options),
             image_encoder=image_encoder,
             face_analyzer=face_models,
         )
-        where = f"{checkpoint}" + (f" ({subfolder})" if subfolder else "")
+        where = f"{checkpoint}" + (f" ({options.subfolder})" if options.subfolder else "")
         description = f"HyperLoRA {where} on {base_model}, {device}, {str(dtype).removeprefix('torch.')}."
         return cls(pipe, defaults=SDXL_DEFAULTS, description=description)
 
