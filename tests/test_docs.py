@@ -12,8 +12,8 @@ blocks run, page by page in one namespace, in a world where the network parts ar
 - names a fragment uses without defining (`pipe` with `org/hyperlora` loaded, `identity`, `alice`,
   `arcface_embeddings`, ...) are predefined.
 
-Also checked: every error class has a section in troubleshooting.md, and pipelines.md names every installed
-pipeline method.
+Also checked: every error class has a section in troubleshooting.md, pipelines.md names every installed
+pipeline method, and the pages of `train` and `demo` name every option of the command.
 """
 
 from __future__ import annotations
@@ -201,3 +201,25 @@ def test_pipelines_page_names_every_installed_member():
     intro = text[text.index("## Which pipelines") : text.index("```")]
     missing = [name for name in members if f"`{name}`" not in intro]
     assert members and not missing, f"docs/pipelines.md's list of installed methods lacks {missing}"
+
+
+def _command_options(command: str) -> list[str]:
+    import argparse
+
+    from diffusers_hyperlora.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = commands.choices[command]._actions
+    return [flag for action in actions for flag in action.option_strings if flag not in ("-h", "--help", "-v")]
+
+
+@pytest.mark.parametrize(
+    "command, page, start, end",
+    [("train", "cli.md", "## `train", "## `demo"), ("demo", "demo.md", "## Options", "## The tiny default")],
+)
+def test_command_pages_name_every_option(command, page, start, end):
+    text = (ROOT / "docs" / page).read_text()
+    section = text[text.index(start) : text.index(end)]
+    named = [flag for flag in _command_options(command) if flag != "--verbose"]
+    missing = [flag for flag in named if not re.search(re.escape(flag) + r"(?![\w-])", section)]
+    assert not missing, f"docs/{page}, section {start!r}, does not name the `{command}` options {missing}"
