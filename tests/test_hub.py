@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
 import torch
 from conftest import random_features
 
+import diffusers_hyperlora.io.hub
 from diffusers_hyperlora import CheckpointFormatError, CheckpointNotFoundError, HyperLoRAPredictor, load_predictor
 from diffusers_hyperlora.face.analyzer import ONNX_PATTERNS
 from diffusers_hyperlora.io import HubOptions, Location, resolve_location
@@ -281,3 +284,73 @@ def test_the_predictor_module_knows_nothing_of_files():
     assert not [name for name in imported if name.startswith(("io", ".io", "diffusers_hyperlora.io"))]
     methods = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert "_from_pretrained" not in methods and "_save_pretrained" not in methods  # one loading path
+
+
+class FakeHub:
+    """Stands in for the Hub online: `snapshot_download` copies the repo files matching `allow_patterns` (the way
+    huggingface_hub filters them) into a snapshot folder and records each call; `list_repo_files` lists the repo."""
+
+    def __init__(self, root: Path, repos: dict[str, Path]) -> None:
+        self.root, self.repos, self.calls, self.fetched = root, repos, [], set()
+
+    def files(self, repo_id: str) -> list[str]:
+        source = self.repos[repo_id]
+        return sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+
+    def snapshot_download(self, repo_id: str, *, allow_patterns, **kwargs) -> str:
+        self.calls.append({"allow_patterns": list(allow_patterns), **kwargs})
+        snapshot = self.root / repo_id.replace("/", "--")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in self.files(repo_id):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.repos[repo_id] / name, snapshot / name)
+                self.fetched.add(name)
+        return str(snapshot)
+
+
+@pytest.fixture
+def online_hub(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub = FakeHub(tmp_path / "snapshots", {})
+    monkeypatch.setattr(diffusers_hyperlora.io.hub, "snapshot_download", hub.snapshot_download)
+    monkeypatch.setattr(diffusers_hyperlora.io.hub, "HfApi", lambda: SimpleNamespace(list_repo_files=lambda repo_id,
+                        **kwargs: hub.files(repo_id)))  # fmt: skip
+    return hub
+
+
+def _repo(folder: Path, files: dict[str, Path | bytes]) -> Path:
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.read_bytes())
+    return folder
+
+
+def test_online_release_fetches_only_its_files_with_every_hub_option(online_hub, tmp_path, official_tiny):
+    """Online, only the checkpoint's JSON files and then its format's files are downloaded, with the Hub options."""
+    release = {f"ckpt/{p.name}": p for p in official_tiny.iterdir() if p.suffix in (".json", ".safetensors")}
+    extra = {"ckpt/pytorch_model.bin": b"pickle", "ckpt/other.safetensors": b"x", "elsewhere/big.safetensors": b"x"}
+    online_hub.repos["org/online"] = _repo(tmp_path / "remote", {**release, **extra})
+    loaded = load_predictor("org/online", subfolder="ckpt", revision="v1", token="tok", force_download=True)
+    torch.testing.assert_close(loaded.state_dict(), load_predictor(official_tiny).state_dict(), atol=0, rtol=0)
+    wanted = {"hyper_lora_modules.json", "hyper_lora_modules.safetensors", "resampler.safetensors",
+              "id_projector.safetensors"}  # fmt: skip
+    assert online_hub.fetched == {f"ckpt/{name}" for name in wanted}
+    for call in online_hub.calls:
+        assert (call["revision"], call["token"], call["force_download"]) == ("v1", "tok", True)
+        assert all(pattern.startswith("ckpt/") for pattern in call["allow_patterns"])
+
+
+def test_online_library_format_and_missing_file_listing(online_hub, tmp_path, official_tiny):
+    own = tmp_path / "own"
+    tiny_hyperlora_predictor().save_pretrained(own)
+    online_hub.repos["org/own"] = _repo(tmp_path / "own-remote", {p.name: p for p in own.iterdir()})
+    _repo(online_hub.repos["org/own"], {"pytorch_model.bin": b"pickle"})
+    load_predictor("org/own")
+    assert online_hub.fetched == {"config.json", "model.safetensors"}
+    # A file missing on the Hub: the message lists what the repo holds (from the Hub, not the partial download).
+    files = {p.name: p for p in official_tiny.iterdir() if p.name != "resampler.safetensors"}
+    online_hub.repos["org/broken"] = _repo(tmp_path / "broken", {**files, "resampler.bin": b"pickle"})
+    with pytest.raises(CheckpointFormatError, match=r"has no 'resampler.safetensors'\. Files found: .*resampler\.bin"):
+        load_predictor("org/broken")

@@ -219,3 +219,74 @@ def test_config_from_shapes_is_pure(official_tiny):
     assert (config.resampler_depth, config.resampler_ff_mult, config.num_id_tokens) == (2, 4, 4)
     assert (config.resampler_heads, config.resampler_dim_head, config.license) == (12, 64, "cc-by-nc-4.0")
     assert len(config.targets) == 24 and not config.has_base
+
+
+def test_release_layout_with_a_base_branch_round_trips_and_needs_its_resampler(tmp_path):
+    original = tiny_hyperlora_predictor(seed=4, base_rank=2)
+    folder = save_release_checkpoint(original, tmp_path / "base")
+    loaded = load_predictor(folder)
+    assert loaded.config.has_base and loaded.config.base_rank == 2
+    torch.testing.assert_close(loaded.state_dict(), original.state_dict(), atol=0, rtol=0)
+    (folder / "base_resampler.safetensors").unlink()
+    with pytest.raises(CheckpointFormatError, match=r"has no 'base_resampler.safetensors'"):
+        load_predictor(folder)
+
+
+def _edit_tensors(path, edit):
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "id_projector.safetensors").unlink(), r"reads ArcFace tokens .* no id_projector.safetensors"),
+        (lambda f: (f / "resampler.safetensors").write_bytes(b"\0" * 16), r"resampler.safetensors is not a readable"),
+        (lambda f: _edit_tensors(f / "resampler.safetensors", lambda t: t.update(latents=t["latents"][0])),
+         r"'latents' must be \[1, queries, width\]"),
+        (lambda f: _edit_tensors(f / "resampler.safetensors", lambda t: [t.pop(k) for k in list(t) if "layers" in k]),
+         r"expected layers 0..n-1, found layers \[\]"),
+        (lambda f: _edit_tensors(f / "resampler.safetensors", lambda t: [t.pop(k) for k in list(t) if "proj_in" in k]),
+         r"neither 'proj_in.weight' .* nor 'proj_in_2.weight'"),
+        (lambda f: _edit_tensors(f / "resampler.safetensors", lambda t: t.pop("proj_out.weight")),
+         r"resampler.safetensors of .* missing \['proj_out.weight'\]"),
+        (lambda f: _edit_tensors(f / "id_projector.safetensors", lambda t: t.update(extra=torch.zeros(1))),
+         r"id_projector.safetensors of .* unexpected \['extra'\]"),
+    ],
+    ids=["no-projector", "corrupt-file", "latents", "no-layers", "no-condition", "missing-key", "unexpected-key"],
+)  # fmt: skip
+def test_damaged_release_files_are_named(release_copy, damage, message):
+    damage(release_copy)
+    with pytest.raises(CheckpointFormatError, match=message):
+        load_predictor(release_copy)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c: c.update(_format_version=99), r"format version 99; .* reads up to 1\. Upgrade"),
+        (lambda c: c.update(num_basis="many"), r"is not a valid HyperLoRAConfig"),
+    ],
+    ids=["newer-format", "invalid-field"],
+)
+def test_damaged_library_config_is_named(tmp_path, damage, message):
+    tiny_hyperlora_predictor().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    damage(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match=message):
+        load_predictor(tmp_path)
+
+
+def test_sharded_checkpoint_with_a_broken_index_or_missing_shard(tmp_path):
+    tiny_hyperlora_predictor().save_pretrained(tmp_path, max_shard_size=20_000)
+    index = tmp_path / "model.safetensors.index.json"
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert index.exists() and len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(CheckpointFormatError, match=rf"has no '{shards[-1].name}'"):
+        load_predictor(tmp_path)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointFormatError, match=r"model.safetensors.index.json of .* is not a shard index"):
+        load_predictor(tmp_path)

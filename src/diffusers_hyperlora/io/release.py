@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -295,20 +295,15 @@ def save_release_checkpoint(
     """
     config = predictor.config
     state = predictor.state_dict()
-    per_file: dict[str, dict[str, tuple[str, int | None]]] = {}
+    per_file: dict[str, dict[str, torch.Tensor]] = {}  # file -> {release key: tensor (a view of the state)}
     for key, (file, names) in release_sources(config, {}).items():
-        if isinstance(names, str):
-            per_file.setdefault(file, {})[names] = (key, None)
-        for position, name in enumerate([] if isinstance(names, str) else names):
-            per_file.setdefault(file, {})[name] = (key, position)
+        stored = {names: state[key]} if isinstance(names, str) else dict(zip(names, state[key]))
+        per_file.setdefault(file, {}).update(stored)
 
-    def writer(entries: dict[str, tuple[str, int | None]]):
-        def write(path: Path) -> None:
-            tensors = {}
-            for name, (key, position) in entries.items():
-                tensor = state[key] if position is None else state[key][position]
-                tensors[name] = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
-            save_file(tensors, path, metadata={"format": "pt"})
+    def writer(tensors: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+        def write(path: Path) -> None:  # cast when the file is written: one file's copy in memory at a time
+            cast = {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in tensors.items()}
+            save_file(cast, path, metadata={"format": "pt"})
 
         return write
 
@@ -317,7 +312,7 @@ def save_release_checkpoint(
     }
     text = json.dumps(modules, indent=2)
     writers = {RELEASE_MODULES_JSON: lambda path: path.write_text(text, encoding="utf-8")}
-    writers.update({file: writer(entries) for file, entries in per_file.items()})
+    writers.update({file: writer(tensors) for file, tensors in per_file.items()})
     folder = atomic_write_files(folder, writers)
     for file in set(RELEASE_WEIGHTS + (RELEASE_BASE_RESAMPLER,)) - set(writers):
         (folder / file).unlink(missing_ok=True)  # e.g. an id_projector.safetensors of an earlier checkpoint
