@@ -13,6 +13,26 @@ DEFAULT_TRIGGER_WORDS = "fcsks fxhks fhyks"
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
+_POSITIVE_INTS = (
+    "num_basis id_rank resampler_dim resampler_depth resampler_heads resampler_dim_head resampler_ff_mult "
+    "num_id_tokens id_embed_dim image_embed_dim"
+).split()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _target(entry: TargetModule | dict) -> TargetModule:
+    target = TargetModule(**entry) if isinstance(entry, dict) else entry
+    widths = (target.hidden_size, target.context_size) if isinstance(target, TargetModule) else ()
+    if not widths or not all(_is_int(width) and width > 0 for width in widths):
+        raise ValueError(
+            "HyperLoRAConfig.targets entries must be target modules with a positive integer hidden_size and "
+            f"cross_attention_dim (or null for self-attention), got {entry!r}."
+        )
+    return target
+
 
 @dataclass
 class HyperLoRAConfig:
@@ -56,14 +76,20 @@ class HyperLoRAConfig:
     license: str | None = None
 
     def __post_init__(self) -> None:
-        self.targets = [TargetModule(**t) if isinstance(t, dict) else t for t in self.targets]
+        if not isinstance(self.targets, list):
+            raise ValueError(f"HyperLoRAConfig.targets must be a list of target modules, got {self.targets!r}.")
+        self.targets = [_target(t) for t in self.targets]
+        if not (isinstance(self.use_id_embeds, bool) and isinstance(self.use_image_embeds, bool)):
+            raise ValueError("HyperLoRAConfig.use_id_embeds and use_image_embeds must be true or false.")
         if not (self.use_id_embeds or self.use_image_embeds):
             raise ValueError("HyperLoRAConfig needs at least one condition: use_id_embeds or use_image_embeds.")
-        for name in ("num_basis", "id_rank", "resampler_dim", "resampler_depth", "resampler_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"HyperLoRAConfig.{name} must be positive, got {getattr(self, name)}.")
-        if self.base_rank < 0:
-            raise ValueError(f"HyperLoRAConfig.base_rank must be >= 0 (0 = no Base branch), got {self.base_rank}.")
+        for name in _POSITIVE_INTS:
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"HyperLoRAConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if not _is_int(self.base_rank) or self.base_rank < 0:
+            raise ValueError(
+                f"HyperLoRAConfig.base_rank must be an integer >= 0 (0 = no Base branch), got {self.base_rank!r}."
+            )
 
     @property
     def has_base(self) -> bool:

@@ -400,6 +400,10 @@ def identity_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, 
             f"{name!r}: 'base_mean' has shape {list(base_mean.shape)}, expected {list(id_mean.shape)} like 'id_mean'."
         )
     for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise IdentityFormatError(
+                f"{name!r}: tensor {key!r} is {tensor.dtype}, not floating point; the file is damaged. {expected}."
+            )
         if count_non_finite(tensor):
             raise IdentityFormatError(
                 f"{name!r}: tensor {key!r} holds NaN/infinite values; the file is damaged. {expected}."

@@ -22,7 +22,7 @@ from diffusers.utils import logging
 from huggingface_hub import ModelCard
 
 from ..config import HyperLoRAConfig
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..files import atomic_write_files
 from ..predictor import HyperLoRAPredictor
 from .hub import HubOptions, Location
@@ -36,6 +36,7 @@ from .weights import (
     build_predictor,
     check_shapes,
     meta_shapes,
+    parse_dtype,
     read_safetensors_shapes,
     remove_stale_weights,
     stored_dtype,
@@ -106,7 +107,7 @@ def read_checkpoint(location: Location, heads: int | None = None, dim_head: int 
     if raw is None:
         raise _not_a_checkpoint(location, has_config=(folder / CONFIG_NAME).is_file())
     if heads is not None or dim_head is not None:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"`heads`/`dim_head` only apply to release-layout checkpoints; {location.description} is in the library "
             "format, whose config.json already stores them. Drop the two arguments."
         )
@@ -115,6 +116,11 @@ def read_checkpoint(location: Location, heads: int | None = None, dim_head: int 
     sources, shapes = {}, {}
     for path in files:
         for key, shape in read_safetensors_shapes(path).items():
+            if key in sources:
+                raise CheckpointFormatError(
+                    f"{location.description} stores tensor {key!r} in both {Path(sources[key][0]).name} and "
+                    f"{Path(path).name}; which one is meant cannot be told. Save or download the checkpoint again."
+                )
             sources[key], shapes[key] = (path, key), shape
     check_shapes(meta_shapes(config), shapes, location.description)
     return Checkpoint(config, sources, stored_dtype(files[0]))
@@ -127,12 +133,18 @@ def _weight_files(location: Location, folder: Path) -> list[str]:
         return [str(folder / WEIGHTS_NAME)]
     try:
         weight_map = json.loads((folder / WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
-    except (ValueError, KeyError, TypeError) as error:
+        names = list(dict.fromkeys(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointFormatError(
             f"{WEIGHTS_INDEX_NAME} of {location.description} is not a shard index ({error!r}); save or download the "
             "checkpoint again."
         ) from error
-    names = list(dict.fromkeys(weight_map.values()))
+    outside = next((name for name in names if not isinstance(name, str) or Path(name).name != name), None)
+    if outside is not None:
+        raise CheckpointFormatError(
+            f"{WEIGHTS_INDEX_NAME} of {location.description} names the shard {outside!r}, which is not a file name in "
+            "the folder (shards are read from the checkpoint's own folder only). Save or download the checkpoint again."
+        )
     location.require(folder, *names)
     return [str(folder / name) for name in names]
 
@@ -156,7 +168,7 @@ def load_predictor(
     pretrained_model_name_or_path: str | os.PathLike,
     hub_options: HubOptions | Mapping[str, Any] | None = None,
     *,
-    torch_dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     heads: int | None = None,
     dim_head: int | None = None,
@@ -167,7 +179,8 @@ def load_predictor(
     Args:
         pretrained_model_name_or_path: a Hub repo id (`"org/hyperlora"`) or a local folder.
         hub_options: a `HubOptions` (or a dict of its fields); the keywords below override it.
-        torch_dtype: dtype of the parameters (default: as stored, e.g. float16 for the release).
+        torch_dtype: dtype of the parameters, a torch dtype or a name (`"fp16"`, `"bf16"`; default: as stored,
+            e.g. float16 for the release).
         device: where to put the parameters.
         heads, dim_head: resampler attention layout for release-layout checkpoints (default 12 x 64); they
             cannot be read off tensor shapes. The library format stores them.
@@ -185,6 +198,7 @@ def load_predictor(
         ... )  # doctest: +SKIP
     """
     options = HubOptions.of(hub_options, **hub_kwargs)
+    torch_dtype = parse_dtype(torch_dtype)
     if options.force_download and options.offline:
         logger.warning("force_download=True is ignored: downloads are off (HF_HUB_OFFLINE or local_files_only).")
     location = Location(os.fspath(pretrained_model_name_or_path), options)

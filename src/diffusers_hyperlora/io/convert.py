@@ -18,32 +18,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InvalidArgumentError
 from ..predictor import HyperLoRAPredictor
 from .checkpoint import read_checkpoint, write_checkpoint
 from .hub import HubOptions, Location
 from .model_card import hyperlora_model_card
-from .weights import MAX_SHARD_SIZE, read_tensors
-
-_DTYPES = {
-    **dict.fromkeys(("fp32", "float32"), torch.float32),
-    **dict.fromkeys(("fp16", "float16", "half"), torch.float16),
-    **dict.fromkeys(("bf16", "bfloat16"), torch.bfloat16),
-}
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """`torch.float16`, `"fp16"`, `"bf16"`, `"float32"`, ... -> a torch dtype (`None` stays `None`).
-
-    Example:
-        >>> parse_dtype("bf16")
-        torch.bfloat16
-    """
-    if dtype is None:
-        return None
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or the torch dtypes), got {dtype!r}.")
-    return _DTYPES[key]
+from .weights import MAX_SHARD_SIZE, parse_dtype, read_tensors
 
 
 def convert_checkpoint(
@@ -92,7 +72,9 @@ def convert_checkpoint(
     location = Location(os.fspath(src), HubOptions.of(hub_options, **hub_kwargs))
     dst = Path(dst)
     if location.is_local and dst.resolve() == location.local_dir.resolve():
-        raise ValueError(f"convert_checkpoint() would overwrite its source {str(dst)!r}: choose another output folder.")
+        raise InvalidArgumentError(
+            f"convert_checkpoint() would overwrite its source {str(dst)!r}: choose another output folder."
+        )
     checkpoint = read_checkpoint(location, heads=heads, dim_head=dim_head)
     changes = {k: v for k, v in (("image_encoder", image_encoder), ("face_models", face_models)) if v is not None}
     config = dataclasses.replace(checkpoint.config, **changes)

@@ -24,10 +24,20 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, InvalidArgumentTypeError
 
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+_OPTION_TYPES = (  # (field, accepted types, what the message asks for)
+    ("subfolder", (str, type(None)), "a folder name (str) or None"),
+    ("revision", (str, type(None)), "a branch, tag or commit (str) or None"),
+    ("token", (str, bool, type(None)), "a token (str), True / False, or None"),
+    ("cache_dir", (str, os.PathLike, type(None)), "a folder (str or Path) or None"),
+    ("local_files_only", bool, "True or False"),
+    ("force_download", bool, "True or False"),
+)
 
 
 @dataclass(frozen=True)
@@ -49,14 +59,26 @@ class HubOptions:
     local_files_only: bool = False
     force_download: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.subfolder, os.PathLike):  # a relative Path names a folder of the repo too
+            object.__setattr__(self, "subfolder", Path(self.subfolder).as_posix())
+        for name, types, expected in _OPTION_TYPES:
+            value = getattr(self, name)
+            if not isinstance(value, types):
+                raise InvalidArgumentTypeError(f"Hub option `{name}` must be {expected}, got {value!r}.")
+
     @classmethod
     def of(cls, options: HubOptions | Mapping[str, Any] | None = None, **overrides: Any) -> HubOptions:
         """`HubOptions` from an instance, a mapping of its fields, or keyword arguments (the keywords win)."""
+        if not isinstance(options, (HubOptions, Mapping, type(None))):
+            raise InvalidArgumentTypeError(
+                f"Hub options must be a HubOptions or a dict of its fields, got {type(options).__name__} {options!r}."
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         given = dataclasses.asdict(options) if isinstance(options, HubOptions) else dict(options or {})
         unknown = sorted((set(given) | set(overrides)) - fields)
         if unknown:
-            raise TypeError(f"Unknown Hub option(s) {unknown}; valid: {', '.join(sorted(fields))}.")
+            raise InvalidArgumentTypeError(f"Unknown Hub option(s) {unknown}; valid: {', '.join(sorted(fields))}.")
         return cls(**{**given, **overrides})
 
     @property

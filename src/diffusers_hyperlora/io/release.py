@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from ..bank import group_linears
 from ..config import HyperLoRAConfig
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..files import atomic_write_files
 from ..predictor import HyperLoRAPredictor
 from ..targets import ATTENTION_LINEARS, TargetModule
@@ -94,8 +94,8 @@ def resolve_heads(inner: int, heads: int | None, dim_head: int | None) -> tuple[
         ((12, 64), (4, 16))
     """
     for name, value in (("heads", heads), ("dim_head", dim_head)):
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise InvalidArgumentError(f"`{name}` must be a positive integer, got {value!r}.")
     if heads is None and dim_head is None:
         heads, dim_head = RELEASE_HEADS, RELEASE_DIM_HEAD
     elif heads is None:
@@ -293,6 +293,7 @@ def save_release_checkpoint(
         >>> sorted(p.name for p in folder.iterdir())[:2]
         ['hyper_lora_modules.json', 'hyper_lora_modules.safetensors']
     """
+    _refuse_library_checkpoint(Path(folder))
     config = predictor.config
     state = predictor.state_dict()
     per_file: dict[str, dict[str, torch.Tensor]] = {}  # file -> {release key: tensor (a view of the state)}
@@ -317,3 +318,16 @@ def save_release_checkpoint(
     for file in set(RELEASE_WEIGHTS + (RELEASE_BASE_RESAMPLER,)) - set(writers):
         (folder / file).unlink(missing_ok=True)  # e.g. an id_projector.safetensors of an earlier checkpoint
     return folder
+
+
+def _refuse_library_checkpoint(folder: Path) -> None:
+    """A library-format `config.json` is read before the release layout: writing the release next to it would
+    report success while loading the folder gives the old checkpoint."""
+    from .checkpoint import CONFIG_NAME, _hyperlora_config_json  # checkpoint.py imports this module
+
+    if _hyperlora_config_json(folder / CONFIG_NAME) is not None:
+        raise InvalidArgumentError(
+            f"{str(folder)!r} holds a HyperLoRA checkpoint in the library format ({CONFIG_NAME}), which would be "
+            "loaded instead of the release-layout files written there. Write the release layout to another folder, "
+            f"or delete {CONFIG_NAME} and the model*.safetensors files first."
+        )

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import HyperLoRAConfig
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..predictor import HyperLoRAPredictor
 
 WEIGHTS_NAME = "model.safetensors"
@@ -31,10 +31,34 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 MAP_WINDOW = 256 * 2**20
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors names of the dtypes a checkpoint may store
 MAX_SHARD_SIZE = "1GB"  # keeps converting the 3 GB release within ~1 GB of memory (docs/performance.md)
 
 # predictor key -> (file path, stored name), or (file path, [stored names]) for a stack of them along a new dim 0
 Sources = Mapping[str, tuple[str, str | Sequence[str]]]
+
+
+_DTYPES = {
+    **dict.fromkeys(("fp32", "float32"), torch.float32),
+    **dict.fromkeys(("fp16", "float16", "half"), torch.float16),
+    **dict.fromkeys(("bf16", "bfloat16"), torch.bfloat16),
+    **dict.fromkeys(("fp64", "float64", "double"), torch.float64),
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`torch.float16`, `"fp16"`, `"bf16"`, `"float32"`, ... -> a torch dtype (`None` stays `None`).
+
+    Example:
+        >>> parse_dtype("bf16")
+        torch.bfloat16
+    """
+    if dtype is None:
+        return None
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)} (or the torch dtypes), got {dtype!r}.")
+    return _DTYPES[key]
 
 
 @dataclass(frozen=True)
@@ -47,12 +71,22 @@ class Checkpoint:
 
 
 def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
-    """`{key: shape}` of a safetensors file, read from its header only."""
+    """`{key: shape}` of a safetensors file, read from its header only; every tensor must be floating point."""
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
-            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            dtypes = {key: part.get_dtype() for key, part in slices.items()}
+            shapes = {key: list(part.get_shape()) for key, part in slices.items()}
     except Exception as error:  # safetensors raises its own SafetensorError, or OSError
         raise CheckpointFormatError(f"{path} is not a readable .safetensors file: {error}") from error
+    other = next((key for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES), None)
+    if other is not None:
+        raise CheckpointFormatError(
+            f"{path} stores {other!r} as {dtypes[other]}; checkpoint weights are floating point "
+            f"({', '.join(FLOAT_DTYPES)}). The file is damaged or not a HyperLoRA checkpoint: download or save it "
+            "again."
+        )
+    return shapes
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:

@@ -1,0 +1,224 @@
+"""Hostile and odd inputs to the loading / saving layer (io/): each is refused with a HyperLoRAError that names the
+input, or handled as the user meant; nothing is loaded wrong silently."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from diffusers_hyperlora import CheckpointFormatError, load_predictor, save_release_checkpoint
+from diffusers_hyperlora.errors import IdentityFormatError, InvalidArgumentError, InvalidArgumentTypeError
+from diffusers_hyperlora.identity import HyperLoRAIdentity
+from diffusers_hyperlora.io import HubOptions
+from diffusers_hyperlora.io.convert import convert_checkpoint
+from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+
+INDEX = "model.safetensors.index.json"
+ATTN2 = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny predictor and its library-format checkpoint, single-file and sharded."""
+    predictor = tiny_hyperlora_predictor(seed=0)
+    root = tmp_path_factory.mktemp("saved")
+    predictor.save_pretrained(root / "single")
+    predictor.save_pretrained(root / "sharded", max_shard_size=200_000)
+    return predictor, root
+
+
+def _copy(saved, tmp_path, which="single"):
+    return shutil.copytree(saved[1] / which, tmp_path / which)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(a.state_dict()[k].float(), t.float()) for k, t in b.state_dict().items())
+
+
+def _edit_index(folder, edit):
+    index = json.loads((folder / INDEX).read_text())
+    edit(index["weight_map"])
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+# ---------------------------------------------------------------------------------------------- two formats, one folder
+def test_save_pretrained_over_a_release_folder_loads_the_new_save(tmp_path):
+    old, new = tiny_hyperlora_predictor(seed=0), tiny_hyperlora_predictor(seed=1)
+    save_release_checkpoint(old, tmp_path)
+    new.save_pretrained(tmp_path)
+    assert _same(load_predictor(tmp_path), new)
+
+
+def test_save_release_over_a_library_checkpoint_is_refused_and_changes_nothing(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(InvalidArgumentError, match=r"config\.json.*would be\s+loaded instead"):
+        save_release_checkpoint(tiny_hyperlora_predictor(seed=1), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_save_release_next_to_a_foreign_config_json_still_works(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    predictor = tiny_hyperlora_predictor(seed=1)
+    save_release_checkpoint(predictor, tmp_path)
+    assert _same(load_predictor(tmp_path), predictor)
+
+
+# ---------------------------------------------------------------------------------------------- shard indexes
+@pytest.mark.parametrize("name", ["../outside.safetensors", "{root}/outside.safetensors", "sub/model.safetensors"])
+def test_shard_index_naming_a_file_outside_the_folder_is_refused(saved, tmp_path, name):
+    folder = _copy(saved, tmp_path, "sharded")
+    shutil.copy(folder / "model-00001-of-00017.safetensors", tmp_path / "outside.safetensors")
+    name = name.format(root=tmp_path)
+    _edit_index(folder, lambda weight_map: weight_map.update(dict.fromkeys(weight_map, name)))
+    with pytest.raises(CheckpointFormatError, match=r"file name in the folder"):
+        load_predictor(folder)
+
+
+@pytest.mark.parametrize("weight_map", [[], {"resampler.latents": 1}, "model.safetensors"])
+def test_malformed_weight_map_is_a_format_error(saved, tmp_path, weight_map):
+    folder = _copy(saved, tmp_path, "sharded")
+    (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointFormatError, match=INDEX):
+        load_predictor(folder)
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path, "sharded")
+    first = load_file(folder / "model-00001-of-00017.safetensors")
+    second = load_file(folder / "model-00002-of-00017.safetensors")
+    key = next(iter(first))
+    second[key] = torch.zeros_like(first[key])
+    save_file(second, folder / "model-00002-of-00017.safetensors")
+    with pytest.raises(CheckpointFormatError, match=rf"{key}.*both"):
+        load_predictor(folder)
+
+
+# ---------------------------------------------------------------------------------------------- tensor dtypes
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+@pytest.mark.parametrize("torch_dtype", [None, torch.float32])
+def test_non_float_weights_are_refused(saved, tmp_path, dtype, torch_dtype):
+    folder = _copy(saved, tmp_path)
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v.to(dtype) for k, v in state.items()}, folder / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match=r"model\.safetensors.*(I32|BOOL)"):
+        load_predictor(folder, torch_dtype=torch_dtype)
+
+
+def test_non_float_release_weights_are_refused(tmp_path):
+    save_release_checkpoint(tiny_hyperlora_predictor(), tmp_path)
+    state = load_file(tmp_path / "resampler.safetensors")
+    save_file({k: v.to(torch.int64) for k, v in state.items()}, tmp_path / "resampler.safetensors")
+    with pytest.raises(CheckpointFormatError, match=r"resampler\.safetensors.*I64"):
+        load_predictor(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_float_dtypes_load_as_stored(saved, tmp_path, dtype):
+    folder = _copy(saved, tmp_path)
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v.to(dtype) for k, v in state.items()}, folder / "model.safetensors")
+    assert next(load_predictor(folder).parameters()).dtype == dtype
+
+
+@pytest.mark.parametrize("torch_dtype", ["float16", "bf16", torch.float16])
+def test_torch_dtype_may_be_a_name(saved, torch_dtype):
+    assert next(load_predictor(saved[1] / "single", torch_dtype=torch_dtype).parameters()).dtype != torch.float32
+
+
+@pytest.mark.parametrize("torch_dtype", [torch.int32, "float8", 16])
+def test_a_bad_torch_dtype_is_an_argument_error(saved, torch_dtype):
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        load_predictor(saved[1] / "single", torch_dtype=torch_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"num_basis": 8.5},
+        {"num_basis": "8"},
+        {"num_basis": None},
+        {"resampler_dim_head": 0},
+        {"use_id_embeds": "yes"},
+        {"targets": [1, 2]},
+        {"targets": [{"name": ATTN2, "hidden_size": "64", "cross_attention_dim": 32}]},
+        {"targets": [{"name": ATTN2, "hidden_size": 64, "cross_attention_dim": 0}]},
+    ],
+)
+def test_config_json_with_wrong_types_is_a_format_error(saved, tmp_path, change):
+    folder = _copy(saved, tmp_path)
+    config = {**json.loads((folder / "config.json").read_text()), **change}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match=r"config\.json .* is not a valid HyperLoRAConfig"):
+        load_predictor(folder)
+
+
+# ---------------------------------------------------------------------------------------------- Hub options
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"local_files_only": "no"},
+        {"force_download": 1},
+        {"revision": 3},
+        {"subfolder": 3},
+        {"token": 5},
+        {"cache_dir": 5},
+    ],
+)
+def test_hub_options_of_the_wrong_type_are_refused(options):
+    with pytest.raises(InvalidArgumentTypeError, match=next(iter(options))):
+        HubOptions.of(options)
+    with pytest.raises(InvalidArgumentTypeError, match=next(iter(options))):
+        load_predictor("org/name", **options)
+
+
+@pytest.mark.parametrize("options", [["revision"], "revision=v1"])
+def test_hub_options_that_are_not_a_mapping_are_refused(options):
+    with pytest.raises(InvalidArgumentTypeError, match="HubOptions"):
+        HubOptions.of(options)
+
+
+def test_unknown_hub_option_is_a_hyperlora_error(saved):
+    with pytest.raises(InvalidArgumentTypeError, match="revison"):
+        load_predictor(saved[1] / "single", revison="v1")
+
+
+def test_hub_options_accept_paths_and_token_booleans(saved, tmp_path):
+    subfolder = saved[1].joinpath("single").relative_to(saved[1])
+    options = HubOptions.of(subfolder=subfolder, token=False, cache_dir=tmp_path)
+    assert options.subfolder == "single" and options.token is False
+    assert _same(load_predictor(saved[1], options), saved[0])
+
+
+# ---------------------------------------------------------------------------------------------- argument errors
+def test_bad_heads_and_self_conversion_are_hyperlora_errors(saved, tmp_path):
+    save_release_checkpoint(saved[0], tmp_path / "release")
+    with pytest.raises(InvalidArgumentError, match="heads"):
+        load_predictor(tmp_path / "release", heads=0)
+    with pytest.raises(InvalidArgumentError, match="heads"):
+        load_predictor(tmp_path / "release", heads=True)
+    with pytest.raises(InvalidArgumentError, match="heads"):
+        load_predictor(saved[1] / "single", heads=12)
+    (tmp_path / "link").symlink_to(tmp_path / "release")
+    with pytest.raises(InvalidArgumentError, match="overwrite its source"):
+        convert_checkpoint(tmp_path / "release", tmp_path / "link", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- identity files
+@pytest.mark.parametrize("key", ["id_mean", "probe"])
+def test_identity_file_with_non_float_tensors_is_refused(saved, tmp_path, key):
+    predictor = saved[0]
+    identity = predictor.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 5, 48))
+    identity.save(tmp_path / "me.safetensors")
+    with safe_open(tmp_path / "me.safetensors", framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors[key] = (tensors[key] * 100).to(torch.int32)
+    save_file(tensors, tmp_path / "me.safetensors", metadata=metadata)
+    with pytest.raises(IdentityFormatError, match=rf"{key}.*floating point"):
+        HyperLoRAIdentity.load(tmp_path / "me.safetensors")
