@@ -12,7 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from diffusers_hyperlora import CheckpointFormatError, load_predictor, save_release_checkpoint
-from diffusers_hyperlora.errors import IdentityFormatError, InvalidArgumentError, InvalidArgumentTypeError
+from diffusers_hyperlora.errors import (
+    IdentityFormatError,
+    IdentityNotFoundError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+)
 from diffusers_hyperlora.identity import HyperLoRAIdentity
 from diffusers_hyperlora.io import HubOptions
 from diffusers_hyperlora.io.convert import convert_checkpoint
@@ -222,3 +227,9 @@ def test_identity_file_with_non_float_tensors_is_refused(saved, tmp_path, key):
     save_file(tensors, tmp_path / "me.safetensors", metadata=metadata)
     with pytest.raises(IdentityFormatError, match=rf"{key}.*floating point"):
         HyperLoRAIdentity.load(tmp_path / "me.safetensors")
+
+
+def test_a_missing_identity_file_is_a_hyperlora_error(tmp_path):
+    with pytest.raises(IdentityNotFoundError, match="No identity file") as caught:
+        HyperLoRAIdentity.load(tmp_path)  # a folder is not a file either
+    assert isinstance(caught.value, FileNotFoundError)

@@ -41,6 +41,10 @@ class IdentityFormatError(HyperLoRAError, ValueError):
     """A file is not a saved `HyperLoRAIdentity` (wrong kind of file, damaged, or from a newer version)."""
 
 
+class IdentityNotFoundError(HyperLoRAError, FileNotFoundError):
+    """No identity file at the path given (`HyperLoRAIdentity.load`, identity files among CLI inputs)."""
+
+
 class ImageInputError(HyperLoRAError, ValueError):
     """An input image cannot be read, or has a form (type, shape, dtype, value range) that is not supported."""
 

@@ -31,6 +31,7 @@ from .checks import count_non_finite, require_finite
 from .errors import (
     IdentityFormatError,
     IdentityMismatchError,
+    IdentityNotFoundError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
@@ -356,7 +357,7 @@ def _read_identity_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, s
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise IdentityNotFoundError(
             f"No identity file at {path!r}. Pass the path of a file written by `identity.save(...)` or "
             "`diffusers-hyperlora identity ... -o person.safetensors`."
         )

@@ -280,7 +280,8 @@ def save_release_checkpoint(
 
     Args:
         predictor: a `HyperLoRAPredictor`.
-        folder: the output folder (created; files of the same names are replaced).
+        folder: the output folder (created; files of the same names are replaced). A folder holding a
+            library-format checkpoint (`config.json`) is refused: that one would be loaded instead.
         dtype: dtype of the files (default: the predictor's). The release uses float16.
 
     Returns:
