@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusers_hyperlora import CheckpointFormatError, load_predictor, save_release_checkpoint
 from diffusers_hyperlora.errors import (
+    HyperLoRAWriteError,
     IdentityFormatError,
     IdentityNotFoundError,
     InvalidArgumentError,
@@ -233,3 +234,35 @@ def test_a_missing_identity_file_is_a_hyperlora_error(tmp_path):
     with pytest.raises(IdentityNotFoundError, match="No identity file") as caught:
         HyperLoRAIdentity.load(tmp_path)  # a folder is not a file either
     assert isinstance(caught.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("name", [None, 3, ["org/name"]], ids=["none", "int", "list"])
+def test_a_checkpoint_named_by_something_else_than_a_path_is_refused(name, tmp_path):
+    with pytest.raises(InvalidArgumentTypeError, match=r"Hub repo id .* or a local folder \(str or Path\)"):
+        load_predictor(name)
+    with pytest.raises(InvalidArgumentTypeError, match=r"Hub repo id .* or a local folder"):
+        convert_checkpoint(name, tmp_path / "out")
+
+
+@pytest.mark.parametrize("device", ["gpu-please", 3.5], ids=["unknown-name", "float"])
+def test_a_bad_device_is_an_argument_error(saved, device):
+    with pytest.raises(InvalidArgumentError, match=r"device must be a torch device or a name like 'cpu'"):
+        load_predictor(saved[1] / "single", device=device)
+
+
+def test_a_config_deeper_than_its_weights_is_refused_before_building_it(saved, tmp_path):
+    """A huge depth in config.json used to build (for the shape check) that many layers: a hang, not an error."""
+    folder = _copy(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["resampler_depth"] = 10**9
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match=r"resampler_depth=1000000000, but the weights hold 2 resampler"):
+        load_predictor(folder)
+
+
+def test_a_file_where_the_destination_folder_should_be_is_named(saved, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(OSError, match=r"a file stands where a folder is needed") as error:
+        saved[0].save_pretrained(tmp_path / "taken")
+    assert isinstance(error.value, HyperLoRAWriteError)
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"

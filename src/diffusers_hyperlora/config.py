@@ -1,17 +1,23 @@
-"""`HyperLoRAConfig`: every number of a HyperLoRA architecture, JSON-serializable."""
+"""`HyperLoRAConfig`: every number of a HyperLoRA architecture, and its `config.json` form."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from typing import Any
 
+from .errors import CheckpointFormatError
 from .targets import ATTENTION_LINEARS, TargetLinear, TargetModule, target_linears
 
 DEFAULT_TRIGGER_WORDS = "fcsks fxhks fhyks"
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+CONFIG_NAME = "config.json"
+FORMAT_VERSION = 1  # of config.json; a newer one is refused
 
 _POSITIVE_INTS = (
     "num_basis id_rank resampler_dim resampler_depth resampler_heads resampler_dim_head resampler_ff_mult "
@@ -134,3 +140,47 @@ class HyperLoRAConfig:
         ).split()
         data = {k: v for k, v in self.to_dict().items() if k in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ config.json
+    def to_json_dict(self) -> dict[str, Any]:
+        """The content of `config.json`: the fields plus `_class_name`, `_format_version`, `_library_version`.
+
+        Example:
+            >>> from diffusers_hyperlora.tiny import tiny_hyperlora_config
+            >>> data = tiny_hyperlora_config().to_json_dict()
+            >>> data["_class_name"], data["num_basis"], len(data["targets"])
+            ('HyperLoRAPredictor', 8, 24)
+        """
+        try:
+            version = metadata.version("diffusers-hyperlora")
+        except metadata.PackageNotFoundError:  # running from a source tree
+            version = "unknown"
+        header = {"_class_name": "HyperLoRAPredictor", "_format_version": FORMAT_VERSION, "_library_version": version}
+        return {**header, **self.to_dict()}
+
+    @classmethod
+    def from_json_dict(cls, raw: Mapping, where: str = CONFIG_NAME) -> HyperLoRAConfig:
+        """Parse `config.json` (also the older `{"config": {...}}` nesting); `where` names it in errors."""
+        raw = raw["config"] if isinstance(raw.get("config"), Mapping) else raw
+        version = raw.get("_format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointFormatError(
+                f"{where} is format version {version!r}; this diffusers-hyperlora reads up to {FORMAT_VERSION}. "
+                "Upgrade diffusers-hyperlora."
+            )
+        try:
+            return cls.from_dict(dict(raw))
+        except (TypeError, ValueError) as error:
+            raise CheckpointFormatError(f"{where} is not a valid HyperLoRAConfig: {error}") from error
+
+
+def read_config_json(path: str | os.PathLike) -> Mapping | None:
+    """The parsed `config.json` at `path` when it is a HyperLoRA config; `None` when missing, unreadable, or another
+    model's config (no `targets` list / `num_basis`)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            raw = json.load(file)
+    except (OSError, ValueError):
+        return None
+    inner = raw.get("config", raw) if isinstance(raw, dict) else None
+    return raw if isinstance(inner, dict) and isinstance(inner.get("targets"), list) and "num_basis" in inner else None

@@ -36,10 +36,12 @@ def _remove_quietly(path: Path) -> None:
 
 def _write_error(destination: Path, error: BaseException) -> HyperLoRAWriteError:
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    fix = "check that the folder is writable and the disk has space, then try again"
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        fix = "a file stands where a folder is needed on that path: choose another destination or move the file"
     return HyperLoRAWriteError(
         getattr(error, "errno", None) or 5,
-        f"Could not write {str(destination)!r}: {reason}. Nothing was changed there; check that the folder is "
-        "writable and the disk has space, then try again",
+        f"Could not write {str(destination)!r}: {reason}. Nothing was changed there; {fix}",
         str(destination),
     )
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from diffusers.utils import logging
 from huggingface_hub import ModelCard
 
-from ..config import HyperLoRAConfig
+from ..config import CONFIG_NAME, FORMAT_VERSION, HyperLoRAConfig, read_config_json
 from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..files import atomic_write_files
 from ..predictor import HyperLoRAPredictor
@@ -33,6 +32,7 @@ from .weights import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     Checkpoint,
+    Sources,
     build_predictor,
     check_shapes,
     meta_shapes,
@@ -45,53 +45,8 @@ from .weights import (
 
 logger = logging.get_logger(__name__)
 
-CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
-FORMAT_VERSION = 1
 OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors")
-
-
-# ---------------------------------------------------------------------------------------------- config.json
-def config_to_json_dict(config: HyperLoRAConfig) -> dict:
-    """The content of `config.json`: the config's fields plus `_class_name`, `_format_version`, `_library_version`.
-
-    Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_config
-        >>> data = config_to_json_dict(tiny_hyperlora_config())
-        >>> data["_class_name"], data["num_basis"], len(data["targets"])
-        ('HyperLoRAPredictor', 8, 24)
-    """
-    try:
-        version = metadata.version("diffusers-hyperlora")
-    except metadata.PackageNotFoundError:  # running from a source tree
-        version = "unknown"
-    header = {"_class_name": "HyperLoRAPredictor", "_format_version": FORMAT_VERSION, "_library_version": version}
-    return {**header, **config.to_dict()}
-
-
-def config_from_json_dict(raw: Mapping, where: str = CONFIG_NAME) -> HyperLoRAConfig:
-    """Parse `config.json` (also the older `{"config": {...}}` nesting) into a `HyperLoRAConfig`."""
-    raw = raw["config"] if isinstance(raw.get("config"), Mapping) else raw
-    version = raw.get("_format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"{where} is format version {version!r}; this diffusers-hyperlora reads up to {FORMAT_VERSION}. "
-            "Upgrade diffusers-hyperlora."
-        )
-    try:
-        return HyperLoRAConfig.from_dict(dict(raw))
-    except (TypeError, ValueError) as error:
-        raise CheckpointFormatError(f"{where} is not a valid HyperLoRAConfig: {error}") from error
-
-
-def _hyperlora_config_json(path: Path) -> Mapping | None:
-    """The parsed `config.json` when it is a HyperLoRA config; `None` when missing, unreadable or another model's."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    inner = raw.get("config", raw) if isinstance(raw, dict) else None
-    return raw if isinstance(inner, dict) and isinstance(inner.get("targets"), list) and "num_basis" in inner else None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -101,7 +56,7 @@ def read_checkpoint(location: Location, heads: int | None = None, dim_head: int 
     `heads` / `dim_head` apply to the release's layout only (the library format stores them).
     """
     folder = location.folder([CONFIG_NAME, RELEASE_MODULES_JSON], what="the checkpoint's JSON files")
-    raw = _hyperlora_config_json(folder / CONFIG_NAME)
+    raw = read_config_json(folder / CONFIG_NAME)
     if raw is None and (folder / RELEASE_MODULES_JSON).is_file():
         return read_release(location, heads=heads, dim_head=dim_head)
     if raw is None:
@@ -111,8 +66,16 @@ def read_checkpoint(location: Location, heads: int | None = None, dim_head: int 
             f"`heads`/`dim_head` only apply to release-layout checkpoints; {location.description} is in the library "
             "format, whose config.json already stores them. Drop the two arguments."
         )
-    config = config_from_json_dict(raw, f"{CONFIG_NAME} of {location.description}")
+    config = HyperLoRAConfig.from_json_dict(raw, f"{CONFIG_NAME} of {location.description}")
     files = _weight_files(location, location.folder(OWN_FILES, what="the weights"))
+    sources, shapes = _own_sources(files, location)
+    _check_depth(config, shapes, location)  # before the shape check, which builds every layer the config names
+    check_shapes(meta_shapes(config), shapes, location.description)
+    return Checkpoint(config, sources, stored_dtype(files[0]))
+
+
+def _own_sources(files: list[str], location: Location) -> tuple[Sources, dict[str, list[int]]]:
+    """`(key -> (file, key), key -> shape)` over the weight files; a key must be stored once."""
     sources, shapes = {}, {}
     for path in files:
         for key, shape in read_safetensors_shapes(path).items():
@@ -122,8 +85,25 @@ def read_checkpoint(location: Location, heads: int | None = None, dim_head: int 
                     f"{Path(path).name}; which one is meant cannot be told. Save or download the checkpoint again."
                 )
             sources[key], shapes[key] = (path, key), shape
-    check_shapes(meta_shapes(config), shapes, location.description)
-    return Checkpoint(config, sources, stored_dtype(files[0]))
+    return sources, shapes
+
+
+def _check_depth(config: HyperLoRAConfig, shapes: Mapping[str, Any], location: Location) -> None:
+    stored = {key.split(".")[2] for key in shapes if key.startswith("resampler.layers.")}
+    if config.resampler_depth != len(stored):
+        raise CheckpointFormatError(
+            f"{CONFIG_NAME} of {location.description} says resampler_depth={config.resampler_depth}, but the weights "
+            f"hold {len(stored)} resampler layers. The files of a checkpoint must belong together: download or save "
+            "them again as one set."
+        )
+
+
+def _parse_device(device: torch.device | str) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        message = f"device must be a torch device or a name like 'cpu' or 'cuda:0', got {device!r}."
+        raise InvalidArgumentError(message) from error
 
 
 def _weight_files(location: Location, folder: Path) -> list[str]:
@@ -201,7 +181,8 @@ def load_predictor(
     torch_dtype = parse_dtype(torch_dtype)
     if options.force_download and options.offline:
         logger.warning("force_download=True is ignored: downloads are off (HF_HUB_OFFLINE or local_files_only).")
-    location = Location(os.fspath(pretrained_model_name_or_path), options)
+    location = Location.of(pretrained_model_name_or_path, options)
+    device = _parse_device(device)
     checkpoint = read_checkpoint(location, heads=heads, dim_head=dim_head)
     return build_predictor(checkpoint.config, checkpoint.sources, torch_dtype or checkpoint.dtype, device)
 
@@ -226,7 +207,7 @@ def write_checkpoint(
         "hyperlora_architecture": config.architecture_hash(),
     }
     writers = weight_writers(tensors, read, metadata, max_shard_size or MAX_SHARD_SIZE)
-    text = json.dumps(config_to_json_dict(config), indent=2)
+    text = json.dumps(config.to_json_dict(), indent=2)
     writers[CONFIG_NAME] = lambda path: path.write_text(text, encoding="utf-8")
     if card is not None:
         writers[CARD_NAME] = card.save

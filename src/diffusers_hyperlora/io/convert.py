@@ -69,7 +69,7 @@ def convert_checkpoint(
         PosixPath('hyperlora-fidelity-fp16')
     """
     dtype = parse_dtype(dtype)
-    location = Location(os.fspath(src), HubOptions.of(hub_options, **hub_kwargs))
+    location = Location.of(src, HubOptions.of(hub_options, **hub_kwargs))
     dst = Path(dst)
     if location.is_local and dst.resolve() == location.local_dir.resolve():
         raise InvalidArgumentError(

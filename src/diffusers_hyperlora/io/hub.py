@@ -119,6 +119,16 @@ class Location:
     path: str
     options: HubOptions = HubOptions()
 
+    @classmethod
+    def of(cls, path: str | os.PathLike, options: HubOptions) -> Location:
+        """The location a user named: a Hub repo id or a local folder, as a string or a path."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgumentTypeError(
+                f"A checkpoint is named by a Hub repo id ('org/name') or a local folder (str or Path), got "
+                f"{type(path).__name__} {path!r}."
+            )
+        return cls(os.fspath(path), options)
+
     @property
     def is_local(self) -> bool:
         return Path(self.path).expanduser().is_dir()

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..bank import group_linears
-from ..config import HyperLoRAConfig
+from ..config import CONFIG_NAME, HyperLoRAConfig, read_config_json
 from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..files import atomic_write_files
 from ..predictor import HyperLoRAPredictor
@@ -324,9 +324,7 @@ def save_release_checkpoint(
 def _refuse_library_checkpoint(folder: Path) -> None:
     """A library-format `config.json` is read before the release layout: writing the release next to it would
     report success while loading the folder gives the old checkpoint."""
-    from .checkpoint import CONFIG_NAME, _hyperlora_config_json  # checkpoint.py imports this module
-
-    if _hyperlora_config_json(folder / CONFIG_NAME) is not None:
+    if read_config_json(folder / CONFIG_NAME) is not None:
         raise InvalidArgumentError(
             f"{str(folder)!r} holds a HyperLoRA checkpoint in the library format ({CONFIG_NAME}), which would be "
             "loaded instead of the release-layout files written there. Write the release layout to another folder, "
