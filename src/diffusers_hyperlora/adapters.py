@@ -14,7 +14,7 @@ While the adapters are fused, writes go through the exact merge of `exact_merge.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 from diffusers.utils import logging
@@ -299,14 +299,23 @@ class HyperLoRAAdapters:
         if not getattr(self.denoiser, "peft_config", None):
             remove_peft_layers(self.denoiser)
 
-    @torch.no_grad()
     def _restore_merged(self, names: list[str]) -> None:
-        for layer in self._layers:
-            others = [n for n in layer.merged_adapters if n not in names]
-            if any(n in names for n in layer.merged_adapters):
-                layer.unmerge()  # exact restore of the base weights
-                if others:  # other fused adapters stay fused, with a fresh exact snapshot
-                    layer.merge(adapter_names=others)
+        unmerge_adapters(self._layers, names)
+
+
+@torch.no_grad()
+def unmerge_adapters(layers: Iterable[nn.Module], names: Collection[str]) -> None:
+    """Take the named adapters out of the base weights where they are fused; other fused adapters stay fused.
+
+    Call before deleting fused adapters: PEFT's `delete_adapter` leaves a merged update in the base weight.
+    """
+    for layer in layers:
+        if not isinstance(layer, BaseTunerLayer) or not any(n in names for n in layer.merged_adapters):
+            continue
+        others = [n for n in layer.merged_adapters if n not in names]
+        layer.unmerge()  # exact restore of the base weights
+        if others:  # other fused adapters stay fused, with a fresh exact snapshot
+            layer.merge(adapter_names=others)
 
 
 def remove_peft_layers(denoiser: nn.Module) -> None:

@@ -43,6 +43,7 @@ from .sliders import (
     DEFAULT_SLIDER_WEIGHT,
     HyperLoRASlider,
     add_slider_adapter,
+    check_slider_weight,
     delete_slider_adapters,
     write_slider_adapter,
 )
@@ -543,6 +544,7 @@ class HyperLoRAController:
         """Add (or rewrite) a slider adapter (see `pipe.add_hyperlora_slider`)."""
         with self.lock:
             loaded = self._require("pipe.add_hyperlora_slider()")
+            weight = check_slider_weight(weight)
             if adapter_name in loaded.adapters.names.values():
                 raise AdapterNameConflictError(
                     f"add_hyperlora_slider(): {adapter_name!r} is one of HyperLoRA's own adapters "

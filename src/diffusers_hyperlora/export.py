@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import HyperLoRAConfig
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
 from .files import atomic_path
 from .targets import TargetLinear
 
@@ -45,6 +45,20 @@ def check_format(format: str) -> str:
     return format
 
 
+def check_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return `dtype` if it is a floating-point `torch.dtype` (what a LoRA file stores), else raise naming the fix."""
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidArgumentTypeError(
+            f"The LoRA dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}; e.g. dtype=torch.float16."
+        )
+    if not dtype.is_floating_point:
+        raise InvalidArgumentError(
+            f"The LoRA dtype must be a floating-point dtype (LoRA factors are small fractions that {dtype} rounds "
+            f"away), got {dtype}; use torch.float32, torch.float16 or torch.bfloat16."
+        )
+    return dtype
+
+
 def lora_state_dict(
     linears: Sequence[TargetLinear],
     weights: LoraFactors,
@@ -64,6 +78,7 @@ def lora_state_dict(
         ['to_q.lora_down.weight', 'to_q.lora_up.weight', 'to_q.alpha']
     """
     check_format(format)
+    check_dtype(dtype)
     if len(weights) != len(linears):
         raise ValueError(f"Expected LoRA factors for {len(linears)} linears, got {len(weights)}.")
     state_dict: dict[str, torch.Tensor] = {}

@@ -13,11 +13,15 @@ weights as an uncached one. The owner clears the cache when the bank changes (a 
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
 from .identity import HyperLoRAIdentity
 
 # Per branch ("id", "base"): the bank's grouped factors, `(down [G, r, in], up [G, out, r])` per shape group.
@@ -38,6 +42,21 @@ def identity_key(identity: HyperLoRAIdentity, dtype: torch.dtype, device: torch.
     return digest.hexdigest()
 
 
+def check_budget(max_bytes: Any) -> int:
+    """`max_bytes` as an int, or `InvalidArgumentTypeError` / `InvalidArgumentError` (not a number, < 0, NaN/inf)."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Real):
+        raise InvalidArgumentTypeError(
+            f"The cache's max_bytes must be a number of bytes, got {type(max_bytes).__name__} {max_bytes!r}; e.g. "
+            "`cache.max_bytes = 2 * 2**30` (2 GiB), or 0 to turn the cache off."
+        )
+    if not math.isfinite(max_bytes) or max_bytes < 0:
+        raise InvalidArgumentError(
+            f"The cache's max_bytes must be a finite number of bytes >= 0, got {max_bytes}; e.g. "
+            "`cache.max_bytes = 2 * 2**30` (2 GiB), or 0 to turn the cache off."
+        )
+    return int(max_bytes)
+
+
 def factors_bytes(factors: PreparedFactors) -> int:
     return sum(t.numel() * t.element_size() for groups in factors.values() for pair in groups for t in pair)
 
@@ -50,13 +69,21 @@ class PreparedIdentityCache:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0 (0 disables the cache), got {max_bytes}.")
-        self.max_bytes = max_bytes
         self._entries: OrderedDict[str, tuple[PreparedFactors, int]] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
+        self.max_bytes = max_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        """The byte budget; setting it lower evicts the least recently used entries at once (0 empties the cache)."""
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        self._max_bytes = check_budget(value)
+        self._evict(0)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -82,11 +109,15 @@ class PreparedIdentityCache:
             self.nbytes -= self._entries.pop(key)[1]
         if size > self.max_bytes:
             return
-        while self._entries and self.nbytes + size > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.nbytes -= evicted
+        self._evict(size)
         self._entries[key] = (factors, size)
         self.nbytes += size
+
+    def _evict(self, room: int) -> None:
+        """Drop least recently used entries until `room` more bytes fit under the budget."""
+        while self._entries and self.nbytes + room > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.nbytes -= evicted
 
     def prepare(
         self,

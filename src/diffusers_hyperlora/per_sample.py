@@ -50,6 +50,26 @@ def batch_rows(num_identities: int, batch: int, guidance: bool) -> torch.Tensor:
     return rows.repeat(halves)
 
 
+def check_prompt_copies(prompt_embeds: torch.Tensor, num_identities: int, guidance: bool) -> None:
+    """Raise `IdentityCountError` when rows that `batch_rows` gives one identity are not copies of one prompt.
+
+    `k * N` different prompts for `N` identities have the row count of `N` prompts x `k` images each; only the
+    conditioning tells them apart: diffusers repeats a prompt's embeddings for its `num_images_per_prompt` images.
+    """
+    halves = 2 if guidance else 1
+    if prompt_embeds.shape[0] <= halves * num_identities:
+        return  # one row per identity: nothing to tell apart
+    blocks = prompt_embeds.reshape(halves * num_identities, prompt_embeds.shape[0] // (halves * num_identities), -1)
+    if torch.equal(blocks, blocks[:, :1].expand_as(blocks)):
+        return
+    raise IdentityCountError(
+        f"The denoiser got a batch of {prompt_embeds.shape[0]} rows holding more different prompts than the "
+        f"{num_identities} identities given to `set_hyperlora_identities`, so prompts would share an identity. Pass "
+        "exactly one identity per prompt (several images of one prompt come from `num_images_per_prompt`), or call "
+        "`pipe.set_hyperlora_identity(x)` to use one identity for the whole batch."
+    )
+
+
 def stack_factors(per_identity: Sequence[GroupedFactors], dtype: torch.dtype, device: torch.device) -> GroupedFactors:
     """Identities' grouped factors -> per group `(down [G, N, r, in], up [G, N, out, r])` in the live dtype."""
     stacked = []
@@ -68,12 +88,21 @@ class PerSampleLoRA:
         layers: the target PEFT layers, in the checkpoint's linear order.
         guidance: called once per denoiser forward; whether the batch is `[uncond, cond]` (classifier-free
             guidance), e.g. the pipeline's `do_classifier_free_guidance`.
+        attached: called once per denoiser forward; whether the adapters are still on the denoiser. When diffusers
+            removed them (`unload_lora_weights`, `delete_adapters`), the per-sample mode removes itself.
     """
 
-    def __init__(self, denoiser: nn.Module, layers: Sequence[BaseTunerLayer], guidance: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        layers: Sequence[BaseTunerLayer],
+        guidance: Callable[[], bool],
+        attached: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.denoiser = denoiser
         self.layers = list(layers)
         self.guidance = guidance
+        self.attached = attached
         self.num_identities = 0
         self._factors: dict[str, tuple[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._rows: torch.Tensor | None = None
@@ -118,8 +147,15 @@ class PerSampleLoRA:
         self._handles, self._factors, self._rows, self.num_identities = [], {}, None, 0
 
     def _before_denoiser(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.attached():
+            self.remove()  # the adapters are gone: nothing per-sample is left to apply
+            return
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        rows = batch_rows(self.num_identities, sample.shape[0], bool(self.guidance()))
+        guidance = bool(self.guidance())
+        rows = batch_rows(self.num_identities, sample.shape[0], guidance)
+        prompts = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if isinstance(prompts, torch.Tensor) and prompts.shape[0] == sample.shape[0]:
+            check_prompt_copies(prompts, self.num_identities, guidance)
         self._rows = rows.to(sample.device)
 
     def _layer_hook(self, index: int) -> Callable:

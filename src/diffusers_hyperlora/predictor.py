@@ -263,10 +263,11 @@ class HyperLoRAPredictor(
         Example:
             >>> state_dict = pipe.hyperlora.export_lora(identity, "me.safetensors", format="kohya")  # doctest: +SKIP
         """
-        from .export import check_format, export_lora_state_dict, save_lora_file
+        from .export import check_dtype, check_format, export_lora_state_dict, save_lora_file
         from .sliders import DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, slider_alpha
 
         check_format(format)
+        check_dtype(dtype)
         if branch == "base" and not self.config.has_base:
             raise InvalidArgumentError(
                 "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "

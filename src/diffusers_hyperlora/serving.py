@@ -54,13 +54,13 @@ class IdentityServing:
         self.cache = PreparedIdentityCache(cache_bytes)
         paths = [linear.module_path for linear in predictor.config.linears]
         self._layers = target_layers(adapters.denoiser, paths)
-        self._per_sample = PerSampleLoRA(adapters.denoiser, self._layers, guidance)
+        self._per_sample = PerSampleLoRA(adapters.denoiser, self._layers, guidance, adapters.is_attached)
         self.identities: list[HyperLoRAIdentity] | None = None
 
     @property
     def per_sample_active(self) -> bool:
-        """Whether the next denoiser calls use one identity per prompt."""
-        return self._per_sample.active
+        """Whether the next denoiser calls use one identity per prompt (not once diffusers removed the adapters)."""
+        return self._per_sample.active and self.adapters.is_attached()
 
     def prepare(self, identity: HyperLoRAIdentity) -> PreparedFactors:
         """The identity's factors in the live adapters' dtype and device (cached)."""

@@ -13,6 +13,7 @@ be active at once, and it exports to kohya / diffusers files like an identity.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,14 @@ from diffusers.utils import logging
 from peft import LoraConfig
 from torch import nn
 
-from .adapters import active_adapters, add_adapter, check_targets, set_active_adapters, update_while_unmerged
+from .adapters import (
+    active_adapters,
+    add_adapter,
+    check_targets,
+    set_active_adapters,
+    unmerge_adapters,
+    update_while_unmerged,
+)
 from .config import HyperLoRAConfig
 from .errors import AdapterNameConflictError, InvalidArgumentError, InvalidArgumentTypeError
 from .identity import HyperLoRAIdentity
@@ -150,4 +158,21 @@ def delete_slider_adapters(denoiser: nn.Module, names: Sequence[str]) -> None:
     existing = set(getattr(denoiser, "peft_config", None) or {})
     present = [name for name in names if name in existing]
     if present:
+        unmerge_adapters(denoiser.modules(), present)  # a fused slider's update leaves the base weights too
         denoiser.delete_adapters(present)
+
+
+def check_slider_weight(weight: Any) -> float:
+    """`weight` as a float, or `InvalidArgumentTypeError` / `InvalidArgumentError` for a non-number or NaN/inf."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError) as error:
+        raise InvalidArgumentTypeError(
+            f"add_hyperlora_slider(): `weight` must be a number (the adapter weight, e.g. 0.7, negative to move the "
+            f"other way), got {weight!r}."
+        ) from error
+    if not math.isfinite(value):
+        raise InvalidArgumentError(
+            f"add_hyperlora_slider(): `weight` must be a finite number, got {value}; e.g. weight=0.7 (or -0.7)."
+        )
+    return value
