@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 
 import pytest
@@ -244,3 +245,22 @@ def test_mix_input_errors(two_people):
     other = _predict(tiny_hyperlora_predictor(seed=3), 1, seed=0)
     with pytest.raises(IdentityMismatchError):
         HyperLoRAIdentity.interpolate(a, other, 0.5, spherical=True)
+
+
+def test_combining_identities_with_and_without_base_says_the_base_part_is_dropped(caplog):
+    predictor = tiny_hyperlora_predictor(base_rank=4)
+    embeds, clip = random_features(batch=2, seed=3)
+    with_base = predictor.predict(id_embeds=embeds, clip_hidden_states=clip, base_clip_hidden_states=clip + 1)
+    without_base = dataclasses.replace(with_base, base_mean=None)
+    caplog.set_level(logging.WARNING, logger="diffusers_hyperlora")
+    for combine in (
+        lambda: HyperLoRAIdentity.merge([with_base, without_base]),
+        lambda: HyperLoRAIdentity.mix([with_base, without_base], [0.5, 0.5]),
+        lambda: HyperLoRAIdentity.interpolate(with_base, without_base, 0.5, spherical=True),
+    ):
+        caplog.clear()
+        assert combine().base_mean is None
+        assert "with and without Base coefficients" in caplog.text
+    caplog.clear()
+    assert HyperLoRAIdentity.mix([with_base, with_base], [0.5, 0.5]).base_mean is not None
+    assert "Base coefficients" not in caplog.text

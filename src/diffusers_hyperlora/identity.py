@@ -80,6 +80,18 @@ def slerp_directions(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor
     return torch.where(safe, spherical, linear)
 
 
+def _all_have_base(identities: Sequence[HyperLoRAIdentity], operation: str) -> bool:
+    """Whether every identity has Base coefficients; warns when only some do, since the result then has none."""
+    with_base = [identity.base_mean is not None for identity in identities]
+    if any(with_base) and not all(with_base):
+        logger.warning(
+            f"{operation}() got identities with and without Base coefficients (clothes, background, light): the "
+            "result has none. Predict every identity with its face-blurred photos (a checkpoint with a Base "
+            "branch does so by default) to keep the Base part."
+        )
+    return all(with_base)
+
+
 def _check_same_checkpoint(identities: Sequence[HyperLoRAIdentity], what: str) -> None:
     if not identities:
         raise InvalidArgumentError(
@@ -219,7 +231,7 @@ class HyperLoRAIdentity:
         first = identities[0]
         total = sum(i.num_images for i in identities)
         id_mean = sum(i.id_mean.float() * i.num_images for i in identities) / total
-        has_base = all(i.base_mean is not None for i in identities)
+        has_base = _all_have_base(identities, "merge")
         base_mean = sum(i.base_mean.float() * i.num_images for i in identities) / total if has_base else None
         sources = [s for i in identities for s in i.sources]
         kind = "photos" if all(i.kind == "photos" for i in identities) else "mix"
@@ -256,7 +268,7 @@ class HyperLoRAIdentity:
             )
         first = identities[0]
         id_mean = blend_directions([i.id_mean for i in identities], weights)
-        has_base = all(i.base_mean is not None for i in identities)
+        has_base = _all_have_base(identities, "mix")
         base_mean = blend_directions([i.base_mean for i in identities], weights) if has_base else None
         return cls(
             id_mean=id_mean,
@@ -288,7 +300,7 @@ class HyperLoRAIdentity:
         if not spherical:
             return cls.mix([a, b], [1.0 - t, t])
         _check_same_checkpoint([a, b], "interpolate")
-        has_base = a.base_mean is not None and b.base_mean is not None
+        has_base = _all_have_base([a, b], "interpolate")
         return cls(
             id_mean=slerp_directions(a.id_mean, b.id_mean, t),
             num_images=a.num_images + b.num_images,
