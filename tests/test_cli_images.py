@@ -100,6 +100,8 @@ def test_cache_features_runs_the_face_pipeline_per_image(files):
     assert main(["cache-features", str(data), *options]) == 0
     cache = load_feature_cache(data / "features.safetensors")
     assert sorted(cache) == ["astronaut.png", "mirrored.png"]
+    # Base features too, though this checkpoint has no Base branch: train's new checkpoints have one.
+    assert not predictor.config.has_base and "base_clip_hidden_states" in cache["astronaut.png"]
     expected = _expected_identity(predictor, root, options, ["astronaut.png"])
     single = predictor.predict(
         id_embeds=cache["astronaut.png"]["id_embeds"][None],

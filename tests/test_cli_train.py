@@ -63,4 +63,4 @@ def test_train_reports_a_missing_feature_cache(tmp_path, capsys):
     argv = ["train", "--data", str(tmp_path), "--base-model", str(tmp_path / "sdxl"), "--output-dir", str(tmp_path)]
     assert main(argv) == 1
     error = capsys.readouterr().err.splitlines()[-1]
-    assert error.startswith("diffusers-hyperlora train: error:") and "cache_features" in error
+    assert error.startswith("diffusers-hyperlora train: error:") and "cache-features" in error

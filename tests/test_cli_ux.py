@@ -222,3 +222,53 @@ def test_train_hub_options_need_init(flags, tmp_path, capsys):
     code, _, err = _run(argv, capsys)
     assert code == 1 and f"{flags[0]} apply to --init" in err and "Pass --init CHECKPOINT" in err, err
     assert "no_data" not in err  # checked before the data is read
+
+
+def test_export_and_mix_take_identity_files_not_photos(saved, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "me.jpg")
+    out = tmp_path / "out.safetensors"
+    code, _, err = _run(["export", tmp_path / "me.jpg", "-o", out, "--model", saved / "model"], capsys)
+    assert code == 1 and "not photos" in err and "me.jpg" in err and "identity PHOTO" in err, err
+    code, _, err = _run(["mix", saved / "alice.safetensors", tmp_path / "me.jpg", "-o", out], capsys)
+    assert code == 1 and "not photos" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["identity", "mix"])
+def test_identity_outputs_must_be_safetensors(command, saved, tmp_path, capsys):
+    """The CLI tells identity files from photos by the suffix: an identity saved as `.png` could not be read back."""
+    out = tmp_path / "me.png"
+    argv = [command, saved / "alice.safetensors", "-o", out] + (["--model", saved / "model"] * (command == "identity"))
+    code, _, err = _run(argv, capsys)
+    assert code == 1 and "must end in .safetensors" in err and "me.safetensors" in err, err
+    assert not out.exists()
+
+
+def test_a_bad_device_is_an_error_not_a_traceback(saved, tmp_path, capsys):
+    argv = ["export", saved / "alice.safetensors", "-o", tmp_path / "x.safetensors", "--model", saved / "model"]
+    code, _, err = _run(argv + ["--device", "gpu"], capsys)
+    assert code == 1 and "--device 'gpu' is not a device" in err, err
+    if not torch.cuda.is_available():
+        code, _, err = _run(argv + ["--device", "cuda"], capsys)
+        assert code == 1 and "sees no CUDA GPU" in err and "--device cpu" in err, err
+
+
+def test_train_checks_the_base_features_before_loading_models(tmp_path, capsys):
+    _training_data(tmp_path / "data", width=48)  # cached without Base features
+    argv = ["train", "--data", tmp_path / "data", "--output-dir", tmp_path / "run"]
+    code, _, err = _run(argv + ["--base-model", tmp_path / "no_such_sdxl"], capsys)
+    assert code == 1 and "Base branch" in err and "cache-features" in err and "--base-rank 0" in err, err
+    assert "no_such_sdxl" not in err
+
+
+def test_train_without_a_feature_cache_names_the_command(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "metadata.jsonl").write_text('{"file": "a.png", "person": "a", "caption": "x"}\n')
+    argv = ["train", "--data", tmp_path / "data", "--output-dir", tmp_path / "run", "--base-model", "x"]
+    code, _, err = _run(argv, capsys)
+    assert code == 1 and "diffusers-hyperlora cache-features" in err and "--model CHECKPOINT" in err, err

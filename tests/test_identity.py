@@ -264,3 +264,18 @@ def test_combining_identities_with_and_without_base_says_the_base_part_is_droppe
     caplog.clear()
     assert HyperLoRAIdentity.mix([with_base, with_base], [0.5, 0.5]).base_mean is not None
     assert "Base coefficients" not in caplog.text
+
+
+def test_load_checks_against_a_pipelines_hyperlora(pipe, two_people, tmp_path):
+    """docs/identities.md: `HyperLoRAIdentity.load(path, predictor=pipe.hyperlora)` (the controller works too)."""
+    from diffusers_hyperlora.errors import InvalidArgumentTypeError
+
+    path = tmp_path / "alice.safetensors"
+    two_people[0].save(path)
+    pipe.load_hyperlora(tiny_hyperlora_predictor(seed=0))
+    assert HyperLoRAIdentity.load(path, predictor=pipe.hyperlora).num_images == 2
+    pipe.load_hyperlora(tiny_hyperlora_predictor(seed=1))
+    with pytest.raises(IdentityMismatchError, match="another HyperLoRA checkpoint"):
+        HyperLoRAIdentity.load(path, predictor=pipe.hyperlora)
+    with pytest.raises(InvalidArgumentTypeError, match="HyperLoRAPredictor or `pipe.hyperlora`"):
+        HyperLoRAIdentity.load(path, predictor="org/hyperlora")

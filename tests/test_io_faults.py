@@ -266,3 +266,13 @@ def test_a_file_where_the_destination_folder_should_be_is_named(saved, tmp_path)
         saved[0].save_pretrained(tmp_path / "taken")
     assert isinstance(error.value, HyperLoRAWriteError)
     assert (tmp_path / "taken").read_text() == "a file, not a folder"
+
+
+def test_a_checkpoint_file_instead_of_its_folder_is_named(saved):
+    """A diffusers habit (`load_lora_weights("x.safetensors")`): the file is named, not looked up as a Hub repo."""
+    from diffusers_hyperlora import CheckpointNotFoundError
+
+    _, root = saved
+    with pytest.raises(CheckpointNotFoundError, match="is a file; a folder or a Hub repo id") as error:
+        load_predictor(root / "single" / "model.safetensors")
+    assert str(root / "single") in str(error.value) and "Hub repo '" not in str(error.value)

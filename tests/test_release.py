@@ -290,3 +290,11 @@ def test_sharded_checkpoint_with_a_broken_index_or_missing_shard(tmp_path):
     index.write_text('{"metadata": {}}')
     with pytest.raises(CheckpointFormatError, match=r"model.safetensors.index.json of .* is not a shard index"):
         load_predictor(tmp_path)
+
+
+def test_dtype_by_name_like_the_loaders(tmp_path):
+    """`save_release_checkpoint(..., dtype="fp16")` as `load_predictor(torch_dtype="fp16")` / `convert_checkpoint`."""
+    save_release_checkpoint(tiny_hyperlora_predictor(seed=0), tmp_path, dtype="fp16")
+    assert {t.dtype for t in load_file(tmp_path / "resampler.safetensors").values()} == {torch.float16}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        save_release_checkpoint(tiny_hyperlora_predictor(seed=0), tmp_path / "other", dtype="fp8")

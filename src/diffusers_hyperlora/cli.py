@@ -279,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Images without a face are left out.",
     )
     cache.add_argument("data", metavar="DATA", help="Dataset folder holding metadata.jsonl and the images.")
-    cache.add_argument("--no-base", action="store_true", help="Skip the face-blurred (Base branch) features.")
+    cache.add_argument(
+        "--no-base",
+        action="store_true",
+        help="Skip the face-blurred (Base branch) features; then train only checkpoints without a Base branch "
+        "(train --base-rank 0).",
+    )
     _add_model_options(cache)
     _add_face_options(cache)
     cache.set_defaults(handler=_run_cache_features)
@@ -387,7 +392,16 @@ def _device(name: str | None):
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CLIError(f"--device {name!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(
+            f"--device {name}: this torch installation sees no CUDA GPU (torch {torch.__version__}). Pass "
+            "--device cpu, or install the CUDA build of torch for your machine."
+        )
+    return device
 
 
 def _load_predictor(args: argparse.Namespace):
@@ -412,6 +426,26 @@ def _split_inputs(inputs: Sequence[str], what: str) -> tuple[list[str], list[str
     identities = [path for path in inputs if path.lower().endswith(IDENTITY_SUFFIX)]
     images = [path for path in inputs if not path.lower().endswith(IDENTITY_SUFFIX)]
     return images, identities
+
+
+def _identity_files_only(inputs: Sequence[str], what: str) -> None:
+    """`export` and `mix` read saved identities, not photos: say which command turns photos into one."""
+    photos = [path for path in inputs if not path.lower().endswith(IDENTITY_SUFFIX)]
+    if photos:
+        raise CLIError(
+            f"{what} takes identity files ({IDENTITY_SUFFIX}, written by `identity`), not photos: "
+            f"{', '.join(photos)}. Make an identity first: `{PROG} identity PHOTO... -o person{IDENTITY_SUFFIX} "
+            "--model CHECKPOINT`."
+        )
+
+
+def _check_identity_output(path: str, what: str) -> None:
+    """Identity files are told from photos by their suffix: one written under another name could not be read back."""
+    if not path.lower().endswith(IDENTITY_SUFFIX):
+        raise CLIError(
+            f"{what}: -o {path}: identity files must end in {IDENTITY_SUFFIX} (inputs are read as identities by "
+            f"that suffix, anything else as a photo). Pass e.g. -o {os.path.splitext(path)[0]}{IDENTITY_SUFFIX}."
+        )
 
 
 def _predict_from_images(predictor, images: list[str], args: argparse.Namespace):
@@ -452,6 +486,7 @@ def _describe(identity) -> str:
 
 # ---------------------------------------------------------------------------------------------- subcommands
 def _run_identity(args: argparse.Namespace) -> str:
+    _check_identity_output(args.output, "identity")
     predictor = _load_predictor(args)
     identity = _resolve_identity(args.inputs, args, predictor, "identity")
     identity.save(args.output)
@@ -460,6 +495,7 @@ def _run_identity(args: argparse.Namespace) -> str:
 
 def _run_export(args: argparse.Namespace) -> str:
     _split_inputs(args.identities, "export")
+    _identity_files_only(args.identities, "export")
     predictor = _load_predictor(args)
     identity = _resolve_identity(args.identities, args, predictor, "export")
     predictor.export_lora(identity, args.output, format=args.format, branch=args.branch, dtype=torch_dtype(args.dtype))
@@ -483,6 +519,8 @@ def _run_mix(args: argparse.Namespace) -> str:
     from .identity import HyperLoRAIdentity
 
     _split_inputs(args.identities, "mix")
+    _identity_files_only(args.identities, "mix")
+    _check_identity_output(args.output, "mix")
     identities = [HyperLoRAIdentity.load(path) for path in args.identities]
     weights = args.weights if args.weights is not None else [1.0] * len(identities)
     if len(weights) != len(identities):
@@ -534,7 +572,7 @@ def _run_cache_features(args: argparse.Namespace) -> str:
     path = cache_features(
         args.data,
         extractor,
-        with_base=predictor.config.has_base and not args.no_base,
+        with_base=not args.no_base,  # train's new checkpoints have a Base branch, whatever this checkpoint has
         device=predictor.device,
         dtype=predictor.dtype,
     )
@@ -587,16 +625,45 @@ def _check_init_options(args: argparse.Namespace) -> None:
         )
 
 
+def _check_feature_cache(args: argparse.Namespace) -> None:
+    from .training.data import FEATURES_FILE, METADATA_FILE
+
+    data = args.data
+    if os.path.isfile(os.path.join(data, METADATA_FILE)) and not os.path.isfile(os.path.join(data, FEATURES_FILE)):
+        raise CLIError(
+            f"train: {os.path.join(data, FEATURES_FILE)} not found: the face features are cached once before "
+            f"training. Run `{PROG} cache-features {data} --model CHECKPOINT` first."
+        )
+
+
+def _check_base_features(args: argparse.Namespace, dataset, predictor) -> None:
+    """A checkpoint with a Base branch trains on face-blurred features in every stage: the data must hold them."""
+    has_base = predictor.config.has_base if predictor is not None else args.base_rank > 0
+    if has_base and not dataset.has_features.get("base_clip_hidden_states", False):
+        if predictor is not None:
+            source, fix = f"the checkpoint --init {args.init}", ""
+        else:
+            source = f"a new checkpoint (--base-rank {args.base_rank})"
+            fix = ", or pass --base-rank 0 for a new checkpoint without a Base branch"
+        raise CLIError(
+            f"train: {source} has a Base branch, which needs the face-blurred (Base) features in every stage, but "
+            f"{args.data}/features.safetensors holds none. Cache them with `{PROG} cache-features {args.data} "
+            f"--model CHECKPOINT` (without --no-base){fix}."
+        )
+
+
 def _run_train(args: argparse.Namespace) -> str:
     from .io import load_predictor
     from .training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
 
     # Everything cheap is checked first (the flags, the data, the checkpoint's CLIP width); only then SDXL is loaded.
     _check_init_options(args)
+    _check_feature_cache(args)
     dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=args.resolution)
     predictor = load_predictor(args.init, _hub_options(args)) if args.init else None
     init_width = predictor.config.image_embed_dim if predictor is not None else None
     width = _training_clip_width(args, _data_clip_width(dataset), init_width)
+    _check_base_features(args, dataset, predictor)
 
     from diffusers import StableDiffusionXLPipeline
 

@@ -344,8 +344,9 @@ class HyperLoRAIdentity:
 
         Args:
             path: the `.safetensors` file.
-            predictor: optional `HyperLoRAPredictor`; when given, raise `IdentityMismatchError` right away if the
-                identity belongs to another checkpoint (otherwise that is checked when the identity is used).
+            predictor: optional `HyperLoRAPredictor` (or `pipe.hyperlora`); when given, raise
+                `IdentityMismatchError` right away if the identity belongs to another checkpoint (otherwise that is
+                checked when the identity is used).
 
         Example:
             >>> identity = HyperLoRAIdentity.load("me.safetensors")  # doctest: +SKIP
@@ -354,6 +355,12 @@ class HyperLoRAIdentity:
         tensors, metadata = _read_identity_file(os.fspath(path))
         identity = identity_from_tensors(tensors, metadata, os.fspath(path))
         if predictor is not None:
+            predictor = getattr(predictor, "predictor", predictor)  # `pipe.hyperlora` stands for its predictor
+            if not hasattr(predictor, "checkpoint_hash"):
+                raise InvalidArgumentTypeError(
+                    f"HyperLoRAIdentity.load(predictor=...) takes a HyperLoRAPredictor or `pipe.hyperlora`, got "
+                    f"{type(predictor).__name__}."
+                )
             identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
         return identity
 

@@ -164,6 +164,7 @@ class Location:
         if self.is_local:
             self._check_local_dir()
             return self.local_dir
+        self._check_not_a_file()
         try:
             root = snapshot_download(
                 self.path, allow_patterns=[self._prefix + p for p in patterns], **self.options.download_kwargs()
@@ -218,6 +219,15 @@ class Location:
             raise CheckpointNotFoundError(
                 f"Local folder {str(self.local_dir)!r} does not exist"
                 + (f" (subfolder {sub!r} of {self.path!r}). Check the subfolder name." if sub else ". Check the path.")
+            )
+
+    def _check_not_a_file(self) -> None:
+        """A path to a local file (e.g. `model.safetensors`) names a file, not the folder or repo that is wanted."""
+        path = Path(self.path).expanduser()
+        if path.is_file():
+            raise CheckpointNotFoundError(
+                f"{self.path!r} is a file; a folder or a Hub repo id ('org/name') is expected here. Pass the folder "
+                f"that holds it ({str(path.parent)!r}), with its other files."
             )
 
     def _error(self, what: str, error: Exception) -> CheckpointNotFoundError:

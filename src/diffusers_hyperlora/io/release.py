@@ -29,7 +29,15 @@ from ..files import atomic_write_files
 from ..predictor import HyperLoRAPredictor
 from ..targets import ATTENTION_LINEARS, TargetModule
 from .hub import Location
-from .weights import Checkpoint, Sources, check_shapes, meta_shapes, read_safetensors_shapes, stored_dtype
+from .weights import (
+    Checkpoint,
+    Sources,
+    check_shapes,
+    meta_shapes,
+    parse_dtype,
+    read_safetensors_shapes,
+    stored_dtype,
+)
 
 RELEASE_MODULES_JSON = "hyper_lora_modules.json"
 RELEASE_WEIGHTS = ("hyper_lora_modules.safetensors", "resampler.safetensors", "id_projector.safetensors")
@@ -268,7 +276,7 @@ def _expected_shapes(config: HyperLoRAConfig, sources: Sources) -> dict[str, dic
 
 
 def save_release_checkpoint(
-    predictor: HyperLoRAPredictor, folder: str | os.PathLike, dtype: torch.dtype | None = None
+    predictor: HyperLoRAPredictor, folder: str | os.PathLike, dtype: torch.dtype | str | None = None
 ) -> Path:
     """Write `predictor` in the public release's folder layout (what the ComfyUI plugin reads).
 
@@ -282,7 +290,8 @@ def save_release_checkpoint(
         predictor: a `HyperLoRAPredictor`.
         folder: the output folder (created; files of the same names are replaced). A folder holding a
             library-format checkpoint (`config.json`) is refused: that one would be loaded instead.
-        dtype: dtype of the files (default: the predictor's). The release uses float16.
+        dtype: dtype of the files, a torch dtype or a name (`"fp16"`, `"bf16"`, `"fp32"`; default: the
+            predictor's). The release uses float16.
 
     Returns:
         The folder.
@@ -294,6 +303,7 @@ def save_release_checkpoint(
         >>> sorted(p.name for p in folder.iterdir())[:2]
         ['hyper_lora_modules.json', 'hyper_lora_modules.safetensors']
     """
+    dtype = parse_dtype(dtype)
     _refuse_library_checkpoint(Path(folder))
     config = predictor.config
     state = predictor.state_dict()
