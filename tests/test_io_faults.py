@@ -137,9 +137,12 @@ def test_torch_dtype_may_be_a_name(saved, torch_dtype):
     assert next(load_predictor(saved[1] / "single", torch_dtype=torch_dtype).parameters()).dtype != torch.float32
 
 
-@pytest.mark.parametrize("torch_dtype", [torch.int32, "float8", 16])
-def test_a_bad_torch_dtype_is_an_argument_error(saved, torch_dtype):
-    with pytest.raises(InvalidArgumentError, match="dtype"):
+@pytest.mark.parametrize(
+    ("torch_dtype", "error"),
+    [(torch.int32, InvalidArgumentError), ("float8", InvalidArgumentError), (16, InvalidArgumentTypeError)],
+)
+def test_a_bad_torch_dtype_is_an_argument_error(saved, torch_dtype, error):
+    with pytest.raises(error, match="dtype"):
         load_predictor(saved[1] / "single", torch_dtype=torch_dtype)
 
 

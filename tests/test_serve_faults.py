@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from conftest import random_features, unet_inputs, unet_output
+from safetensors.torch import load_file
 
 from diffusers_hyperlora import HyperLoRAError, IdentityCountError, InvalidArgumentError, InvalidArgumentTypeError
 from diffusers_hyperlora.identity_cache import PreparedIdentityCache
@@ -141,10 +142,19 @@ def test_shrinking_the_cache_budget_evicts_at_once(loaded, people):
 
 
 # ---------------------------------------------------------------------------------------------- exports
-@pytest.mark.parametrize("dtype, error", [("float16", InvalidArgumentTypeError), (torch.int8, InvalidArgumentError)])
+@pytest.mark.parametrize(
+    ("dtype", "error"),
+    [(object(), InvalidArgumentTypeError), ("float8", InvalidArgumentError), (torch.int8, InvalidArgumentError)],
+)
 def test_export_dtype_is_checked(loaded, people, tmp_path, dtype, error):
-    """`dtype="float16"` raised torch's TypeError; `torch.int8` wrote a LoRA of rounded-away zeros."""
+    """A non-dtype raised torch's TypeError; `torch.int8` wrote a LoRA of rounded-away zeros."""
     path = tmp_path / "me.safetensors"
     with pytest.raises(error, match="dtype"):
         loaded.hyperlora.export_lora(people[0], path, dtype=dtype)
     assert not path.exists()
+
+
+def test_export_dtype_may_be_a_name_like_the_loaders_take(loaded, people, tmp_path):
+    state = loaded.hyperlora.export_lora(people[0], tmp_path / "me.safetensors", dtype="fp16")
+    assert {tensor.dtype for tensor in state.values()} == {torch.float16}
+    assert {t.dtype for t in load_file(tmp_path / "me.safetensors").values()} == {torch.float16}

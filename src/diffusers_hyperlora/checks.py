@@ -5,6 +5,8 @@ Example:
     >>> require_finite(torch.ones(2), "`id_embeds`", "pass normed ArcFace embeddings")
     >>> count_non_finite(torch.tensor([1.0, float("nan"), float("inf")]))
     2
+    >>> parse_dtype("bf16")
+    torch.bfloat16
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .errors import NonFiniteValueError
+from .errors import InvalidArgumentError, InvalidArgumentTypeError, NonFiniteValueError
 
 
 def count_non_finite(tensor: torch.Tensor) -> int:
@@ -51,3 +53,27 @@ def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, in
         if not is_finite(tensor.detach()):
             return name, count_non_finite(tensor.detach())
     return None
+
+
+_DTYPES = {
+    **dict.fromkeys(("fp32", "float32"), torch.float32),
+    **dict.fromkeys(("fp16", "float16", "half"), torch.float16),
+    **dict.fromkeys(("bf16", "bfloat16"), torch.bfloat16),
+    **dict.fromkeys(("fp64", "float64", "double"), torch.float64),
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating-point torch dtype from itself or a name (`"fp16"`, `"bf16"`, `"float32"`, ...); `None` stays."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise InvalidArgumentTypeError(
+            f"dtype must be a torch dtype or a name like 'fp16', got {type(dtype).__name__} {dtype!r}."
+        )
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise InvalidArgumentError(
+            f"dtype must be one of {sorted(_DTYPES)} (or those torch dtypes: floating point only), got {dtype!r}."
+        )
+    return _DTYPES[key]

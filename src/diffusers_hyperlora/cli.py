@@ -60,9 +60,9 @@ DIFFUSERS_FORMAT_NOTE = (
 
 def torch_dtype(name: str):
     """`fp32` / `fp16` / `bf16` -> the torch dtype (torch is imported only when a command needs it)."""
-    import torch
+    from .checks import parse_dtype
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return parse_dtype(name)
 
 
 def plural(count: int, singular: str, plural_form: str | None = None) -> str:

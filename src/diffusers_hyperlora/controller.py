@@ -522,7 +522,7 @@ class HyperLoRAController:
         path: str | os.PathLike | None = None,
         format: str = "kohya",
         branch: str = "id",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
     ) -> dict[str, torch.Tensor]:
         """The identity's (or slider's) LoRA as a standard state dict, and a file when `path` is given (written
         atomically). See `HyperLoRAPredictor.export_lora` for the formats."""

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import save_file
 
+from .checks import parse_dtype
 from .config import HyperLoRAConfig
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
 from .files import atomic_path
@@ -45,18 +46,11 @@ def check_format(format: str) -> str:
     return format
 
 
-def check_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Return `dtype` if it is a floating-point `torch.dtype` (what a LoRA file stores), else raise naming the fix."""
-    if not isinstance(dtype, torch.dtype):
-        raise InvalidArgumentTypeError(
-            f"The LoRA dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}; e.g. dtype=torch.float16."
-        )
-    if not dtype.is_floating_point:
-        raise InvalidArgumentError(
-            f"The LoRA dtype must be a floating-point dtype (LoRA factors are small fractions that {dtype} rounds "
-            f"away), got {dtype}; use torch.float32, torch.float16 or torch.bfloat16."
-        )
-    return dtype
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The floating-point dtype a LoRA file stores, from a torch dtype or a name (`"fp16"`); else a clear error."""
+    if dtype is None:
+        raise InvalidArgumentTypeError("The LoRA dtype must be given, e.g. dtype=torch.float16 or dtype='fp16'.")
+    return parse_dtype(dtype)
 
 
 def lora_state_dict(
@@ -78,7 +72,7 @@ def lora_state_dict(
         ['to_q.lora_down.weight', 'to_q.lora_up.weight', 'to_q.alpha']
     """
     check_format(format)
-    check_dtype(dtype)
+    dtype = check_dtype(dtype)
     if len(weights) != len(linears):
         raise ValueError(f"Expected LoRA factors for {len(linears)} linears, got {len(weights)}.")
     state_dict: dict[str, torch.Tensor] = {}

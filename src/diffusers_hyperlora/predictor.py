@@ -246,7 +246,7 @@ class HyperLoRAPredictor(
         path: str | os.PathLike | None = None,
         format: str = "kohya",
         branch: str = "id",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
     ) -> dict[str, torch.Tensor]:
         """The identity's (or slider's) LoRA as a standard state dict, and a `.safetensors` file when `path` is given.
 
@@ -258,7 +258,8 @@ class HyperLoRAPredictor(
                 `pipe.load_lora_weights` reads natively, with alpha in the file's adapter metadata: diffusers only,
                 use kohya for every other tool.
             branch: `"id"` or `"base"` (checkpoints with a Base branch).
-            dtype: dtype of the stored tensors (`torch.float16` halves the file).
+            dtype: dtype of the stored tensors, a torch dtype or a name (`torch.float16` or `"fp16"` halves
+                the file).
 
         Example:
             >>> state_dict = pipe.hyperlora.export_lora(identity, "me.safetensors", format="kohya")  # doctest: +SKIP
@@ -267,7 +268,7 @@ class HyperLoRAPredictor(
         from .sliders import DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, slider_alpha
 
         check_format(format)
-        check_dtype(dtype)
+        dtype = check_dtype(dtype)
         if branch == "base" and not self.config.has_base:
             raise InvalidArgumentError(
                 "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "

@@ -20,6 +20,7 @@ import torch
 from diffusers.utils import logging
 from huggingface_hub import ModelCard
 
+from ..checks import parse_dtype
 from ..config import CONFIG_NAME, FORMAT_VERSION, HyperLoRAConfig, read_config_json
 from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..files import atomic_write_files
@@ -36,7 +37,6 @@ from .weights import (
     build_predictor,
     check_shapes,
     meta_shapes,
-    parse_dtype,
     read_safetensors_shapes,
     remove_stale_weights,
     stored_dtype,

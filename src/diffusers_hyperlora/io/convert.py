@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import parse_dtype
 from ..errors import InvalidArgumentError
 from ..predictor import HyperLoRAPredictor
 from .checkpoint import read_checkpoint, write_checkpoint
 from .hub import HubOptions, Location
 from .model_card import hyperlora_model_card
-from .weights import MAX_SHARD_SIZE, parse_dtype, read_tensors
+from .weights import MAX_SHARD_SIZE, read_tensors
 
 
 def convert_checkpoint(

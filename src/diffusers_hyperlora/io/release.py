@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..bank import group_linears
+from ..checks import parse_dtype
 from ..config import CONFIG_NAME, HyperLoRAConfig, read_config_json
 from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..files import atomic_write_files
@@ -34,7 +35,6 @@ from .weights import (
     Sources,
     check_shapes,
     meta_shapes,
-    parse_dtype,
     read_safetensors_shapes,
     stored_dtype,
 )

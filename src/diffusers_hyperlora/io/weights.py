@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import HyperLoRAConfig
-from ..errors import CheckpointFormatError, InvalidArgumentError
+from ..errors import CheckpointFormatError
 from ..predictor import HyperLoRAPredictor
 
 WEIGHTS_NAME = "model.safetensors"
@@ -36,29 +36,6 @@ MAX_SHARD_SIZE = "1GB"  # keeps converting the 3 GB release within ~1 GB of memo
 
 # predictor key -> (file path, stored name), or (file path, [stored names]) for a stack of them along a new dim 0
 Sources = Mapping[str, tuple[str, str | Sequence[str]]]
-
-
-_DTYPES = {
-    **dict.fromkeys(("fp32", "float32"), torch.float32),
-    **dict.fromkeys(("fp16", "float16", "half"), torch.float16),
-    **dict.fromkeys(("bf16", "bfloat16"), torch.bfloat16),
-    **dict.fromkeys(("fp64", "float64", "double"), torch.float64),
-}
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """`torch.float16`, `"fp16"`, `"bf16"`, `"float32"`, ... -> a torch dtype (`None` stays `None`).
-
-    Example:
-        >>> parse_dtype("bf16")
-        torch.bfloat16
-    """
-    if dtype is None:
-        return None
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)} (or the torch dtypes), got {dtype!r}.")
-    return _DTYPES[key]
 
 
 @dataclass(frozen=True)
