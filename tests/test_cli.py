@@ -146,6 +146,12 @@ def test_errors_are_reported_not_raised(setup, tmp_path, capsys):
 
     code, _, err = _run(["mix", alice, alice_old, "--weights", "1", "-o", out], capsys)
     assert code == 1 and "give one weight each" in err
+    assert "mix: error: 2 identities but 1 --weights" in err and "mix: mix:" not in err, err
+    code, _, err = _run(["mix", alice, "--weights", "1", "2", "-o", out], capsys)
+    assert code == 1 and "1 identity but 2 --weights" in err, err
+
+    code, _, err = _run(["export", alice, "-o", out, "--model", root / "model", "--branch", "base"], capsys)
+    assert code == 1 and "`--branch id`" in err and "branch='id'" not in err, err
 
     lora = tmp_path / "lora.safetensors"
     assert _run(["export", alice, "-o", lora, "--model", root / "model"], capsys)[0] == 0

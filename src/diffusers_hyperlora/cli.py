@@ -47,6 +47,7 @@ CLI_FLAGS = {
     "cache_dir": "--cache-dir",
     "local_files_only": "--local-files-only",
     "force_download": "--force-download",
+    "branch": "--branch",
 }
 # The fields of `io.HubOptions`, as argparse destinations of `_add_hub_options`.
 HUB_OPTIONS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
@@ -74,7 +75,8 @@ def cli_wording(message: str) -> str:
     """A library message for the command line: `face_analyzer=` becomes `--face-models`, and so on."""
     names = "|".join(CLI_FLAGS)
     pattern = rf"(?:load_hyperlora's )?`({names})=`(?: to load_hyperlora)?"
-    return re.sub(pattern, lambda match: f"`{CLI_FLAGS[match.group(1)]}`", message)
+    message = re.sub(pattern, lambda match: f"`{CLI_FLAGS[match.group(1)]}`", message)
+    return re.sub(rf"\b({names})='([\w-]+)'", lambda match: f"`{CLI_FLAGS[match.group(1)]} {match.group(2)}`", message)
 
 
 @contextlib.contextmanager
@@ -524,7 +526,10 @@ def _run_mix(args: argparse.Namespace) -> str:
     identities = [HyperLoRAIdentity.load(path) for path in args.identities]
     weights = args.weights if args.weights is not None else [1.0] * len(identities)
     if len(weights) != len(identities):
-        raise CLIError(f"mix: {len(identities)} identities but {len(weights)} --weights; give one weight each.")
+        raise CLIError(
+            f"mix: {plural(len(identities), 'identity', 'identities')} but {len(weights)} --weights; give one "
+            "weight each."
+        )
     if args.spherical:
         if len(identities) != 2:
             raise CLIError("mix --spherical blends exactly two identities.")
@@ -724,7 +729,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with third_party_output(args.verbose, keep_stdout=args.command == "demo"):
             message = args.handler(args)
     except (CLIError, HyperLoRAError, OSError, ValueError, TypeError) as error:
-        print(f"{PROG} {args.command}: error: {cli_wording(str(error))}", file=sys.stderr)
+        message = cli_wording(str(error)).removeprefix(f"{args.command}: ")  # the prefix below names it already
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1
     if message:
         print(message)
