@@ -289,7 +289,7 @@ class HyperLoRAAdapters:
         """
         names = list(self.names.values())
         if self.is_attached():
-            self._restore_merged(names)
+            unmerge_adapters(self._layers, names)
         existing = set(getattr(self.denoiser, "peft_config", None) or {})
         present = [name for name in names if name in existing]
         self._destinations = {}
@@ -298,9 +298,6 @@ class HyperLoRAAdapters:
             self.denoiser.delete_adapters(present)
         if not getattr(self.denoiser, "peft_config", None):
             remove_peft_layers(self.denoiser)
-
-    def _restore_merged(self, names: list[str]) -> None:
-        unmerge_adapters(self._layers, names)
 
 
 @torch.no_grad()
