@@ -253,13 +253,15 @@ def test_a_bad_device_is_an_argument_error(saved, device):
         load_predictor(saved[1] / "single", device=device)
 
 
-def test_a_config_deeper_than_its_weights_is_refused_before_building_it(saved, tmp_path):
-    """A huge depth in config.json used to build (for the shape check) that many layers: a hang, not an error."""
+@pytest.mark.parametrize("depth", [10**9, 3], ids=["huge", "one-more"])
+def test_a_config_deeper_than_its_weights_is_refused_before_building_it(saved, tmp_path, depth):
+    """A huge depth in config.json used to build (for the shape check) that many layers: a hang, not an error.
+    The small depth fails fast when the check is dropped (the shape check's message is another)."""
     folder = _copy(saved, tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config["resampler_depth"] = 10**9
+    config["resampler_depth"] = depth
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointFormatError, match=r"resampler_depth=1000000000, but the weights hold 2 resampler"):
+    with pytest.raises(CheckpointFormatError, match=rf"resampler_depth={depth}, but the weights hold 2 resampler"):
         load_predictor(folder)
 
 
