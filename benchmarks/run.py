@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import diffusers_hyperlora  # noqa: E402,F401  (installs pipe.load_hyperlora)
 from diffusers_hyperlora import HyperLoRAConfig, HyperLoRAIdentity, HyperLoRAPredictor  # noqa: E402
-from diffusers_hyperlora.targets import SDXL_UNET_CONFIG, targets_from_unet  # noqa: E402
+from diffusers_hyperlora.model.targets import SDXL_UNET_CONFIG, targets_from_unet  # noqa: E402
 
 
 @dataclass
@@ -150,7 +150,7 @@ def sdxl_pipeline(unet):
     """A `StableDiffusionXLPipeline` around the full-size UNet (tiny text encoders / VAE: never run here)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from diffusers_hyperlora.tiny import tiny_sdxl_components
+    from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_components
 
     components = tiny_sdxl_components()
     components["unet"] = unet
@@ -413,7 +413,7 @@ def compiled_switch_section(pipe, predictor, switch, read_bank, device, label, b
 
 def compiled_reduction_tried(predictor, read_bank, device, label, bound_row, args) -> None:
     """What the compiled fused reduction gives on a float32 bank (tried; the batched product stays)."""
-    from diffusers_hyperlora.bank import compiled_mix
+    from diffusers_hyperlora.model.bank import compiled_mix
 
     bank = predictor.id_bank
     identity = random_identity(predictor, 0)
@@ -579,7 +579,7 @@ def offload_section(config, device, args) -> None:
             )
         )
         return
-    from diffusers_hyperlora.bank import mix_bases  # noqa: F401  (the streamed path)
+    from diffusers_hyperlora.model.bank import mix_bases  # noqa: F401  (the streamed path)
 
     predictor = build_predictor(config, torch.device("cpu"), torch.float16)
     predictor.resampler.to(device)

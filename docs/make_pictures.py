@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from diffusers_hyperlora import HyperLoRAConfig  # noqa: E402
 from diffusers_hyperlora.face import FaceAnalyzer, FaceFeatureExtractor, arcface_crop  # noqa: E402
-from diffusers_hyperlora.targets import SDXL_UNET_CONFIG, targets_from_unet  # noqa: E402
-from diffusers_hyperlora.tiny import tiny_hyperlora_config, tiny_hyperlora_predictor  # noqa: E402
+from diffusers_hyperlora.model.targets import SDXL_UNET_CONFIG, targets_from_unet  # noqa: E402
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config, tiny_hyperlora_predictor  # noqa: E402
 
 # Hand-measured face boxes (x0, y0, x1, y1) in the photos' pixels.
 ASTRONAUT_FACES = [(176, 68, 274, 188)]

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 from diffusers_hyperlora.training import StageConfig, tiny_training_dataset, train_stage
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import diffusers_hyperlora  # noqa: F401  (adds pipe.load_hyperlora & co.)
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
 TIMINGS: list[tuple[str, float, str]] = []
 

@@ -28,7 +28,7 @@ from accelerate import PartialState
 from diffusers import EulerDiscreteScheduler
 
 import diffusers_hyperlora  # noqa: F401  (adds pipe.load_hyperlora & co.)
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 from diffusers_hyperlora.training import TrainingConfig, default_curriculum, tiny_training_dataset, train_curriculum
 
 

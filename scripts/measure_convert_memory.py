@@ -56,7 +56,7 @@ def synthesize(folder: Path) -> None:
     from diffusers import UNet2DConditionModel
 
     from diffusers_hyperlora import HyperLoRAConfig, HyperLoRAPredictor, save_release_checkpoint
-    from diffusers_hyperlora.targets import targets_from_unet
+    from diffusers_hyperlora.model.targets import targets_from_unet
 
     with torch.device("meta"):  # SDXL's UNet layout, without allocating its weights
         unet = UNet2DConditionModel(

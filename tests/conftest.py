@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import diffusers_hyperlora  # noqa: E402,F401  (installs the pipeline methods)
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_components, tiny_sdxl_pipeline  # noqa: E402
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_components, tiny_sdxl_pipeline  # noqa: E402
 
 OFFICIAL_TINY = Path(__file__).resolve().parent / "fixtures" / "official-tiny"  # see its README.md
 

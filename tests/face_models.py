@@ -1,6 +1,6 @@
-"""The tiny face models of the tests; they live in the library (`diffusers_hyperlora.tiny_face`) for the demo."""
+"""The tiny face models of the tests; they live in the library (`diffusers_hyperlora.testing`) for the demo."""
 
-from diffusers_hyperlora.tiny_face import (  # noqa: F401
+from diffusers_hyperlora.testing.tiny_face import (  # noqa: F401
     ASTRONAUT_FACE,
     KEYPOINT_FRACTIONS,
     LANDMARK_TEMPLATE,

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_hyperlora import HyperLoRAIdentity, load_predictor
+from diffusers_hyperlora.adapters.sliders import HyperLoRASlider
 from diffusers_hyperlora.cli import build_parser, main
-from diffusers_hyperlora.sliders import HyperLoRASlider
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 
 @pytest.fixture(scope="module")

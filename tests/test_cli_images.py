@@ -9,9 +9,9 @@ from conftest import random_features
 from safetensors.torch import load_file
 
 from diffusers_hyperlora import HyperLoRAIdentity
+from diffusers_hyperlora.adapters.sliders import HyperLoRASlider
 from diffusers_hyperlora.cli import main
-from diffusers_hyperlora.sliders import HyperLoRASlider
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 pytest.importorskip("insightface")
 skimage_data = pytest.importorskip("skimage.data")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from diffusers_hyperlora import HyperLoRAFeatures, HyperLoRAPredictor
 from diffusers_hyperlora.cli import main
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 from diffusers_hyperlora.training import cache_features
 
 

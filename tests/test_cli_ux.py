@@ -12,7 +12,7 @@ from conftest import random_features
 
 from diffusers_hyperlora import cli
 from diffusers_hyperlora.cli import main
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_train_checks_the_clip_width_before_loading_models(tmp_path, capsys):
 
 def test_train_without_init_reads_the_clip_width_from_the_data(tmp_path, capsys):
     from diffusers_hyperlora import HyperLoRAPredictor
-    from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+    from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline
 
     _training_data(tmp_path / "data", width=48)
     tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")

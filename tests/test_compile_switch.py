@@ -6,7 +6,7 @@ import torch
 from conftest import unet_inputs
 from torch._dynamo.testing import CompileCounter
 
-from diffusers_hyperlora.identity import HyperLoRAIdentity
+from diffusers_hyperlora.identities.identity import HyperLoRAIdentity
 
 
 def _identity(predictor, seed: int) -> HyperLoRAIdentity:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_hyperlora import bank as bank_module
+from diffusers_hyperlora.model import bank as bank_module
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

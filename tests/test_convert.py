@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from diffusers_hyperlora import HyperLoRAPredictor, load_predictor
 from diffusers_hyperlora.io.convert import convert_checkpoint, parse_dtype
 from diffusers_hyperlora.io.release import save_release_checkpoint
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 
 def _identity(predictor, seed=0):
@@ -172,7 +172,7 @@ _FAILING_WRITES = """
 import json, resource, signal, sys, torch
 from diffusers_hyperlora.io.convert import convert_checkpoint
 from diffusers_hyperlora.io.release import save_release_checkpoint
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 root = sys.argv[1]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us

@@ -18,7 +18,7 @@ from diffusers_hyperlora import (
     TargetMismatchError,
     load_hyperlora,
 )
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_components, tiny_sdxl_pipeline
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_components, tiny_sdxl_pipeline
 
 
 def _identity(predictor, seed=0, batch=2):
@@ -164,7 +164,7 @@ def _sd15_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffusers_hyperlora.tiny import tiny_clip_tokenizer
+    from diffusers_hyperlora.testing.tiny_models import tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()
     unet = UNet2DConditionModel(

@@ -10,10 +10,10 @@ from conftest import OFFICIAL_TINY, random_features
 from safetensors import safe_open
 
 from diffusers_hyperlora import FeatureShapeError, HyperLoRAConfig, HyperLoRAIdentity, HyperLoRAPredictor
-from diffusers_hyperlora.bank import group_linears, mix_bases
-from diffusers_hyperlora.identity import normalize_coefficients
-from diffusers_hyperlora.targets import TargetModule, module_path_from_kohya
-from diffusers_hyperlora.tiny import tiny_hyperlora_config, tiny_hyperlora_predictor
+from diffusers_hyperlora.identities.identity import normalize_coefficients
+from diffusers_hyperlora.model.bank import group_linears, mix_bases
+from diffusers_hyperlora.model.targets import TargetModule, module_path_from_kohya
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config, tiny_hyperlora_predictor
 
 
 def test_module_path_from_kohya_round_trips_unet_names():

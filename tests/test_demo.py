@@ -3,7 +3,7 @@
 The server is the real command (`python -m diffusers_hyperlora.cli demo --port N`) on 127.0.0.1. Headless
 Chromium (Debian's package; `scripts/install-browser.sh` installs it) is driven with Playwright. The photos are
 real: scikit-image's astronaut with the tiny detector's face marker drawn on the face (the tiny default's face
-detector finds marked faces, see `diffusers_hyperlora.tiny_face`), and the coffee photo, which has no face.
+detector finds marked faces, see `diffusers_hyperlora.testing.tiny_face`), and the coffee photo, which has no face.
 The generated image is compared with what `DemoEngine` produces in this process for the same settings, so the
 page's controls must reach the pipeline. The test also writes the docs' screenshot (docs/images/demo.png).
 """
@@ -29,7 +29,7 @@ pytest.importorskip("insightface", reason="the demo extra is not installed: pip 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed (test extra)")
 
-from diffusers_hyperlora.tiny_face import ASTRONAUT_FACE, draw_face_marker  # noqa: E402
+from diffusers_hyperlora.testing.tiny_face import ASTRONAUT_FACE, draw_face_marker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "images" / "demo.png"

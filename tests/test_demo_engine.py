@@ -23,7 +23,7 @@ from diffusers_hyperlora import HyperLoRAIdentity  # noqa: E402
 from diffusers_hyperlora.demo import DemoEngine, GenerationSettings, prompt_with_trigger_words  # noqa: E402
 from diffusers_hyperlora.demo.engine import TINY_DEFAULTS, split_inputs  # noqa: E402
 from diffusers_hyperlora.errors import IdentityMismatchError, ImageInputError, NoFaceDetectedError  # noqa: E402
-from diffusers_hyperlora.tiny_face import ASTRONAUT_FACE, draw_face_marker  # noqa: E402
+from diffusers_hyperlora.testing.tiny_face import ASTRONAUT_FACE, draw_face_marker  # noqa: E402
 
 BASE = GenerationSettings(prompt="a photo of a person", negative_prompt="", steps=2, width=64, height=64)
 
@@ -245,8 +245,8 @@ def test_tiny_defaults(engine):
 @pytest.fixture(scope="module")
 def checkpoint_folders(tmp_path_factory):
     """A base model, a checkpoint in a subfolder, a CLIP encoder and face models, each in its own local folder."""
-    from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
-    from diffusers_hyperlora.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
+    from diffusers_hyperlora.testing.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
     root = tmp_path_factory.mktemp("demo-checkpoint")
     pipe = tiny_sdxl_pipeline(seed=3)
@@ -287,7 +287,7 @@ def test_command_options_reach_the_engine(checkpoint_folders, photos, monkeypatc
     assert engine.defaults.size == 1024 and "sub" in engine.description and "sdxl" in engine.description
     assert engine.pipe.unet.device.type == "cpu" and engine.pipe.unet.dtype == torch.float32
     # the base model is the saved one (seed 3), not the tiny default (seed 0)
-    from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+    from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline
 
     reference = tiny_sdxl_pipeline(seed=3).unet.state_dict()
     loaded = engine.pipe.unet.state_dict()
@@ -358,7 +358,7 @@ def test_engine_takes_hub_options_as_an_object_or_keywords(checkpoint_folders, m
         def load(self, path, options) -> None:
             seen.append(options.hub_options)
 
-    monkeypatch.setattr("diffusers_hyperlora.pipeline.controller_of", lambda pipe: Controller())
+    monkeypatch.setattr("diffusers_hyperlora.pipeline.mixin.controller_of", lambda pipe: Controller())
     root = checkpoint_folders
     DemoEngine.from_pretrained(root / "repo", {"subfolder": "sub", "revision": "x"}, base_model=str(root / "sdxl"))
     DemoEngine.from_pretrained(root / "repo", HubOptions(revision="x"), base_model=str(root / "sdxl"), subfolder="sub")
@@ -384,7 +384,7 @@ def test_command_wrong_model_is_a_readable_error(checkpoint_folders, tmp_path, c
     from diffusers import UNet2DConditionModel
 
     from diffusers_hyperlora import cli
-    from diffusers_hyperlora.tiny import TINY_UNET_CONFIG, tiny_hyperlora_predictor
+    from diffusers_hyperlora.testing.tiny_models import TINY_UNET_CONFIG, tiny_hyperlora_predictor
 
     other_unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": 48})
     tiny_hyperlora_predictor(other_unet).save_pretrained(tmp_path / "other")

@@ -81,13 +81,13 @@ def world(tmp_path_factory):
     from PIL import Image
     from skimage.data import astronaut
 
-    from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
-    from diffusers_hyperlora.tiny_face import (
+    from diffusers_hyperlora.testing.tiny_face import (
         ASTRONAUT_FACE,
         draw_face_marker,
         export_tiny_antelopev2,
         tiny_clip_encoder,
     )
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
     root = tmp_path_factory.mktemp("docs_world")
     tiny_hyperlora_predictor(seed=0).save_pretrained(root / "checkpoint")
@@ -113,7 +113,7 @@ def tiny_world(world, monkeypatch):
     """Run inside the world: offline cache, tiny face models, the tiny SDXL pipeline for any repo id."""
     from diffusers import StableDiffusionXLPipeline
 
-    from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+    from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline
 
     monkeypatch.setenv("HF_HUB_CACHE", str(world / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(world / "hub"))
@@ -134,7 +134,7 @@ def _namespace() -> dict:
     from PIL import Image
 
     from diffusers_hyperlora import HyperLoRAIdentity, HyperLoRASlider
-    from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
     predictor = tiny_hyperlora_predictor(seed=0)  # the checkpoint saved as `org/hyperlora`
     pipe = tiny_sdxl_pipeline()

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from diffusers_hyperlora import IdentityMismatchError, load_predictor
-from diffusers_hyperlora.export import LORA_ADAPTER_METADATA_KEY, lora_state_dict
-from diffusers_hyperlora.sliders import HyperLoRASlider
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+from diffusers_hyperlora.adapters.sliders import HyperLoRASlider
+from diffusers_hyperlora.io.lora_files import LORA_ADAPTER_METADATA_KEY, lora_state_dict
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 

@@ -37,7 +37,7 @@ from diffusers_hyperlora.face import (
     select_providers,
 )
 from diffusers_hyperlora.face.crops import crop_padded
-from diffusers_hyperlora.tiny import tiny_hyperlora_config, tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config, tiny_hyperlora_predictor
 
 pytest.importorskip("insightface")
 skimage_data = pytest.importorskip("skimage.data")

@@ -31,7 +31,7 @@ from diffusers_hyperlora import (
     NonFiniteValueError,
     TargetMismatchError,
 )
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 NAN = float("nan")
 
@@ -238,7 +238,7 @@ def test_other_architecture_message_names_both_hashes(loaded, predictor):
 def test_a_failed_load_keeps_the_old_hyperlora_and_identity(loaded, predictor):
     before = _snapshot(loaded)
     reference = unet_output(loaded.unet)
-    from diffusers_hyperlora.targets import TargetModule
+    from diffusers_hyperlora.model.targets import TargetModule
 
     target = TargetModule("lora_unet_mid_block_attentions_9_transformer_blocks_0_attn1", 64)
     mismatched = tiny_hyperlora_predictor(seed=3, targets=[target])
@@ -308,7 +308,7 @@ _INTERRUPTED = textwrap.dedent(
     import resource, signal, sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import random_features
-    from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
     predictor = tiny_hyperlora_predictor(seed=0)
     identity = predictor.predict(*random_features(batch=1, seed=7))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
@@ -376,7 +376,7 @@ def test_concurrent_switches_always_leave_exactly_one_identity(loaded, predictor
 
 # ---------------------------------------------------------------------------------------------- diffusers' lifecycle
 def _fresh_output(predictor, identity):
-    from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+    from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline
 
     fresh = tiny_sdxl_pipeline()
     fresh.load_hyperlora(predictor)
@@ -463,7 +463,7 @@ def test_switches_under_diffusers_cpu_offload_write_real_weights(pipe, predictor
 
     remove_hook_from_module(pipe.unet, recurse=True)
     offloaded = unet_output(pipe.unet)
-    from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+    from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline
 
     plain = tiny_sdxl_pipeline()
     plain.load_hyperlora(predictor)
@@ -472,7 +472,7 @@ def test_switches_under_diffusers_cpu_offload_write_real_weights(pipe, predictor
 
 
 def test_the_finiteness_scan_is_exact():
-    from diffusers_hyperlora.checks import first_non_finite, is_finite
+    from diffusers_hyperlora.utils.checks import first_non_finite, is_finite
 
     assert is_finite(torch.tensor([3e38, 3e38]))  # the float32 sum overflows; the values are finite
     assert not is_finite(torch.tensor([1.0, float("inf"), float("-inf")]))  # inf - inf: NaN, still caught
@@ -503,7 +503,7 @@ def test_controller_surface_and_its_errors(pipe, predictor):
 
 
 def test_a_pipeline_without_a_denoiser_is_a_clear_error():
-    from diffusers_hyperlora.controller import HyperLoRAController, LoadOptions
+    from diffusers_hyperlora.pipeline.controller import HyperLoRAController, LoadOptions
 
     with pytest.raises(InvalidArgumentTypeError, match="has no denoiser"):
         HyperLoRAController(object()).load(tiny_hyperlora_predictor(), LoadOptions())
@@ -519,7 +519,7 @@ def test_offload_bank_keeps_the_bank_in_the_pipelines_dtype(pipe, predictor):
 
 def test_a_predictor_without_weights_is_refused_at_load(pipe):
     from diffusers_hyperlora import CheckpointFormatError, HyperLoRAPredictor
-    from diffusers_hyperlora.tiny import tiny_hyperlora_config
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config
 
     empty = HyperLoRAPredictor(tiny_hyperlora_config(), device="meta")
     with pytest.raises(CheckpointFormatError, match="meta device and never loaded"):

@@ -7,7 +7,7 @@ import torch
 from conftest import unet_output
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from diffusers_hyperlora.identity import HyperLoRAIdentity
+from diffusers_hyperlora.identities.identity import HyperLoRAIdentity
 
 
 @pytest.fixture(autouse=True)

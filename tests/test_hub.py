@@ -18,7 +18,7 @@ from diffusers_hyperlora import CheckpointFormatError, CheckpointNotFoundError, 
 from diffusers_hyperlora.face.analyzer import ONNX_PATTERNS
 from diffusers_hyperlora.io import HubOptions, Location, resolve_location
 from diffusers_hyperlora.io.release import save_release_checkpoint
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 COMMIT_MAIN = "a" * 40
 COMMIT_V2 = "b" * 40
@@ -237,7 +237,7 @@ def test_encoders_named_by_a_hub_checkpoint_come_from_its_repo_revision_and_subf
     """The CLIP encoder and face models named in config.json are folders of the checkpoint, in the Hub cache."""
     from diffusers_hyperlora import FaceModelsNotFoundError
     from diffusers_hyperlora.face import FaceAnalyzer, build_feature_extractor
-    from diffusers_hyperlora.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
+    from diffusers_hyperlora.testing.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
 
     encoder = tiny_clip_encoder(seed=4)
     encoder.model.save_pretrained(tmp_path / "encoder")
@@ -276,7 +276,7 @@ def test_the_predictor_module_knows_nothing_of_files():
     """io builds predictors: predictor.py imports nothing from io at import time (its two Hub entries are lazy)."""
     import ast
 
-    import diffusers_hyperlora.predictor as module
+    import diffusers_hyperlora.model.predictor as module
 
     tree = ast.parse(Path(module.__file__).read_text())
     imported = [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]

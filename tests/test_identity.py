@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 
 from diffusers_hyperlora import HyperLoRAIdentity, HyperLoRAPredictor, IdentityMismatchError
 from diffusers_hyperlora.errors import HyperLoRAError, IdentityFormatError
-from diffusers_hyperlora.identity import IDENTITY_FORMAT_VERSION, normalize_coefficients
-from diffusers_hyperlora.tiny import tiny_hyperlora_config
+from diffusers_hyperlora.identities.identity import IDENTITY_FORMAT_VERSION, normalize_coefficients
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config
 
 _CONFIG = tiny_hyperlora_config()
 
 
 def tiny_hyperlora_predictor(seed: int = 0, **overrides) -> HyperLoRAPredictor:
-    """Like `diffusers_hyperlora.tiny.tiny_hyperlora_predictor`, reusing one config (building it takes a while)."""
+    """Like `diffusers_hyperlora.testing.tiny_hyperlora_predictor`, reusing one config (building it takes a while)."""
     torch.manual_seed(seed)
     return HyperLoRAPredictor(dataclasses.replace(_CONFIG, **overrides)).eval()
 

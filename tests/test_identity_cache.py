@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_hyperlora.identity import HyperLoRAIdentity
-from diffusers_hyperlora.identity_cache import PreparedIdentityCache, factors_bytes, identity_key
+from diffusers_hyperlora.identities.cache import PreparedIdentityCache, factors_bytes, identity_key
+from diffusers_hyperlora.identities.identity import HyperLoRAIdentity
 
 
 def _identity(predictor, seed: int) -> HyperLoRAIdentity:

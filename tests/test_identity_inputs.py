@@ -8,8 +8,8 @@ from conftest import random_features
 from PIL import Image
 
 from diffusers_hyperlora import HyperLoRAFeatures, HyperLoRAIdentity, IdentityMismatchError
-from diffusers_hyperlora.identity_inputs import resolve_identity, split_identity_inputs
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.identities.inputs import resolve_identity, split_identity_inputs
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 
 class _ColourFeatures:

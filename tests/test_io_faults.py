@@ -19,10 +19,10 @@ from diffusers_hyperlora.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
-from diffusers_hyperlora.identity import HyperLoRAIdentity
+from diffusers_hyperlora.identities.identity import HyperLoRAIdentity
 from diffusers_hyperlora.io import HubOptions
 from diffusers_hyperlora.io.convert import convert_checkpoint
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 INDEX = "model.safetensors.index.json"
 ATTN2 = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2"

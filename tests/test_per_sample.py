@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import random_features
 
+from diffusers_hyperlora.adapters.per_sample import batch_rows
 from diffusers_hyperlora.errors import HyperLoRAError, IdentityCountError, InvalidArgumentTypeError, PerSampleFusedError
-from diffusers_hyperlora.per_sample import batch_rows
 
 PROMPTS = ["a photo of fcsks", "a painting of fhyks", "fxhks at the beach"]
 
@@ -146,7 +146,7 @@ def _other_pipeline_cases():
 
 @pytest.mark.parametrize("case", _other_pipeline_cases(), ids=lambda c: c[0])
 def test_per_sample_in_other_sdxl_pipelines(case):
-    from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_components
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_components
 
     _, pipeline_class, extra, call_kwargs = case
     components = tiny_sdxl_components()

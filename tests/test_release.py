@@ -11,9 +11,9 @@ from conftest import random_features
 from safetensors.torch import load_file, save_file
 
 from diffusers_hyperlora import CheckpointFormatError, load_predictor
-from diffusers_hyperlora.identity import normalize_coefficients
+from diffusers_hyperlora.identities.identity import normalize_coefficients
 from diffusers_hyperlora.io.release import config_from_release, read_safetensors_shapes, save_release_checkpoint
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 
 def _predict(predictor, seed=0, batch=2, tokens=5):

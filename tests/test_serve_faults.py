@@ -15,8 +15,8 @@ from conftest import random_features, unet_inputs, unet_output
 from safetensors.torch import load_file
 
 from diffusers_hyperlora import HyperLoRAError, IdentityCountError, InvalidArgumentError, InvalidArgumentTypeError
-from diffusers_hyperlora.identity_cache import PreparedIdentityCache
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+from diffusers_hyperlora.identities.cache import PreparedIdentityCache
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")

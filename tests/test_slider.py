@@ -7,8 +7,8 @@ import torch
 from conftest import random_features, unet_output
 
 from diffusers_hyperlora import AdapterNameConflictError, HyperLoRAFeatures, HyperLoRANotLoadedError
-from diffusers_hyperlora.sliders import HyperLoRASlider, difference_factors
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+from diffusers_hyperlora.adapters.sliders import HyperLoRASlider, difference_factors
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_hyperlora.bank import BasisBank, mix_bases
-from diffusers_hyperlora.identity import HyperLoRAIdentity
+from diffusers_hyperlora.identities.identity import HyperLoRAIdentity
+from diffusers_hyperlora.model.bank import BasisBank, mix_bases
 
 
 def _identity(predictor, seed: int) -> HyperLoRAIdentity:

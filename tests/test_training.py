@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from diffusers_hyperlora import HyperLoRAPredictor
 from diffusers_hyperlora.errors import NoFaceDetectedError, TrainingConfigError, TrainingDataError
-from diffusers_hyperlora.features import HyperLoRAFeatures
-from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+from diffusers_hyperlora.identities.features import HyperLoRAFeatures
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 from diffusers_hyperlora.training import (
     FrozenEncoders,
     HyperLoRATrainingDataset,

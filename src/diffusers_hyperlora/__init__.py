@@ -32,43 +32,45 @@ from .errors import (
     TrainingConfigError,
     TrainingDataError,
 )
-from .install import install_when_diffusers_loads
+from .pipeline.install import install_when_diffusers_loads
 
 # Public names -> the module that defines them. They are imported on first use, so `import diffusers_hyperlora`
 # (and the command line's `--help`) stays fast: torch and diffusers load only when something needs them.
 _LAZY_EXPORTS = {
-    "HyperLoRAConfig": ".config",
-    "HyperLoRAController": ".controller",
-    "FeatureExtractor": ".features",
-    "HyperLoRAFeatures": ".features",
-    "HyperLoRAIdentity": ".identity",
+    "HyperLoRAConfig": ".model.config",
+    "HyperLoRAController": ".pipeline.controller",
+    "FeatureExtractor": ".identities.features",
+    "HyperLoRAFeatures": ".identities.features",
+    "HyperLoRAIdentity": ".identities.identity",
     "HubOptions": ".io",
     "load_predictor": ".io",
     "convert_checkpoint": ".io.convert",
     "save_release_checkpoint": ".io.release",
-    "HyperLoRAMixin": ".pipeline",
-    "add_hyperlora_slider": ".pipeline",
-    "install_pipeline_methods": ".pipeline",
-    "load_hyperlora": ".pipeline",
-    "predict_hyperlora_identity": ".pipeline",
-    "preview_hyperlora_inputs": ".pipeline",
-    "remove_hyperlora_slider": ".pipeline",
-    "set_hyperlora_identities": ".pipeline",
-    "set_hyperlora_identity": ".pipeline",
-    "unload_hyperlora": ".pipeline",
-    "HyperLoRAPredictor": ".predictor",
-    "HyperLoRASlider": ".sliders",
+    "HyperLoRAMixin": ".pipeline.mixin",
+    "add_hyperlora_slider": ".pipeline.mixin",
+    "install_pipeline_methods": ".pipeline.mixin",
+    "load_hyperlora": ".pipeline.mixin",
+    "predict_hyperlora_identity": ".pipeline.mixin",
+    "preview_hyperlora_inputs": ".pipeline.mixin",
+    "remove_hyperlora_slider": ".pipeline.mixin",
+    "set_hyperlora_identities": ".pipeline.mixin",
+    "set_hyperlora_identity": ".pipeline.mixin",
+    "unload_hyperlora": ".pipeline.mixin",
+    "HyperLoRAPredictor": ".model.predictor",
+    "HyperLoRASlider": ".adapters.sliders",
 }
 
 if TYPE_CHECKING:  # type checkers and the API reference (mkdocstrings) see the real imports
-    from .config import HyperLoRAConfig
-    from .controller import HyperLoRAController
-    from .features import FeatureExtractor, HyperLoRAFeatures
-    from .identity import HyperLoRAIdentity
+    from .adapters.sliders import HyperLoRASlider
+    from .identities.features import FeatureExtractor, HyperLoRAFeatures
+    from .identities.identity import HyperLoRAIdentity
     from .io import HubOptions, load_predictor
     from .io.convert import convert_checkpoint
     from .io.release import save_release_checkpoint
-    from .pipeline import (
+    from .model.config import HyperLoRAConfig
+    from .model.predictor import HyperLoRAPredictor
+    from .pipeline.controller import HyperLoRAController
+    from .pipeline.mixin import (
         HyperLoRAMixin,
         add_hyperlora_slider,
         install_pipeline_methods,
@@ -80,8 +82,6 @@ if TYPE_CHECKING:  # type checkers and the API reference (mkdocstrings) see the 
         set_hyperlora_identity,
         unload_hyperlora,
     )
-    from .predictor import HyperLoRAPredictor
-    from .sliders import HyperLoRASlider
 
 
 def __getattr__(name: str) -> Any:

@@ -61,7 +61,7 @@ DIFFUSERS_FORMAT_NOTE = (
 
 def torch_dtype(name: str):
     """`fp32` / `fp16` / `bf16` -> the torch dtype (torch is imported only when a command needs it)."""
-    from .checks import parse_dtype
+    from .utils.checks import parse_dtype
 
     return parse_dtype(name)
 
@@ -476,7 +476,7 @@ def _predict_from_images(predictor, images: list[str], args: argparse.Namespace)
 
 def _resolve_identity(inputs: Sequence[str], args: argparse.Namespace, predictor, what: str):
     """Photos and identity files -> one identity: the photos predicted together, then everything pooled exactly."""
-    from .identity_inputs import resolve_identity
+    from .identities.inputs import resolve_identity
 
     _split_inputs(inputs, what)
     return resolve_identity(inputs, lambda photos: _predict_from_images(predictor, photos, args), predictor)
@@ -505,7 +505,7 @@ def _run_export(args: argparse.Namespace) -> str:
 
 
 def _run_slider(args: argparse.Namespace) -> str:
-    from .sliders import HyperLoRASlider
+    from .adapters.sliders import HyperLoRASlider
 
     _split_inputs(list(args.neutral) + list(args.edited), "slider")
     predictor = _load_predictor(args)
@@ -518,7 +518,7 @@ def _run_slider(args: argparse.Namespace) -> str:
 
 
 def _run_mix(args: argparse.Namespace) -> str:
-    from .identity import HyperLoRAIdentity
+    from .identities.identity import HyperLoRAIdentity
 
     _split_inputs(args.identities, "mix")
     _identity_files_only(args.identities, "mix")
@@ -585,9 +585,9 @@ def _run_cache_features(args: argparse.Namespace) -> str:
 
 
 def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int):
-    from .config import HyperLoRAConfig
-    from .predictor import HyperLoRAPredictor
-    from .targets import targets_from_unet
+    from .model.config import HyperLoRAConfig
+    from .model.predictor import HyperLoRAPredictor
+    from .model.targets import targets_from_unet
 
     config = HyperLoRAConfig(
         targets=targets_from_unet(unet),

@@ -2,7 +2,22 @@
 
 
 class HyperLoRAError(Exception):
-    """Base class of every error raised on purpose by diffusers-hyperlora."""
+    """Base class of every error raised on purpose by diffusers-hyperlora.
+
+    Attributes:
+        argument: the name of the parameter (or file field) the error is about, as the called function spells it
+            (`"weights"`, `"guidance_scale"`), or `None`. Front ends use it to name their own spelling of that input
+            (the command line's `--weights`) without parsing the message.
+
+    Example:
+        >>> error = InvalidArgumentError("`weights` must be finite, got [inf, 1.0]", argument="weights")
+        >>> error.argument, isinstance(error, ValueError)
+        ('weights', True)
+    """
+
+    def __init__(self, *args: object, argument: str | None = None) -> None:
+        super().__init__(*args)
+        self.argument = argument
 
 
 class HyperLoRANotLoadedError(HyperLoRAError, RuntimeError):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..identity import HyperLoRAIdentity
+from ..identities.identity import HyperLoRAIdentity
 from ..io.hub import HubOptions
 
 IDENTITY_SUFFIX = ".safetensors"
@@ -96,7 +96,7 @@ def split_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[st
 
 def tiny_example_photo(path: str | os.PathLike) -> Path:
     """Draw a cartoon face inside the tiny default's face marker (a magenta frame) and save it as a PNG."""
-    from ..tiny_face import draw_face_marker
+    from ..testing.tiny_face import draw_face_marker
 
     image = Image.new("RGB", (256, 256), (70, 110, 160))
     draw = ImageDraw.Draw(image)
@@ -147,12 +147,12 @@ class DemoEngine:
         """The built-in tiny default, offline: tiny SDXL pipeline, HyperLoRA (with a Base branch) and face models.
 
         All weights are random (seeded), so images are noise-like; every step is the real one. The tiny face
-        detector finds faces marked by a coloured frame (`diffusers_hyperlora.tiny_face.draw_face_marker`), not
+        detector finds faces marked by a coloured frame (`diffusers_hyperlora.testing.tiny_face.draw_face_marker`), not
         real faces: the page offers an example photo with the frame drawn.
         """
         from ..face import FaceAnalyzer
-        from ..tiny import tiny_hyperlora_predictor, tiny_sdxl_pipeline
-        from ..tiny_face import export_tiny_antelopev2, tiny_clip_encoder
+        from ..testing.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
+        from ..testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
         workdir = Path(workdir or tempfile.mkdtemp(prefix="hyperlora-demo-"))
         pipe = tiny_sdxl_pipeline(seed=seed)

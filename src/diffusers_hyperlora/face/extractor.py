@@ -19,10 +19,10 @@ import torch
 from diffusers.utils import logging
 from PIL import Image
 
-from ..config import HyperLoRAConfig
 from ..errors import FaceModelsNotFoundError, FaceSelectionError, NoFaceDetectedError
-from ..features import HyperLoRAFeatures
+from ..identities.features import HyperLoRAFeatures
 from ..io.hub import HubOptions, Location, resolve_location
+from ..model.config import HyperLoRAConfig
 from .analyzer import (
     DETECTION_SIZES,
     INSIGHTFACE_HOME,
@@ -92,7 +92,7 @@ def _face_indices(face_index: int | Sequence[int], count: int) -> list[int]:
 
 
 class FaceFeatureExtractor:
-    """The face pipeline (docs/face.md) as a `FeatureExtractor` (see `diffusers_hyperlora.features`).
+    """The face pipeline (docs/face.md) as a `FeatureExtractor` (see `diffusers_hyperlora.identities.features`).
 
     Args:
         config: the checkpoint's config (which conditions it reads, CLIP width).

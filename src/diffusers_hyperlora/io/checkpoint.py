@@ -20,11 +20,11 @@ import torch
 from diffusers.utils import logging
 from huggingface_hub import ModelCard
 
-from ..checks import parse_dtype
-from ..config import CONFIG_NAME, FORMAT_VERSION, HyperLoRAConfig, read_config_json
 from ..errors import CheckpointFormatError, InvalidArgumentError
-from ..files import atomic_write_files
-from ..predictor import HyperLoRAPredictor
+from ..model.config import CONFIG_NAME, FORMAT_VERSION, HyperLoRAConfig, read_config_json
+from ..model.predictor import HyperLoRAPredictor
+from ..utils.atomic_files import atomic_write_files
+from ..utils.checks import parse_dtype
 from .hub import HubOptions, Location
 from .model_card import hyperlora_model_card
 from .release import RELEASE_MODULES_JSON, RELEASE_WEIGHTS, read_release
@@ -229,7 +229,7 @@ def save_pretrained(
 
     Example:
         >>> import tempfile
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
         >>> folder = save_pretrained(tiny_hyperlora_predictor(), tempfile.mkdtemp())
         >>> sorted(p.name for p in folder.iterdir())
         ['README.md', 'config.json', 'model.safetensors']

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import parse_dtype
 from ..errors import InvalidArgumentError
-from ..predictor import HyperLoRAPredictor
+from ..model.predictor import HyperLoRAPredictor
+from ..utils.checks import parse_dtype
 from .checkpoint import read_checkpoint, write_checkpoint
 from .hub import HubOptions, Location
 from .model_card import hyperlora_model_card

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..config import HyperLoRAConfig
+from ..model.config import HyperLoRAConfig
 
 LIBRARY_NAME = "diffusers-hyperlora"
 CARD_TAGS = ["lora", "text-to-image", "hyperlora", "stable-diffusion-xl", "diffusers"]
@@ -37,7 +37,7 @@ def hyperlora_model_card(
         license: overrides `config.license`.
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_config
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config
         >>> card = hyperlora_model_card(tiny_hyperlora_config(license="cc-by-nc-4.0"), repo_id="me/hyperlora")
         >>> card.data.library_name, card.data.license, card.data.instance_prompt
         ('diffusers-hyperlora', 'cc-by-nc-4.0', 'fcsks fxhks fhyks')

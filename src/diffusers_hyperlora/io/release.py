@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..bank import group_linears
-from ..checks import parse_dtype
-from ..config import CONFIG_NAME, HyperLoRAConfig, read_config_json
 from ..errors import CheckpointFormatError, InvalidArgumentError
-from ..files import atomic_write_files
-from ..predictor import HyperLoRAPredictor
-from ..targets import ATTENTION_LINEARS, TargetModule
+from ..model.bank import group_linears
+from ..model.config import CONFIG_NAME, HyperLoRAConfig, read_config_json
+from ..model.predictor import HyperLoRAPredictor
+from ..model.targets import ATTENTION_LINEARS, TargetModule
+from ..utils.atomic_files import atomic_write_files
+from ..utils.checks import parse_dtype
 from .hub import Location
 from .weights import (
     Checkpoint,
@@ -212,7 +212,7 @@ def release_sources(config: HyperLoRAConfig, files: Mapping[str, str]) -> Source
     (`id_bank.down.{g}` `[G, K, in, r]`) is stacked from the G release tensors of its linears.
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_config
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config
         >>> sources = release_sources(tiny_hyperlora_config(), {"hyper_lora_modules.safetensors": "bank.st"})
         >>> sources["id_bank.down.0"][1][:2]
         ['0.to_q.id_down_basis', '0.to_k.id_down_basis']
@@ -297,7 +297,7 @@ def save_release_checkpoint(
         The folder.
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
         >>> import tempfile
         >>> folder = save_release_checkpoint(tiny_hyperlora_predictor(), tempfile.mkdtemp(), dtype=torch.float16)
         >>> sorted(p.name for p in folder.iterdir())[:2]

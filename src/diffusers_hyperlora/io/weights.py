@@ -22,9 +22,9 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import HyperLoRAConfig
 from ..errors import CheckpointFormatError
-from ..predictor import HyperLoRAPredictor
+from ..model.config import HyperLoRAConfig
+from ..model.predictor import HyperLoRAPredictor
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

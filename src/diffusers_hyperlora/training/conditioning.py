@@ -44,7 +44,7 @@ class FrozenEncoders:
         caption_dropout: probability of dropping a sample's caption.
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_sdxl_pipeline
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline
         >>> from diffusers_hyperlora.training import FrozenEncoders, tiny_training_dataset
         >>> encoders = FrozenEncoders(tiny_sdxl_pipeline(), "fcsks", torch.device("cpu"), torch.float32)
         >>> encoders.cache(tiny_training_dataset(), latents=True, prompts=True)

@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import NoFaceDetectedError, TrainingDataError
-from ..features import FeatureExtractor, HyperLoRAFeatures
+from ..identities.features import FeatureExtractor, HyperLoRAFeatures
 
 logger = logging.get_logger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
-from ..adapters import HyperLoRAAdapters, set_active_adapters
+from ..adapters.peft_adapters import HyperLoRAAdapters, set_active_adapters
 from ..errors import TrainingConfigError, TrainingDataError
-from ..files import atomic_path
-from ..predictor import HyperLoRAPredictor
+from ..model.predictor import HyperLoRAPredictor
+from ..utils.atomic_files import atomic_path
 from .conditioning import FrozenEncoders
 from .data import collate_examples
 from .losses import diffusion_target, identity_groups, lora_denoising_loss
@@ -194,7 +194,7 @@ def train_stage(
         The trained predictor (the same object), in eval mode with gradients off.
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_sdxl_pipeline, tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline, tiny_hyperlora_predictor
         >>> from diffusers_hyperlora.training import StageConfig, tiny_training_dataset, train_stage
         >>> pipe = tiny_sdxl_pipeline()
         >>> predictor = tiny_hyperlora_predictor(pipe.unet, base_rank=4)

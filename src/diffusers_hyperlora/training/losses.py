@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..errors import TrainingConfigError, TrainingDataError
-from ..identity import normalize_coefficients
-from ..predictor import HyperLoRAPredictor
+from ..identities.identity import normalize_coefficients
+from ..model.predictor import HyperLoRAPredictor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

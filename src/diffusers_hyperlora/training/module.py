@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..predictor import HyperLoRAPredictor
+from ..model.predictor import HyperLoRAPredictor
 from .losses import EncodedBatch, identity_groups, lora_parameters, lora_unet_prediction, stage_coefficients
 
 
@@ -33,7 +33,7 @@ class HyperLoRATrainingModule(nn.Module):
     branch of stages `id_clip` / `id_full` is computed without.
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
         >>> from diffusers_hyperlora.training import HyperLoRATrainingModule, collate_examples, tiny_training_dataset
         >>> module = HyperLoRATrainingModule(tiny_hyperlora_predictor(), "id_clip", {"id": "a", "base": "b"})
         >>> data = tiny_training_dataset(with_base=False)

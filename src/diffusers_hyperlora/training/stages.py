@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import TrainingConfigError
-from ..files import atomic_path
-from ..predictor import HyperLoRAPredictor
+from ..model.predictor import HyperLoRAPredictor
+from ..utils.atomic_files import atomic_path
 
 STAGES: tuple[str, ...] = ("base", "id_clip", "id_full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -44,7 +44,7 @@ def trainable_parameter_names(predictor: HyperLoRAPredictor, stage: str) -> list
     """Names (as in `predictor.named_parameters()`) of the parameters that `stage` trains.
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
         >>> names = trainable_parameter_names(tiny_hyperlora_predictor(), "id_clip")
         >>> any(n.startswith("id_bank.") for n in names), any(".attn2." in n for n in names)
         (True, False)

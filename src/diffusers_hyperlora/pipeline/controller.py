@@ -27,18 +27,9 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
-from .adapter_state_dict import hide_adapters_when_saving
-from .adapters import HyperLoRAAdapters, active_adapters, set_active_adapters
-from .config import HyperLoRAConfig
-from .errors import AdapterNameConflictError, HyperLoRANotLoadedError, InvalidArgumentError, InvalidArgumentTypeError
-from .features import FeatureExtractor
-from .identity import HyperLoRAIdentity
-from .identity_cache import PreparedIdentityCache
-from .identity_inputs import resolve_identity
-from .io.hub import HubOptions
-from .predictor import HyperLoRAPredictor
-from .serving import IdentityServing, pipeline_guidance
-from .sliders import (
+from ..adapters.peft_adapters import HyperLoRAAdapters, active_adapters, set_active_adapters
+from ..adapters.save_hook import hide_adapters_when_saving
+from ..adapters.sliders import (
     DEFAULT_SLIDER_NAME,
     DEFAULT_SLIDER_WEIGHT,
     HyperLoRASlider,
@@ -47,6 +38,15 @@ from .sliders import (
     delete_slider_adapters,
     write_slider_adapter,
 )
+from ..adapters.writes import IdentityServing, pipeline_guidance
+from ..errors import AdapterNameConflictError, HyperLoRANotLoadedError, InvalidArgumentError, InvalidArgumentTypeError
+from ..identities.cache import PreparedIdentityCache
+from ..identities.features import FeatureExtractor
+from ..identities.identity import HyperLoRAIdentity
+from ..identities.inputs import resolve_identity
+from ..io.hub import HubOptions
+from ..model.config import HyperLoRAConfig
+from ..model.predictor import HyperLoRAPredictor
 
 logger = logging.get_logger(__name__)
 
@@ -112,7 +112,7 @@ class _Loaded:
         self.sliders: dict[str, HyperLoRASlider] = {}
         self.synced_for: tuple | None = None
         self.save_hook: Any = None
-        self.serving: IdentityServing | None = None  # cached switches, per-sample identities (serving.py)
+        self.serving: IdentityServing | None = None  # cached switches, per-sample identities (adapters/writes.py)
 
 
 class HyperLoRAController:
@@ -120,7 +120,7 @@ class HyperLoRAController:
 
     Example:
         >>> import torch
-        >>> from diffusers_hyperlora.tiny import tiny_sdxl_pipeline, tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline, tiny_hyperlora_predictor
         >>> pipe = tiny_sdxl_pipeline()
         >>> controller = pipe.hyperlora
         >>> controller.is_loaded
@@ -232,7 +232,7 @@ class HyperLoRAController:
     ) -> tuple[HyperLoRAPredictor, str | None]:
         if isinstance(checkpoint, HyperLoRAPredictor):
             return checkpoint, None
-        from .io import load_predictor
+        from ..io import load_predictor
 
         source = os.fspath(checkpoint)
         predictor = load_predictor(
@@ -360,7 +360,7 @@ class HyperLoRAController:
 
     def _extractor(self, loaded: _Loaded) -> FeatureExtractor:
         if loaded.feature_extractor is None:
-            from .face import build_feature_extractor
+            from ..face import build_feature_extractor
 
             options = loaded.options
             loaded.feature_extractor = build_feature_extractor(

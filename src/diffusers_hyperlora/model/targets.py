@@ -127,7 +127,7 @@ def targets_from_unet(unet: Any) -> list[TargetModule]:
     modules covering 560 linears (`to_q`, `to_k`, `to_v`, `to_out.0` of each).
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_sdxl_components
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_components
         >>> targets = targets_from_unet(tiny_sdxl_components()["unet"])
         >>> len(targets), len(target_linears(targets))  # the tiny UNet: 24 modules, 96 linears
         (24, 96)

@@ -21,8 +21,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .bank import BankGroup
-from .errors import IdentityCountError, PerSampleFusedError
+from ..errors import IdentityCountError, PerSampleFusedError
+from ..model.bank import BankGroup
 
 # For each branch ("id", "base"), one entry per identity: the bank's grouped factors (`BasisBank.mix`),
 # `(down [G, r, in], up [G, out, r])` per shape group.

@@ -26,7 +26,7 @@ LORA_LOADERS_MODULE = "diffusers.loaders.lora_pipeline"
 
 def install_now() -> None:
     """Put the methods on diffusers' LoRA loader mixins (imports the library's pipeline module)."""
-    from .pipeline import install_pipeline_methods
+    from .mixin import install_pipeline_methods
 
     install_pipeline_methods()
 

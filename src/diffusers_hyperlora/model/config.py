@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
-from .errors import CheckpointFormatError
+from ..errors import CheckpointFormatError
 from .targets import ATTENTION_LINEARS, TargetLinear, TargetModule, target_linears
 
 DEFAULT_TRIGGER_WORDS = "fcsks fxhks fhyks"
@@ -50,7 +50,7 @@ class HyperLoRAConfig:
 
     Example:
         >>> from diffusers_hyperlora import HyperLoRAConfig
-        >>> from diffusers_hyperlora.targets import TargetModule
+        >>> from diffusers_hyperlora.model.targets import TargetModule
         >>> name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1"
         >>> config = HyperLoRAConfig(targets=[TargetModule(name, hidden_size=64)])
         >>> config.num_tokens, config.has_base
@@ -146,7 +146,7 @@ class HyperLoRAConfig:
         """The content of `config.json`: the fields plus `_class_name`, `_format_version`, `_library_version`.
 
         Example:
-            >>> from diffusers_hyperlora.tiny import tiny_hyperlora_config
+            >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config
             >>> data = tiny_hyperlora_config().to_json_dict()
             >>> data["_class_name"], data["num_basis"], len(data["targets"])
             ('HyperLoRAPredictor', 8, 24)

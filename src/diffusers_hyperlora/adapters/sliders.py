@@ -23,7 +23,10 @@ from diffusers.utils import logging
 from peft import LoraConfig
 from torch import nn
 
-from .adapters import (
+from ..errors import AdapterNameConflictError, InvalidArgumentError, InvalidArgumentTypeError
+from ..identities.identity import HyperLoRAIdentity
+from ..model.config import HyperLoRAConfig
+from .peft_adapters import (
     active_adapters,
     add_adapter,
     check_targets,
@@ -31,9 +34,6 @@ from .adapters import (
     unmerge_adapters,
     update_while_unmerged,
 )
-from .config import HyperLoRAConfig
-from .errors import AdapterNameConflictError, InvalidArgumentError, InvalidArgumentTypeError
-from .identity import HyperLoRAIdentity
 
 logger = logging.get_logger(__name__)
 
@@ -80,7 +80,7 @@ class HyperLoRASlider:
         edited: the same person with the edit (the `+` side).
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
         >>> predictor = tiny_hyperlora_predictor()
         >>> n = predictor.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 5, 48))
         >>> e = predictor.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 5, 48))

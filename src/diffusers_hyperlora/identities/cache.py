@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidArgumentError, InvalidArgumentTypeError
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from .identity import HyperLoRAIdentity
 
 # Per branch ("id", "base"): the bank's grouped factors, `(down [G, r, in], up [G, out, r])` per shape group.

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .errors import InvalidArgumentError, InvalidArgumentTypeError, NonFiniteValueError
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError, NonFiniteValueError
 
 
 def count_non_finite(tensor: torch.Tensor) -> int:

@@ -13,17 +13,17 @@ from diffusers.utils import logging
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .bank import BasisBank
-from .checks import first_non_finite, require_finite
-from .config import HyperLoRAConfig
-from .errors import (
+from ..errors import (
     CheckpointFormatError,
     FeatureShapeError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
     NonFiniteValueError,
 )
-from .identity import HyperLoRAIdentity
+from ..identities.identity import HyperLoRAIdentity
+from ..utils.checks import first_non_finite, require_finite
+from .bank import BasisBank
+from .config import HyperLoRAConfig
 from .resampler import IDProjector, PerceiverResampler
 
 logger = logging.get_logger(__name__)
@@ -46,7 +46,7 @@ class HyperLoRAPredictor(
     Example:
         >>> import torch
         >>> from diffusers_hyperlora import HyperLoRAConfig, HyperLoRAPredictor
-        >>> from diffusers_hyperlora.targets import TargetModule
+        >>> from diffusers_hyperlora.model.targets import TargetModule
         >>> config = HyperLoRAConfig(
         ...     targets=[TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 32)],
         ...     num_basis=4, resampler_dim=16, resampler_depth=1, resampler_heads=2, resampler_dim_head=8,
@@ -264,8 +264,8 @@ class HyperLoRAPredictor(
         Example:
             >>> state_dict = pipe.hyperlora.export_lora(identity, "me.safetensors", format="kohya")  # doctest: +SKIP
         """
-        from .export import check_dtype, check_format, export_lora_state_dict, save_lora_file
-        from .sliders import DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, slider_alpha
+        from ..adapters.sliders import DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, slider_alpha
+        from ..io.lora_files import check_dtype, check_format, export_lora_state_dict, save_lora_file
 
         check_format(format)
         dtype = check_dtype(dtype)
@@ -307,7 +307,7 @@ class HyperLoRAPredictor(
         Example:
             >>> predictor = HyperLoRAPredictor.from_pretrained("org/hyperlora", revision="v1.0")  # doctest: +SKIP
         """
-        from .io import load_predictor
+        from ..io import load_predictor
 
         return load_predictor(pretrained_model_name_or_path, **kwargs)
 
@@ -329,7 +329,7 @@ class HyperLoRAPredictor(
         into shards. `config` is ignored (the predictor's own config is written);
         `push_to_hub=True` uploads the folder afterwards, as huggingface_hub's `PyTorchModelHubMixin` does.
         """
-        from .io.checkpoint import save_pretrained
+        from ..io.checkpoint import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, model_card_kwargs=model_card_kwargs)
         if push_to_hub:

@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
-from .checks import count_non_finite, require_finite
-from .errors import (
+from ..errors import (
     IdentityFormatError,
     IdentityMismatchError,
     IdentityNotFoundError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
-from .files import atomic_path
+from ..utils.atomic_files import atomic_path
+from ..utils.checks import count_non_finite, require_finite
 
 logger = logging.get_logger(__name__)
 
@@ -128,7 +128,7 @@ class HyperLoRAIdentity:
         kind: `"photos"` (a prediction, or a merge of predictions) or `"mix"` (a blend of people).
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
         >>> predictor = tiny_hyperlora_predictor()
         >>> a = predictor.predict(id_embeds=torch.randn(2, 512), clip_hidden_states=torch.randn(2, 5, 48))
         >>> b = predictor.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 5, 48))

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import save_file
 
-from .checks import parse_dtype
-from .config import HyperLoRAConfig
-from .errors import InvalidArgumentError, InvalidArgumentTypeError
-from .files import atomic_path
-from .targets import TargetLinear
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError
+from ..model.config import HyperLoRAConfig
+from ..model.targets import TargetLinear
+from ..utils.atomic_files import atomic_path
+from ..utils.checks import parse_dtype
 
 LORA_FORMATS = ("kohya", "diffusers")
 DIFFUSERS_PREFIX = "unet"
@@ -65,7 +65,7 @@ def lora_state_dict(
     The update of each linear a loader applies at weight `w` is `w * (alpha / r) * up @ down`.
 
     Example:
-        >>> from diffusers_hyperlora.targets import TargetModule
+        >>> from diffusers_hyperlora.model.targets import TargetModule
         >>> linears = TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 4).linears()
         >>> factors = [(torch.zeros(2, 4), torch.zeros(4, 2))] * 4
         >>> [key.split("attn1_")[1] for key in lora_state_dict(linears, factors, alpha=1.0)][:3]
@@ -118,7 +118,7 @@ def diffusers_adapter_metadata(
 ) -> dict[str, object]:
     """The `LoraConfig` fields diffusers rebuilds the adapter from, keyed `{prefix}.{field}` as diffusers packs them.
 
-    >>> from diffusers_hyperlora.targets import TargetModule
+    >>> from diffusers_hyperlora.model.targets import TargetModule
     >>> linears = TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 4).linears()[:1]
     >>> metadata = diffusers_adapter_metadata(linears, rank=8, alpha=4.0)
     >>> metadata["unet.r"], metadata["unet.lora_alpha"], metadata["unet.target_modules"]

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
+from ..adapters.sliders import DEFAULT_SLIDER_NAME, DEFAULT_SLIDER_WEIGHT, HyperLoRASlider
+from ..identities.features import FeatureExtractor
+from ..identities.identity import HyperLoRAIdentity
+from ..io.hub import HubOptions
+from ..model.predictor import HyperLoRAPredictor
 from .controller import HyperLoRAController, LoadOptions
-from .features import FeatureExtractor
-from .identity import HyperLoRAIdentity
-from .io.hub import HubOptions
-from .predictor import HyperLoRAPredictor
-from .sliders import DEFAULT_SLIDER_NAME, DEFAULT_SLIDER_WEIGHT, HyperLoRASlider
 
 _CONTROLLER_ATTRIBUTE = "_hyperlora_controller"
 

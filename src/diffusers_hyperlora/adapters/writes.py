@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .adapters import HyperLoRAAdapters
-from .errors import IdentityCountError, PerSampleFusedError
-from .identity import HyperLoRAIdentity
-from .identity_cache import DEFAULT_CACHE_BYTES, PreparedFactors, PreparedIdentityCache
+from ..errors import IdentityCountError, PerSampleFusedError
+from ..identities.cache import DEFAULT_CACHE_BYTES, PreparedFactors, PreparedIdentityCache
+from ..identities.identity import HyperLoRAIdentity
+from ..model.predictor import HyperLoRAPredictor
+from .peft_adapters import HyperLoRAAdapters
 from .per_sample import PerSampleLoRA, per_sample_branches, target_layers
-from .predictor import HyperLoRAPredictor
 
 
 def mix_identity(predictor: HyperLoRAPredictor, identity: HyperLoRAIdentity) -> PreparedFactors:

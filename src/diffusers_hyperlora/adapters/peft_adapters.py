@@ -22,11 +22,11 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .bank import BankGroup
-from .config import HyperLoRAConfig
-from .errors import AdapterNameConflictError, InvalidArgumentError, TargetMismatchError
+from ..errors import AdapterNameConflictError, InvalidArgumentError, TargetMismatchError
+from ..model.bank import BankGroup
+from ..model.config import HyperLoRAConfig
+from ..model.targets import TargetLinear
 from .exact_merge import install_exact_merge, restore_base_weights
-from .targets import TargetLinear
 
 logger = logging.get_logger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .config import HyperLoRAConfig
-from .predictor import HyperLoRAPredictor
-from .targets import targets_from_unet
+from ..model.config import HyperLoRAConfig
+from ..model.predictor import HyperLoRAPredictor
+from ..model.targets import targets_from_unet
 
 TINY_UNET_CONFIG = dict(
     block_out_channels=(32, 64),

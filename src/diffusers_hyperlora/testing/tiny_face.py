@@ -1,6 +1,6 @@
 """Tiny AntelopeV2-shaped face models, exported to ONNX in code, and a tiny CLIP vision encoder (no downloads).
 
-The face half of the built-in tiny default (`diffusers_hyperlora.tiny` builds the SDXL pipeline and the
+The face half of the built-in tiny default (`diffusers_hyperlora.testing.tiny_models` builds the SDXL pipeline and the
 HyperLoRA): the demo's offline mode and the tests use them. Exporting needs the `onnx` package.
 
 `export_tiny_antelopev2(folder)` writes three ONNX files that insightface's own model router accepts:
@@ -204,7 +204,7 @@ def tiny_clip_encoder(hidden_size: int = 48, image_size: int = 32, seed: int = 0
     """A tiny `CLIPImageEncoder` (model + 32 px processor): `hidden_states[-2]` is `[B, 17, hidden_size]`."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .face import CLIPImageEncoder, default_clip_processor
+    from ..face import CLIPImageEncoder, default_clip_processor
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from .errors import HyperLoRAWriteError
+from ..errors import HyperLoRAWriteError
 
 __all__ = ["atomic_path", "atomic_write_files"]
 

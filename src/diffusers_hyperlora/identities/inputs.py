@@ -53,7 +53,7 @@ def resolve_identity(
         predictor: checks identity files against this checkpoint as they are read (`IdentityMismatchError`).
 
     Example:
-        >>> from diffusers_hyperlora.tiny import tiny_hyperlora_predictor
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
         >>> import torch
         >>> predictor = tiny_hyperlora_predictor()
         >>> predict = lambda photos: predictor.predict(

@@ -1,0 +1,5 @@
+"""The diffusers side: the methods installed on SD / SDXL pipelines (mixin.py), the controller that owns HyperLoRA
+on one pipeline (`pipe.hyperlora`, controller.py) and the import hook that installs the methods (install.py).
+
+Nothing heavy is imported here: `import diffusers_hyperlora` loads only install.py.
+"""
