@@ -2,15 +2,20 @@
 
 Every ```python block in README.md and docs/*.md is compiled. Blocks right after the line
 `<!-- needs real weights -->` are only compiled (they download SDXL, the release, CLIP or AntelopeV2). All other
-blocks run, page by page in one namespace, in a world where the network parts are replaced by tiny stand-ins:
+blocks run the way a reader runs them: page by page, in the page's order, in one fresh namespace per page.
+Nothing is predefined. A page that says it continues from the quickstart's setup (a link to
+`quickstart.md#setup`) starts from that block, run first; every name a block uses must be defined by an earlier
+block of its page or by that setup (checked statically too, for the blocks that only compile).
 
-- `StableDiffusionXLPipeline.from_pretrained(...)` gives the built-in tiny SDXL pipeline;
+Real checkpoints and photos are not available offline, so the blocks run in a world where the downloads are
+tiny stand-ins, as the quickstart's section "Trying the examples offline" (`quickstart.md#offline`) says, and
+every page that relies on it links there:
+
+- `StableDiffusionXLPipeline.from_pretrained(...)` gives the built-in tiny SDXL pipeline (2 steps at 64 px);
 - the Hugging Face cache holds a tiny checkpoint as `org/hyperlora` (the docs' placeholder repo id) and as
   `bytedance-research/HyperLoRA` (subfolder `sdxl_hyper_id_lora_v1_fidelity`), and a tiny CLIP encoder as
   `openai/clip-vit-large-patch14`; `$INSIGHTFACE_HOME` holds tiny AntelopeV2-shaped models;
-- the photos the docs name (`me1.jpg`, ...) are skimage's astronaut with a face marker the tiny detector finds;
-- names a fragment uses without defining (`pipe` with `org/hyperlora` loaded, `identity`, `alice`,
-  `arcface_embeddings`, ...) are predefined.
+- the photos the docs name (`me1.jpg`, ...) are written by the quickstart's photo block, run as written.
 
 Also checked: every error class has a section in troubleshooting.md, pipelines.md names every installed
 pipeline method, and the pages of `train` and `demo` name every option of the command.
@@ -18,16 +23,15 @@ pipeline method, and the pages of `train` and `demo` name every option of the co
 
 from __future__ import annotations
 
+import ast
+import builtins
+import contextlib
 import inspect
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from conftest import random_features
 
-import diffusers_hyperlora
 from diffusers_hyperlora import errors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +39,11 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NEEDS_WEIGHTS = "<!-- needs real weights -->"
 BLOCK = re.compile(r"^(?P<mark><!-- needs real weights -->\n)?```python\n(?P<code>.*?)^```", re.S | re.M)
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
-PHOTOS = ["me.jpg", "me1.jpg", "me2.jpg", "me3.jpg", "me_1.jpg", "me_2.png", "me_aged.jpg", "new_photo.jpg"]
+QUICKSTART = ROOT / "docs" / "quickstart.md"
+SETUP_LINK = "quickstart.md#setup"  # "the examples on this page continue from the setup"
+OFFLINE_LINK = "quickstart.md#offline"  # "... and run offline on the tiny stand-ins"
+# what a block that runs on the stand-ins touches: a download, a Hub id or a photo the test provides
+USES_STAND_INS = re.compile(r"from_pretrained\(|load_hyperlora\(\s*\"|\w\.(jpg|png)\b")
 
 
 def python_blocks(page: Path) -> list[tuple[int, str, bool]]:
@@ -61,6 +69,93 @@ def test_every_block_is_python(page, line, code, needs):
     compile(code, f"{_name(page)}:{line}", "exec")
 
 
+def section_blocks(page: Path, anchor: str) -> list[str]:
+    """The python blocks of the section of `page` whose heading ends with `{#anchor}`."""
+    text = page.read_text()
+    heading = re.search(r"^(#+) .*\{#" + re.escape(anchor) + r"\}\s*$", text, re.M)
+    assert heading, f"{_name(page)} has no section with the anchor {{#{anchor}}}"
+    level = len(heading.group(1))
+    fences = [match.span() for match in re.finditer(r"^```.*?^```", text, re.S | re.M)]
+    ends = [
+        match.start()
+        for match in re.finditer(r"^#{1,LEVEL} ".replace("LEVEL", str(level)), text[heading.end() :], re.M)
+        if not any(start <= heading.end() + match.start() < end for start, end in fences)
+    ]
+    section = text[heading.end() : heading.end() + ends[0] if ends else len(text)]
+    return [match.group("code") for match in BLOCK.finditer(section)]
+
+
+def continues_from_setup(page: Path) -> bool:
+    return page != QUICKSTART and SETUP_LINK in page.read_text()
+
+
+def defined_names(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
+def used_names(tree: ast.AST) -> set[str]:
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+
+
+def undefined_names(page: Path) -> list[tuple[int, list[str]]]:
+    """`(line, names)` for every block that uses a name no earlier block of its page (or the setup) defines."""
+    known = set(dir(builtins))
+    if continues_from_setup(page):
+        for code in section_blocks(QUICKSTART, "setup"):
+            known |= defined_names(ast.parse(code))
+    found = []
+    for line, code, _ in python_blocks(page):
+        tree = ast.parse(code)
+        defined = defined_names(tree)
+        missing = sorted(used_names(tree) - known - defined)
+        if missing:
+            found.append((line, missing))
+        known |= defined
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[_name(p) for p in PAGES])
+def test_blocks_use_only_names_the_page_defines(page):
+    problems = [f"line {line}: {', '.join(names)}" for line, names in undefined_names(page)]
+    assert not problems, (
+        f"{_name(page)}: python blocks use names that no earlier block of the page defines ({'; '.join(problems)}). "
+        f"Define them in the block, or say in the page's text that its examples continue from the quickstart's setup "
+        f"([the setup]({SETUP_LINK})) if that block defines them."
+    )
+
+
+def test_undefined_names_are_found(tmp_path):
+    """The check above fails for a fragment that uses `pipe` without defining it (as quickstart.md once did)."""
+    page = tmp_path / "page.md"
+    page.write_text("```python\nimport torch\n```\n\n```python\npipe.set_hyperlora_identity(torch.zeros(1))\n```\n")
+    assert undefined_names(page) == [(6, ["pipe"])]
+    page.write_text(page.read_text() + f"\nContinues from [the setup]({SETUP_LINK}).\n")
+    assert undefined_names(page) == []
+
+
+@pytest.mark.parametrize("page", TINY_PAGES, ids=[_name(p) for p in TINY_PAGES])
+def test_pages_that_run_on_stand_ins_say_so(page):
+    text = page.read_text()
+    runs = [code for _, code, needs in python_blocks(page) if not needs]
+    uses = any(USES_STAND_INS.search(re.sub(r"#.*", "", code)) for code in runs)  # code, not comments
+    if page == QUICKSTART or not (continues_from_setup(page) or uses):
+        return
+    assert OFFLINE_LINK in text, (
+        f"{_name(page)} has blocks that the docs test runs on tiny stand-ins (downloads, Hub ids or photos): say so "
+        f"in the page with a link to [the offline stand-ins]({OFFLINE_LINK})"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ the tiny world
 def _add_snapshot(cache: Path, repo_id: str, folder: Path, subfolder: str = "") -> None:
     """Put `folder`'s files into the Hugging Face cache as the `main` revision of `repo_id` (in `subfolder`)."""
@@ -78,15 +173,8 @@ def _add_snapshot(cache: Path, repo_id: str, folder: Path, subfolder: str = "") 
 def world(tmp_path_factory):
     """Folders, caches and photos for the tiny stand-ins (see the module docstring)."""
     pytest.importorskip("insightface")
-    from PIL import Image
-    from skimage.data import astronaut
-
-    from diffusers_hyperlora.testing.tiny_face import (
-        ASTRONAUT_FACE,
-        draw_face_marker,
-        export_tiny_antelopev2,
-        tiny_clip_encoder,
-    )
+    pytest.importorskip("skimage")
+    from diffusers_hyperlora.testing.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
     from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
     root = tmp_path_factory.mktemp("docs_world")
@@ -101,10 +189,9 @@ def world(tmp_path_factory):
     export_tiny_antelopev2(root / "insightface" / "models" / "antelopev2")
     work = root / "work"
     work.mkdir()
-    photo = draw_face_marker(astronaut(), ASTRONAUT_FACE)
-    for index, name in enumerate(PHOTOS):
-        shifted = np.roll(photo, 4 * index, axis=1)  # a slightly different photo each
-        Image.fromarray(shifted).save(work / name, format="PNG")  # lossless: the marker keeps its colour
+    photos = section_blocks(QUICKSTART, "offline")[0]  # the photo block of the page, as a reader runs it
+    with contextlib.chdir(work):
+        exec(compile(photos, "docs/quickstart.md#offline (the photos)", "exec"), {})
     return root
 
 
@@ -129,56 +216,25 @@ def tiny_world(world, monkeypatch):
     return world
 
 
-def _namespace() -> dict:
-    """Names the docs' fragments use without defining them."""
-    from PIL import Image
-
-    from diffusers_hyperlora import HyperLoRAIdentity, HyperLoRASlider
-    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
-
-    predictor = tiny_hyperlora_predictor(seed=0)  # the checkpoint saved as `org/hyperlora`
-    pipe = tiny_sdxl_pipeline()
-    pipe.load_hyperlora("org/hyperlora")
-    people = {
-        name: predictor.predict(*random_features(batch=2, seed=seed))
-        for seed, name in enumerate(["identity", "alice", "bob", "carol"])
-    }
-    for name, person in people.items():
-        if name != "identity":
-            person.save(f"{name}.safetensors")
-    people["identity"].save("me.safetensors")
-    HyperLoRAIdentity.merge([people["alice"]]).save("alice_2019.safetensors")
-    people["alice"].save("alice_2024.safetensors")
-    arcface_embeddings, clip_states = random_features(batch=2, seed=9)
-    predictor.export_lora(people["carol"], "style_lora.safetensors")  # "your own LoRA"
-    return {
-        "torch": torch,
-        "diffusers_hyperlora": diffusers_hyperlora,
-        "arcface_embeddings": arcface_embeddings,
-        "clip_states": clip_states,
-        "img1": Image.open("me1.jpg"),
-        "img2": Image.open("me2.jpg"),
-        "pipe": pipe,
-        "prompt": "fcsks fxhks fhyks, a photo of a person",
-        "slider": HyperLoRASlider(neutral=people["alice"], edited=people["bob"]),
-        "predictor": predictor,
-        **people,
-    }
+def _run(code: str, where: str, namespace: dict) -> None:
+    try:
+        exec(compile(code, where, "exec"), namespace)
+    except Exception as error:
+        pytest.fail(
+            f"{where}: the python block fails on the tiny stand-ins: {type(error).__name__}: {error}. Fix the block, "
+            f"or put `{NEEDS_WEIGHTS}` on the line above it if it needs real weights."
+        )
 
 
 @pytest.mark.parametrize("page", TINY_PAGES, ids=[_name(p) for p in TINY_PAGES])
 def test_blocks_run_on_tiny_models(page, tiny_world):
-    namespace = _namespace()
+    namespace: dict = {}  # nothing predefined: what the page (or the setup it names) defines
+    if continues_from_setup(page):
+        for code in section_blocks(QUICKSTART, "setup"):
+            _run(code, f"docs/quickstart.md#setup (which {_name(page)} continues from)", namespace)
     for line, code, needs in python_blocks(page):
-        if needs:
-            continue
-        try:
-            exec(compile(code, f"{_name(page)}:{line}", "exec"), namespace)
-        except Exception as error:
-            pytest.fail(
-                f"{_name(page)}, the python block at line {line} fails on the tiny stand-ins: {type(error).__name__}: "
-                f"{error}. Fix the block, or put `{NEEDS_WEIGHTS}` on the line above it if it needs real weights."
-            )
+        if not needs:
+            _run(code, f"{_name(page)}, the python block at line {line},", namespace)
 
 
 # ------------------------------------------------------------------------------------------------ drift checks
