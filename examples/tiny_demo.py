@@ -38,6 +38,12 @@ def fake_face_features(num_images: int, seed: int) -> tuple[torch.Tensor, torch.
     return embeds, torch.randn(num_images, 17, 48, generator=g)
 
 
+def generate(pipe, prompt: str, args: argparse.Namespace):
+    """One image, the same seed every time, so that images differ only by the adapters' contents."""
+    generator = torch.Generator().manual_seed(args.seed)
+    return pipe(prompt, num_inference_steps=args.steps, height=args.size, width=args.size, generator=generator)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
@@ -58,8 +64,7 @@ def main() -> None:
         pipe.load_hyperlora(checkpoint)
     with step("plain image (adapters at 0)"):
         pipe.set_adapters(["id", "base"], [0.0, 0.0])
-        generator = torch.Generator().manual_seed(args.seed)
-        plain = pipe(prompt, num_inference_steps=args.steps, height=args.size, width=args.size, generator=generator)
+        plain = generate(pipe, prompt, args)
     with step("predict identity", "2 photos' features -> coefficients (mean, then normalize)"):
         embeds, clip = fake_face_features(2, args.seed + 1)
         identity = pipe.hyperlora.predict(id_embeds=embeds, clip_hidden_states=clip, sources=["a.jpg", "b.jpg"])
@@ -67,8 +72,12 @@ def main() -> None:
         pipe.set_hyperlora_identity(identity)
         pipe.set_adapters(["id", "base"], [0.8, 0.0])
     with step("personalized image", f"{args.steps} steps, {args.size}x{args.size}"):
-        generator = torch.Generator().manual_seed(args.seed)
-        image = pipe(prompt, num_inference_steps=args.steps, height=args.size, width=args.size, generator=generator)
+        image = generate(pipe, prompt, args)
+    with step("another person's image", "a second identity, same prompt and seed"):
+        embeds, clip = fake_face_features(2, args.seed + 2)
+        other = pipe.hyperlora.predict(id_embeds=embeds, clip_hidden_states=clip, sources=["c.jpg", "d.jpg"])
+        pipe.set_hyperlora_identity(other)
+        other_image = generate(pipe, prompt, args)
     with step("export kohya LoRA", "standard LoRA file for ComfyUI / A1111 / diffusers"):
         lora_path = args.output_dir / "tiny_identity_lora.safetensors"
         state = pipe.hyperlora.export_lora(identity, path=lora_path, format="kohya")
@@ -76,17 +85,36 @@ def main() -> None:
     image_path = args.output_dir / "tiny_demo.png"
     image.images[0].save(image_path)
     plain.images[0].save(args.output_dir / "tiny_demo_plain.png")
-    difference = np.abs(np.asarray(image.images[0], "float32") - np.asarray(plain.images[0], "float32")).mean()
+    other_image.images[0].save(args.output_dir / "tiny_demo_other.png")
 
     print(f"prompt: {prompt!r}")
     print(f"identity: {identity.num_images} images, {tuple(identity.id_coefficients.shape)} coefficients")
-    print(f"image: {image_path} (mean |pixel difference| vs. adapters off: {difference:.2f} / 255)")
+    print(f"image: {image_path} (also tiny_demo_plain.png: adapters off; tiny_demo_other.png: another identity)")
+    print(f"  the identity vs. adapters off:  {difference(image, plain)}")
+    print(f"  the identity vs. another one:   {difference(image, other_image)}")
+    print(
+        "  (the tiny HyperLoRA has random weights, so its LoRA is a small random update and the images differ by a\n"
+        "  few levels; that they differ, and differ per person, is the point: with the release it changes the face)"
+    )
     print(f"LoRA: {lora_path} ({len(state)} tensors)")
     print()
-    print(f"| {'step':<32} | {'seconds':>8} | what |")
-    print(f"|{'-' * 34}|{'-' * 10}|------|")
+    total = sum(seconds for _, seconds, _ in TIMINGS)
+    print(f"One un-warmed run on this machine ({total:.1f} s in all): first calls include one-time costs, and on a")
+    print("busy machine the seconds vary from run to run; the shares of the total are the steadier figure.")
+    print()
+    print(f"| {'step':<32} | {'seconds':>8} | {'share':>6} | what |")
+    print(f"|{'-' * 34}|{'-' * 10}|{'-' * 8}|------|")
     for name, seconds, detail in TIMINGS:
-        print(f"| {name:<32} | {seconds:8.3f} | {detail} |")
+        print(f"| {name:<32} | {seconds:8.3f} | {seconds / total:6.1%} | {detail} |")
+
+
+def difference(first, second) -> str:
+    """How two generated images differ, in 8-bit levels: mean and max |difference|, share of pixels changed."""
+    a = np.asarray(first.images[0], "float32")
+    b = np.asarray(second.images[0], "float32")
+    delta = np.abs(a - b)
+    changed = (delta.max(axis=-1) >= 1).mean()
+    return f"mean |difference| {delta.mean():.2f} / 255, max {delta.max():.0f} / 255, {changed:.0%} of pixels changed"
 
 
 if __name__ == "__main__":
