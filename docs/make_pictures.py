@@ -213,18 +213,35 @@ def sdxl_shapes(config: HyperLoRAConfig) -> dict[str, str]:
     }
 
 
+# The dataflow picture is drawn at the width the docs show it (about 800 px), so its text stays at 14-17 px on
+# the page: two columns (ID branch, Base branch) read top to bottom, rather than one long row.
+FLOW_WIDTH = 820
+FLOW_BOX = (370, 100)  # width, height
+FLOW_GAP = 34  # between rows
+FLOW_LINE = 18  # line height of the 14 px text
+
+
 def svg_box(x: float, y: float, w: float, h: float, title: str, lines: list[str], fill: str) -> str:
     parts = [f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" fill="{fill}" stroke="#334155"/>']
-    parts.append(f'<text x="{x + w / 2}" y="{y + 20}" text-anchor="middle" font-weight="bold">{escape(title)}</text>')
+    parts.append(
+        f'<text x="{x + w / 2}" y="{y + 24}" text-anchor="middle" font-size="17" font-weight="bold">'
+        f"{escape(title)}</text>"
+    )
     for i, text in enumerate(lines):
-        parts.append(
-            f'<text x="{x + w / 2}" y="{y + 40 + 16 * i}" text-anchor="middle" font-size="12">{escape(text)}</text>'
-        )
+        parts.append(f'<text x="{x + w / 2}" y="{y + 48 + FLOW_LINE * i}" text-anchor="middle">{escape(text)}</text>')
     return "\n".join(parts)
 
 
 def svg_arrow(x0: float, y0: float, x1: float, y1: float) -> str:
     return f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y1}" stroke="#334155" stroke-width="2" marker-end="url(#a)"/>'
+
+
+def svg_text_lines(x: float, y: float, lines: list[str], size: int = 14, bold: bool = False) -> list[str]:
+    weight = ' font-weight="bold"' if bold else ""
+    return [
+        f'<text x="{x}" y="{y + (size + 4) * i}" font-size="{size}"{weight}>{escape(line)}</text>'
+        for i, line in enumerate(lines)
+    ]
 
 
 def dataflow_svg() -> Path:
@@ -234,52 +251,56 @@ def dataflow_svg() -> Path:
     def both(key: str) -> list[str]:
         return [f"SDXL: {sdxl[key]}", f"tiny: {tiny[key]}"]
 
-    w, h, gap = 236, 92, 36
-    xs = [20 + i * (w + gap) for i in range(5)]
-    id_y, base_y = 60, 250
-    id_row = [
+    id_rows = [
         ("photos", ["PIL, numpy, torch or files", "B photos of one person"]),
-        ("face features", ["ArcFace " + sdxl["arcface"], "CLIP hidden_states[-2]", sdxl["clip"]]),
+        ("face features", ["ArcFace " + sdxl["arcface"], "CLIP hidden_states[-2] " + sdxl["clip"]]),
         ("coefficients", ["resampler -> mean -> normalize", *both("coefficients")]),
         ("LoRA weights", ["bank: sum_k c_k M_k", *both("lora")]),
         (
             'PEFT adapter "id"',
             [
                 f"weight {config.default_id_weight}, alpha / r = {config.lora_alpha_ratio}",
-                "written in place",
-                sdxl["modules"],
+                f"written in place, {sdxl['modules']}",
             ],
         ),
     ]
-    base_row = [
+    base_rows = [
         ("face blurred", ["the same photos,", "face region blurred"]),
         ("CLIP features", ["Base input crop", sdxl["clip"]]),
         ("Base coefficients", ["second resampler", *both("coefficients")]),
         ("Base LoRA weights", ["Base bank", *both("base_lora")]),
         (
             'PEFT adapter "base"',
-            [f"weight {config.default_base_weight}", "clothes, background, light", "release: placeholder, no effect"],
+            [f"weight {config.default_base_weight}: clothes, background, light", "release: placeholder, no effect"],
         ),
     ]
+    w, h = FLOW_BOX
+    xs = (20, FLOW_WIDTH - 20 - w)
+    top = 86
+    ys = [top + i * (h + FLOW_GAP) for i in range(len(id_rows))]
+    footer_y = ys[-1] + h + 34
+    footer = [
+        f"Shapes read from the library: SDXL from a config on the SDXL UNet layout ({sdxl['modules']},",
+        f"{len(config.linears)} linears, K = {config.num_basis}); tiny from a forward pass of the built-in tiny",
+        "HyperLoRA. B = number of photos; they are averaged into one identity.",
+    ]
+    height = footer_y + 18 * len(footer) + 6
     parts = [
-        '<svg xmlns="http://www.w3.org/2000/svg" width="1400" height="400" font-family="sans-serif" font-size="14">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{FLOW_WIDTH}" height="{height}" '
+        f'viewBox="0 0 {FLOW_WIDTH} {height}" font-family="sans-serif" font-size="14">',
         '<defs><marker id="a" markerWidth="10" markerHeight="8" refX="9" refY="4" orient="auto">'
         '<path d="M0,0 L10,4 L0,8 z" fill="#334155"/></marker></defs>',
-        '<text x="20" y="30" font-size="16" font-weight="bold">ID branch: the face</text>',
-        f'<text x="{xs[1]}" y="{base_y - 20}" font-size="16" font-weight="bold">Base branch (checkpoints that have '
-        "one): everything but the face</text>",
+        *svg_text_lines(xs[0], 30, ["ID branch: the face"], size=18, bold=True),
+        *svg_text_lines(xs[1], 30, ["Base branch: everything but the face"], size=18, bold=True),
+        *svg_text_lines(xs[1], 54, ["(checkpoints that have one)"]),
     ]
-    for row, y, fill in ((id_row, id_y, "#dbeafe"), (base_row, base_y, "#fef3c7")):
-        for i, (title, lines) in enumerate(row):
-            parts.append(svg_box(xs[i], y, w, h + 20, title, lines, fill))
+    for rows, x, fill in ((id_rows, xs[0], "#dbeafe"), (base_rows, xs[1], "#fef3c7")):
+        for i, (title, lines) in enumerate(rows):
+            parts.append(svg_box(x, ys[i], w, h, title, lines, fill))
             if i:
-                parts.append(svg_arrow(xs[i] - gap + 2, y + h / 2, xs[i] - 4, y + h / 2))
-    parts.append(svg_arrow(xs[0] + w / 2, id_y + h + 20, xs[0] + w / 2, base_y - 4))
-    parts.append(
-        f'<text x="20" y="390" font-size="12">Shapes read from the library: SDXL from a config on the SDXL UNet '
-        f"layout ({sdxl['modules']}, {len(config.linears)} linears, K = {config.num_basis}), tiny from a forward "
-        "pass of the built-in tiny HyperLoRA. B = number of photos; they are averaged into one identity.</text>"
-    )
+                parts.append(svg_arrow(x + w / 2, ys[i] - FLOW_GAP + 2, x + w / 2, ys[i] - 4))
+    parts.append(svg_arrow(xs[0] + w + 2, ys[0] + h / 2, xs[1] - 4, ys[0] + h / 2))  # photos -> face blurred
+    parts += svg_text_lines(20, footer_y, footer, size=14)
     parts.append("</svg>")
     path = OUT / "dataflow.svg"
     path.write_text("\n".join(parts) + "\n")
