@@ -279,3 +279,15 @@ def test_command_pages_name_every_option(command, page, start, end):
     named = [flag for flag in _command_options(command) if flag != "--verbose"]
     missing = [flag for flag in named if not re.search(re.escape(flag) + r"(?![\w-])", section)]
     assert not missing, f"docs/{page}, section {start!r}, does not name the `{command}` options {missing}"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md"])
+def test_install_instructions_list_every_extra(page):
+    """The extras tables name every extra of pyproject.toml, and nothing that is not one."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    text = (ROOT / page).read_text()
+    listed = set(re.findall(r"^\| `([a-z-]+)` \|", text[text.index("## Install") :], re.M))
+    assert listed == extras, f"{page}'s table of extras lists {sorted(listed)}; pyproject.toml has {sorted(extras)}"
+    assert 'pip install -e ".[face]"' in text and "python -m build" in text, f"{page}: how to install from a clone"
