@@ -19,7 +19,12 @@ import torch
 from diffusers.utils import logging
 from PIL import Image
 
-from ..errors import FaceModelsNotFoundError, FaceSelectionError, NoFaceDetectedError
+from ..errors import (
+    FaceModelsNotFoundError,
+    FaceSelectionError,
+    InvalidArgumentTypeError,
+    NoFaceDetectedError,
+)
 from ..identities.features import HyperLoRAFeatures
 from ..io.hub import HubOptions, Location, resolve_location
 from ..model.config import HyperLoRAConfig
@@ -270,7 +275,9 @@ class FaceFeatureExtractor:
         """Photos -> `HyperLoRAFeatures` on `device` in `dtype` (options as in `prepare_inputs`)."""
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
-            raise TypeError(f"Unknown face-pipeline option(s) {unknown}; valid: {', '.join(OPTIONS)}.")
+            raise InvalidArgumentTypeError(
+                f"Unknown face-pipeline option(s) {unknown}; valid: {', '.join(OPTIONS)}.", argument=unknown[0]
+            )
         prepared = self.prepare_inputs(images, with_base=with_base, **options)
         id_embeds = None
         if self.config.use_id_embeds:
@@ -313,9 +320,10 @@ def image_encoder_loader(
         ready.check_width(config.image_embed_dim)
         return ready
     if image_encoder is not None and not isinstance(image_encoder, (str, os.PathLike)):
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"image_encoder must be a repo id, a local folder, a CLIPVisionModelWithProjection, (model, processor) "
-            f"or a CLIPImageEncoder; got a {type(image_encoder).__name__}."
+            f"or a CLIPImageEncoder; got a {type(image_encoder).__name__}.",
+            argument="image_encoder",
         )
     if image_encoder is not None:  # the caller's choice: a folder or a repo id ("org/name[/sub/folder]")
         location = resolve_location(image_encoder, hub_options.for_other_repo())

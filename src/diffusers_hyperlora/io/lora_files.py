@@ -74,7 +74,9 @@ def lora_state_dict(
     check_format(format)
     dtype = check_dtype(dtype)
     if len(weights) != len(linears):
-        raise ValueError(f"Expected LoRA factors for {len(linears)} linears, got {len(weights)}.")
+        raise InvalidArgumentError(
+            f"Expected LoRA factors for {len(linears)} linears, got {len(weights)}.", argument="weights"
+        )
     state_dict: dict[str, torch.Tensor] = {}
     for linear, (down, up) in zip(linears, weights):
         _check_factors(linear, down, up)
@@ -93,9 +95,10 @@ def lora_state_dict(
 def _check_factors(linear: TargetLinear, down: torch.Tensor, up: torch.Tensor) -> None:
     rank = down.shape[0]
     if tuple(down.shape) != (rank, linear.in_features) or tuple(up.shape) != (linear.out_features, rank):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"LoRA factors of {linear.module_path} must be down [r, {linear.in_features}] and up "
-            f"[{linear.out_features}, r], got {list(down.shape)} and {list(up.shape)}."
+            f"[{linear.out_features}, r], got {list(down.shape)} and {list(up.shape)}.",
+            argument="weights",
         )
 
 
@@ -176,7 +179,9 @@ def lora_rank(state_dict: dict[str, torch.Tensor]) -> int:
     for key, tensor in state_dict.items():
         if key.endswith((".lora_down.weight", ".lora_A.weight")):
             return int(tensor.shape[0])
-    raise ValueError("The state dict has no `.lora_down.weight` / `.lora_A.weight` tensor: it is not a LoRA.")
+    raise InvalidArgumentError(
+        "The state dict has no `.lora_down.weight` / `.lora_A.weight` tensor: it is not a LoRA.", argument="state_dict"
+    )
 
 
 def save_lora_file(
