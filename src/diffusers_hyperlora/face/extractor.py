@@ -264,10 +264,6 @@ class FaceFeatureExtractor:
             logger.warning(f"No face detected in {', '.join(faceless)}: skipped. Using {len(prepared)} image(s).")
         return prepared
 
-    def preview(self, images: Any, **options: Any) -> list[FaceInputs]:
-        """Alias of `prepare_inputs`: what the model will see, for display."""
-        return self.prepare_inputs(images, **options)
-
     # ------------------------------------------------------------------ FeatureExtractor
     def __call__(
         self, images: list[Any], *, device: torch.device, dtype: torch.dtype, with_base: bool, **options: Any
