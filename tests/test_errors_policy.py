@@ -139,3 +139,40 @@ def test_every_error_class_is_ours_and_a_builtin():
         assert issubclass(cls, errors.HyperLoRAError), cls
         if cls is not errors.HyperLoRAError:
             assert any(base.__module__ == "builtins" and base is not Exception for base in cls.__mro__), cls
+
+
+def _argument_cases():
+    import torch
+
+    from diffusers_hyperlora.face.analyzer import select_providers, to_detected_face
+    from diffusers_hyperlora.face.crops import SquareCrop, base_crop_box
+    from diffusers_hyperlora.identities.cache import check_budget
+    from diffusers_hyperlora.identities.inputs import resolve_identity
+    from diffusers_hyperlora.io.lora_files import lora_rank
+    from diffusers_hyperlora.model.config import HyperLoRAConfig
+    from diffusers_hyperlora.utils.checks import parse_dtype
+
+    return [
+        (lambda: HyperLoRAConfig(num_basis=0), "num_basis"),
+        (lambda: HyperLoRAConfig(base_rank=-1), "base_rank"),
+        (lambda: HyperLoRAConfig(targets="x"), "targets"),
+        (lambda: HyperLoRAConfig(use_id_embeds=False, use_image_embeds=False), "use_id_embeds"),
+        (lambda: HyperLoRAConfig().rank("face"), "branch"),
+        (lambda: base_crop_box(SquareCrop(5.0, 5.0, 2.0), (10, 10), (1.0, 0.0, 1.0, 1.0)), "base_crop_scale"),
+        (lambda: select_providers(["CPUExecutionProvider"], False, ["CUDAExecutionProvider"]), "providers"),
+        (lambda: to_detected_face({"kps": None}), "face_analyzer"),
+        (lambda: check_budget(-1), "max_bytes"),
+        (lambda: resolve_identity([], lambda photos: None), "inputs"),
+        (lambda: lora_rank({"x": torch.zeros(1)}), "state_dict"),
+        (lambda: parse_dtype("int8"), "dtype"),
+    ]
+
+
+def test_parameter_errors_name_their_argument():
+    """Front ends (CLI, demo) map `error.argument` to their own spelling of the input."""
+    from diffusers_hyperlora.errors import HyperLoRAError
+
+    for call, argument in _argument_cases():
+        with pytest.raises(HyperLoRAError) as caught:
+            call()
+        assert caught.value.argument == argument, (argument, str(caught.value))

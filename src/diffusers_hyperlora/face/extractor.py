@@ -91,7 +91,8 @@ def _face_indices(face_index: int | Sequence[int], count: int) -> list[int]:
     if len(indices) != count or any(not isinstance(i, int) or i < 0 for i in indices):
         raise FaceSelectionError(
             f"face_index must be an int >= 0 (0 = the largest face, 1 = the second largest, ...) or one such int "
-            f"per input image ({count}); got {face_index!r}."
+            f"per input image ({count}); got {face_index!r}.",
+            argument="face_index",
         )
     return indices
 
@@ -143,7 +144,8 @@ class FaceFeatureExtractor:
         if index >= len(ranked):
             raise FaceSelectionError(
                 f"Input image {image.name} has {len(ranked)} face(s) but face_index={index} was asked for (0 = the "
-                "largest). Pass a smaller face_index, or one per image."
+                "largest). Pass a smaller face_index, or one per image.",
+                argument="face_index",
             )
         if len(ranked) > 1:
             which = "the largest" if index == 0 else f"number {index + 1} by size"

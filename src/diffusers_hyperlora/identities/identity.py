@@ -133,7 +133,8 @@ def _all_have_base(identities: Sequence[HyperLoRAIdentity], operation: str) -> b
 def _check_same_checkpoint(identities: Sequence[HyperLoRAIdentity], what: str) -> None:
     if not identities:
         raise InvalidArgumentError(
-            f"HyperLoRAIdentity.{what}() got no identities: pass at least one HyperLoRAIdentity."
+            f"HyperLoRAIdentity.{what}() got no identities: pass at least one HyperLoRAIdentity.",
+            argument="identities",
         )
     for index, other in enumerate(identities):
         if not isinstance(other, HyperLoRAIdentity):
@@ -197,7 +198,7 @@ class HyperLoRAIdentity:
     def coefficients(self, branch: str = "id") -> torch.Tensor | None:
         """Normalized coefficients of `branch` (`"id"` or `"base"`), `None` when the identity has none."""
         if branch not in ("id", "base"):
-            raise InvalidArgumentError(f"branch must be 'id' or 'base', got {branch!r}.")
+            raise InvalidArgumentError(f"branch must be 'id' or 'base', got {branch!r}.", argument="branch")
         return self.id_coefficients if branch == "id" else self.base_coefficients
 
     def check_compatible(
@@ -396,7 +397,8 @@ class HyperLoRAIdentity:
             if not hasattr(predictor, "checkpoint_hash"):
                 raise InvalidArgumentTypeError(
                     f"HyperLoRAIdentity.load(predictor=...) takes a HyperLoRAPredictor or `pipe.hyperlora`, got "
-                    f"{type(predictor).__name__}."
+                    f"{type(predictor).__name__}.",
+                    argument="predictor",
                 )
             identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
         return identity

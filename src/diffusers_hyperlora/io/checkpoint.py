@@ -65,7 +65,8 @@ def read_checkpoint(location: Location, heads: int | None = None, dim_head: int 
     if heads is not None or dim_head is not None:
         raise InvalidArgumentError(
             f"`heads`/`dim_head` only apply to release-layout checkpoints; {location.description} is in the library "
-            "format, whose config.json already stores them. Drop the two arguments."
+            "format, whose config.json already stores them. Drop the two arguments.",
+            argument="heads" if heads is not None else "dim_head",
         )
     config = HyperLoRAConfig.from_json_dict(raw, f"{CONFIG_NAME} of {location.description}")
     files = _weight_files(location, location.folder(OWN_FILES, what="the weights"))
@@ -104,7 +105,7 @@ def _parse_device(device: torch.device | str) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as error:
         message = f"device must be a torch device or a name like 'cpu' or 'cuda:0', got {device!r}."
-        raise InvalidArgumentError(message) from error
+        raise InvalidArgumentError(message, argument="device") from error
 
 
 def _weight_files(location: Location, folder: Path) -> list[str]:

@@ -185,7 +185,8 @@ class HyperLoRAPredictor(nn.Module):
         if not isinstance(identity, HyperLoRAIdentity):
             raise InvalidArgumentTypeError(
                 f"Expected a HyperLoRAIdentity, got {type(identity).__name__}. Predict one with "
-                "`pipe.predict_hyperlora_identity(images)` or load one with `HyperLoRAIdentity.load(path)`."
+                "`pipe.predict_hyperlora_identity(images)` or load one with `HyperLoRAIdentity.load(path)`.",
+                argument="identity",
             )
         identity.check_compatible(
             self.checkpoint_hash, self.probe, shape=(self.config.num_tokens, self.config.num_basis)
@@ -217,7 +218,8 @@ class HyperLoRAPredictor(nn.Module):
             return self.base_bank
         raise InvalidArgumentError(
             f"branch must be 'id' or 'base' (this checkpoint has a Base branch: {self.config.has_base}), "
-            f"got {branch!r}."
+            f"got {branch!r}.",
+            argument="branch",
         )
 
     def split_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
@@ -233,7 +235,9 @@ class HyperLoRAPredictor(nn.Module):
         coefficients = identity.coefficients(branch)
         if coefficients is None:
             raise InvalidArgumentError(
-                f"This identity has no {branch!r} coefficients (it was predicted without Base inputs): use branch='id'."
+                f"This identity has no {branch!r} coefficients (it was predicted without Base inputs): "
+                "use branch='id'.",
+                argument="branch",
             )
         device = self.device if device is None else device
         return self.bank(branch).lora_weights(self.split_coefficients(coefficients.to(device)))
