@@ -23,7 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 import gradio as gr  # noqa: E402
 
 from ..errors import HyperLoRAError, InvalidArgumentError  # noqa: E402
-from .engine import LORA_FORMATS, MAX_SEED, MAX_STEPS, SIZE_STEP, DemoEngine, GenerationSettings  # noqa: E402
+from .engine import LORA_FORMATS, MAX_STEPS, SIZE_STEP, DemoEngine, GenerationSettings  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -238,9 +238,10 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                 photo_status = gr.Markdown("", elem_id="photo-status", elem_classes="status")
                 preview = gr.Gallery(label="What the encoders see", columns=3, height=240, elem_id="preview")
                 with gr.Accordion("Identity and LoRA files", open=False):
-                    save_button = gr.Button("Save identity", elem_id="save-identity-button")
                     lora_format = gr.Radio(list(LORA_FORMATS), value="kohya", label="LoRA format")
-                    lora_button = gr.Button("Export LoRA", elem_id="export-lora-button")
+                    with gr.Row():
+                        save_button = gr.Button("Save identity", elem_id="save-identity-button")
+                        lora_button = gr.Button("Export LoRA", elem_id="export-lora-button")
                     files_status = gr.Markdown("", elem_id="files-status", elem_classes="status")
                     identity_file = gr.File(label="Identity file", interactive=False, elem_id="identity-file")
                     lora_file = gr.File(label="LoRA file", interactive=False, elem_id="lora-file")
@@ -255,8 +256,9 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                         elem_id="slider-edited",
                     )
                     slider_name = gr.Textbox(value="slider", label="Slider name", elem_id="slider-name")
-                    slider_button = gr.Button("Build slider", elem_id="slider-button")
-                    slider_export = gr.Button("Export the chosen slider as a LoRA", elem_id="slider-export-button")
+                    with gr.Row():
+                        slider_button = gr.Button("Build slider", elem_id="slider-button")
+                        slider_export = gr.Button("Export the chosen slider", elem_id="slider-export-button")
                     slider_status = gr.Markdown("", elem_id="slider-status", elem_classes="status")
                     slider_file = gr.File(label="Slider LoRA file", interactive=False, elem_id="slider-file")
             with gr.Column(scale=1):
@@ -275,7 +277,8 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                     slider_weight = gr.Slider(-2.0, 2.0, value=0.7, step=0.05, label="Slider weight")
                 with gr.Row():
                     steps = gr.Slider(1, MAX_STEPS, value=defaults.steps, step=1, label="Steps")
-                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed")
+                    # no minimum/maximum: Gradio would refuse in a corner pop-up; the engine says it under Generate
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 with gr.Row():
                     low, high = defaults.min_size, defaults.max_size
                     width = gr.Slider(low, high, defaults.size, step=SIZE_STEP, label="Width")
