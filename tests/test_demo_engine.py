@@ -595,13 +595,13 @@ def test_each_visitor_has_a_folder_removed_when_they_leave(handlers, engine, pho
 def test_page_errors_name_files_not_server_paths(handlers, photos, tmp_path):
     from diffusers_hyperlora.demo.app import error_message
 
-    other = DemoEngine.tiny_default(seed=1, workdir=tmp_path)
-    foreign = str(other.save_identity(other.identity_from_inputs([photos["astronaut"]])))
     gallery, status = handlers.preview([photos["coffee"]])
     assert gallery is None and status.startswith("**Error:** No face was found in coffee.png")
-    _, status = handlers.create_identity([foreign], None)
-    assert "identity.safetensors" in status and str(other.workdir) not in status
-    other.close()
+    damaged = tmp_path / "upload" / "damaged.safetensors"  # the library's message names the file by its path
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"not an identity")
+    _, status = handlers.create_identity([str(damaged)], None)
+    assert status.startswith("**Error:** 'damaged.safetensors' is not a readable") and str(tmp_path) not in status
     unexpected = error_message(RuntimeError("CUDA error: device-side assert triggered"))
     assert "RuntimeError" not in unexpected and "CUDA" not in unexpected and "try again" in unexpected
 
