@@ -635,3 +635,18 @@ def test_from_pretrained_refuses_a_bad_device_before_loading(tmp_path, device, m
 def test_from_pretrained_refuses_cuda_without_a_gpu(tmp_path):
     with pytest.raises(InvalidArgumentError, match="no CUDA GPU"):
         DemoEngine.from_pretrained(tmp_path / "missing-checkpoint", base_model=str(tmp_path / "missing"), device="cuda")
+
+
+def test_tiny_default_refuses_a_bad_device(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="not a device") as caught:
+        DemoEngine.tiny_default(workdir=tmp_path, device="nonsense-device")
+    assert caught.value.argument == "device" and not list(tmp_path.iterdir())  # refused before any file
+
+
+def test_command_bad_port_is_one_line(capsys):
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    from diffusers_hyperlora import cli
+
+    assert cli.main(["demo", "--port", "99999"]) == 1
+    error = capsys.readouterr().err
+    assert "Port must be a whole number from 1 to 65535, got 99999" in error and "Traceback" not in error

@@ -266,19 +266,23 @@ class DemoEngine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def tiny_default(cls, seed: int = 0, workdir: str | os.PathLike | None = None) -> DemoEngine:
+    def tiny_default(
+        cls, seed: int = 0, workdir: str | os.PathLike | None = None, device: str | None = "cpu"
+    ) -> DemoEngine:
         """The built-in tiny default, offline: tiny SDXL pipeline, HyperLoRA (with a Base branch) and face models.
 
         All weights are random (seeded), so images are noise-like; every step is the real one. The tiny face
         detector finds faces marked by a coloured frame (`diffusers_hyperlora.testing.tiny_face.draw_face_marker`), not
-        real faces: the page offers an example photo with the frame drawn.
+        real faces: the page offers an example photo with the frame drawn. `device` (checked first, as for
+        `from_pretrained`; `None`: cuda when there is a GPU) is where the tiny pipeline runs, in float32.
         """
         from ..face import FaceAnalyzer
         from ..testing.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
         from ..testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
+        device, _ = _device_and_dtype(device)
         folder = WorkFolder(workdir)
-        pipe = tiny_sdxl_pipeline(seed=seed)
+        pipe = tiny_sdxl_pipeline(seed=seed).to(device)
         pipe.set_progress_bar_config(disable=True)
         face_models = export_tiny_antelopev2(folder.path / "tiny-face-models", seed=seed)
         pipe.load_hyperlora(
