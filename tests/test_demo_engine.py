@@ -650,3 +650,19 @@ def test_command_bad_port_is_one_line(capsys):
     assert cli.main(["demo", "--port", "99999"]) == 1
     error = capsys.readouterr().err
     assert "Port must be a whole number from 1 to 65535, got 99999" in error and "Traceback" not in error
+
+
+def test_launch_refuses_a_work_folder_gradio_would_not_serve(engine, tmp_path, monkeypatch):
+    """Downloads are handed to Gradio from the work folder, which Gradio accepts only inside the temp folder or the
+    current folder (the work folder itself is not served): any other folder is refused before serving."""
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    import tempfile
+
+    from diffusers_hyperlora.demo import launch_demo
+
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgumentError, match="inside the temp folder or the current folder") as caught:
+        launch_demo(engine, port=7860, block=False)
+    assert caught.value.argument == "workdir"

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 NO_SLIDER = "(none)"
 WORKING = "Working…"
-MAX_UPLOAD = "50mb"  # per file; photos above MAX_PHOTO_PIXELS are refused from their header (engine.py)
 # Offline-friendly look: system fonts, no web fonts to fetch.
 THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 # Captions of the preview wrap instead of being cut to "example-..."; status lines stand out a little.
@@ -367,7 +366,6 @@ def launch_demo(engine: DemoEngine, host: str = "127.0.0.1", port: int = 7860, b
         server_name=host,
         server_port=port,
         prevent_thread_lock=not block,
-        max_file_size=MAX_UPLOAD,
         theme=THEME,
         css=CSS,
         footer_links=[],
