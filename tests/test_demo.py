@@ -196,6 +196,7 @@ def expected_image(photo: Path) -> np.ndarray:
         prompt="a photo of a person as an astronaut, portrait", negative_prompt="blurry, low quality"
     )
     image, _ = engine.generate(identity, settings)
+    engine.close()
     return np.asarray(image, dtype=np.float32)
 
 
