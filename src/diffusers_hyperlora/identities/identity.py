@@ -259,12 +259,14 @@ class HyperLoRAIdentity:
         if len(weights) != len(identities):
             raise InvalidArgumentError(
                 f"HyperLoRAIdentity.mix() got {len(identities)} identities but {len(weights)} weights: give one "
-                "weight per identity."
+                "weight per identity.",
+                argument="weights",
             )
         if not all(math.isfinite(w) for w in weights) or sum(weights) <= 0:
             raise InvalidArgumentError(
                 f"HyperLoRAIdentity.mix() weights must be finite numbers with a positive sum, got {weights}; e.g. "
-                "[0.5, 0.5]."
+                "[0.5, 0.5].",
+                argument="weights",
             )
         first = identities[0]
         id_mean = blend_directions([i.id_mean for i in identities], weights)
@@ -296,7 +298,7 @@ class HyperLoRAIdentity:
         """
         t = float(t)
         if not math.isfinite(t):
-            raise InvalidArgumentError(f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.")
+            raise InvalidArgumentError(f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.", argument="t")
         if not spherical:
             return cls.mix([a, b], [1.0 - t, t])
         _check_same_checkpoint([a, b], "interpolate")

@@ -272,7 +272,8 @@ class HyperLoRAPredictor(
         if branch == "base" and not self.config.has_base:
             raise InvalidArgumentError(
                 "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "
-                "branch='id'."
+                "branch='id'.",
+                argument="branch",
             )
         if isinstance(identity, HyperLoRASlider):
             if branch != "id":
