@@ -40,15 +40,16 @@ def test_errors_name_the_flag_of_their_argument():
     )
     named = InvalidArgumentError("--weights must be finite", argument="weights")  # the flag is named already
     assert cli.error_line("mix", named) == "diffusers-hyperlora mix: error: --weights must be finite"
-    assert cli.error_line("mix", InvalidArgumentError("mix: no argument")) == "diffusers-hyperlora mix: error: no argument"
+    plain = InvalidArgumentError("mix: no argument")
+    assert cli.error_line("mix", plain) == "diffusers-hyperlora mix: error: no argument"
 
 
 def test_every_flag_of_the_table_exists():
     import argparse
 
     commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    known = {flag for parser in commands.choices.values() for action in parser._actions for flag in action.option_strings}
-    known |= {action.metavar for parser in commands.choices.values() for action in parser._actions if action.metavar}
+    actions = [action for parser in commands.choices.values() for action in parser._actions]
+    known = {flag for action in actions for flag in action.option_strings} | {action.metavar for action in actions}
     assert set(cli.FLAGS.values()) <= known, set(cli.FLAGS.values()) - known
 
 

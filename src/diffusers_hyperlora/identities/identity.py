@@ -298,7 +298,9 @@ class HyperLoRAIdentity:
         """
         t = float(t)
         if not math.isfinite(t):
-            raise InvalidArgumentError(f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.", argument="t")
+            raise InvalidArgumentError(
+                f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.", argument="t"
+            )
         if not spherical:
             return cls.mix([a, b], [1.0 - t, t])
         _check_same_checkpoint([a, b], "interpolate")
