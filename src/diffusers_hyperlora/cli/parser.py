@@ -20,7 +20,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default (`(default: ...)`) without repeating `None` or `False`."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if hidden or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
