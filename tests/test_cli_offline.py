@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("torchvision", "FutureWarning", "Traceback", "Writing model shards")
 
@@ -72,16 +70,13 @@ def test_the_offline_section_runs_as_written(tmp_path):
     assert not leftovers, leftovers  # no temporary folders left behind
 
 
-@pytest.mark.parametrize("verbose", [False, True])
-def test_third_party_noise_shows_only_with_verbose(tmp_path, verbose):
+def test_third_party_noise_shows_with_verbose(tmp_path):
+    """The offline block above runs quietly; `-v` shows what it hides (so that check cannot pass vacuously)."""
     from diffusers_hyperlora.testing.tiny_checkpoint import tiny_example_photo
 
     tiny_example_photo(tmp_path / "me.png")
     env = _environment(tmp_path / "bin")
     argv = ["diffusers-hyperlora", "identity", "me.png", "-o", "me.safetensors", "--model", "tiny"]
-    result = subprocess.run(argv + ["-v"] * verbose, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([*argv, "-v"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    if verbose:
-        assert "FutureWarning" in result.stderr and "torchvision" in result.stderr, result.stderr[-3000:]
-    else:
-        assert not [word for word in NOISE if word in result.stderr], result.stderr[-3000:]
+    assert "FutureWarning" in result.stderr and "torchvision" in result.stderr, result.stderr[-3000:]
