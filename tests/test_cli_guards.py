@@ -220,3 +220,14 @@ def test_a_failed_feature_write_is_one_line_naming_the_file(tmp_path, capsys, mo
         "me.png",
         "metadata.jsonl",
     ]
+
+
+def test_a_missing_clip_encoder_is_named_once(tmp_path, capsys, monkeypatch):
+    from diffusers_hyperlora.testing.tiny_checkpoint import tiny_example_photo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_example_photo(tmp_path / "me.png")
+    argv = ["identity", tmp_path / "me.png", "-o", tmp_path / "me.safetensors", "--model", "tiny"]
+    code, _, err = _run([*argv, "--image-encoder", "nobody-xyz/no-clip", "--device", "cpu"], capsys)
+    assert code == 1 and err.startswith("diffusers-hyperlora identity: error: --image-encoder: "), err
+    assert err.count("Could not load the CLIP image encoder") == 1 and "nobody-xyz/no-clip" in err, err
