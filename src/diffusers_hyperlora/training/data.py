@@ -26,7 +26,6 @@ Every dataset item is a dict:
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -42,7 +41,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import HyperLoRAError, HyperLoRAWriteError, NoFaceDetectedError, TrainingDataError
+from ..errors import HyperLoRAError, NoFaceDetectedError, TrainingDataError
 from ..identities.features import FeatureExtractor
 from ..utils.atomic_files import atomic_path
 
@@ -199,19 +198,9 @@ def cache_features(
 
 def _write_feature_cache(tensors: dict[str, torch.Tensor], output: Path, metadata: dict[str, str]) -> None:
     """Write to a temporary name next to `output`, then rename: a failed write (full or read-only disk) leaves
-    `output` as it was, no temporary file, and raises `HyperLoRAWriteError` naming `output`."""
-    try:
-        with atomic_path(output) as temporary:
-            save_file(tensors, str(temporary), metadata=metadata)
-    except HyperLoRAWriteError:
-        raise
-    except Exception as error:  # safetensors' own error type for a failed write
-        raise HyperLoRAWriteError(
-            errno.EIO,
-            f"Could not write the feature cache {str(output)!r}: {error}. Nothing was changed there; check that the "
-            "folder is writable and the disk has space, or pass `output=` another file.",
-            str(output),
-        ) from error
+    `output` as it was, no temporary file, and raises `HyperLoRAWriteError` naming `output` (`atomic_path`)."""
+    with atomic_path(output) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def load_feature_cache(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
