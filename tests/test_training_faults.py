@@ -360,12 +360,20 @@ def _copy(checkpoint: Path, tmp_path: Path, name: str = "step-000001") -> Path:
 
 
 class _Exploit:
+    """A pickle that runs code when unpickled: it creates `CODE_RAN` next to the checkpoint folder."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
     def __reduce__(self):
-        return (Path.touch, (Path(tempfile.gettempdir()) / "hyperlora-unpickled-code-ran",))
+        return (Path.touch, (self.target,))
+
+
+CODE_RAN = "unpickled-code-ran"
 
 
 def _break_optimizer(folder: Path) -> None:
-    (folder / "optimizer.bin").write_bytes(pickle.dumps(_Exploit(), protocol=2))
+    (folder / "optimizer.bin").write_bytes(pickle.dumps(_Exploit(folder.parent / CODE_RAN), protocol=2))
 
 
 def _break_model(folder: Path) -> None:
@@ -421,7 +429,7 @@ def test_a_checkpoint_that_cannot_be_resumed_changes_nothing(
         train_stage(pipe, predictor, _data(), config)
     assert caught.value.argument == "resume_from_checkpoint"
     _assert_unchanged(predictor, before)
-    assert not (Path(tempfile.gettempdir()) / "hyperlora-unpickled-code-ran").exists()
+    assert not (tmp_path / "checkpoints" / CODE_RAN).exists()
     assert not (tmp_path / "predictor").exists()
 
 
