@@ -359,7 +359,9 @@ def train_stage(
         >>> predictor = train_stage(pipe, predictor, tiny_training_dataset(), config)  # doctest: +SKIP
     """
     output_dir, resume = _check_inputs(pipe, predictor, dataset, config)
-    saved = _Saved.of(predictor, dataset)
+    saved = _Saved.of(
+        predictor, dataset, None if resume is not None else trainable_parameter_names(predictor, config.stage)
+    )
     try:
         accelerator = _make_accelerator(config)
         if getattr(dataset, "resolution", 0) is None:
@@ -400,7 +402,8 @@ def _check_inputs(pipe: Any, predictor: HyperLoRAPredictor, dataset: Any, config
 
 @dataclass
 class _Saved:
-    """What a failed stage puts back: the predictor's weights, device, dtype, trainable flags and mode, and a
+    """What a failed stage puts back: the weights the stage may change (a CPU copy of its trainable parameters;
+    of every weight when it resumes a checkpoint), the predictor's device, dtype, trainable flags and mode, and a
     dataset resolution the stage filled in."""
 
     state: dict[str, torch.Tensor]
@@ -411,9 +414,11 @@ class _Saved:
     resolution: Any
 
     @classmethod
-    def of(cls, predictor: HyperLoRAPredictor, dataset: Any) -> _Saved:
+    def of(cls, predictor: HyperLoRAPredictor, dataset: Any, names: list[str] | None) -> _Saved:
+        state = predictor.state_dict()
+        kept = state if names is None else {name: state[name] for name in names}
         return cls(
-            state={name: value.detach().clone() for name, value in predictor.state_dict().items()},
+            state={name: value.detach().to("cpu", copy=True) for name, value in kept.items()},
             requires_grad={name: p.requires_grad for name, p in predictor.named_parameters()},
             training=predictor.training,
             device=predictor.device,
@@ -424,7 +429,7 @@ class _Saved:
     def restore(self, predictor: HyperLoRAPredictor, dataset: Any) -> None:
         with torch.no_grad():
             predictor.to(device=self.device, dtype=self.dtype)
-            predictor.load_state_dict(self.state)
+            predictor.load_state_dict(self.state, strict=False)
         for name, param in predictor.named_parameters():
             param.requires_grad_(self.requires_grad[name])
         predictor.train(self.training)
