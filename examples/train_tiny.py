@@ -38,7 +38,7 @@ def main() -> None:
         "--output-dir",
         type=Path,
         default=Path("outputs/train_tiny"),
-        help="where the stages' predictors, checkpoints and losses go (default: outputs/train_tiny, ignored by git)",
+        help="where the stages' predictors, checkpoints and losses go (default: %(default)s, ignored by git)",
     )
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per stage")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step and process")

@@ -465,3 +465,16 @@ def test_a_fresh_predictor_and_the_resolution_follow_the_base_model(pipe, tmp_pa
     with pytest.raises(NonFiniteValueError):
         train_stage(pipe, HyperLoRAPredictor(config), failing, _stage(tmp_path, steps=3, learning_rate=1e30))
     assert failing.resolution is None  # put back with the rest
+
+
+def test_the_tiny_training_example_writes_where_git_does_not_look():
+    """`python examples/train_tiny.py` without `--output-dir` must not leave untracked files in the repository."""
+    import subprocess
+    import sys
+
+    repo = TRAINING_SOURCE.parents[2]
+    example = repo / "examples" / "train_tiny.py"
+    text = subprocess.run([sys.executable, str(example), "--help"], capture_output=True, text=True, timeout=300)
+    default = text.stdout.split("(default: ", 1)[1].split(",", 1)[0]
+    probe = subprocess.run(["git", "check-ignore", "-q", f"{default}/id_clip/predictor/model.safetensors"], cwd=repo)
+    assert probe.returncode == 0, f"{default} is not ignored by git"

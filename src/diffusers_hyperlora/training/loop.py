@@ -355,7 +355,7 @@ def train_stage(
         >>> from diffusers_hyperlora.training import StageConfig, tiny_training_dataset, train_stage
         >>> pipe = tiny_sdxl_pipeline()
         >>> predictor = tiny_hyperlora_predictor(pipe.unet, base_rank=4)
-        >>> config = StageConfig("base", steps=2, output_dir="runs/tiny/base", show_progress=False)
+        >>> config = StageConfig("base", steps=2, output_dir="outputs/tiny/base", show_progress=False)
         >>> predictor = train_stage(pipe, predictor, tiny_training_dataset(), config)  # doctest: +SKIP
     """
     output_dir, resume = _check_inputs(pipe, predictor, dataset, config)
@@ -737,7 +737,7 @@ def train_curriculum(
 
     Example:
         >>> from diffusers_hyperlora.training import TrainingConfig, default_curriculum, train_curriculum
-        >>> config = TrainingConfig("runs/tiny", stages=default_curriculum(steps=3, show_progress=False))
+        >>> config = TrainingConfig("outputs/tiny", stages=default_curriculum(steps=3, show_progress=False))
         >>> predictor = train_curriculum(pipe, predictor, dataset, config)  # doctest: +SKIP
     """
     if not isinstance(config, TrainingConfig):
