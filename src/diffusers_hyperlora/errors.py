@@ -102,3 +102,7 @@ class InvalidArgumentError(HyperLoRAError, ValueError):
 
 class InvalidArgumentTypeError(HyperLoRAError, TypeError):
     """An argument has a type the call cannot use."""
+
+
+class UnsupportedPipelineError(HyperLoRAError, ValueError):
+    """The pipeline is of a kind HyperLoRA does not support yet (a transformer denoiser, group offloading)."""

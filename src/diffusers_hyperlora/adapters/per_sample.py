@@ -7,10 +7,12 @@ hook on each target layer. The live `"id"` / `"base"` adapters hold zeros meanwh
 forward adds nothing; every other adapter on the same layers (a style LoRA) runs as usual, and the scale is read
 from the layer at every call, so `pipe.set_adapters(["id", "base"], [w_id, w_base])` applies.
 
-Which identity a batch row belongs to follows diffusers' batch layout: `num_images_per_prompt` copies of each
-prompt are consecutive (`repeat_interleave`), and with classifier-free guidance the batch is `[uncond, cond]`,
-two halves of that layout. A forward pre-hook on the denoiser works the row -> identity map out once per step.
-Fused adapters cannot be per-sample (the merged weight is one matrix for the whole batch).
+Which identity a batch row belongs to follows diffusers' batch layout: the images of a call are split into `N`
+equal consecutive groups, group `i` for identity `i` (one prompt per identity, its `num_images_per_prompt` copies
+consecutive), and with classifier-free guidance the batch is `[uncond, cond]`, two halves of that layout. A
+forward pre-hook on the denoiser works the row -> identity map out once per call, from the call itself
+(`call_layout`): whichever pipeline runs the shared denoiser, with whatever guidance. Fused adapters cannot be
+per-sample (the merged weight is one matrix for the whole batch).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from torch import nn
 
 from ..errors import IdentityCountError, PerSampleFusedError
 from ..model.bank import BankGroup
+from ..utils.compat import (
+    adapter_runs_in_forward,
+    adapter_scale,
+    denoiser_call_inputs,
+    lora_factors,
+    merged_adapter_names,
+)
 
 # For each branch ("id", "base"), one entry per identity: the bank's grouped factors (`BasisBank.mix`),
 # `(down [G, r, in], up [G, out, r])` per shape group.
@@ -70,6 +79,39 @@ def check_prompt_copies(prompt_embeds: torch.Tensor, num_identities: int, guidan
     )
 
 
+def _halves_equal(tensor: torch.Tensor) -> bool:
+    half = tensor.shape[0] // 2
+    return torch.equal(tensor[:half], tensor[half:])
+
+
+def call_layout(sample: torch.Tensor, prompt_embeds: torch.Tensor | None, num_identities: int) -> bool:
+    """Whether one denoiser call's batch is `[uncond, cond]` halves (classifier-free guidance), read from the call.
+
+    diffusers' pipelines build a guided batch as `torch.cat([latents] * 2)` (with any extra channels doubled the
+    same way), so its two halves are bitwise equal, and the halves' conditioning differs (negative vs. positive
+    prompt). Unguided images of different rows start from different noise. A batch whose halves are equal in
+    both the latents and the conditioning reads both ways (e.g. no guidance, and the same prompt and seed for
+    the images of different identities): it raises `IdentityCountError` instead of guessing.
+
+    >>> noise = torch.randn(2, 4, 8, 8)
+    >>> call_layout(torch.cat([noise, noise]), torch.cat([torch.zeros(2, 3, 5), torch.ones(2, 3, 5)]), 2)
+    True
+    >>> call_layout(torch.randn(4, 4, 8, 8), torch.ones(4, 3, 5), 2)
+    False
+    """
+    batch = sample.shape[0]
+    if num_identities < 2 or batch % (2 * num_identities) or not _halves_equal(sample):
+        return False  # one identity: every layout gives every row identity 0
+    if prompt_embeds is None or prompt_embeds.shape[0] != batch or not _halves_equal(prompt_embeds):
+        return True
+    raise IdentityCountError(
+        f"The denoiser got a batch of {batch} rows for {num_identities} identities whose two halves are identical "
+        "(same starting noise and same prompt), so it cannot tell whether the halves are classifier-free guidance "
+        "or images of different identities. Give the images different seeds (generators), or use one identity for "
+        "the whole batch with `pipe.set_hyperlora_identity(x)`."
+    )
+
+
 def stack_factors(per_identity: Sequence[GroupedFactors], dtype: torch.dtype, device: torch.device) -> GroupedFactors:
     """Identities' grouped factors -> per group `(down [G, N, r, in], up [G, N, out, r])` in the live dtype."""
     stacked = []
@@ -86,8 +128,6 @@ class PerSampleLoRA:
     Args:
         denoiser: the model carrying the adapters (the UNet).
         layers: the target PEFT layers, in the checkpoint's linear order.
-        guidance: called once per denoiser forward; whether the batch is `[uncond, cond]` (classifier-free
-            guidance), e.g. the pipeline's `do_classifier_free_guidance`.
         attached: called once per denoiser forward; whether the adapters are still on the denoiser. When diffusers
             removed them (`unload_lora_weights`, `delete_adapters`), the per-sample mode removes itself.
     """
@@ -96,12 +136,10 @@ class PerSampleLoRA:
         self,
         denoiser: nn.Module,
         layers: Sequence[BaseTunerLayer],
-        guidance: Callable[[], bool],
         attached: Callable[[], bool] = lambda: True,
     ) -> None:
         self.denoiser = denoiser
         self.layers = list(layers)
-        self.guidance = guidance
         self.attached = attached
         self.num_identities = 0
         self._factors: dict[str, tuple[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
@@ -123,7 +161,7 @@ class PerSampleLoRA:
         """
         factors = {}
         for branch, (name, groups, per_identity) in branches.items():
-            reference = self.layers[groups[0].members[0]].lora_A[name].weight
+            reference = lora_factors(self.layers[groups[0].members[0]], name)[0]
             stacked = stack_factors(per_identity, reference.dtype, reference.device)
             by_layer = {}
             for (down, up), group in zip(stacked, groups):
@@ -150,11 +188,10 @@ class PerSampleLoRA:
         if not self.attached():
             self.remove()  # the adapters are gone: nothing per-sample is left to apply
             return
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        guidance = bool(self.guidance())
+        sample, prompts = denoiser_call_inputs(args, kwargs)
+        guidance = call_layout(sample, prompts, self.num_identities)
         rows = batch_rows(self.num_identities, sample.shape[0], guidance)
-        prompts = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        if isinstance(prompts, torch.Tensor) and prompts.shape[0] == sample.shape[0]:
+        if prompts is not None and prompts.shape[0] == sample.shape[0]:
             check_prompt_copies(prompts, self.num_identities, guidance)
         self._rows = rows.to(sample.device)
 
@@ -163,15 +200,15 @@ class PerSampleLoRA:
             for name, by_layer in self._factors.values():
                 if index not in by_layer:
                     continue
-                if name in layer.merged_adapters:
+                if name in merged_adapter_names(layer):
                     raise PerSampleFusedError(
                         f"The {name!r} adapter is fused, but per-sample identities need it unfused (one merged "
                         "weight cannot hold several people). Call `pipe.unfuse_lora()`, or return to one identity "
                         "with `pipe.set_hyperlora_identity(x)` before fusing."
                     )
-                if layer.disable_adapters or layer.merged or name not in layer.active_adapters:
+                if not adapter_runs_in_forward(layer, name):
                     continue  # what PEFT's own forward would skip
-                output = output + self._delta(args[0], *by_layer[index], layer.scaling[name]).to(output.dtype)
+                output = output + self._delta(args[0], *by_layer[index], adapter_scale(layer, name)).to(output.dtype)
             return output
 
         return hook
@@ -190,12 +227,6 @@ class PerSampleLoRA:
         hidden = torch.bmm(flat, down[rows].transpose(1, 2))  # [B, L, r]
         delta = torch.bmm(hidden, up[rows].transpose(1, 2)) * scale  # [B, L, out]
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
-
-
-def target_layers(denoiser: nn.Module, module_paths: Sequence[str]) -> list[BaseTunerLayer]:
-    """The PEFT layers at the checkpoint's target paths, in the checkpoint's linear order."""
-    modules = dict(denoiser.named_modules())
-    return [modules[path] for path in module_paths]
 
 
 def per_sample_branches(
