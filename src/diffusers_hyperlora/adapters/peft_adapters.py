@@ -311,12 +311,13 @@ class HyperLoRAAdapters:
             replace: `name` is a slider of ours already on the denoiser: its factors are rewritten in place.
                 Otherwise a new adapter is registered; a name any adapter already has is refused.
         """
-        if not replace or name not in adapter_configs(self.denoiser):
-            if name in adapter_configs(self.denoiser):
-                raise AdapterNameConflictError(
-                    f"The {self.denoiser.__class__.__name__} already has an adapter named {name!r}. Pick another "
-                    f"slider name (`adapter_name=...`) or delete that adapter first (`pipe.delete_adapters({name!r})`)."
-                )
+        exists = name in adapter_configs(self.denoiser)
+        if exists and not replace:
+            raise AdapterNameConflictError(
+                f"The {self.denoiser.__class__.__name__} already has an adapter named {name!r}. Pick another "
+                f"slider name (`adapter_name=...`) or delete that adapter first (`pipe.delete_adapters({name!r})`)."
+            )
+        if not exists:
             if len(factors) != len(self._layers):
                 raise InvalidArgumentError(
                     f"Expected slider factors for {len(self._layers)} linears, got {len(factors)}."
@@ -327,7 +328,7 @@ class HyperLoRAAdapters:
             )
             previously_active = active_adapters(self.denoiser)
             add_adapter(self.denoiser, lora_config, name)
-            set_active_adapters(self.denoiser, previously_active, {})
+            set_active_adapters(self.denoiser, previously_active, {})  # activated below, beside these
         self._write_factors(name, factors)
         activate_adapter(self.denoiser, name, weight)
 

@@ -11,8 +11,8 @@ Which identity a batch row belongs to follows diffusers' batch layout: the image
 equal consecutive groups, group `i` for identity `i` (one prompt per identity, its `num_images_per_prompt` copies
 consecutive), and with classifier-free guidance the batch is `[uncond, cond]`, two halves of that layout. A
 forward pre-hook on the denoiser works the row -> identity map out once per call, from the call itself
-(`call_layout`): whichever pipeline runs the shared denoiser, with whatever guidance. Fused adapters cannot be
-per-sample (the merged weight is one matrix for the whole batch).
+(`call_layout`): the guidance of the pipeline that runs it, whichever pipeline shares the denoiser, checked
+against the batch. Fused adapters cannot be per-sample (the merged weight is one matrix for the whole batch).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..model.bank import BankGroup
 from ..utils.compat import (
     adapter_runs_in_forward,
     adapter_scale,
+    calling_pipeline_guidance,
     denoiser_call_inputs,
     lora_factors,
     merged_adapter_names,
@@ -79,37 +80,36 @@ def check_prompt_copies(prompt_embeds: torch.Tensor, num_identities: int, guidan
     )
 
 
-def _halves_equal(tensor: torch.Tensor) -> bool:
-    half = tensor.shape[0] // 2
-    return torch.equal(tensor[:half], tensor[half:])
+def call_layout(sample: torch.Tensor, num_identities: int, guidance: bool | None) -> bool:
+    """Whether one denoiser call's batch is `[uncond, cond]` halves (classifier-free guidance).
 
+    Args:
+        sample: the call's latents.
+        num_identities: `N`.
+        guidance: whether the pipeline running this call uses classifier-free guidance (read from the calling
+            pipeline itself, whichever pipeline shares the denoiser), `None` for a direct denoiser call: a batch
+            of `identities x copies` rows without guidance halves.
 
-def call_layout(sample: torch.Tensor, prompt_embeds: torch.Tensor | None, num_identities: int) -> bool:
-    """Whether one denoiser call's batch is `[uncond, cond]` halves (classifier-free guidance), read from the call.
-
-    diffusers' pipelines build a guided batch as `torch.cat([latents] * 2)` (with any extra channels doubled the
-    same way), so its two halves are bitwise equal, and the halves' conditioning differs (negative vs. positive
-    prompt). Unguided images of different rows start from different noise. A batch whose halves are equal in
-    both the latents and the conditioning reads both ways (e.g. no guidance, and the same prompt and seed for
-    the images of different identities): it raises `IdentityCountError` instead of guessing.
+    diffusers' pipelines build a guided batch as `torch.cat([latents] * 2)`, so its two halves are bitwise equal.
+    A guided call whose halves differ has another layout (several guidance branches, as perturbed-attention
+    guidance makes): it raises `IdentityCountError` instead of guessing which row is whose.
 
     >>> noise = torch.randn(2, 4, 8, 8)
-    >>> call_layout(torch.cat([noise, noise]), torch.cat([torch.zeros(2, 3, 5), torch.ones(2, 3, 5)]), 2)
-    True
-    >>> call_layout(torch.randn(4, 4, 8, 8), torch.ones(4, 3, 5), 2)
-    False
+    >>> call_layout(torch.cat([noise, noise]), 2, guidance=True), call_layout(noise, 2, guidance=None)
+    (True, False)
     """
-    batch = sample.shape[0]
-    if num_identities < 2 or batch % (2 * num_identities) or not _halves_equal(sample):
-        return False  # one identity: every layout gives every row identity 0
-    if prompt_embeds is None or prompt_embeds.shape[0] != batch or not _halves_equal(prompt_embeds):
-        return True
-    raise IdentityCountError(
-        f"The denoiser got a batch of {batch} rows for {num_identities} identities whose two halves are identical "
-        "(same starting noise and same prompt), so it cannot tell whether the halves are classifier-free guidance "
-        "or images of different identities. Give the images different seeds (generators), or use one identity for "
-        "the whole batch with `pipe.set_hyperlora_identity(x)`."
-    )
+    if not guidance:
+        return False
+    if num_identities > 1:
+        half = sample.shape[0] // 2
+        if sample.shape[0] % 2 or not torch.equal(sample[:half], sample[half:]):
+            raise IdentityCountError(
+                f"The pipeline runs classifier-free guidance, but its denoiser batch of {sample.shape[0]} rows is not "
+                "two equal [unconditional, conditional] halves, the only guided layout per-sample identities can "
+                "assign rows of (other guidance schemes add more branches). Use one identity for the whole batch "
+                "with `pipe.set_hyperlora_identity(x)`."
+            )
+    return True
 
 
 def stack_factors(per_identity: Sequence[GroupedFactors], dtype: torch.dtype, device: torch.device) -> GroupedFactors:
@@ -189,7 +189,7 @@ class PerSampleLoRA:
             self.remove()  # the adapters are gone: nothing per-sample is left to apply
             return
         sample, prompts = denoiser_call_inputs(args, kwargs)
-        guidance = call_layout(sample, prompts, self.num_identities)
+        guidance = call_layout(sample, self.num_identities, calling_pipeline_guidance())
         rows = batch_rows(self.num_identities, sample.shape[0], guidance)
         if prompts is not None and prompts.shape[0] == sample.shape[0]:
             check_prompt_copies(prompts, self.num_identities, guidance)

@@ -8,6 +8,7 @@ version when one changed. Callers elsewhere in the package use these names, neve
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -135,6 +136,32 @@ def denoiser_call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
     prompts = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
     return sample, prompts if isinstance(prompts, torch.Tensor) else None
+
+
+def calling_pipeline_guidance() -> bool | None:
+    """Whether the diffusers pipeline whose `__call__` is running in this thread (the innermost one on the call
+    stack) runs classifier-free guidance; `None` when no pipeline is calling (the denoiser called directly) or
+    the pipeline has no `do_classifier_free_guidance`.
+
+    A denoiser is shared by every pipeline made from the same components (`from_pipe`), so its forward cannot
+    know which pipeline calls it, and diffusers passes no guidance flag to the denoiser: the calling frame is
+    the only source. The pipeline's own `do_classifier_free_guidance` is set at the start of its `__call__`.
+    """
+    from diffusers import DiffusionPipeline
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, DiffusionPipeline):
+                try:
+                    return bool(candidate.do_classifier_free_guidance)
+                except AttributeError:
+                    return None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def execution_device(pipe: Any) -> torch.device | None:
