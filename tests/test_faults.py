@@ -599,3 +599,5 @@ def test_extractor_options_reach_the_photos_among_identities(pipe, predictor):
     assert [call[4] for call in extractor.calls] == [{"face_index": 1}]
     pipe.set_hyperlora_identity(["a.jpg", person], face_index=2)
     assert extractor.calls[-1][0] == ["a.jpg"] and extractor.calls[-1][4] == {"face_index": 2}
+    pipe.add_hyperlora_slider(["a.jpg"], person, adapter_name="age", face_index=3)  # options for the photo side
+    assert extractor.calls[-1][4] == {"face_index": 3} and list(pipe.hyperlora.sliders) == ["age"]

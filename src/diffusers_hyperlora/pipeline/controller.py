@@ -563,8 +563,8 @@ class HyperLoRAController:
                     "`adapter_name='slider'`."
                 )
             slider = HyperLoRASlider(
-                neutral=self._slider_side(neutral, "neutral", kwargs),
-                edited=self._slider_side(edited, "edited", kwargs),
+                neutral=self._slider_side(neutral, "neutral", kwargs, (neutral, edited)),
+                edited=self._slider_side(edited, "edited", kwargs, (neutral, edited)),
             )
             with self._computing(loaded) as predictor:
                 difference = slider.lora_weights(predictor)
@@ -575,12 +575,13 @@ class HyperLoRAController:
             loaded.sliders[adapter_name] = slider
             return slider
 
-    def _slider_side(self, value: Any, side: str, kwargs: dict) -> HyperLoRAIdentity:
+    def _slider_side(self, value: Any, side: str, kwargs: dict, sides: tuple) -> HyperLoRAIdentity:
         if value is None:
             raise InvalidArgumentError(
-                f"add_hyperlora_slider(): `{side}` is missing; pass images or a HyperLoRAIdentity."
+                f"add_hyperlora_slider(): `{side}` is missing; pass images or a HyperLoRAIdentity.", argument=side
             )
-        return self._as_identity(value, "add_hyperlora_slider", kwargs)
+        _check_options_apply("add_hyperlora_slider", sides, kwargs)
+        return self._as_identity(value, "add_hyperlora_slider", kwargs, checked=True)
 
     def _as_identity(self, value: Any, caller: str, kwargs: dict, checked: bool = False) -> HyperLoRAIdentity:
         """A `HyperLoRAIdentity` as given, else predicted from photos / identity files.
