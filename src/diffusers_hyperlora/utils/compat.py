@@ -152,7 +152,8 @@ def calling_pipeline_guidance() -> bool | None:
     frame = inspect.currentframe()
     try:
         while frame is not None:
-            candidate = frame.f_locals.get("self")
+            # Only `__call__` frames are looked into: reading `f_locals` snapshots a frame's locals.
+            candidate = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
             if isinstance(candidate, DiffusionPipeline):
                 try:
                     return bool(candidate.do_classifier_free_guidance)
