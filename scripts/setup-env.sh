@@ -6,6 +6,7 @@
 #   CPU wheel index ($TORCH_CPU_INDEX).
 # - an NVIDIA GPU: `torch==2.13.0` from the package index, whose Linux wheels are CUDA builds. For another CUDA
 #   version, install torch yourself into .venv first (docs/quickstart.md): a torch already there is kept.
+# A second argument `--torch-only` stops after torch (scripts/ci-floor.sh installs the project itself).
 # Environment: VENV (default .venv), TORCH_CPU_INDEX (default PyTorch's CPU wheel index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +25,6 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" "torch==$torch_version+cpu"
   fi
 fi
-"${pip[@]}" -e ".${extras:+[$extras]}"
+if [ "${2:-}" != "--torch-only" ]; then
+  "${pip[@]}" -e ".${extras:+[$extras]}"
+fi
