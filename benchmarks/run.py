@@ -779,7 +779,8 @@ def write_report(path: Path, device_text: str, args, started: float, load_before
         f"- Load average (1/5/15 min) at start / end: {load_before} / {load_average()}",
         "- Every time is the best of its repeats (a shared machine only ever adds time); every ratio is against a "
         "baseline measured in this run.",
-        "- Model: the tests' tiny UNet and HyperLoRA (a dry run: checks that every section runs, times mean nothing)."
+        "- Model: the tests' tiny UNet and HyperLoRA (`--dry-run`): every section runs; the times measure per-call "
+        "overhead, not a full-size bank."
         if DRY_RUN
         else "- Model: full-size SDXL-shaped HyperLoRA (K = 128, rank 8, 560 target linears of the SDXL UNet config, "
         "resampler 1024 x 4), random weights; SDXL UNet with random weights.",
