@@ -133,24 +133,33 @@ def _cli(python: Path) -> Path:
     return python.parent / "diffusers-hyperlora"
 
 
+SAVE_TINY = "import sys; from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor as t; " \
+    "t(seed=0).save_pretrained(sys.argv[1])"
+
+
 @pytest.fixture(scope="module")
-def tiny_job(tmp_path_factory) -> Path:
-    """examples/tiny_demo.py run by the installed wheel: checkpoint folder (with its model card), image, LoRA."""
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny checkpoint saved by the installed wheel (with its model card, rendered from the packaged template)."""
     python = _installed()
-    out = tmp_path_factory.mktemp("wheel_job")
+    out = tmp_path_factory.mktemp("wheel_checkpoint")
     where = _run([python, "-c", "import diffusers_hyperlora as d; print(d.__file__, d.__version__)"], out).stdout
     location, version = where.split()
     assert not Path(location).is_relative_to(ROOT) and "site-packages" in location, location
     assert version == _version()
-    _run([python, ROOT / "examples" / "tiny_demo.py", "--output-dir", out, "--steps", "1", "--size", "64"], out)
-    return out
-
-
-def test_installed_wheel_runs_the_tiny_main_job(tiny_job):
-    assert (tiny_job / "tiny_demo.png").stat().st_size > 0
-    assert (tiny_job / "tiny_identity_lora.safetensors").stat().st_size > 0
-    card = (tiny_job / "tiny-hyperlora" / "README.md").read_text()  # rendered from the packaged template
+    _run([python, "-c", SAVE_TINY, out / "tiny-hyperlora"], out)
+    card = (out / "tiny-hyperlora" / "README.md").read_text()
     assert "HyperLoRA" in card and "{{" not in card
+    return out / "tiny-hyperlora"
+
+
+def test_installed_wheel_runs_the_tiny_main_job(tmp_path):
+    """examples/tiny_demo.py with the installed wheel: checkpoint, identity, image, LoRA file."""
+    python = _installed()
+    demo = [python, ROOT / "examples" / "tiny_demo.py", "--output-dir", tmp_path, "--steps", "1", "--size", "64"]
+    _run(demo, tmp_path)
+    assert (tmp_path / "tiny_demo.png").stat().st_size > 0
+    assert (tmp_path / "tiny_identity_lora.safetensors").stat().st_size > 0
+    assert (tmp_path / "tiny-hyperlora" / "README.md").stat().st_size > 0
 
 
 IDENTITIES = """
@@ -167,10 +176,9 @@ save_release_checkpoint(predictor, "release", dtype="fp16")
 """
 
 
-def test_installed_cli_offline_commands(tiny_job, tmp_path):
+def test_installed_cli_offline_commands(checkpoint, tmp_path):
     python = _installed()
     cli = _cli(python)
-    checkpoint = tiny_job / "tiny-hyperlora"
     _run([python, "-c", IDENTITIES, checkpoint], tmp_path)
     assert "identity" in _run([cli, "--help"], tmp_path).stdout
     _run([cli, "export", "alice.safetensors", "-o", "alice_lora.safetensors", "--model", checkpoint], tmp_path)
@@ -182,7 +190,7 @@ def test_installed_cli_offline_commands(tiny_job, tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
 
 
-def test_installed_face_extra_makes_an_identity_from_photos(tiny_job, tmp_path):
+def test_installed_face_extra_makes_an_identity_from_photos(checkpoint, tmp_path):
     python = _installed("face")
     face_models = pytest.importorskip("face_models")  # tiny models made here (onnx, skimage: the test extra)
     skimage_data = pytest.importorskip("skimage.data")
@@ -194,7 +202,7 @@ def test_installed_face_extra_makes_an_identity_from_photos(tiny_job, tmp_path):
     pack = face_models.export_tiny_antelopev2(tmp_path / "antelopev2")
     photo = face_models.draw_face_marker(skimage_data.astronaut(), face_models.ASTRONAUT_FACE)
     Image.fromarray(photo).save(tmp_path / "me.png")
-    options = ["--model", tiny_job / "tiny-hyperlora", "--image-encoder", tmp_path / "clip", "--face-models", pack]
+    options = ["--model", checkpoint, "--image-encoder", tmp_path / "clip", "--face-models", pack]
     _run([_cli(python), "identity", "me.png", "-o", "me.safetensors", *options, "--device", "cpu"], tmp_path)
     assert (tmp_path / "me.safetensors").stat().st_size > 0
 
