@@ -46,7 +46,7 @@ LIGHT_CASES = [
     (["mix", "{a}", "{b}", "{a}", "--spherical", "-o", "x.safetensors"], "exactly two identities"),
     *[
         (["export", "{a}", "-o", "x.safetensors", "--model", "m", "--device", device], f"--device '{device}'")
-        for device in ("tpu", "mps", "meta", "xpu", "nonsense")
+        for device in ("tpu", "meta", "xpu", "nonsense", "cuda:x")
     ],
     (["export", "{root}/missing.safetensors", "-o", "x.safetensors", "--model", "m"], "no such file"),
     (["identity", "{root}", "-o", "x.safetensors", "--model", "m"], "is a folder, not a photo"),

@@ -48,18 +48,10 @@ def hub_options(args: argparse.Namespace):
 
 
 def resolve_device(name: str | None):
-    """The torch device of `--device` (already checked by name): cuda when available by default."""
-    import torch
+    """The torch device of `--device` (the library's policy, `utils.devices`): cuda when available by default."""
+    from ..utils.devices import device_and_dtype
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(
-            f"--device {name}: this torch installation sees no CUDA GPU (torch {torch.__version__}). Pass "
-            "--device cpu, or install the CUDA build of torch for your machine.",
-            argument="device",
-        )
+    device, _ = device_and_dtype(name, label=checks.DEVICE_FLAG)
     return device
 
 
@@ -382,6 +374,7 @@ def run_demo(args: argparse.Namespace) -> None:
     checks.check_port(args.port)
     from ..demo import DemoEngine, launch_demo
 
+    device = str(resolve_device(args.device))  # refused here in --device's words, before any model is built
     if args.checkpoint is None:
         given = checks.given_flags(args, (*HUB_OPTIONS, "base_model", "image_encoder", "face_models"))
         if given:
@@ -390,13 +383,13 @@ def run_demo(args: argparse.Namespace) -> None:
                 "Pass a CHECKPOINT (Hub repo id or local folder), or drop them.",
                 argument="checkpoint",
             )
-        engine = DemoEngine.tiny_default()
+        engine = DemoEngine.tiny_default(device=device)
     else:
         engine = DemoEngine.from_pretrained(
             args.checkpoint,
             hub_options(args),
-            base_model=args.base_model or "stabilityai/stable-diffusion-xl-base-1.0",
-            device=args.device,
+            base_model=args.base_model,  # None: the library's default SDXL
+            device=device,
             image_encoder=args.image_encoder,
             face_models=args.face_models,
         )
