@@ -3,6 +3,8 @@ taken, which are refused (unknown, or not on this machine), and the dtype each d
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -69,3 +71,22 @@ def test_command_refuses_a_device_this_machine_lacks(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--device 'mps': this torch installation sees no Apple GPU" in err and "--device cpu" in err, err
     assert err.count("\n") == 1 and not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, module, extra",
+    [
+        (["demo"], "gradio", "demo"),
+        (["train", "--data", "{data}", "--base-model", "tiny", "--output-dir", "{out}"], "accelerate", "train"),
+    ],
+)
+def test_a_missing_extra_is_named_with_how_to_install_it(argv, module, extra, tmp_path, monkeypatch, capsys):
+    """The package is not on the package index yet: the hint also says how to install the extra from a clone."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError, as when it is missing
+    argv = [arg.format(data=tmp_path / "data", out=tmp_path / "run") for arg in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"needs {module}" in err and f"pip install 'diffusers-hyperlora[{extra}]'" in err, err
+    assert f"from a clone: pip install -e '.[{extra}]'" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

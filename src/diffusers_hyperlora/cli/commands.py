@@ -10,15 +10,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import InvalidArgumentError, TrainingDataError
+from ..errors import InvalidArgumentError, MissingDependencyError, TrainingDataError
 from . import checks
-from .parser import HUB_OPTIONS, PROG, TINY
+from .parser import HUB_OPTIONS, PROG, TINY, install_hint
 
 CHECKPOINT_FLAGS = (*HUB_OPTIONS, "heads", "dim_head")
 TINY_RESOLUTION = 32  # the tiny UNet's latents are 4x4 at 32 px: a training step takes well under a second
@@ -39,6 +40,16 @@ def checkpoint_source(value: str) -> Iterator[str]:
 
     with TinyCheckpoint() as folder:
         yield os.fspath(folder)
+
+
+def require_extra(module: str, extra: str, command: str) -> None:
+    """`MissingDependencyError` naming the extra to install when `module` (of that extra) cannot be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"{command} needs {module}, in the {extra} extra: {install_hint(extra)}."
+        ) from error
 
 
 def hub_options(args: argparse.Namespace):
@@ -339,6 +350,7 @@ def _base_pipeline(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> str:
     checks.check_train_arguments(args)
     checks.check_tiny_options(args, args.init, "--init", HUB_OPTIONS)
+    require_extra("accelerate", "train", "train")
     from ..io import load_predictor as load
     from ..training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
 
@@ -372,6 +384,7 @@ def run_train(args: argparse.Namespace) -> str:
 def run_demo(args: argparse.Namespace) -> None:
     checks.check_device(args.device)
     checks.check_port(args.port)
+    require_extra("gradio", "demo", "demo")
     from ..demo import DemoEngine, launch_demo
 
     device = str(resolve_device(args.device))  # refused here in --device's words, before any model is built

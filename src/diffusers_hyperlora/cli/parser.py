@@ -16,6 +16,11 @@ HUB_OPTIONS = ("subfolder", "revision", "token", "cache_dir", "local_files_only"
 TINY_HELP = f"`{TINY}`: the built-in tiny default (random weights, offline, seconds; see docs/cli.md)."
 
 
+def install_hint(extra: str) -> str:
+    """How to install an extra, today (from a clone) and once the package is on the package index."""
+    return f"pip install 'diffusers-hyperlora[{extra}]' (from a clone: pip install -e '.[{extra}]')"
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default (`(default: ...)`) without repeating `None` or `False`."""
 
@@ -68,7 +73,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_face_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("photos (needs the face extra: pip install 'diffusers-hyperlora[face]')")
+    group = parser.add_argument_group(f"photos (needs the face extra: {install_hint('face')})")
     group.add_argument(
         "--image-encoder", default=None, help="CLIP vision encoder: repo id or folder (default: the checkpoint's)."
     )
@@ -305,7 +310,7 @@ def _add_demo_parser(commands: Any) -> None:
         help="the web demo (Gradio): photos -> identity -> images, LoRA downloads, sliders",
         description="Serve the web demo. Without CHECKPOINT it starts offline, in seconds, on the built-in tiny "
         "default (random weights: every real step, noise-like images). Needs the extra: "
-        "pip install 'diffusers-hyperlora[demo]'.",
+        f"{install_hint('demo')}.",
     )
     demo.add_argument(
         "checkpoint",
