@@ -433,6 +433,13 @@ def test_command_tiny_default_runs_on_the_device_given(monkeypatch):
         assert built == ["cpu"] and engine.pipe.unet.device.type == "cpu" and engine.pipe.unet.dtype == torch.float32
     finally:
         engine.close()
+    # Without --device the tiny default stays on the CPU even where there is a GPU (its count stood in for here):
+    # the same images on every machine, as `DemoEngine.tiny_default()` in Python.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["demo"]) == 0
+    _Served.engines[-1][0].close()
+    assert built == ["cpu", "cpu"]
 
 
 def test_command_base_model_defaults_to_the_librarys(checkpoint_folders, monkeypatch, capsys):

@@ -106,7 +106,7 @@ def photo_predictor(predictor, model: str, args: argparse.Namespace) -> Callable
             id_embeds=features.id_embeds,
             clip_hidden_states=features.clip_hidden_states,
             base_clip_hidden_states=features.base_clip_hidden_states,
-            sources=features.sources or [os.path.basename(path) for path in photos],
+            sources=features.sources,
         )
 
     return predict
@@ -387,7 +387,10 @@ def run_demo(args: argparse.Namespace) -> None:
     require_extra("gradio", "demo", "demo")
     from ..demo import DemoEngine, launch_demo
 
-    device = str(resolve_device(args.device))  # refused here in --device's words, before any model is built
+    # The tiny default runs on the CPU unless --device says otherwise (as `DemoEngine.tiny_default`): the same
+    # images on every machine. A device is refused here, in --device's words, before any model is built.
+    wanted = "cpu" if args.device is None and args.checkpoint is None else args.device
+    device = str(resolve_device(wanted))
     if args.checkpoint is None:
         given = checks.given_flags(args, (*HUB_OPTIONS, "base_model", "image_encoder", "face_models"))
         if given:

@@ -68,7 +68,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heads", type=int, default=None, help="Resampler heads of release-layout folders (12).")
     group.add_argument("--dim-head", type=int, default=None, help="Resampler head width, release layout (64).")
     group.add_argument(
-        "--device", default=None, help="Where to run: cpu, cuda, cuda:1 (default: cuda if available, else cpu)."
+        "--device", default=None, help="Where to run: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)."
     )
 
 
@@ -331,7 +331,11 @@ def _add_demo_parser(commands: Any) -> None:
         default=None,
         help="SDXL pipeline: repo id or folder (default with a CHECKPOINT: stabilityai/stable-diffusion-xl-base-1.0).",
     )
-    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu).")
+    demo.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu; the tiny default: cpu).",
+    )
     demo.add_argument("--image-encoder", default=None, help="CLIP vision encoder (default: the checkpoint's).")
     demo.add_argument("--face-models", default=None, help="AntelopeV2 face models: repo id or folder.")
     demo.add_argument("--host", default="127.0.0.1", help="Address to serve on (this machine only).")
