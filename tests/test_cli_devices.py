@@ -90,3 +90,15 @@ def test_a_missing_extra_is_named_with_how_to_install_it(argv, module, extra, tm
     assert f"needs {module}" in err and f"pip install 'diffusers-hyperlora[{extra}]'" in err, err
     assert f"from a clone: pip install -e '.[{extra}]'" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 99999, "7860", 7860.0, True, None])
+def test_a_bad_port_is_refused_in_the_callers_words(port):
+    """One port check for `launch_demo` (`Port ...`) and the command line (`--port ...`)."""
+    from diffusers_hyperlora.utils.devices import check_port
+
+    for label in ("Port", "--port"):
+        with pytest.raises(InvalidArgumentError, match=f"^{label} must be a whole number from 1 to 65535") as caught:
+            check_port(port, label)
+        assert caught.value.argument == "port"
+    assert check_port(1) == 1 and check_port(65535, "--port") == 65535

@@ -713,7 +713,8 @@ def test_command_bad_port_is_one_line(capsys):
 
     assert cli.main(["demo", "--port", "99999"]) == 1
     error = capsys.readouterr().err
-    assert "Port must be a whole number from 1 to 65535, got 99999" in error and "Traceback" not in error
+    assert "--port must be a whole number from 1 to 65535 (e.g. 7860), got 99999" in error, error
+    assert error.count("\n") == 1 and "Traceback" not in error
 
 
 def test_launch_refuses_a_work_folder_gradio_would_not_serve(engine, tmp_path, monkeypatch):

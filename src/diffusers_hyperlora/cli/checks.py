@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from ..errors import IdentityNotFoundError, InvalidArgumentError
 from ..utils.devices import check_device_name
+from ..utils.devices import check_port as check_port_number
 from .parser import HUB_OPTIONS, PROG, TINY
 
 DEVICE_FLAG = "--device"
@@ -208,7 +209,5 @@ def check_train_arguments(args: argparse.Namespace) -> None:
 
 
 def check_port(port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise InvalidArgumentError(
-            f"--port {port}: must be a port number from 1 to 65535 (e.g. 7860).", argument="port"
-        )
+    """`--port`: a port number (`utils.devices.check_port`, as `launch_demo` checks it)."""
+    check_port_number(port, "--port")

@@ -1,4 +1,5 @@
-"""The one device and dtype policy of the front ends (command line, demo): which devices, and in which dtype.
+"""The one device and dtype policy of the front ends (command line, demo): which devices, and in which dtype;
+and the one check of the port the demo serves on (`check_port`).
 
 `check_device_name` needs no torch (the command line answers a wrong `--device` at once); `device_and_dtype`
 checks the name, then that this machine has the device, and picks the dtype: float16 on CUDA, float32 elsewhere,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # torch is imported only when a device is resolved
 
 DEVICE_NAME = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DEVICE_NAMES = "cpu, cuda, cuda:N (e.g. cuda:1) or mps"
+MAX_PORT = 65535
 
 
 def _spelled(label: str, value: str) -> str:
@@ -94,3 +96,13 @@ def device_and_dtype(
     if dtype is None:
         dtype = torch.float16 if chosen.type == "cuda" else torch.float32
     return chosen, dtype
+
+
+def check_port(port: Any, label: str = "Port") -> int:
+    """`port` if it is a port number (a whole number from 1 to 65535), else `InvalidArgumentError(argument="port")`;
+    imports no torch. `label` names the setting (`"--port"` for the flag)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= MAX_PORT:
+        raise InvalidArgumentError(
+            f"{label} must be a whole number from 1 to {MAX_PORT} (e.g. 7860), got {port!r}.", argument="port"
+        )
+    return port
