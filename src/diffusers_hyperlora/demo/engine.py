@@ -237,9 +237,9 @@ class DemoEngine:
         from ..testing.tiny_checkpoint import FACE_MODELS_FOLDER, save_tiny_checkpoint, tiny_example_photo
         from ..testing.tiny_models import tiny_sdxl_pipeline
 
-        device, dtype = device_and_dtype(device, torch.float32)  # checked first, before any file is written
+        device, _ = device_and_dtype(device, torch.float32)  # checked first, before any file is written
         folder = WorkFolder(workdir)
-        pipe = tiny_sdxl_pipeline(seed=seed).to(device, dtype)
+        pipe = tiny_sdxl_pipeline(seed=seed).to(device)  # built in float32
         pipe.set_progress_bar_config(disable=True)
         checkpoint = save_tiny_checkpoint(folder.path / "tiny-checkpoint", pipe.unet, seed=seed)
         face_models = checkpoint / FACE_MODELS_FOLDER
