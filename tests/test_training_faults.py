@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_training import _snapshot, one_thread  # noqa: F401  (one_thread: the single-thread fixture)
 
 from diffusers_hyperlora import errors
 from diffusers_hyperlora.errors import (
@@ -45,18 +46,6 @@ from diffusers_hyperlora.training import (
 )
 
 TRAINING_SOURCE = Path(__file__).resolve().parents[1] / "src" / "diffusers_hyperlora" / "training"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
 def _assert_unchanged(predictor: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
