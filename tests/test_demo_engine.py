@@ -731,3 +731,18 @@ def test_launch_refuses_a_work_folder_gradio_would_not_serve(engine, tmp_path, m
     with pytest.raises(InvalidArgumentError, match="inside the temp folder or the current folder") as caught:
         launch_demo(engine, port=7860, block=False)
     assert caught.value.argument == "workdir"
+
+
+def test_generate_switches_through_the_controllers_using(engine, identities, reference, monkeypatch):
+    """The switch and the generation share `pipe.hyperlora.using`, the controller's one public way to pair them."""
+    used = []
+    using = engine.pipe.hyperlora.using
+
+    def recording(identity, **kwargs):
+        used.append(identity)
+        return using(identity, **kwargs)
+
+    monkeypatch.setattr(engine.pipe.hyperlora, "using", recording)
+    image, _ = engine.generate(identities["astronaut"], BASE)
+    assert used == [identities["astronaut"]]
+    np.testing.assert_array_equal(pixels(image), reference)

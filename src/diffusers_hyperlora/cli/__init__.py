@@ -101,6 +101,23 @@ def error_line(command: str, error: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def _no_transformers_progress_bar() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar (our own tqdm bars stay); restore its setting afterwards."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        yield
+        return
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def third_party_output(verbose: bool, keep_stdout: bool = False) -> Iterator[None]:
     """Hide other libraries' warnings, log messages below errors and prints (e.g. insightface's model list).
 
@@ -117,7 +134,7 @@ def third_party_output(verbose: bool, keep_stdout: bool = False) -> Iterator[Non
     environment = {name: os.environ.get(name) for name in VERBOSITY_VARIABLES}
     os.environ.update({name: "error" for name in VERBOSITY_VARIABLES})
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_transformers_progress_bar():
             warnings.simplefilter("ignore")
             with contextlib.nullcontext() if keep_stdout else contextlib.redirect_stdout(io.StringIO()):
                 yield

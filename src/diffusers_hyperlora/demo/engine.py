@@ -430,10 +430,9 @@ class DemoEngine:
                 on_step(step + 1, int(settings.steps))
             return tensors
 
-        # One lock, the controller's: it pairs this switch with this generation for every thread using the pipe.
-        with self.lock:
-            if identity is not None:
-                self.pipe.set_hyperlora_identity(identity)
+        # One lock, the controller's: `using` pairs this switch with this generation for every thread using the pipe.
+        held = self.pipe.hyperlora.using(identity) if identity is not None else self.lock
+        with held:
             self.pipe.set_adapters(names, weights)
             output = self.pipe(
                 prompt,
