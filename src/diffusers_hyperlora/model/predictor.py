@@ -244,7 +244,7 @@ class HyperLoRAPredictor(
         self,
         identity: HyperLoRAIdentity | Any,
         path: str | os.PathLike | None = None,
-        format: str = "kohya",
+        format: str | None = None,
         branch: str = "id",
         dtype: torch.dtype | str = torch.float32,
     ) -> dict[str, torch.Tensor]:
@@ -256,7 +256,8 @@ class HyperLoRAPredictor(
             format: `"kohya"` gives the reference generator's keys (`{json_key}_to_q.lora_down.weight`, ...,
                 `.alpha`), read by ComfyUI, A1111, Forge, kohya sd-scripts and diffusers; `"diffusers"` the layout
                 `pipe.load_lora_weights` reads natively, with alpha in the file's adapter metadata: diffusers only,
-                use kohya for every other tool.
+                use kohya for every other tool. Default (`None`): `"kohya"` for UNet checkpoints, `"diffusers"` for
+                transformer ones (SD3, FLUX), which have no kohya layout.
             branch: `"id"` or `"base"` (checkpoints with a Base branch).
             dtype: dtype of the stored tensors, a torch dtype or a name (`torch.float16` or `"fp16"` halves
                 the file).
@@ -265,9 +266,9 @@ class HyperLoRAPredictor(
             >>> state_dict = pipe.hyperlora.export_lora(identity, "me.safetensors", format="kohya")  # doctest: +SKIP
         """
         from ..adapters.sliders import DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, slider_alpha
-        from ..io.lora_files import check_dtype, check_format, export_lora_state_dict, save_lora_file
+        from ..io.lora_files import check_dtype, check_format_for, export_lora_state_dict, save_lora_file
 
-        check_format(format)
+        format = check_format_for(self.config, format)
         dtype = check_dtype(dtype)
         if branch == "base" and not self.config.has_base:
             raise InvalidArgumentError(
