@@ -4,6 +4,8 @@ Run from the repository root (CI runs it before `mkdocs build --strict`, see scr
 
     python docs/make_pictures.py            # writes docs/images/generated/*.svg|png
 
+- `architecture.png`: the package's parts (subpackages and top-level modules) on their layers, with every import
+  between them, read from the source by `docs/tools/import_graph.py` (the reader tests/test_architecture.py uses).
 - `dataflow.svg`: photos -> face features -> coefficients -> LoRA weights -> PEFT adapters, ID and Base branches.
   Every shape is read from the library: the SDXL column from a config built on the SDXL UNet's layout (on the
   meta device, no weights), the tiny column from a real forward pass of the built-in tiny HyperLoRA.
@@ -17,8 +19,10 @@ Run from the repository root (CI runs it before `mkdocs build --strict`, see scr
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
+import re
 import sys
 from html import escape
 from pathlib import Path
@@ -32,6 +36,9 @@ OUT = ROOT / "docs" / "images" / "generated"
 BENCHMARK_JSON = ROOT / "docs" / "benchmarks.json"
 
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "docs" / "tools"))
+
+from import_graph import PACKAGE, layers, read_import_graph  # noqa: E402
 
 from diffusers_hyperlora import HyperLoRAConfig  # noqa: E402
 from diffusers_hyperlora.face import FaceAnalyzer, FaceFeatureExtractor, arcface_crop  # noqa: E402
@@ -307,6 +314,109 @@ def dataflow_svg() -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------------- architecture
+def _modules_of(part: str) -> str:
+    folder = PACKAGE / part
+    if not folder.is_dir():  # a module: the start of its docstring
+        doc = ast.get_docstring(ast.parse((PACKAGE / f"{part}.py").read_text(encoding="utf-8"))) or ""
+        return re.split(r"[:.]\s", doc, maxsplit=1)[0].replace("`", "")
+    names = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+    return ", ".join(names)
+
+
+def architecture_png(scale: int = 2) -> Path:
+    """One row per part, top layer first; import arcs on the right (solid: at import time, dashed: inside a
+    function, red: the call-time imports that go up a layer). Drawn at `scale` x 800 px, shown 800 px wide."""
+    graph = read_import_graph()
+    import_time = graph.edges(("import_time",))
+    call_time = graph.edges(("call_time",)) - import_time
+    upward = _upward(graph)
+    level = layers(graph.parts, (import_time | call_time) - upward)
+    rows = sorted(graph.parts, key=lambda part: (-level[part], part))
+    row_h, box_h, top = 46, 38, 64
+    box_x, box_w, arc_x = 46, 450, 504
+    height = top + row_h * len(rows) + 56
+    image = Image.new("RGB", (800 * scale, height * scale), "white")
+    draw = ImageDraw.Draw(image)
+
+    def px(*values: float) -> list[float]:
+        return [v * scale for v in values]
+
+    draw.text(px(10, 10), "diffusers_hyperlora: each part imports only from the layers below it", fill="black",
+              font=font(17 * scale))
+    draw.text(px(10, 34), "read from the source (docs/tools/import_graph.py); layer L0 at the bottom",
+              fill="#475569", font=font(12 * scale))
+    y_of = {part: top + row_h * i for i, part in enumerate(rows)}
+    for part in rows:
+        y = y_of[part]
+        fill = "#e0f2fe" if level[part] % 2 else "#f1f5f9"
+        draw.text(px(10, y + 12), f"L{level[part]}", fill="#475569", font=font(13 * scale))
+        draw.rounded_rectangle(px(box_x, y, box_x + box_w, y + box_h), radius=6 * scale, fill=fill,
+                               outline="#334155", width=scale)
+        label = f"{part}/" if (PACKAGE / part).is_dir() else f"{part}.py"
+        draw.text(px(box_x + 8, y + 3), label, fill="black", font=font(15 * scale))
+        draw.text(px(box_x + 8, y + 21), _modules_of(part), fill="#334155", font=font(11 * scale))
+    palette = ["#2563eb", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4d7c0f", "#475569", "#b45309"]
+    shown = {(a, b) for a, b in import_time | call_time if b != "errors"}  # nearly every part uses errors.py
+    users_of_errors = sum(1 for a, b in import_time | call_time if b == "errors")
+    for a, b in sorted(shown, key=lambda e: (abs(y_of[e[0]] - y_of[e[1]]), e)):
+        ya, yb = y_of[a] + box_h / 2 - 6, y_of[b] + box_h / 2 + 6
+        span = abs(rows.index(a) - rows.index(b))
+        reach = 16 + 21 * span + 4 * (rows.index(a) % 3)
+        color = "#dc2626" if (a, b) in upward else palette[rows.index(a) % len(palette)]
+        points = [_bezier(t / 40, (arc_x, ya), (arc_x + reach, ya), (arc_x + reach, yb), (arc_x + 6, yb))
+                  for t in range(41)]
+        segments = list(zip(points, points[1:]))
+        if (a, b) in call_time:
+            segments = [seg for i, seg in enumerate(segments) if i % 3 != 2]  # dashed
+        for p0, p1 in segments:
+            draw.line(px(*p0, *p1), fill=color, width=int((3 if (a, b) in upward else 1.5) * scale))
+        tip = (arc_x + 1, yb)
+        draw.polygon(px(tip[0], tip[1], tip[0] + 8, tip[1] - 4, tip[0] + 8, tip[1] + 4), fill=color)
+    lines = [
+        "arcs go from a part to the part it imports (arrow at the imported part), coloured by the importing part;",
+        f"solid = at import time, dashed = inside a function (at call time); not drawn: the {users_of_errors} arcs "
+        "into errors.py",
+    ]
+    for i, line in enumerate(lines):
+        draw.text(px(10, height - 50 + 16 * i), line, fill="black", font=font(11 * scale))
+    if upward:
+        names = ", ".join(f"{a} -> {b}" for a, b in sorted(upward))
+        draw.text(px(10, height - 18), f"red = the imports that go up a layer (call time only): {names}",
+                  fill="#dc2626", font=font(11 * scale))
+    path = OUT / "architecture.png"
+    image.save(path, optimize=True)
+    return path
+
+
+def _bezier(t: float, *points: tuple[float, float]) -> tuple[float, float]:
+    (x0, y0), (x1, y1), (x2, y2), (x3, y3) = points
+    u = 1 - t
+    return (
+        u**3 * x0 + 3 * u * u * t * x1 + 3 * u * t * t * x2 + t**3 * x3,
+        u**3 * y0 + 3 * u * u * t * y1 + 3 * u * t * t * y2 + t**3 * y3,
+    )
+
+
+def _upward(graph) -> set[tuple[str, str]]:
+    """Call-time imports from a part to one that (through import-time imports) depends on it."""
+    import_time = graph.edges(("import_time",))
+    level = layers(graph.parts, import_time)
+    return {(a, b) for a, b in graph.edges(("call_time",)) if level[b] >= level[a] and _reaches(b, a, import_time)}
+
+
+def _reaches(start: str, goal: str, edges: set[tuple[str, str]]) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node == goal:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo += [b for a, b in edges if a == node]
+    return False
+
+
 # ---------------------------------------------------------------------------------------------------- benchmark charts
 def bar_chart(title: str, subtitle: str, bars: list[tuple[str, float, str]], unit: str = "ms") -> str:
     """A horizontal bar chart as SVG: (label, value, colour) per bar, values written at the bar ends."""
@@ -375,7 +485,7 @@ def main() -> None:
     from insightface.data import get_image
     from skimage.data import astronaut
 
-    paths = [dataflow_svg()]
+    paths = [architecture_png(), dataflow_svg()]
     paths += face_pictures("astronaut", astronaut(), ASTRONAUT_FACES)
     paths += face_pictures("t1", np.ascontiguousarray(get_image("t1", to_rgb=True)), T1_FACES)
     paths += benchmark_charts()

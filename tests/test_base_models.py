@@ -125,7 +125,7 @@ def test_configs_without_linear_names_keep_the_default_linears_and_their_hash():
 
 
 def test_unknown_linear_names_are_refused():
-    with pytest.raises(ValueError, match="linear_names"):
+    with pytest.raises(InvalidArgumentError, match="linear_names"):
         TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 8, linear_names=("to_x",))
     with pytest.raises(TargetMismatchError, match="linears") as caught:
         HyperLoRAConfig.from_denoiser(tiny_sd3_components()["transformer"], linears=("to_qq",))

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-import huggingface_hub.hub_mixin
+import huggingface_hub
 import pytest
 import torch
 from conftest import random_features
@@ -15,7 +15,8 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusers_hyperlora import HyperLoRAPredictor, load_predictor
+from diffusers_hyperlora import HyperLoRAPredictor, InvalidArgumentError, load_predictor
+from diffusers_hyperlora.io import checkpoint as checkpoint_io
 from diffusers_hyperlora.io.convert import convert_checkpoint, parse_dtype
 from diffusers_hyperlora.io.release import save_release_checkpoint
 from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
@@ -118,26 +119,62 @@ def test_save_pretrained_writes_library_format_and_card(tmp_path):
     assert torch.equal(_identity(loaded).id_mean, _identity(predictor).id_mean)
 
 
-def test_push_to_hub_uploads_the_library_format(tmp_path, monkeypatch):
-    uploaded = {}
+class FakeApi:  # stands in for the Hub server only; save_pretrained / the card are the real code
+    calls: list = []
 
-    class FakeApi:  # stands in for the Hub server only; save_pretrained / the card are the real code
-        def __init__(self, token=None):
-            pass
+    def __init__(self, token=None):
+        self.token = token
 
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            return type("Repo", (), {"repo_id": repo_id})()
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        FakeApi.calls.append(("create_repo", repo_id, {"private": private, "token": self.token}))
+        return type("Repo", (), {"repo_id": repo_id})()
 
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            uploaded.update({p.name: p.read_bytes() for p in folder_path.iterdir()})
-            return f"https://huggingface.co/{repo_id}/commit/0"
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        files = {p.name: p.read_bytes() for p in folder_path.iterdir()}
+        FakeApi.calls.append(("upload_folder", repo_id, {"files": files, **kwargs}))
+        return f"https://huggingface.co/{repo_id}/commit/0"
 
-    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    FakeApi.calls = []
+    monkeypatch.setattr(checkpoint_io, "HfApi", FakeApi)
+    return FakeApi.calls
+
+
+def test_push_to_hub_uploads_the_library_format(fake_hub):
     predictor = tiny_hyperlora_predictor(seed=2)
-    predictor.push_to_hub("me/my-hyperlora")
+    url = predictor.push_to_hub("me/my-hyperlora", private=True, token="t", branch="dev", commit_message="hi")
+    assert url == "https://huggingface.co/me/my-hyperlora/commit/0"
+    (_, _, created), (_, repo, upload) = fake_hub
+    assert created == {"private": True, "token": "t"} and repo == "me/my-hyperlora"
+    assert upload["revision"] == "dev" and upload["commit_message"] == "hi" and upload["repo_type"] == "model"
+    uploaded = upload["files"]
     assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
     assert 'pipe.load_hyperlora("me/my-hyperlora"' in uploaded["README.md"].decode()
     assert json.loads(uploaded["config.json"])["num_basis"] == 8
+    assert not isinstance(predictor, huggingface_hub.ModelHubMixin)  # one implementation: io's, not the mixin's
+
+
+def test_save_pretrained_with_push_writes_the_folder_then_uploads(tmp_path, fake_hub):
+    predictor = tiny_hyperlora_predictor(seed=2)
+    url = predictor.save_pretrained(tmp_path / "mine", push_to_hub=True, private=True)
+    assert url == "https://huggingface.co/mine/commit/0"  # the repo id defaults to the folder's name
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert [call[0] for call in fake_hub] == ["create_repo", "upload_folder"] and fake_hub[0][2]["private"] is True
+
+
+def test_save_pretrained_refuses_what_it_would_ignore(tmp_path, fake_hub):
+    predictor = tiny_hyperlora_predictor(seed=2)
+    with pytest.raises(InvalidArgumentError, match="own config") as caught:
+        predictor.save_pretrained(tmp_path / "a", config={"num_basis": 3})
+    assert caught.value.argument == "config"
+    with pytest.raises(InvalidArgumentError, match="without push_to_hub=True") as caught:
+        predictor.save_pretrained(tmp_path / "b", private=True)
+    assert caught.value.argument == "private"
+    with pytest.raises(InvalidArgumentError, match="without push_to_hub=True"):
+        predictor.save_pretrained(tmp_path / "c", repo_id="me/x")
+    assert not any((tmp_path / name).exists() for name in "abc") and fake_hub == []
 
 
 # ---------------------------------------------------------------------------------------------------- shards

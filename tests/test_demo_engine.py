@@ -6,8 +6,14 @@ The page itself is driven in a real browser by tests/test_demo.py.
 
 from __future__ import annotations
 
+import struct
+import subprocess
+import sys
 import threading
+import zlib
 from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,8 +27,13 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from diffusers_hyperlora import HyperLoRAIdentity  # noqa: E402
 from diffusers_hyperlora.demo import DemoEngine, GenerationSettings, prompt_with_trigger_words  # noqa: E402
-from diffusers_hyperlora.demo.engine import TINY_DEFAULTS, split_inputs  # noqa: E402
-from diffusers_hyperlora.errors import IdentityMismatchError, ImageInputError, NoFaceDetectedError  # noqa: E402
+from diffusers_hyperlora.demo.engine import MAX_SEED, TINY_DEFAULTS, WorkFolder  # noqa: E402
+from diffusers_hyperlora.errors import (  # noqa: E402
+    IdentityMismatchError,
+    ImageInputError,
+    InvalidArgumentError,
+    NoFaceDetectedError,
+)
 from diffusers_hyperlora.testing.tiny_face import ASTRONAUT_FACE, draw_face_marker  # noqa: E402
 
 BASE = GenerationSettings(prompt="a photo of a person", negative_prompt="", steps=2, width=64, height=64)
@@ -147,13 +158,33 @@ def test_progress_reports_every_step(engine, identities):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"steps": 0}, "Steps"), ({"width": 100}, "Width"), ({"height": 4096}, "Height"), ({"seed": -1}, "Seed")],
+    [
+        ({"steps": 0}, "Steps"),
+        ({"steps": 2.5}, "Steps"),
+        ({"width": 100}, "Width"),
+        ({"width": 96}, "multiple of 64"),
+        ({"height": 4096}, "Height"),
+        ({"seed": -1}, "Seed"),
+        ({"seed": 2**64}, "Seed must be a whole number from 0 to 18446744073709551615"),  # torch: "Overflow"
+        ({"seed": None}, "Seed"),  # an emptied number box
+        ({"seed": float("inf")}, "Seed"),
+        ({"id_weight": float("nan")}, "ID weight must be a finite number"),  # NaN gave an all-black image
+        ({"base_weight": float("inf")}, "Base weight must be a finite number"),
+        ({"slider_weight": float("-inf")}, "Slider weight must be a finite number"),
+    ],
+    ids=lambda value: repr(value) if not isinstance(value, str) else "",
 )
 def test_settings_out_of_range_change_nothing(engine, identities, change, message):
     before = engine.pipe.hyperlora.identity
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidArgumentError, match=message) as caught:
         engine.generate(identities["moved"], replace(BASE, **change))
+    assert caught.value.argument == next(iter(change))  # the setting at fault, for front ends
     assert engine.pipe.hyperlora.identity is before
+
+
+def test_largest_seed_is_accepted(engine, identities):
+    image, _ = engine.generate(identities["astronaut"], replace(BASE, seed=MAX_SEED))
+    assert pixels(image).std() > 1.0
 
 
 def test_identity_file_roundtrip_and_pooling(engine, identities, photos):
@@ -182,8 +213,25 @@ def test_export_lora_formats(engine, identities, format, prefix):
 
 
 def test_export_lora_unknown_format(engine, identities):
-    with pytest.raises(ValueError, match="format"):
+    before = set(engine.workdir.rglob("*"))
+    with pytest.raises(InvalidArgumentError, match="format"):
         engine.export_lora(identities["astronaut"], format="ckpt")
+    assert set(engine.workdir.rglob("*")) == before  # refused before any folder was made
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/escaped", "..", "a/../../b"])
+def test_export_lora_name_stays_in_the_work_folder(engine, identities, tmp_path, name):
+    folder = engine.new_folder()
+    path = engine.export_lora(identities["astronaut"], name=name, folder=folder)
+    assert path.parent == folder and path.is_file() and path.name.endswith("_kohya.safetensors")
+    assert ".." not in path.name and "/" not in path.name
+    assert not list(engine.workdir.parent.glob("*escaped*")) and not Path("/tmp/escaped_kohya.safetensors").exists()
+
+
+def test_downloads_only_inside_the_work_folder(engine, identities, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="work folder") as caught:
+        engine.save_identity(identities["astronaut"], folder=tmp_path)
+    assert caught.value.argument == "folder" and not list(tmp_path.iterdir())
 
 
 def test_slider(engine, identities, photos, reference):
@@ -200,13 +248,32 @@ def test_slider(engine, identities, photos, reference):
 
 @pytest.mark.parametrize("name", ["id", "base", "two words", ""])
 def test_slider_bad_names(engine, photos, name):
-    with pytest.raises(ValueError, match="Slider name"):
+    with pytest.raises(InvalidArgumentError, match="Slider name") as caught:
         engine.add_slider([photos["astronaut"]], [photos["moved"]], name)
+    assert caught.value.argument == "name"
+
+
+def test_slider_names_come_from_the_loaded_adapters(tmp_path, photos):
+    """HyperLoRA loaded under other adapter names: the engine uses those, and 'id' is then a fine slider name."""
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_hyperlora(tiny_hyperlora_predictor(pipe.unet), id_adapter_name="hyper_id", base_adapter_name="hyper_b")
+    engine = DemoEngine(pipe, defaults=TINY_DEFAULTS, workdir=tmp_path)
+    assert engine.adapter_names == ("hyper_id", "hyper_b")
+    identity = pipe.hyperlora.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 5, 48))
+    engine.generate(identity, replace(BASE, steps=1))
+    assert set(pipe.unet.active_adapters()) == {"hyper_id", "hyper_b"}
+    with pytest.raises(InvalidArgumentError, match="taken by HyperLoRA"):
+        engine.add_slider([photos["astronaut"]], [photos["moved"]], "hyper_b")
+    engine.close()
 
 
 def test_unknown_slider(engine, identities):
-    with pytest.raises(ValueError, match="no slider"):
+    with pytest.raises(InvalidArgumentError, match="no slider") as caught:
         engine.generate(identities["astronaut"], replace(BASE, slider="nope"))
+    assert caught.value.argument == "slider"
 
 
 def test_errors_are_library_errors(engine, photos, tmp_path):
@@ -214,28 +281,58 @@ def test_errors_are_library_errors(engine, photos, tmp_path):
         engine.identity_from_inputs([photos["coffee"]])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    with pytest.raises(ImageInputError, match="broken.png"):
+    with pytest.raises(ImageInputError, match="broken.png could not be read as an image. Upload a JPEG") as caught:
         engine.identity_from_inputs([str(broken)])
-    with pytest.raises(ValueError, match="photos"):
+    # the page's words: the file's name once, never the server's path, no Python type names
+    assert str(tmp_path) not in str(caught.value) and "numpy" not in str(caught.value)
+    with pytest.raises(InvalidArgumentError, match="photos") as caught:
         engine.identity_from_inputs([])
+    assert caught.value.argument == "photos"
+
+
+def test_no_face_with_the_tiny_default_points_to_the_example_photo(engine, photos):
+    """The tiny detector finds only framed faces: a real photo must not read as "your photo has no face"."""
+    for step in (engine.identity_from_inputs, engine.preview):
+        with pytest.raises(NoFaceDetectedError, match="coffee.png") as caught:
+            step([photos["coffee"]])
+        assert "magenta frame" in str(caught.value) and "example photo" in str(caught.value)
+        assert str(Path(photos["coffee"]).parent) not in str(caught.value)
+
+
+def fake_png(path: Path, width: int, height: int) -> Path:
+    """A PNG file whose header says `width` x `height` (its pixel data is not all there: only the header counts)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's note while reading the header
+@pytest.mark.parametrize("side, size", [(7000, "7000x7000 pixels (49 MP)"), (12000, "12000x12000"), (15000, "179 MP")])
+def test_huge_photos_are_refused_before_decoding(engine, tmp_path, side, size):
+    """12000x12000 cost 1 GB and 5-7 s; 15000x15000 raised PIL's DecompressionBombError on the page."""
+    photo = fake_png(tmp_path / f"huge{side}.png", side, side)
+    for step in (engine.identity_from_inputs, engine.preview):
+        with pytest.raises(ImageInputError, match="at most 40 MP") as caught:
+            step([str(photo)])
+        assert f"huge{side}.png" in str(caught.value) and size in str(caught.value)
 
 
 def test_preview(engine, photos):
     gallery = engine.preview([photos["astronaut"]])
     captions = [caption for _, caption in gallery]
-    assert captions[:2] == ["astronaut.png: CLIP crop", "astronaut.png: ArcFace crop"]
+    assert captions[:2] == ["CLIP crop", "ArcFace crop"]  # short enough to read under a thumbnail
     assert all(isinstance(image, Image.Image) for image, _ in gallery)
+    two = engine.preview([photos["astronaut"], photos["moved"]])
+    assert [caption for _, caption in two][:1] == ["CLIP crop (astronaut.png)"]
 
 
-def test_split_inputs():
-    assert split_inputs(["a.jpg", "me.safetensors", "b.PNG", "x.SAFETENSORS"]) == (
-        ["a.jpg", "b.PNG"],
-        ["me.safetensors", "x.SAFETENSORS"],
-    )
-
-
-def test_tiny_defaults(engine):
+def test_tiny_defaults(engine, tmp_path_factory):
     assert engine.defaults == TINY_DEFAULTS
+    assert engine.workdir.name.startswith("hyperlora-demo-")  # its own folder inside the one given
     assert engine.has_base  # the tiny default has a Base branch, so the page's Base weight does something
     assert engine.example_photos and engine.example_photos[0].is_file()
     assert engine.identity_from_inputs([str(engine.example_photos[0])]).num_images == 1  # its marker is found
@@ -392,3 +489,180 @@ def test_command_wrong_model_is_a_readable_error(checkpoint_folders, tmp_path, c
     assert cli.main(argv) == 1
     error = capsys.readouterr().err
     assert "checkpoint expects" in error and "Traceback" not in error
+
+
+# ---------------------------------------------------------------------------------------------- one lock
+def test_engine_called_while_holding_the_controllers_lock_does_not_deadlock(engine, identities):
+    """User code holds `pipe.hyperlora.lock` and calls the engine while a visitor's generation waits for that lock.
+    An engine that took a lock of its own first (then the controller's) would leave both threads waiting for good."""
+    results: list = []
+    holding, release = threading.Event(), threading.Event()
+
+    def user_code() -> None:
+        with engine.pipe.hyperlora.lock:
+            holding.set()
+            release.wait(timeout=30)  # meanwhile a visitor's generation starts and waits
+            results.append(engine.generate(identities["astronaut"], BASE))
+
+    def visitor() -> None:
+        results.append(engine.generate(identities["moved"], BASE))
+
+    user = threading.Thread(target=user_code, daemon=True)
+    user.start()
+    assert holding.wait(timeout=30)
+    waiting = threading.Thread(target=visitor, daemon=True)
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive()  # the visitor waits for the lock the user code holds
+    release.set()
+    user.join(timeout=60)
+    waiting.join(timeout=60)
+    assert not user.is_alive() and not waiting.is_alive(), "deadlock: the engine takes a second lock"
+    assert len(results) == 2 and engine.lock is engine.pipe.hyperlora.lock
+
+
+# ---------------------------------------------------------------------------------------------- files
+def test_work_folder_is_removed_by_close_and_collection(tmp_path):
+    folder = WorkFolder(tmp_path)
+    path = folder.path
+    (folder.new_folder("visitors") / "x.safetensors").write_bytes(b"x")
+    assert path.parent == tmp_path.resolve() and path.is_dir()
+    folder.remove()
+    assert not path.exists() and folder.removed and tmp_path.is_dir()  # the given folder itself stays
+    other = WorkFolder(tmp_path).path
+    import gc
+
+    gc.collect()  # the WorkFolder object is gone: its folder too
+    assert not other.exists()
+
+
+def test_work_folder_is_removed_at_exit(tmp_path):
+    code = (
+        "import sys; from diffusers_hyperlora.demo.engine import WorkFolder; "
+        "folder = WorkFolder(sys.argv[1]); (folder.path / 'f').write_text('x'); print(folder.path)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(str(tmp_path.resolve()))
+    assert not list(tmp_path.iterdir())
+
+
+def test_engine_close_removes_its_files(tmp_path, photos):
+    engine = DemoEngine.tiny_default(workdir=tmp_path)
+    identity = engine.identity_from_inputs([photos["astronaut"]])
+    download = engine.save_identity(identity)
+    assert download.is_file() and engine.workdir in download.parents
+    engine.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_remove_folder_removes_only_folders_inside(engine, tmp_path):
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    engine.remove_folder(outside)
+    engine.remove_folder(engine.workdir)
+    assert outside.is_dir() and engine.workdir.is_dir()
+    inside = engine.new_folder()
+    engine.remove_folder(inside)
+    assert not inside.exists()
+
+
+# ---------------------------------------------------------------------------------------------- the page's handlers
+@pytest.fixture(scope="module")
+def handlers(engine):
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    from diffusers_hyperlora.demo.app import DemoHandlers
+
+    return DemoHandlers(engine)
+
+
+def test_each_visitor_has_a_folder_removed_when_they_leave(handlers, engine, photos):
+    alice, bob = SimpleNamespace(session_hash="alice"), SimpleNamespace(session_hash="bob")
+    path_a, cached, status = handlers.save_identity([photos["astronaut"]], None, alice)
+    path_b, _, _ = handlers.export_lora([photos["moved"]], None, "kohya", bob)
+    again, _, _ = handlers.export_lora([photos["astronaut"]], cached, "diffusers", alice)
+    assert "Saved the identity" in status
+    folder_a, folder_b = Path(path_a).parent, Path(path_b).parent
+    assert Path(again).parent == folder_a != folder_b  # one folder per visitor, named by the server
+    assert "alice" not in str(folder_a) and engine.workdir in folder_a.parents
+    handlers.end_session(alice)
+    assert not folder_a.exists() and Path(path_b).is_file()  # only the leaving visitor's files go
+    handlers.end_session(bob)
+    assert not folder_b.exists()
+    handlers.end_session(SimpleNamespace(session_hash="../../nobody"))  # unknown sessions: nothing to remove
+
+
+def test_page_errors_name_files_not_server_paths(handlers, photos, tmp_path):
+    from diffusers_hyperlora.demo.app import error_message
+
+    gallery, status = handlers.preview([photos["coffee"]])
+    assert gallery is None and status.startswith("**Error:** No face was found in coffee.png")
+    damaged = tmp_path / "upload" / "damaged.safetensors"  # the library's message names the file by its path
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"not an identity")
+    _, status = handlers.create_identity([str(damaged)], None)
+    assert status.startswith("**Error:** 'damaged.safetensors' is not a readable") and str(tmp_path) not in status
+    unexpected = error_message(RuntimeError("CUDA error: device-side assert triggered"))
+    assert "RuntimeError" not in unexpected and "CUDA" not in unexpected and "try again" in unexpected
+
+
+@pytest.mark.parametrize("seed, weight, message", [(2**64, 0.8, "Seed"), (None, 0.8, "Seed"), (0, float("nan"), "ID")])
+def test_page_generate_refuses_bad_numbers(handlers, photos, seed, weight, message):
+    image, _, status = handlers.generate(
+        [photos["astronaut"]], None, "a person", True, "", weight, 0.0, "(none)", 0.0, 2, seed, 64, 64
+    )
+    assert image is None and status.startswith(f"**Error:** {message}")
+
+
+def test_launch_refuses_a_bad_port(engine):
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    from diffusers_hyperlora.demo import launch_demo
+
+    for port in (99999, 0, -1, "7860"):
+        with pytest.raises(InvalidArgumentError, match="Port") as caught:
+            launch_demo(engine, port=port, block=False)
+        assert caught.value.argument == "port"
+
+
+@pytest.mark.parametrize("device, message", [("nonsense-device", "not a device"), ("meta", "cpu or cuda")])
+def test_from_pretrained_refuses_a_bad_device_before_loading(tmp_path, device, message):
+    with pytest.raises(InvalidArgumentError, match=message) as caught:
+        DemoEngine.from_pretrained(tmp_path / "missing-checkpoint", base_model=str(tmp_path / "missing"), device=device)
+    assert caught.value.argument == "device"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_from_pretrained_refuses_cuda_without_a_gpu(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="no CUDA GPU"):
+        DemoEngine.from_pretrained(tmp_path / "missing-checkpoint", base_model=str(tmp_path / "missing"), device="cuda")
+
+
+def test_tiny_default_refuses_a_bad_device(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="not a device") as caught:
+        DemoEngine.tiny_default(workdir=tmp_path, device="nonsense-device")
+    assert caught.value.argument == "device" and not list(tmp_path.iterdir())  # refused before any file
+
+
+def test_command_bad_port_is_one_line(capsys):
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    from diffusers_hyperlora import cli
+
+    assert cli.main(["demo", "--port", "99999"]) == 1
+    error = capsys.readouterr().err
+    assert "Port must be a whole number from 1 to 65535, got 99999" in error and "Traceback" not in error
+
+
+def test_launch_refuses_a_work_folder_gradio_would_not_serve(engine, tmp_path, monkeypatch):
+    """Downloads are handed to Gradio from the work folder, which Gradio accepts only inside the temp folder or the
+    current folder (the work folder itself is not served): any other folder is refused before serving."""
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    import tempfile
+
+    from diffusers_hyperlora.demo import launch_demo
+
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgumentError, match="inside the temp folder or the current folder") as caught:
+        launch_demo(engine, port=7860, block=False)
+    assert caught.value.argument == "workdir"

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from diffusers_hyperlora import IdentityMismatchError, load_predictor
 from diffusers_hyperlora.adapters.sliders import HyperLoRASlider
-from diffusers_hyperlora.io.lora_files import LORA_ADAPTER_METADATA_KEY, lora_state_dict
+from diffusers_hyperlora.errors import InvalidArgumentError, InvalidArgumentTypeError
+from diffusers_hyperlora.io.lora_files import LORA_ADAPTER_METADATA_KEY, export_lora, lora_state_dict
 from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
@@ -142,16 +143,36 @@ def test_base_branch_export():
     torch.testing.assert_close(state_dict[f"{key}.lora_up.weight"], up)
 
 
+def test_export_lives_in_io_and_the_predictor_method_is_the_same_call(live, tmp_path):
+    pipe, predictor, identity, slider = live
+    for what in (identity, slider):
+        direct = export_lora(predictor, what, tmp_path / "direct.safetensors", dtype="fp16")
+        via_method = predictor.export_lora(what, tmp_path / "method.safetensors", dtype="fp16")
+        via_pipe = pipe.hyperlora.export_lora(what, tmp_path / "pipe.safetensors", dtype="fp16")
+        assert direct.keys() == via_method.keys() == via_pipe.keys()
+        assert all(torch.equal(direct[k], via_method[k]) and torch.equal(direct[k], via_pipe[k]) for k in direct)
+        files = [load_file(tmp_path / f"{name}.safetensors") for name in ("direct", "method", "pipe")]
+        assert files[0].keys() == direct.keys()
+        assert all(torch.equal(files[0][k], f[k]) for f in files[1:] for k in direct)
+        metadata = []
+        for name in ("direct", "method", "pipe"):
+            with safe_open(tmp_path / f"{name}.safetensors", "pt") as file:
+                metadata.append(file.metadata())
+        assert metadata[0] == metadata[1] == metadata[2] and metadata[0]["hyperlora_kind"] in ("identity", "slider")
+
+
 def test_export_errors(live):
     pipe, predictor, identity, slider = live
-    with pytest.raises(ValueError, match="Unknown LoRA format 'comfy'"):
-        predictor.export_lora(identity, format="comfy")
-    with pytest.raises(ValueError, match="no Base branch"):
-        predictor.export_lora(identity, branch="base")
-    with pytest.raises(ValueError, match="branch='id'"):
-        predictor.export_lora(slider, branch="base")
-    with pytest.raises(TypeError, match="HyperLoRAIdentity or a HyperLoRASlider"):
-        predictor.export_lora("me.safetensors")
+    for call, kind, match, argument in (
+        (lambda: predictor.export_lora(identity, format="comfy"), InvalidArgumentError, "format 'comfy'", "format"),
+        (lambda: predictor.export_lora(identity, branch="base"), InvalidArgumentError, "no Base branch", "branch"),
+        (lambda: predictor.export_lora(slider, branch="base"), InvalidArgumentError, "branch='id'", "branch"),
+        (lambda: predictor.export_lora(identity, dtype=None), InvalidArgumentTypeError, "dtype", "dtype"),
+        (lambda: predictor.export_lora("me.safetensors"), InvalidArgumentTypeError, "or a HyperLoRASlider", "identity"),
+    ):
+        with pytest.raises(kind, match=match) as caught:
+            call()
+        assert caught.value.argument == argument
     other = tiny_hyperlora_predictor(seed=9)
     with pytest.raises(IdentityMismatchError):
         other.export_lora(identity)

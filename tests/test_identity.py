@@ -14,8 +14,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffusers_hyperlora import HyperLoRAIdentity, HyperLoRAPredictor, IdentityMismatchError
-from diffusers_hyperlora.errors import HyperLoRAError, IdentityFormatError
-from diffusers_hyperlora.identities.identity import IDENTITY_FORMAT_VERSION, normalize_coefficients
+from diffusers_hyperlora.errors import (
+    HyperLoRAError,
+    IdentityFormatError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+)
+from diffusers_hyperlora.identities.identity import (
+    IDENTITY_FORMAT_VERSION,
+    normalize_coefficients,
+    normalize_mix_weights,
+)
 from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config
 
 _CONFIG = tiny_hyperlora_config()
@@ -245,6 +254,45 @@ def test_mix_input_errors(two_people):
     other = _predict(tiny_hyperlora_predictor(seed=3), 1, seed=0)
     with pytest.raises(IdentityMismatchError):
         HyperLoRAIdentity.interpolate(a, other, 0.5, spherical=True)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_mix_weights_are_checked_and_scaled_the_same_way_plain_or_spherical(two_people, spherical):
+    a, b = two_people
+    midpoint = HyperLoRAIdentity.interpolate(a, b, 0.5, spherical=spherical).id_coefficients
+    # huge weights: only the ratio matters, so 1e308 : 1e308 is the midpoint (its sum overflows to inf)
+    for weights in ([1e308, 1e308], [1.0, 1.0], [5e-324, 5e-324]):
+        blend = HyperLoRAIdentity.mix([a, b], weights, spherical=spherical).id_coefficients
+        assert torch.allclose(blend, midpoint, atol=1e-5), weights
+        assert torch.isfinite(blend).all()
+    quarter = HyperLoRAIdentity.mix([a, b], [3e307, 1e307], spherical=spherical).id_coefficients
+    expected = HyperLoRAIdentity.interpolate(a, b, 0.25, spherical=spherical).id_coefficients
+    assert torch.allclose(quarter, expected, atol=1e-5)
+    for weights in ([math.inf, 1.0], [1.0, -math.inf], [math.nan, 1.0], [0.0, 0.0], [1e308, -1e308], [-1.0, 0.5]):
+        with pytest.raises(InvalidArgumentError, match="finite numbers with a positive sum") as caught:
+            HyperLoRAIdentity.mix([a, b], weights, spherical=spherical)
+        assert caught.value.argument == "weights"
+    with pytest.raises(InvalidArgumentError, match="one weight per identity"):
+        HyperLoRAIdentity.mix([a, b], [1.0, 1.0, 1.0], spherical=spherical)
+    with pytest.raises(InvalidArgumentTypeError, match="must be numbers") as caught:
+        HyperLoRAIdentity.mix([a, b], [1.0, "x"], spherical=spherical)
+    assert caught.value.argument == "weights"
+
+
+def test_spherical_mix_is_interpolate_at_the_weight_ratio_and_takes_two(two_people, predictor):
+    a, b = two_people
+    blend = HyperLoRAIdentity.mix([a, b], [0.2, 0.6], spherical=True)
+    assert torch.equal(blend.id_mean, HyperLoRAIdentity.interpolate(a, b, 0.75, spherical=True).id_mean)
+    with pytest.raises(InvalidArgumentError, match="exactly two identities") as caught:
+        HyperLoRAIdentity.mix([a, b, _predict(predictor, 1, seed=7)], [1, 1, 1], spherical=True)
+    assert caught.value.argument == "identities"
+
+
+def test_normalize_mix_weights():
+    assert normalize_mix_weights([2, 1, 1], 3) == pytest.approx([0.5, 0.25, 0.25])
+    assert normalize_mix_weights([1e308, 1e308], 2) == pytest.approx([0.5, 0.5])
+    assert normalize_mix_weights([3.0, -1.0], 2) == pytest.approx([1.5, -0.5])
+    assert normalize_mix_weights([-1e308, 1e308, 1e308], 3) == pytest.approx([-1.0, 1.0, 1.0])
 
 
 def test_combining_identities_with_and_without_base_says_the_base_part_is_dropped(caplog):

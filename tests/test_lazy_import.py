@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -39,11 +40,49 @@ def test_pipeline_methods_are_installed_whichever_is_imported_first(diffusers_fi
     assert _python(code) == "True"
 
 
-def test_public_names_resolve_lazily():
+def test_each_lazy_name_is_the_object_its_module_defines():
+    """`diffusers_hyperlora.X` is the very object of the module `_LAZY_EXPORTS` names, defined in that subpackage."""
     import diffusers_hyperlora
 
-    for name in diffusers_hyperlora.__all__:
-        assert getattr(diffusers_hyperlora, name) is not None
+    lazy = diffusers_hyperlora._LAZY_EXPORTS
+    assert set(lazy) <= set(diffusers_hyperlora.__all__), "a lazy name is missing from __all__"
+    for name, module_name in lazy.items():
+        module = importlib.import_module(module_name, "diffusers_hyperlora")
+        value = getattr(diffusers_hyperlora, name)
+        assert value is getattr(module, name), name
+        assert value.__module__.startswith(module.__name__), f"{name} is defined in {value.__module__}"
+        assert value.__name__ == name
+        assert diffusers_hyperlora.__dict__[name] is value  # cached: the next access is a plain attribute
+
+
+def test_every_public_name_is_eager_or_lazy_and_the_eager_ones_are_the_errors():
+    import diffusers_hyperlora
+    from diffusers_hyperlora import errors
+
+    lazy = set(diffusers_hyperlora._LAZY_EXPORTS)
+    eager = set(diffusers_hyperlora.__all__) - lazy
+    error_classes = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, errors.HyperLoRAError)}
+    assert eager == error_classes, "only the error classes are imported eagerly (they need neither torch nor diffusers)"
+    assert all(getattr(diffusers_hyperlora, n) is getattr(errors, n) for n in eager)
     assert set(diffusers_hyperlora.__all__) <= set(dir(diffusers_hyperlora))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         diffusers_hyperlora.nope  # noqa: B018
+
+
+def test_a_lazy_name_loads_its_module_on_first_use_only():
+    code = (
+        "import sys\n"
+        "import diffusers_hyperlora\n"
+        "before = sorted(m for m in sys.modules if m.startswith('diffusers_hyperlora.'))\n"
+        "diffusers_hyperlora.HyperLoRAIdentity\n"
+        "after = 'diffusers_hyperlora.identities.identity' in sys.modules, 'torch' in sys.modules\n"
+        "print(before, after)"
+    )
+    before, after = _python(code).split("] ")
+    loaded = {name.strip(" '[") for name in before.split(",") if name.strip(" '[")}
+    assert loaded <= {
+        "diffusers_hyperlora.errors",
+        "diffusers_hyperlora.pipeline",
+        "diffusers_hyperlora.pipeline.install",
+    }, f"`import diffusers_hyperlora` loads more than the errors and the installer: {sorted(loaded)}"
+    assert after == "(True, True)"

@@ -102,3 +102,8 @@ class InvalidArgumentError(HyperLoRAError, ValueError):
 
 class InvalidArgumentTypeError(HyperLoRAError, TypeError):
     """An argument has a type the call cannot use."""
+
+
+class MissingDependencyError(HyperLoRAError, ImportError):
+    """An optional dependency a feature needs is not installed (e.g. insightface for reading faces from photos);
+    the message names the extra to install (`pip install diffusers-hyperlora[face]`)."""

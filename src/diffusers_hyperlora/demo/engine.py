@@ -1,10 +1,14 @@
-"""The demo's engine, without any UI: one shared pipeline, one lock, and the steps the page offers.
+"""The demo's engine, without any UI: one shared pipeline and the steps the page offers.
 
 `DemoEngine` holds a diffusers pipeline with a HyperLoRA loaded and calls only the public API on it
 (`pipe.predict_hyperlora_identity`, `pipe.set_hyperlora_identity`, `pipe.set_adapters`, ...). The page (app.py)
-keeps each visitor's identity in its own session; the pipeline's adapters hold one identity at a time, so
-writing an identity and generating with it happen together under `DemoEngine.lock` (and the controller's
-`pipe.hyperlora.lock`).
+keeps each visitor's identity in their own session; the pipeline's adapters hold one identity at a time, so
+writing an identity and generating with it happen together under the controller's lock, `pipe.hyperlora.lock`
+(the engine's `lock` is that same re-entrant lock: there is one lock and so one lock order).
+
+Every refusal is a `HyperLoRAError` worded for the page (the control's label, what it takes, what to do), with
+`argument=` naming the setting. Files the engine writes live in its own work folder, removed by `close()`, when
+the engine is garbage collected, or at interpreter exit.
 
     engine = DemoEngine.tiny_default()                  # offline, seconds
     identity = engine.identity_from_inputs(["me.jpg"])
@@ -13,10 +17,13 @@ writing an identity and generating with it happen together under `DemoEngine.loc
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import shutil
 import tempfile
-import threading
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,13 +33,35 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..errors import ImageInputError, InvalidArgumentError, NoFaceDetectedError
+from ..face.images import check_pixel_count
 from ..identities.identity import HyperLoRAIdentity
+from ..identities.inputs import split_identity_inputs
 from ..io.hub import HubOptions
+from ..io.lora_files import LORA_FORMATS, check_format
+from ..model.config import DEFAULT_BASE_MODEL
 
-IDENTITY_SUFFIX = ".safetensors"
-LORA_FORMATS = ("kohya", "diffusers")
 SIZE_STEP = 64
 MAX_STEPS = 150
+MAX_SEED = 2**64 - 1  # the largest seed `torch.Generator.manual_seed` takes
+MAX_PHOTO_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB; larger ones are refused before they are decoded
+WORK_FOLDER_PREFIX = "hyperlora-demo-"
+TINY_NO_FACE_HINT = (
+    "The built-in tiny default's stand-in face detector finds only faces inside a magenta frame, like the example "
+    "photo's; it does not find faces in real photos. Try the example photo, or start the demo with a checkpoint "
+    "(diffusers-hyperlora demo CHECKPOINT) for real photos."
+)
+NO_FACE_HINT = "Use photos where one face is clearly visible, frontal and at least ~100 px tall."
+
+__all__ = [
+    "LORA_FORMATS",
+    "DemoDefaults",
+    "DemoEngine",
+    "GenerationSettings",
+    "WorkFolder",
+    "prompt_with_trigger_words",
+    "tiny_example_photo",
+]
 
 
 @dataclass(frozen=True)
@@ -47,6 +76,28 @@ class DemoDefaults:
 
 TINY_DEFAULTS = DemoDefaults(steps=4, size=128, min_size=64, max_size=512)
 SDXL_DEFAULTS = DemoDefaults(steps=30, size=1024, min_size=512, max_size=1536)
+
+
+def _whole_number(value: Any, label: str, argument: str, low: int, high: int, fix: str) -> int:
+    """`value` as an int in `[low, high]`, else `InvalidArgumentError` in the page's words."""
+    number = value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        raise InvalidArgumentError(
+            f"{label} must be a whole number from {low} to {high}, got {value!r}. {fix}", argument=argument
+        )
+    return number
+
+
+def _finite_number(value: Any, label: str, argument: str) -> float:
+    """`value` as a finite float, else `InvalidArgumentError` (a NaN weight would give a black image)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgumentError(
+            f"{label} must be a finite number, got {value!r}. Set it with its slider (0 turns it off).",
+            argument=argument,
+        )
+    return float(value)
 
 
 @dataclass
@@ -66,17 +117,19 @@ class GenerationSettings:
     slider_weight: float = 0.0
 
     def validate(self, defaults: DemoDefaults) -> None:
-        """Raise `ValueError` naming the first setting out of range (the page's controls keep them in range)."""
-        if not 1 <= int(self.steps) <= MAX_STEPS:
-            raise ValueError(f"Steps must be between 1 and {MAX_STEPS}, got {self.steps}.")
-        for name, value in (("Width", self.width), ("Height", self.height)):
-            if not defaults.min_size <= int(value) <= defaults.max_size or int(value) % SIZE_STEP:
-                raise ValueError(
-                    f"{name} must be a multiple of {SIZE_STEP} between {defaults.min_size} and {defaults.max_size} "
-                    f"pixels, got {value}."
+        """Raise `InvalidArgumentError` (with `argument=` the field) naming the first setting out of range."""
+        _whole_number(self.steps, "Steps", "steps", 1, MAX_STEPS, "Use the Steps slider.")
+        low, high = defaults.min_size, defaults.max_size
+        for label, name in (("Width", "width"), ("Height", "height")):
+            value = _whole_number(getattr(self, name), label, name, low, high, "Use its slider.")
+            if value % SIZE_STEP:
+                raise InvalidArgumentError(
+                    f"{label} must be a multiple of {SIZE_STEP} pixels, got {value}. Use its slider.", argument=name
                 )
-        if int(self.seed) < 0:
-            raise ValueError(f"Seed must be 0 or more, got {self.seed}.")
+        _whole_number(self.seed, "Seed", "seed", 0, MAX_SEED, "Any whole number from 0 works; 0 is a fine start.")
+        _finite_number(self.id_weight, "ID weight", "id_weight")
+        _finite_number(self.base_weight, "Base weight", "base_weight")
+        _finite_number(self.slider_weight, "Slider weight", "slider_weight")
 
 
 def prompt_with_trigger_words(prompt: str, trigger_words: str) -> str:
@@ -87,11 +140,15 @@ def prompt_with_trigger_words(prompt: str, trigger_words: str) -> str:
     return f"{trigger_words}, {prompt}" if prompt else trigger_words
 
 
-def split_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
-    """`(photos, saved identity files)`: files ending in `.safetensors` are identities, everything else a photo."""
-    paths = [os.fspath(path) for path in paths]
-    identities = [path for path in paths if path.lower().endswith(IDENTITY_SUFFIX)]
-    return [path for path in paths if path not in identities], identities
+def safe_file_stem(name: str, default: str = "lora") -> str:
+    """`name` reduced to letters, digits, `_` and `-` (at most 64), so it names a file inside its folder.
+
+    Example:
+        >>> safe_file_stem("../../etc/x"), safe_file_stem("slider age"), safe_file_stem("..")
+        ('etc_x', 'slider_age', 'lora')
+    """
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)).strip("_-")[:64]
+    return stem or default
 
 
 def tiny_example_photo(path: str | os.PathLike) -> Path:
@@ -112,16 +169,67 @@ def tiny_example_photo(path: str | os.PathLike) -> Path:
     return path
 
 
+class WorkFolder:
+    """A new temporary folder (`hyperlora-demo-*` in `parent`, default the system's temp folder), removed by
+    `remove()`, when this object is garbage collected, or at interpreter exit (`weakref.finalize`)."""
+
+    def __init__(self, parent: str | os.PathLike | None = None) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=WORK_FOLDER_PREFIX, dir=parent)).resolve()
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+    def new_folder(self, kind: str) -> Path:
+        """A new empty folder `{kind}/{random}` inside the work folder."""
+        folder = self.path / kind / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        return folder
+
+    def contains(self, path: str | os.PathLike) -> bool:
+        return Path(path).resolve().is_relative_to(self.path)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+    @property
+    def removed(self) -> bool:
+        return not self._finalizer.alive
+
+
+def _device_and_dtype(device: str | None) -> tuple[torch.device, torch.dtype]:
+    """The pipeline's device (default: cuda when there is a GPU) and dtype (float16 on a GPU, float32 elsewhere)."""
+    if device is None:
+        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise InvalidArgumentError(
+                f"Device {device!r} is not a device torch knows; use cpu, cuda or cuda:1.", argument="device"
+            ) from error
+    if chosen.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(
+            f"Device {device!r}: the demo runs on cpu or cuda (cuda:1, ...), not {chosen.type}.", argument="device"
+        )
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(
+            f"Device {device!r}: this torch installation sees no CUDA GPU (torch {torch.__version__}). Use cpu, "
+            "or install the CUDA build of torch for this machine.",
+            argument="device",
+        )
+    return chosen, torch.float16 if chosen.type == "cuda" else torch.float32
+
+
 class DemoEngine:
-    """A pipeline with a HyperLoRA, shared by every visitor of the page; all pipeline access takes `lock`.
+    """A pipeline with a HyperLoRA, shared by every visitor of the page.
 
     Args:
         pipe: a diffusers pipeline on which `load_hyperlora` was called.
         defaults: the controls' starting values and ranges.
         description: one line about the models, shown at the top of the page.
-        workdir: where downloads (identity and LoRA files) and example photos are written (default: a new
-            temporary folder).
+        workdir: the folder in which the engine makes its own work folder (`hyperlora-demo-*`, for downloads and
+            example photos; default: the system's temp folder), or a `WorkFolder` to adopt. The work folder is
+            removed by `close()`, when the engine is garbage collected, or at exit; `workdir` itself stays.
         example_photos: photos offered as examples in the page.
+        no_face_hint: what to do when no face is found (the tiny default's detector only finds framed faces).
     """
 
     def __init__(
@@ -130,47 +238,73 @@ class DemoEngine:
         *,
         defaults: DemoDefaults = SDXL_DEFAULTS,
         description: str = "",
-        workdir: str | os.PathLike | None = None,
+        workdir: str | os.PathLike | WorkFolder | None = None,
         example_photos: Sequence[Path] = (),
+        no_face_hint: str = NO_FACE_HINT,
     ) -> None:
         self.pipe = pipe
         self.defaults = defaults
         self.description = description
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="hyperlora-demo-"))
+        self.work_folder = workdir if isinstance(workdir, WorkFolder) else WorkFolder(workdir)
         self.example_photos = list(example_photos)
-        self.lock = threading.Lock()
-        self.sliders: dict[str, Any] = {}  # adapter name -> HyperLoRASlider, shared by all visitors
+        self.no_face_hint = no_face_hint
+
+    @property
+    def workdir(self) -> Path:
+        """The engine's own work folder (removed by `close()` and at exit)."""
+        return self.work_folder.path
+
+    @property
+    def lock(self) -> Any:
+        """`pipe.hyperlora.lock` (re-entrant): hold it to pair your own switch with your own generation. The engine
+        takes no other lock, so code that holds it may call the engine from the same thread."""
+        return self.pipe.hyperlora.lock
+
+    def close(self) -> None:
+        """Remove the work folder (downloads, example photos, the tiny default's face models)."""
+        self.work_folder.remove()
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def tiny_default(cls, seed: int = 0, workdir: str | os.PathLike | None = None) -> DemoEngine:
+    def tiny_default(
+        cls, seed: int = 0, workdir: str | os.PathLike | None = None, device: str | None = "cpu"
+    ) -> DemoEngine:
         """The built-in tiny default, offline: tiny SDXL pipeline, HyperLoRA (with a Base branch) and face models.
 
         All weights are random (seeded), so images are noise-like; every step is the real one. The tiny face
         detector finds faces marked by a coloured frame (`diffusers_hyperlora.testing.tiny_face.draw_face_marker`), not
-        real faces: the page offers an example photo with the frame drawn.
+        real faces: the page offers an example photo with the frame drawn. `device` (checked first, as for
+        `from_pretrained`; `None`: cuda when there is a GPU) is where the tiny pipeline runs, in float32.
         """
         from ..face import FaceAnalyzer
         from ..testing.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
         from ..testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
-        workdir = Path(workdir or tempfile.mkdtemp(prefix="hyperlora-demo-"))
-        pipe = tiny_sdxl_pipeline(seed=seed)
+        device, _ = _device_and_dtype(device)
+        folder = WorkFolder(workdir)
+        pipe = tiny_sdxl_pipeline(seed=seed).to(device)
         pipe.set_progress_bar_config(disable=True)
-        face_models = export_tiny_antelopev2(workdir / "tiny-face-models", seed=seed)
+        face_models = export_tiny_antelopev2(folder.path / "tiny-face-models", seed=seed)
         pipe.load_hyperlora(
             tiny_hyperlora_predictor(pipe.unet, seed=seed, base_rank=4),
             image_encoder=tiny_clip_encoder(seed=seed),
             face_analyzer=FaceAnalyzer.from_pretrained(face_models, providers=["CPUExecutionProvider"]),
         )
-        example = tiny_example_photo(workdir / "example-face.png")
+        example = tiny_example_photo(folder.path / "example-face.png")
         description = (
             "Built-in tiny default: a tiny SDXL pipeline and a tiny HyperLoRA with random weights, so images are "
-            "noise-like; every step is the real one. Its stand-in face detector finds faces marked by a magenta "
-            "frame (try the example photo). Start with a checkpoint for real images: "
+            "noise-like; every step is the real one. Its stand-in face detector finds only faces marked by a "
+            "magenta frame: try the example photo. For real photos, start the demo with a checkpoint: "
             "`diffusers-hyperlora demo bytedance-research/HyperLoRA --subfolder sdxl_hyper_id_lora_v1_fidelity`."
         )
-        return cls(pipe, defaults=TINY_DEFAULTS, description=description, workdir=workdir, example_photos=[example])
+        return cls(
+            pipe,
+            defaults=TINY_DEFAULTS,
+            description=description,
+            workdir=folder,
+            example_photos=[example],
+            no_face_hint=TINY_NO_FACE_HINT,
+        )
 
     @classmethod
     def from_pretrained(
@@ -178,13 +312,14 @@ class DemoEngine:
         checkpoint: str | os.PathLike,
         hub_options: HubOptions | Mapping[str, Any] | None = None,
         *,
-        base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
+        base_model: str | None = None,
         device: str | None = None,
         image_encoder: str | None = None,
         face_models: str | None = None,
         **hub_kwargs: Any,
     ) -> DemoEngine:
-        """An SDXL pipeline from `base_model` with the HyperLoRA `checkpoint`, on the GPU when there is one.
+        """An SDXL pipeline from `base_model` (default `DEFAULT_BASE_MODEL`) with the HyperLoRA `checkpoint`, on
+        the GPU when there is one.
 
         `hub_options` (a `HubOptions` or a dict of its fields) and the keywords `subfolder`, `revision`, `token`,
         `cache_dir`, `local_files_only`, `force_download` (which override it) say where the checkpoint comes from;
@@ -193,8 +328,8 @@ class DemoEngine:
         from diffusers import DiffusionPipeline
 
         options = HubOptions.of(hub_options, **hub_kwargs)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        base_model = base_model or DEFAULT_BASE_MODEL
+        device, dtype = _device_and_dtype(device)  # checked before anything is downloaded
         base_kwargs = options.for_other_repo().download_kwargs()
         pipe = DiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype, **base_kwargs).to(device)
         pipe.set_progress_bar_config(disable=True)
@@ -217,20 +352,73 @@ class DemoEngine:
     def has_base(self) -> bool:
         return self.pipe.hyperlora.config.has_base
 
-    def new_file(self, name: str) -> Path:
-        """A path named `name` in a new folder of its own (downloads of concurrent visitors never collide)."""
-        folder = self.workdir / "downloads" / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        return folder / name
+    @property
+    def adapter_names(self) -> tuple[str, str]:
+        """The names of HyperLoRA's ID and Base adapters on this pipeline (as `load_hyperlora` named them)."""
+        names = self.pipe.hyperlora.adapters.names
+        return names["id"], names["base"]
+
+    @property
+    def sliders(self) -> dict[str, Any]:
+        """The pipeline's sliders by adapter name, shared by all visitors (`pipe.hyperlora.sliders`)."""
+        return self.pipe.hyperlora.sliders
+
+    def new_folder(self) -> Path:
+        """A new empty folder in the work folder: one per visitor of the page (`remove_folder` removes it)."""
+        return self.work_folder.new_folder("visitors")
+
+    def remove_folder(self, folder: str | os.PathLike) -> None:
+        """Remove a folder made by `new_folder` (nothing outside the work folder is ever removed)."""
+        folder = Path(folder)
+        if folder.resolve() != self.workdir and self.work_folder.contains(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def new_file(self, name: str, folder: str | os.PathLike | None = None) -> Path:
+        """A path for the download `name` in `folder` (default: a new folder of its own); `name` is reduced to a
+        plain file name, so it never points outside the folder."""
+        folder = Path(folder) if folder is not None else self.work_folder.new_folder("downloads")
+        if not self.work_folder.contains(folder):
+            raise InvalidArgumentError(
+                f"Downloads go inside the demo's work folder {self.workdir}, not {folder}.", argument="folder"
+            )
+        stem, suffix = os.path.splitext(os.path.basename(str(name)))
+        suffix = suffix if re.fullmatch(r"\.\w+", suffix) else ""
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{safe_file_stem(stem, 'download')}{suffix}"
 
     # ------------------------------------------------------------------ steps
-    def preview(self, photos: Sequence[str]) -> list[tuple[Image.Image, str]]:
+    def _photos(self, inputs: Sequence[str | os.PathLike]) -> list[str]:
+        """The photos among `inputs` (identity files apart), each refused early if it is not an image file or is
+        larger than `MAX_PHOTO_PIXELS` (only its header is read)."""
+        photos, _ = split_identity_inputs([os.fspath(value) for value in inputs])
+        for photo in photos:
+            name = Path(photo).name
+            if not os.path.isfile(photo):
+                raise ImageInputError(f"{name} is not a file. Upload a JPEG, PNG or WebP photo.", argument="photos")
+            if check_pixel_count(photo, MAX_PHOTO_PIXELS) is None:
+                raise ImageInputError(
+                    f"{name} could not be read as an image. Upload a JPEG, PNG or WebP photo, or a saved identity "
+                    "file (.safetensors).",
+                    argument="photos",
+                )
+        return photos
+
+    def _no_face(self, photos: Sequence[str]) -> NoFaceDetectedError:
+        names = ", ".join(Path(photo).name for photo in photos)
+        return NoFaceDetectedError(f"No face was found in {names}. {self.no_face_hint}", argument="photos")
+
+    def preview(self, photos: Sequence[str | os.PathLike]) -> list[tuple[Image.Image, str]]:
         """The crops and masks the encoders will see, captioned, for every photo (identity files are skipped)."""
-        images, _ = split_inputs(photos)
+        images = self._photos(photos)
         if not images:
-            raise ValueError("Add one or more photos to preview what the model sees (identity files have no crops).")
-        with self.lock:
+            raise InvalidArgumentError(
+                "Add one or more photos to preview what the model sees (identity files have no crops).",
+                argument="photos",
+            )
+        try:
             inputs = self.pipe.preview_hyperlora_inputs(images)
+        except NoFaceDetectedError as error:
+            raise self._no_face(images) from error
         gallery = []
         for item in inputs:
             name = Path(item.source).name
@@ -242,19 +430,20 @@ class DemoEngine:
                 ("Base input (face blurred)", item.base_image),
             ):
                 if picture is not None:
-                    gallery.append((picture, f"{name}: {label}"))
+                    gallery.append((picture, f"{label} ({name})" if len(inputs) > 1 else label))
         return gallery
 
-    def identity_from_inputs(self, inputs: Sequence[str]) -> HyperLoRAIdentity:
-        """Photos and saved identity files of one person -> one identity (photos predicted, then pooled exactly)."""
+    def identity_from_inputs(self, inputs: Sequence[str | os.PathLike]) -> HyperLoRAIdentity:
+        """Photos and saved identity files of one person -> one identity (`pipe.predict_hyperlora_identity`)."""
         if not inputs:
-            raise ValueError("Add one or more photos of the person (or saved identity files) first.")
-        images, files = split_inputs(inputs)
-        identities = [HyperLoRAIdentity.load(path, predictor=self.pipe.hyperlora.predictor) for path in files]
-        if images:
-            with self.lock:
-                identities.append(self.pipe.predict_hyperlora_identity(images))
-        return identities[0] if len(identities) == 1 else HyperLoRAIdentity.merge(identities)
+            raise InvalidArgumentError(
+                "Add one or more photos of the person (or saved identity files) first.", argument="photos"
+            )
+        photos = self._photos(inputs)
+        try:
+            return self.pipe.predict_hyperlora_identity([os.fspath(value) for value in inputs])
+        except NoFaceDetectedError as error:
+            raise self._no_face(photos) from error
 
     def generate(
         self,
@@ -265,11 +454,15 @@ class DemoEngine:
         """Write `identity` (none: adapters off) and generate; returns the image and the prompt used."""
         settings.validate(self.defaults)
         if settings.slider and settings.slider not in self.sliders:
-            raise ValueError(f"There is no slider {settings.slider!r}; build it first (sliders: {list(self.sliders)}).")
+            raise InvalidArgumentError(
+                f"There is no slider {settings.slider!r}: build it first "
+                f"(sliders: {', '.join(self.sliders) or 'none'}).",
+                argument="slider",
+            )
         prompt = settings.prompt.strip()
         if identity is not None and settings.add_trigger_words:
             prompt = prompt_with_trigger_words(prompt, self.trigger_words)
-        names = ["id", "base"]
+        names = list(self.adapter_names)
         weights = [settings.id_weight, settings.base_weight] if identity is not None else [0.0, 0.0]
         if settings.slider:
             names.append(settings.slider)
@@ -280,9 +473,8 @@ class DemoEngine:
                 on_step(step + 1, int(settings.steps))
             return tensors
 
-        # The demo's lock serializes its visitors; the controller's lock pairs the switch with this generation
-        # for any other thread that uses the pipeline too.
-        with self.lock, self.pipe.hyperlora.lock:
+        # One lock, the controller's: it pairs this switch with this generation for every thread using the pipe.
+        with self.lock:
             if identity is not None:
                 self.pipe.set_hyperlora_identity(identity)
             self.pipe.set_adapters(names, weights)
@@ -297,34 +489,44 @@ class DemoEngine:
             )
         return output.images[0], prompt
 
-    def save_identity(self, identity: HyperLoRAIdentity) -> Path:
-        """Write the identity to a new downloadable `.safetensors` file."""
-        path = self.new_file("identity.safetensors")
+    def save_identity(self, identity: HyperLoRAIdentity, folder: str | os.PathLike | None = None) -> Path:
+        """Write the identity to a downloadable `identity.safetensors` in `folder` (default: a new folder)."""
+        path = self.new_file("identity.safetensors", folder)
         identity.save(path)
         return path
 
-    def export_lora(self, identity_or_slider: Any, format: str = "kohya", name: str = "lora") -> Path:
-        """Write the identity's (or a slider's) LoRA as a standard LoRA file in `format`."""
-        if format not in LORA_FORMATS:
-            raise ValueError(f"LoRA format must be one of {LORA_FORMATS}, got {format!r}.")
-        path = self.new_file(f"{name}_{format}.safetensors")
-        with self.lock:
-            self.pipe.hyperlora.export_lora(identity_or_slider, path, format=format)
+    def export_lora(
+        self,
+        identity_or_slider: Any,
+        format: str = "kohya",
+        name: str = "lora",
+        folder: str | os.PathLike | None = None,
+    ) -> Path:
+        """Write the identity's (or a slider's) LoRA as a standard LoRA file in `format`, named after `name`
+        (reduced to a plain file name), in `folder` (default: a new folder)."""
+        check_format(format)
+        path = self.new_file(f"{safe_file_stem(name)}_{format}.safetensors", folder)
+        self.pipe.hyperlora.export_lora(identity_or_slider, path, format=format)
         return path
 
     def add_slider(self, neutral: Sequence[str], edited: Sequence[str], name: str) -> str:
         """Build (or rebuild) the slider adapter `name` from neutral and edited photos / identity files."""
         name = name.strip()
         if not name.isidentifier():
-            raise ValueError(f"Slider name {name!r}: use letters, digits and underscores, e.g. 'age' or 'smile'.")
-        if name in ("id", "base"):
-            raise ValueError(f"Slider name {name!r} is taken by HyperLoRA's own adapters; choose another, e.g. 'age'.")
+            raise InvalidArgumentError(
+                f"Slider name {name!r}: use letters, digits and underscores, e.g. 'age' or 'smile'.", argument="name"
+            )
+        if name in self.adapter_names:
+            raise InvalidArgumentError(
+                f"Slider name {name!r} is taken by HyperLoRA's own adapters; choose another, e.g. 'age'.",
+                argument="name",
+            )
         if not neutral or not edited:
-            raise ValueError("A slider needs neutral photos and edited photos (e.g. the same person aged).")
+            raise InvalidArgumentError(
+                "A slider needs neutral photos and edited photos (e.g. the same person aged).",
+                argument="neutral" if not neutral else "edited",
+            )
         neutral_identity = self.identity_from_inputs(neutral)
         edited_identity = self.identity_from_inputs(edited)
-        with self.lock:
-            self.sliders[name] = self.pipe.add_hyperlora_slider(
-                neutral_identity, edited_identity, adapter_name=name, weight=0.0
-            )
+        self.pipe.add_hyperlora_slider(neutral_identity, edited_identity, adapter_name=name, weight=0.0)
         return name

@@ -21,7 +21,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from diffusers.utils import logging
 
-from ..errors import CheckpointNotFoundError, FaceModelsNotFoundError
+from ..errors import (
+    CheckpointNotFoundError,
+    FaceModelsNotFoundError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    MissingDependencyError,
+)
 from ..io.hub import HubOptions, Location, resolve_location
 from .crops import box_area
 
@@ -69,7 +75,11 @@ def to_detected_face(face: Any) -> DetectedFace:
     """Read an insightface `Face` (or any object / dict with the same fields) into a `DetectedFace`."""
     bbox = _field(face, "bbox")
     if bbox is None:
-        raise TypeError(f"A detected face must have a `bbox` (x0, y0, x1, y1); got {type(face).__name__}.")
+        raise InvalidArgumentTypeError(
+            f"A detected face must have a `bbox` (x0, y0, x1, y1); got {type(face).__name__}. The face analyzer "
+            "must return insightface-like faces.",
+            argument="face_analyzer",
+        )
     landmarks = _field(face, "landmark_2d_106")
     embedding = _field(face, "normed_embedding")
     if embedding is None and _field(face, "embedding") is not None:
@@ -102,9 +112,10 @@ def select_providers(
         names = [p[0] if isinstance(p, (tuple, list)) else p for p in requested]
         missing = [n for n in names if n not in available]
         if not requested or missing:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"ONNX Runtime execution providers {missing or requested!r} are not available here; available: "
-                f"{list(available)}. Pass some of those as `providers=`, or install onnxruntime-gpu for CUDA."
+                f"{list(available)}. Pass some of those as `providers=`, or install onnxruntime-gpu for CUDA.",
+                argument="providers",
             )
         return requested
     if gpu_available and "CUDAExecutionProvider" in available:
@@ -173,10 +184,11 @@ class FaceAnalyzer:
 
     def __init__(self, app: FaceAnalysisLike, det_thresh: float | None = None, ctx_id: int = 0) -> None:
         if not isinstance(app, FaceAnalysisLike):
-            raise TypeError(
+            raise InvalidArgumentTypeError(
                 f"face_analyzer must offer insightface's `prepare(ctx_id, det_size=...)` and `get(image_bgr)`; got a "
                 f"{type(app).__name__}. Pass an insightface FaceAnalysis, a folder / Hub repo of AntelopeV2 models, "
-                "or wrap your detector in that interface."
+                "or wrap your detector in that interface.",
+                argument="face_analyzer",
             )
         self.app = app
         self.det_thresh = det_thresh
@@ -251,7 +263,7 @@ def load_insightface_app(folder: str | os.PathLike, providers: Sequence[Any] | N
         import onnxruntime
         from insightface.app import FaceAnalysis
     except ImportError as error:
-        raise ImportError(
+        raise MissingDependencyError(
             "Reading faces from photos needs insightface and onnxruntime: `pip install diffusers-hyperlora[face]` "
             "(or `[face-gpu]` for CUDA). Alternatively pass `face_analyzer=` your own FaceAnalysis-like object."
         ) from error

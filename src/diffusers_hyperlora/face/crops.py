@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ImageInputError, InvalidArgumentError
+
 # The 2D-106 landmark indices of the face outline: jaw contour, then the eyebrows back across the top.
 FACE_POLYGON_INDICES: tuple[int, ...] = (
     1, 9, 10, 11, 12, 13, 14, 15, 16, 2, 3, 4, 5, 6, 7, 8, 0, 24, 23, 22, 21, 20, 19, 18,
@@ -44,9 +46,10 @@ class SquareCrop:
 def _points(landmarks: np.ndarray, minimum: int = 106) -> np.ndarray:
     points = np.asarray(landmarks, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] < minimum:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"Expected {minimum} 2D face landmarks of shape [{minimum}, 2] (insightface's landmark_2d_106), "
-            f"got shape {list(points.shape)}."
+            f"got shape {list(points.shape)}.",
+            argument="landmarks",
         )
     return points
 
@@ -128,7 +131,10 @@ def base_crop_box(
     y0 = max(0, int(np.floor(clip.cy - top * clip.half + 0.5)))
     y1 = min(height, int(np.floor(clip.cy + bottom * clip.half + 0.5)))
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"The Base crop {(x0, y0, x1, y1)} of a {width}x{height} image is empty.")
+        raise ImageInputError(
+            f"The Base crop {(x0, y0, x1, y1)} of a {width}x{height} image is empty: the face lies outside the image. "
+            "Use a photo where the whole face is visible."
+        )
     return x0, y0, x1, y1
 
 
@@ -138,9 +144,10 @@ def _four(scales: float | Sequence[float]) -> tuple[float, float, float, float]:
     else:
         values = tuple(float(s) for s in scales)
     if len(values) != 4 or min(values) <= 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"base_crop_scale must be a positive number or four positive numbers (left, right, top, bottom), "
-            f"got {scales!r}."
+            f"got {scales!r}.",
+            argument="base_crop_scale",
         )
     return values  # type: ignore[return-value]
 

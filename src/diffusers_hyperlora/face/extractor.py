@@ -19,7 +19,12 @@ import torch
 from diffusers.utils import logging
 from PIL import Image
 
-from ..errors import FaceModelsNotFoundError, FaceSelectionError, NoFaceDetectedError
+from ..errors import (
+    FaceModelsNotFoundError,
+    FaceSelectionError,
+    InvalidArgumentTypeError,
+    NoFaceDetectedError,
+)
 from ..identities.features import HyperLoRAFeatures
 from ..io.hub import HubOptions, Location, resolve_location
 from ..model.config import HyperLoRAConfig
@@ -86,7 +91,8 @@ def _face_indices(face_index: int | Sequence[int], count: int) -> list[int]:
     if len(indices) != count or any(not isinstance(i, int) or i < 0 for i in indices):
         raise FaceSelectionError(
             f"face_index must be an int >= 0 (0 = the largest face, 1 = the second largest, ...) or one such int "
-            f"per input image ({count}); got {face_index!r}."
+            f"per input image ({count}); got {face_index!r}.",
+            argument="face_index",
         )
     return indices
 
@@ -138,7 +144,8 @@ class FaceFeatureExtractor:
         if index >= len(ranked):
             raise FaceSelectionError(
                 f"Input image {image.name} has {len(ranked)} face(s) but face_index={index} was asked for (0 = the "
-                "largest). Pass a smaller face_index, or one per image."
+                "largest). Pass a smaller face_index, or one per image.",
+                argument="face_index",
             )
         if len(ranked) > 1:
             which = "the largest" if index == 0 else f"number {index + 1} by size"
@@ -259,10 +266,6 @@ class FaceFeatureExtractor:
             logger.warning(f"No face detected in {', '.join(faceless)}: skipped. Using {len(prepared)} image(s).")
         return prepared
 
-    def preview(self, images: Any, **options: Any) -> list[FaceInputs]:
-        """Alias of `prepare_inputs`: what the model will see, for display."""
-        return self.prepare_inputs(images, **options)
-
     # ------------------------------------------------------------------ FeatureExtractor
     def __call__(
         self, images: list[Any], *, device: torch.device, dtype: torch.dtype, with_base: bool, **options: Any
@@ -270,7 +273,9 @@ class FaceFeatureExtractor:
         """Photos -> `HyperLoRAFeatures` on `device` in `dtype` (options as in `prepare_inputs`)."""
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
-            raise TypeError(f"Unknown face-pipeline option(s) {unknown}; valid: {', '.join(OPTIONS)}.")
+            raise InvalidArgumentTypeError(
+                f"Unknown face-pipeline option(s) {unknown}; valid: {', '.join(OPTIONS)}.", argument=unknown[0]
+            )
         prepared = self.prepare_inputs(images, with_base=with_base, **options)
         id_embeds = None
         if self.config.use_id_embeds:
@@ -313,9 +318,10 @@ def image_encoder_loader(
         ready.check_width(config.image_embed_dim)
         return ready
     if image_encoder is not None and not isinstance(image_encoder, (str, os.PathLike)):
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"image_encoder must be a repo id, a local folder, a CLIPVisionModelWithProjection, (model, processor) "
-            f"or a CLIPImageEncoder; got a {type(image_encoder).__name__}."
+            f"or a CLIPImageEncoder; got a {type(image_encoder).__name__}.",
+            argument="image_encoder",
         )
     if image_encoder is not None:  # the caller's choice: a folder or a repo id ("org/name[/sub/folder]")
         location = resolve_location(image_encoder, hub_options.for_other_repo())

@@ -47,12 +47,14 @@ def check_budget(max_bytes: Any) -> int:
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Real):
         raise InvalidArgumentTypeError(
             f"The cache's max_bytes must be a number of bytes, got {type(max_bytes).__name__} {max_bytes!r}; e.g. "
-            "`cache.max_bytes = 2 * 2**30` (2 GiB), or 0 to turn the cache off."
+            "`cache.max_bytes = 2 * 2**30` (2 GiB), or 0 to turn the cache off.",
+            argument="max_bytes",
         )
     if not math.isfinite(max_bytes) or max_bytes < 0:
         raise InvalidArgumentError(
             f"The cache's max_bytes must be a finite number of bytes >= 0, got {max_bytes}; e.g. "
-            "`cache.max_bytes = 2 * 2**30` (2 GiB), or 0 to turn the cache off."
+            "`cache.max_bytes = 2 * 2**30` (2 GiB), or 0 to turn the cache off.",
+            argument="max_bytes",
         )
     return int(max_bytes)
 

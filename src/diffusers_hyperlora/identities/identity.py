@@ -80,6 +80,44 @@ def slerp_directions(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor
     return torch.where(safe, spherical, linear)
 
 
+def normalize_mix_weights(weights: Sequence[float], count: int, caller: str = "HyperLoRAIdentity.mix") -> list[float]:
+    """Blend weights as fractions that sum to one, checked: one finite number per identity, a positive sum.
+
+    Only the ratios of the weights matter, so they are first divided by the largest magnitude: huge weights
+    (`1e308`) cannot overflow the sum, and `[1e308, 1e308]` is the midpoint like `[1, 1]`.
+
+    >>> normalize_mix_weights([1e308, 1e308], 2)
+    [0.5, 0.5]
+    >>> [round(w, 6) for w in normalize_mix_weights([3, -1], 2)]
+    [1.5, -0.5]
+    """
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as error:
+        raise InvalidArgumentTypeError(
+            f"{caller}() weights must be numbers, one per identity, got {weights!r}.", argument="weights"
+        ) from error
+    if len(values) != count:
+        raise InvalidArgumentError(
+            f"{caller}() got {count} identities but {len(values)} weights: give one weight per identity.",
+            argument="weights",
+        )
+    largest = max((abs(w) for w in values), default=0.0)
+    if not all(math.isfinite(w) for w in values) or largest == 0:
+        raise InvalidArgumentError(
+            f"{caller}() weights must be finite numbers with a positive sum, got {values}; e.g. [0.5, 0.5].",
+            argument="weights",
+        )
+    scaled = [w / largest for w in values]  # in [-1, 1]: the sum cannot overflow
+    total = math.fsum(scaled)
+    if total <= 0:
+        raise InvalidArgumentError(
+            f"{caller}() weights must be finite numbers with a positive sum, got {values}; e.g. [0.5, 0.5].",
+            argument="weights",
+        )
+    return [w / total for w in scaled]
+
+
 def _all_have_base(identities: Sequence[HyperLoRAIdentity], operation: str) -> bool:
     """Whether every identity has Base coefficients; warns when only some do, since the result then has none."""
     with_base = [identity.base_mean is not None for identity in identities]
@@ -95,7 +133,8 @@ def _all_have_base(identities: Sequence[HyperLoRAIdentity], operation: str) -> b
 def _check_same_checkpoint(identities: Sequence[HyperLoRAIdentity], what: str) -> None:
     if not identities:
         raise InvalidArgumentError(
-            f"HyperLoRAIdentity.{what}() got no identities: pass at least one HyperLoRAIdentity."
+            f"HyperLoRAIdentity.{what}() got no identities: pass at least one HyperLoRAIdentity.",
+            argument="identities",
         )
     for index, other in enumerate(identities):
         if not isinstance(other, HyperLoRAIdentity):
@@ -159,7 +198,7 @@ class HyperLoRAIdentity:
     def coefficients(self, branch: str = "id") -> torch.Tensor | None:
         """Normalized coefficients of `branch` (`"id"` or `"base"`), `None` when the identity has none."""
         if branch not in ("id", "base"):
-            raise InvalidArgumentError(f"branch must be 'id' or 'base', got {branch!r}.")
+            raise InvalidArgumentError(f"branch must be 'id' or 'base', got {branch!r}.", argument="branch")
         return self.id_coefficients if branch == "id" else self.base_coefficients
 
     def check_compatible(
@@ -238,34 +277,31 @@ class HyperLoRAIdentity:
         return cls(id_mean, total, base_mean, first.checkpoint, first.probe, sources, kind)
 
     @classmethod
-    def mix(cls, identities: Sequence[HyperLoRAIdentity], weights: Sequence[float]) -> HyperLoRAIdentity:
+    def mix(
+        cls, identities: Sequence[HyperLoRAIdentity], weights: Sequence[float], spherical: bool = False
+    ) -> HyperLoRAIdentity:
         """Blend several people: `normalize(sum_i w_i * normalize(coefficients_i))` for every coefficient vector.
 
-        Weights need not sum to one (only their ratios matter) but must have a positive sum; a negative weight
-        subtracts a person (identity arithmetic). Each person counts with its weight whatever its number of
-        photos: to pool photos of *one* person, use `merge` instead.
+        Weights need not sum to one (only their ratios matter) but must be finite with a positive sum; a negative
+        weight subtracts a person (identity arithmetic). Each person counts with its weight whatever its number of
+        photos: to pool photos of *one* person, use `merge` instead. `spherical=True` (two identities only) is
+        `interpolate(a, b, t, spherical=True)` at `t = w_b / (w_a + w_b)`, with the same checks on the weights.
 
         Example:
             >>> blend = HyperLoRAIdentity.mix([alice, bob, carol], [0.5, 0.3, 0.2])  # doctest: +SKIP
+            >>> halfway = HyperLoRAIdentity.mix([alice, bob], [1, 1], spherical=True)  # doctest: +SKIP
         """
         identities = list(identities)
-        try:
-            weights = [float(w) for w in weights]
-        except (TypeError, ValueError) as error:
-            raise InvalidArgumentTypeError(
-                f"HyperLoRAIdentity.mix() weights must be numbers, one per identity, got {weights!r}."
-            ) from error
         _check_same_checkpoint(identities, "mix")
-        if len(weights) != len(identities):
-            raise InvalidArgumentError(
-                f"HyperLoRAIdentity.mix() got {len(identities)} identities but {len(weights)} weights: give one "
-                "weight per identity."
-            )
-        if not all(math.isfinite(w) for w in weights) or sum(weights) <= 0:
-            raise InvalidArgumentError(
-                f"HyperLoRAIdentity.mix() weights must be finite numbers with a positive sum, got {weights}; e.g. "
-                "[0.5, 0.5]."
-            )
+        weights = normalize_mix_weights(weights, len(identities))
+        if spherical:
+            if len(identities) != 2:
+                raise InvalidArgumentError(
+                    f"HyperLoRAIdentity.mix(spherical=True) blends exactly two identities, got {len(identities)}: "
+                    "drop spherical=True to blend more.",
+                    argument="identities",
+                )
+            return cls.interpolate(identities[0], identities[1], weights[1], spherical=True)
         first = identities[0]
         id_mean = blend_directions([i.id_mean for i in identities], weights)
         has_base = _all_have_base(identities, "mix")
@@ -296,7 +332,9 @@ class HyperLoRAIdentity:
         """
         t = float(t)
         if not math.isfinite(t):
-            raise InvalidArgumentError(f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.")
+            raise InvalidArgumentError(
+                f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.", argument="t"
+            )
         if not spherical:
             return cls.mix([a, b], [1.0 - t, t])
         _check_same_checkpoint([a, b], "interpolate")
@@ -359,7 +397,8 @@ class HyperLoRAIdentity:
             if not hasattr(predictor, "checkpoint_hash"):
                 raise InvalidArgumentTypeError(
                     f"HyperLoRAIdentity.load(predictor=...) takes a HyperLoRAPredictor or `pipe.hyperlora`, got "
-                    f"{type(predictor).__name__}."
+                    f"{type(predictor).__name__}.",
+                    argument="predictor",
                 )
             identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
         return identity

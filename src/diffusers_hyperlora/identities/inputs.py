@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..errors import InvalidArgumentError
 from .identity import HyperLoRAIdentity
 
 IDENTITY_FILE_SUFFIX = ".safetensors"
@@ -71,5 +72,7 @@ def resolve_identity(
     if photos:
         identities.append(predict_photos(photos))
     if not identities:
-        raise ValueError("No photos and no identities were given: pass photos, identity files or identities.")
+        raise InvalidArgumentError(
+            "No photos and no identities were given: pass photos, identity files or identities.", argument="inputs"
+        )
     return identities[0] if len(identities) == 1 else HyperLoRAIdentity.merge(identities)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.utils import logging
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard
 
 from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..model.config import CONFIG_NAME, FORMAT_VERSION, HyperLoRAConfig, read_config_json
@@ -64,7 +65,8 @@ def read_checkpoint(location: Location, heads: int | None = None, dim_head: int 
     if heads is not None or dim_head is not None:
         raise InvalidArgumentError(
             f"`heads`/`dim_head` only apply to release-layout checkpoints; {location.description} is in the library "
-            "format, whose config.json already stores them. Drop the two arguments."
+            "format, whose config.json already stores them. Drop the two arguments.",
+            argument="heads" if heads is not None else "dim_head",
         )
     config = HyperLoRAConfig.from_json_dict(raw, f"{CONFIG_NAME} of {location.description}")
     files = _weight_files(location, location.folder(OWN_FILES, what="the weights"))
@@ -103,7 +105,7 @@ def _parse_device(device: torch.device | str) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as error:
         message = f"device must be a torch device or a name like 'cpu' or 'cuda:0', got {device!r}."
-        raise InvalidArgumentError(message) from error
+        raise InvalidArgumentError(message, argument="device") from error
 
 
 def _weight_files(location: Location, folder: Path) -> list[str]:
@@ -222,10 +224,15 @@ def save_pretrained(
     *,
     max_shard_size: int | str | None = None,
     model_card_kwargs: dict | None = None,
-) -> Path:
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    **push_to_hub_kwargs: Any,
+) -> Path | str:
     """Write `predictor` in the library format: `config.json`, the weights and (unless present) `README.md`.
 
-    If writing fails midway, the files already in `folder` are left as they were.
+    If writing fails midway, the files already in `folder` are left as they were. With `push_to_hub=True` the
+    same files are then uploaded to `repo_id` (default: the folder's name) by `push_predictor_to_hub`, which
+    takes the remaining keywords; the commit URL is returned instead of the folder.
 
     Example:
         >>> import tempfile
@@ -234,8 +241,83 @@ def save_pretrained(
         >>> sorted(p.name for p in folder.iterdir())
         ['README.md', 'config.json', 'model.safetensors']
     """
+    _check_push_arguments(push_to_hub, repo_id, push_to_hub_kwargs)
     state = predictor.state_dict()
     has_card = Path(folder, CARD_NAME).exists()  # an existing card may have been edited: keep it
     card = None if has_card else hyperlora_model_card(predictor.config, **(model_card_kwargs or {}))
     read = lambda keys: {key: state[key] for key in keys}  # noqa: E731
-    return write_checkpoint(folder, predictor.config, state, read, card, max_shard_size)
+    folder = write_checkpoint(folder, predictor.config, state, read, card, max_shard_size)
+    if push_to_hub:
+        return push_predictor_to_hub(
+            predictor,
+            repo_id or folder.name,
+            model_card_kwargs=model_card_kwargs,
+            max_shard_size=max_shard_size,
+            **push_to_hub_kwargs,
+        )
+    return folder
+
+
+def _check_push_arguments(push: bool, repo_id: str | None, kwargs: dict[str, Any]) -> None:
+    """Refuse what would be silently ignored: `config=` (the predictor's own config is written) and Hub keywords
+    without `push_to_hub=True`."""
+    if "config" in kwargs:
+        raise InvalidArgumentError(
+            "save_pretrained() writes the predictor's own config (`predictor.config`) and takes no `config=`: build "
+            "the predictor from the config you want (`HyperLoRAPredictor(config)`) and save that.",
+            argument="config",
+        )
+    unused = sorted(kwargs) + (["repo_id"] if repo_id is not None else [])
+    if unused and not push:
+        raise InvalidArgumentError(
+            f"save_pretrained() got Hub upload option(s) {unused} without push_to_hub=True: add push_to_hub=True "
+            "to upload, or drop them.",
+            argument=unused[0],
+        )
+
+
+def push_predictor_to_hub(
+    predictor: HyperLoRAPredictor,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload HyperLoRA predictor",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    branch: str | None = None,
+    create_pr: bool | None = None,
+    model_card_kwargs: dict | None = None,
+    max_shard_size: int | str | None = None,
+) -> str:
+    """Upload `predictor` in the library format to the Hub repo `repo_id` (created if needed) in one commit.
+
+    The files are those `save_pretrained` writes, saved to a temporary folder that is removed afterwards; the
+    model card's usage snippet names `repo_id` unless `model_card_kwargs` says otherwise.
+
+    Args:
+        predictor: the predictor to upload.
+        repo_id: `"namespace/name"` (created if missing; `private` applies then).
+        commit_message, branch, create_pr: as in `huggingface_hub.HfApi.upload_folder` (`branch` is its
+            `revision`).
+        token: a Hub token (default: the logged-in user's).
+        model_card_kwargs: passed to the model card (`hyperlora_model_card`).
+        max_shard_size: as in `save_pretrained`.
+
+    Returns the URL of the commit.
+
+    Example:
+        >>> push_predictor_to_hub(predictor, "me/my-hyperlora", private=True)  # doctest: +SKIP
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+    card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+    with tempfile.TemporaryDirectory(prefix="hyperlora-push-") as temporary:
+        folder = Path(temporary, "checkpoint")
+        save_pretrained(predictor, folder, max_shard_size=max_shard_size, model_card_kwargs=card_kwargs)
+        return api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=branch,
+            create_pr=create_pr,
+        )

@@ -74,7 +74,8 @@ def convert_checkpoint(
     dst = Path(dst)
     if location.is_local and dst.resolve() == location.local_dir.resolve():
         raise InvalidArgumentError(
-            f"convert_checkpoint() would overwrite its source {str(dst)!r}: choose another output folder."
+            f"convert_checkpoint() would overwrite its source {str(dst)!r}: choose another output folder.",
+            argument="dst",
         )
     checkpoint = read_checkpoint(location, heads=heads, dim_head=dim_head)
     changes = {k: v for k, v in (("image_encoder", image_encoder), ("face_models", face_models)) if v is not None}

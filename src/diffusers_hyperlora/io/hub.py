@@ -65,7 +65,7 @@ class HubOptions:
         for name, types, expected in _OPTION_TYPES:
             value = getattr(self, name)
             if not isinstance(value, types):
-                raise InvalidArgumentTypeError(f"Hub option `{name}` must be {expected}, got {value!r}.")
+                raise InvalidArgumentTypeError(f"Hub option `{name}` must be {expected}, got {value!r}.", argument=name)
 
     @classmethod
     def of(cls, options: HubOptions | Mapping[str, Any] | None = None, **overrides: Any) -> HubOptions:

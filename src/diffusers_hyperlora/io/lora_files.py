@@ -1,6 +1,7 @@
 """Predicted LoRAs (identities and sliders) as standard LoRA state dicts and `.safetensors` files.
 
-Everything here is pure layout: factors in, tensors and metadata out; no model is touched.
+`export_lora` is the one entry: a predictor and an identity or slider in, a state dict (and a file) out. Below it
+everything is pure layout: factors in, tensors and metadata out; no model is touched.
 
 Two layouts:
 
@@ -24,8 +25,11 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import save_file
 
+from ..adapters.sliders import DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, slider_alpha
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError
+from ..identities.identity import HyperLoRAIdentity
 from ..model.config import HyperLoRAConfig
+from ..model.predictor import HyperLoRAPredictor
 from ..model.targets import TargetLinear
 from ..utils.atomic_files import atomic_path
 from ..utils.checks import parse_dtype
@@ -39,12 +43,77 @@ SD1_BASE_VERSION = "sd_v1"
 LoraFactors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
+def export_lora(
+    predictor: HyperLoRAPredictor,
+    identity: HyperLoRAIdentity | HyperLoRASlider,
+    path: str | os.PathLike | None = None,
+    format: str | None = None,
+    branch: str = "id",
+    dtype: torch.dtype | str = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """An identity's (or slider's) LoRA from `predictor` as a standard state dict, and a `.safetensors` file when
+    `path` is given (written atomically: a failed write leaves `path` as it was).
+
+    Args:
+        predictor: the checkpoint the identity was predicted with.
+        identity: a `HyperLoRAIdentity`, or a `HyperLoRASlider` (exported at rank 2r, ID branch only).
+        path: where to write the file (optional).
+        format: `"kohya"` gives the reference generator's keys (`{json_key}_to_q.lora_down.weight`, ...,
+            `.alpha`), read by ComfyUI, A1111, Forge, kohya sd-scripts and diffusers; `"diffusers"` the layout
+            `pipe.load_lora_weights` reads natively, with alpha in the file's adapter metadata: diffusers only,
+            use kohya for every other tool. Default (`None`): `"kohya"` for UNet checkpoints, `"diffusers"` for
+            transformer ones (SD3, FLUX), which have no kohya layout.
+        branch: `"id"` or `"base"` (checkpoints with a Base branch).
+        dtype: dtype of the stored tensors, a torch dtype or a name (`torch.float16` or `"fp16"` halves the file).
+
+    Example:
+        >>> import torch
+        >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
+        >>> predictor = tiny_hyperlora_predictor()
+        >>> identity = predictor.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 5, 48))
+        >>> state_dict = export_lora(predictor, identity, format="kohya", dtype="fp16")
+        >>> next(iter(state_dict)).endswith("_to_q.lora_down.weight"), next(iter(state_dict.values())).dtype
+        (True, torch.float16)
+    """
+    config = predictor.config
+    format = check_format_for(config, format)
+    dtype = check_dtype(dtype)
+    if branch == "base" and not config.has_base:
+        raise InvalidArgumentError(
+            "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "
+            "branch='id'.",
+            argument="branch",
+        )
+    if isinstance(identity, HyperLoRASlider):
+        if branch != "id":
+            raise InvalidArgumentError(
+                f"Sliders are built from the ID branch; export them with branch='id', not {branch!r}.",
+                argument="branch",
+            )
+        weights, alpha = identity.lora_weights(predictor), slider_alpha(config)
+        kind, scale = "slider", DEFAULT_SLIDER_WEIGHT
+    elif isinstance(identity, HyperLoRAIdentity):
+        weights, alpha = predictor.lora_weights(identity, branch), config.alpha(branch)
+        kind, scale = "identity", None
+    else:
+        raise InvalidArgumentTypeError(
+            f"export_lora() takes a HyperLoRAIdentity or a HyperLoRASlider, got {type(identity).__name__}. "
+            "Predict one with `pipe.predict_hyperlora_identity(images)` or load it with `HyperLoRAIdentity.load`.",
+            argument="identity",
+        )
+    state_dict = export_lora_state_dict(config, weights, format, branch, alpha=alpha, dtype=dtype)
+    if path is not None:
+        save_lora_file(state_dict, path, config, format, branch, alpha=alpha, kind=kind, recommended_scale=scale)
+    return state_dict
+
+
 def check_format(format: str) -> str:
     """Return `format` if it is a known LoRA layout, else raise `InvalidArgumentError` naming the choices."""
     if format not in LORA_FORMATS:
         raise InvalidArgumentError(
             f"Unknown LoRA format {format!r}: use 'kohya' (ComfyUI, A1111, Forge, kohya sd-scripts, diffusers) or "
-            "'diffusers' (diffusers only)."
+            "'diffusers' (diffusers only).",
+            argument="format",
         )
     return format
 
@@ -68,7 +137,9 @@ def check_format_for(config: HyperLoRAConfig, format: str | None) -> str:
 def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """The floating-point dtype a LoRA file stores, from a torch dtype or a name (`"fp16"`); else a clear error."""
     if dtype is None:
-        raise InvalidArgumentTypeError("The LoRA dtype must be given, e.g. dtype=torch.float16 or dtype='fp16'.")
+        raise InvalidArgumentTypeError(
+            "The LoRA dtype must be given, e.g. dtype=torch.float16 or dtype='fp16'.", argument="dtype"
+        )
     return parse_dtype(dtype)
 
 
@@ -95,7 +166,9 @@ def lora_state_dict(
     check_format(format)
     dtype = check_dtype(dtype)
     if len(weights) != len(linears):
-        raise ValueError(f"Expected LoRA factors for {len(linears)} linears, got {len(weights)}.")
+        raise InvalidArgumentError(
+            f"Expected LoRA factors for {len(linears)} linears, got {len(weights)}.", argument="weights"
+        )
     state_dict: dict[str, torch.Tensor] = {}
     for linear, (down, up) in zip(linears, weights):
         _check_factors(linear, down, up)
@@ -114,9 +187,10 @@ def lora_state_dict(
 def _check_factors(linear: TargetLinear, down: torch.Tensor, up: torch.Tensor) -> None:
     rank = down.shape[0]
     if tuple(down.shape) != (rank, linear.in_features) or tuple(up.shape) != (linear.out_features, rank):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"LoRA factors of {linear.module_path} must be down [r, {linear.in_features}] and up "
-            f"[{linear.out_features}, r], got {list(down.shape)} and {list(up.shape)}."
+            f"[{linear.out_features}, r], got {list(down.shape)} and {list(up.shape)}.",
+            argument="weights",
         )
 
 
@@ -209,7 +283,9 @@ def lora_rank(state_dict: dict[str, torch.Tensor]) -> int:
     for key, tensor in state_dict.items():
         if key.endswith((".lora_down.weight", ".lora_A.weight")):
             return int(tensor.shape[0])
-    raise ValueError("The state dict has no `.lora_down.weight` / `.lora_A.weight` tensor: it is not a LoRA.")
+    raise InvalidArgumentError(
+        "The state dict has no `.lora_down.weight` / `.lora_A.weight` tensor: it is not a LoRA.", argument="state_dict"
+    )
 
 
 def save_lora_file(
@@ -227,7 +303,7 @@ def save_lora_file(
     """Write a LoRA state dict made by `lora_state_dict` to a `.safetensors` file with descriptive metadata.
 
     Example:
-        >>> state_dict = pipe.hyperlora.export_lora(identity, format="kohya")  # doctest: +SKIP
+        >>> state_dict = export_lora(predictor, identity, format="kohya")  # doctest: +SKIP
         >>> save_lora_file(state_dict, "me.safetensors", pipe.hyperlora.config)  # doctest: +SKIP
     """
     alpha = config.alpha(branch) if alpha is None else alpha

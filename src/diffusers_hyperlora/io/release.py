@@ -103,7 +103,7 @@ def resolve_heads(inner: int, heads: int | None, dim_head: int | None) -> tuple[
     """
     for name, value in (("heads", heads), ("dim_head", dim_head)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise InvalidArgumentError(f"`{name}` must be a positive integer, got {value!r}.")
+            raise InvalidArgumentError(f"`{name}` must be a positive integer, got {value!r}.", argument=name)
     if heads is None and dim_head is None:
         heads, dim_head = RELEASE_HEADS, RELEASE_DIM_HEAD
     elif heads is None:

@@ -19,6 +19,7 @@ import torch
 from diffusers.utils import logging
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from .targets import TargetLinear
 
 logger = logging.get_logger(__name__)
@@ -234,7 +235,9 @@ class BasisBank(nn.Module):
         """
         if coefficients.shape != (self.num_linears, 2, self.num_basis):
             expected = (self.num_linears, 2, self.num_basis)
-            raise ValueError(f"Expected coefficients of shape {expected}, got {tuple(coefficients.shape)}.")
+            raise InvalidArgumentError(
+                f"Expected coefficients of shape {expected}, got {tuple(coefficients.shape)}.", argument="coefficients"
+            )
         device = coefficients.device
         ordered = coefficients.to(torch.float32).index_select(0, self._group_order(device))
         staging = self._staging_buffer(device, chunk_elements)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, InvalidArgumentError
 from .targets import (
     ATTENTION_LINEARS,
     LAYOUTS_BY_COMPONENT,
@@ -41,9 +41,10 @@ def _target(entry: TargetModule | dict) -> TargetModule:
     target = TargetModule(**entry) if isinstance(entry, dict) else entry
     widths = (target.hidden_size, target.context_size) if isinstance(target, TargetModule) else ()
     if not widths or not all(_is_int(width) and width > 0 for width in widths):
-        raise ValueError(
+        raise InvalidArgumentError(
             "HyperLoRAConfig.targets entries must be target modules with a positive integer hidden_size and "
-            f"cross_attention_dim (or null for self-attention), got {entry!r}."
+            f"cross_attention_dim (or null for self-attention), got {entry!r}.",
+            argument="targets",
         )
     return target
 
@@ -92,23 +93,35 @@ class HyperLoRAConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.targets, list):
-            raise ValueError(f"HyperLoRAConfig.targets must be a list of target modules, got {self.targets!r}.")
+            raise InvalidArgumentError(
+                f"HyperLoRAConfig.targets must be a list of target modules, got {self.targets!r}.", argument="targets"
+            )
         self.targets = [_target(t) for t in self.targets]
         if not (isinstance(self.use_id_embeds, bool) and isinstance(self.use_image_embeds, bool)):
-            raise ValueError("HyperLoRAConfig.use_id_embeds and use_image_embeds must be true or false.")
+            raise InvalidArgumentError(
+                "HyperLoRAConfig.use_id_embeds and use_image_embeds must be true or false.",
+                argument="use_id_embeds" if not isinstance(self.use_id_embeds, bool) else "use_image_embeds",
+            )
         if not (self.use_id_embeds or self.use_image_embeds):
-            raise ValueError("HyperLoRAConfig needs at least one condition: use_id_embeds or use_image_embeds.")
+            raise InvalidArgumentError(
+                "HyperLoRAConfig needs at least one condition: use_id_embeds or use_image_embeds.",
+                argument="use_id_embeds",
+            )
         for name in _POSITIVE_INTS:
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"HyperLoRAConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+                raise InvalidArgumentError(
+                    f"HyperLoRAConfig.{name} must be a positive integer, got {getattr(self, name)!r}.", argument=name
+                )
         if self.denoiser not in LAYOUTS_BY_COMPONENT:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"HyperLoRAConfig.denoiser must be one of {list(LAYOUTS_BY_COMPONENT)} (the pipeline component the "
-                f"targets live in), got {self.denoiser!r}."
+                f"targets live in), got {self.denoiser!r}.",
+                argument="denoiser",
             )
         if not _is_int(self.base_rank) or self.base_rank < 0:
-            raise ValueError(
-                f"HyperLoRAConfig.base_rank must be an integer >= 0 (0 = no Base branch), got {self.base_rank!r}."
+            raise InvalidArgumentError(
+                f"HyperLoRAConfig.base_rank must be an integer >= 0 (0 = no Base branch), got {self.base_rank!r}.",
+                argument="base_rank",
             )
 
     @property
@@ -142,7 +155,7 @@ class HyperLoRAConfig:
             return self.id_rank
         if branch == "base":
             return self.base_rank
-        raise ValueError(f"branch must be 'id' or 'base', got {branch!r}.")
+        raise InvalidArgumentError(f"branch must be 'id' or 'base', got {branch!r}.", argument="branch")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

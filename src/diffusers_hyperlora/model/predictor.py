@@ -1,4 +1,9 @@
-"""`HyperLoRAPredictor`: image features -> `HyperLoRAIdentity` -> LoRA weights (docs/math.md)."""
+"""`HyperLoRAPredictor`: image features -> `HyperLoRAIdentity` -> LoRA weights (docs/math.md).
+
+The module is the network only. Files are `diffusers_hyperlora.io`'s: `from_pretrained`, `save_pretrained`,
+`push_to_hub` and `export_lora` below are documented one-line entries into `io` (imported when called, since `io`
+builds predictors and so sits above this module; docs/architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from typing import Any
 
 import torch
 from diffusers.utils import logging
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import (
@@ -29,13 +33,7 @@ from .resampler import IDProjector, PerceiverResampler
 logger = logging.get_logger(__name__)
 
 
-class HyperLoRAPredictor(
-    nn.Module,
-    PyTorchModelHubMixin,
-    library_name="diffusers-hyperlora",
-    tags=["hyperlora", "lora", "text-to-image", "stable-diffusion-xl"],
-    repo_url="https://github.com/diffusers-hyperlora/diffusers-hyperlora",
-):
+class HyperLoRAPredictor(nn.Module):
     """The hypernetwork: projector, Perceiver resampler(s) and basis banks.
 
     Args:
@@ -187,7 +185,8 @@ class HyperLoRAPredictor(
         if not isinstance(identity, HyperLoRAIdentity):
             raise InvalidArgumentTypeError(
                 f"Expected a HyperLoRAIdentity, got {type(identity).__name__}. Predict one with "
-                "`pipe.predict_hyperlora_identity(images)` or load one with `HyperLoRAIdentity.load(path)`."
+                "`pipe.predict_hyperlora_identity(images)` or load one with `HyperLoRAIdentity.load(path)`.",
+                argument="identity",
             )
         identity.check_compatible(
             self.checkpoint_hash, self.probe, shape=(self.config.num_tokens, self.config.num_basis)
@@ -219,7 +218,8 @@ class HyperLoRAPredictor(
             return self.base_bank
         raise InvalidArgumentError(
             f"branch must be 'id' or 'base' (this checkpoint has a Base branch: {self.config.has_base}), "
-            f"got {branch!r}."
+            f"got {branch!r}.",
+            argument="branch",
         )
 
     def split_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
@@ -235,11 +235,14 @@ class HyperLoRAPredictor(
         coefficients = identity.coefficients(branch)
         if coefficients is None:
             raise InvalidArgumentError(
-                f"This identity has no {branch!r} coefficients (it was predicted without Base inputs): use branch='id'."
+                f"This identity has no {branch!r} coefficients (it was predicted without Base inputs): "
+                "use branch='id'.",
+                argument="branch",
             )
         device = self.device if device is None else device
         return self.bank(branch).lora_weights(self.split_coefficients(coefficients.to(device)))
 
+    # ------------------------------------------------------------------ files (diffusers_hyperlora.io does the work)
     def export_lora(
         self,
         identity: HyperLoRAIdentity | Any,
@@ -250,55 +253,15 @@ class HyperLoRAPredictor(
     ) -> dict[str, torch.Tensor]:
         """The identity's (or slider's) LoRA as a standard state dict, and a `.safetensors` file when `path` is given.
 
-        Args:
-            identity: a `HyperLoRAIdentity`, or a `HyperLoRASlider` (exported at rank 2r, ID branch only).
-            path: where to write the file (optional).
-            format: `"kohya"` gives the reference generator's keys (`{json_key}_to_q.lora_down.weight`, ...,
-                `.alpha`), read by ComfyUI, A1111, Forge, kohya sd-scripts and diffusers; `"diffusers"` the layout
-                `pipe.load_lora_weights` reads natively, with alpha in the file's adapter metadata: diffusers only,
-                use kohya for every other tool. Default (`None`): `"kohya"` for UNet checkpoints, `"diffusers"` for
-                transformer ones (SD3, FLUX), which have no kohya layout.
-            branch: `"id"` or `"base"` (checkpoints with a Base branch).
-            dtype: dtype of the stored tensors, a torch dtype or a name (`torch.float16` or `"fp16"` halves
-                the file).
+        Same as `diffusers_hyperlora.io.lora_files.export_lora(predictor, ...)` (which see for the formats).
 
         Example:
-            >>> state_dict = pipe.hyperlora.export_lora(identity, "me.safetensors", format="kohya")  # doctest: +SKIP
+            >>> state_dict = predictor.export_lora(identity, "me.safetensors", format="kohya")  # doctest: +SKIP
         """
-        from ..adapters.sliders import DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, slider_alpha
-        from ..io.lora_files import check_dtype, check_format_for, export_lora_state_dict, save_lora_file
+        from ..io.lora_files import export_lora
 
-        format = check_format_for(self.config, format)
-        dtype = check_dtype(dtype)
-        if branch == "base" and not self.config.has_base:
-            raise InvalidArgumentError(
-                "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "
-                "branch='id'."
-            )
-        if isinstance(identity, HyperLoRASlider):
-            if branch != "id":
-                raise InvalidArgumentError(
-                    f"Sliders are built from the ID branch; export them with branch='id', not {branch!r}."
-                )
-            weights, alpha = identity.lora_weights(self), slider_alpha(self.config)
-            kind, scale = "slider", DEFAULT_SLIDER_WEIGHT
-        elif isinstance(identity, HyperLoRAIdentity):
-            weights, alpha = self.lora_weights(identity, branch), self.config.alpha(branch)
-            kind, scale = "identity", None
-        else:
-            raise InvalidArgumentTypeError(
-                f"export_lora() takes a HyperLoRAIdentity or a HyperLoRASlider, got {type(identity).__name__}. "
-                "Predict one with `pipe.predict_hyperlora_identity(images)` or load it with `HyperLoRAIdentity.load`."
-            )
-        state_dict = export_lora_state_dict(self.config, weights, format, branch, alpha=alpha, dtype=dtype)
-        if path is not None:
-            save_lora_file(
-                state_dict, path, self.config, format, branch, alpha=alpha, kind=kind, recommended_scale=scale
-            )
-        return state_dict
+        return export_lora(self, identity, path, format=format, branch=branch, dtype=dtype)
 
-    # ------------------------------------------------------------------ Hub entry points (io does the file work)
-    # `diffusers_hyperlora.io` builds predictors and imports this module; these two thin entries reach it lazily.
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> HyperLoRAPredictor:
         """Load a predictor from a Hub repo id or a local folder, in the library format or the release's layout.
@@ -308,7 +271,7 @@ class HyperLoRAPredictor(
         Example:
             >>> predictor = HyperLoRAPredictor.from_pretrained("org/hyperlora", revision="v1.0")  # doctest: +SKIP
         """
-        from ..io import load_predictor
+        from ..io.checkpoint import load_predictor
 
         return load_predictor(pretrained_model_name_or_path, **kwargs)
 
@@ -316,32 +279,50 @@ class HyperLoRAPredictor(
         self,
         save_directory: str | os.PathLike,
         *,
-        config: Any = None,
-        repo_id: str | None = None,
-        push_to_hub: bool = False,
-        model_card_kwargs: dict | None = None,
         max_shard_size: int | str | None = None,
+        model_card_kwargs: dict | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
         **push_to_hub_kwargs: Any,
-    ) -> str | None:
+    ) -> Path | str:
         """Write `config.json`, the safetensors weights and a model card `README.md` (docs/hub-format.md).
 
         The files are written as one set: if writing fails midway, those already in `save_directory` are left
         as they were. An existing `README.md` is kept. Weights above `max_shard_size` (default 1 GB) are split
-        into shards. `config` is ignored (the predictor's own config is written);
-        `push_to_hub=True` uploads the folder afterwards, as huggingface_hub's `PyTorchModelHubMixin` does.
+        into shards. The predictor's own config is written (there is no `config=` argument). `push_to_hub=True`
+        then uploads the same files to `repo_id` (default: the folder's name), with `push_to_hub`'s keywords.
+        Returns the folder, or the commit URL when pushing.
+
+        Same as `diffusers_hyperlora.io.checkpoint.save_pretrained` (+ `push_to_hub`).
+
+        Example:
+            >>> predictor.save_pretrained("my-hyperlora")  # doctest: +SKIP
         """
         from ..io.checkpoint import save_pretrained
 
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size, model_card_kwargs=model_card_kwargs)
-        if push_to_hub:
-            repo_id = repo_id or Path(save_directory).name
-            return self.push_to_hub(repo_id, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
-        return None
+        return save_pretrained(
+            self,
+            save_directory,
+            max_shard_size=max_shard_size,
+            model_card_kwargs=model_card_kwargs,
+            push_to_hub=push_to_hub,
+            repo_id=repo_id,
+            **push_to_hub_kwargs,
+        )
 
-    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs) -> str:
-        """`PyTorchModelHubMixin.push_to_hub`, with the repo id in the model card's usage snippet."""
-        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
-        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the predictor in the library format to the Hub repo `repo_id` in one commit (created if needed).
+
+        Same as `diffusers_hyperlora.io.checkpoint.push_predictor_to_hub` (which see for the keywords: `private`,
+        `token`, `branch`, `create_pr`, `commit_message`, `model_card_kwargs`, `max_shard_size`). The model card's
+        usage snippet names `repo_id`.
+
+        Example:
+            >>> predictor.push_to_hub("me/my-hyperlora", private=True)  # doctest: +SKIP
+        """
+        from ..io.checkpoint import push_predictor_to_hub
+
+        return push_predictor_to_hub(self, repo_id, **kwargs)
 
 
 def _resampler(config: HyperLoRAConfig, base: bool) -> PerceiverResampler:

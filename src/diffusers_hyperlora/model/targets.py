@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import TargetMismatchError
+from ..errors import InvalidArgumentError, TargetMismatchError
 
 # (name inside the attention module, kohya suffix, name in the release's bank file, reads the context?)
 ATTENTION_LINEARS: tuple[tuple[str, str, str, bool], ...] = (
@@ -123,12 +123,16 @@ class TargetModule:
             object.__setattr__(self, "module_path", module_path_from_kohya(self.name))
         names = self.linear_names
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
-            raise ValueError(f"TargetModule.linear_names must be a non-empty list of linear names, got {names!r}.")
+            raise InvalidArgumentError(
+                f"TargetModule.linear_names must be a non-empty list of linear names, got {names!r}.",
+                argument="linear_names",
+            )
         unknown = [name for name in names if name not in KNOWN_LINEARS]
         if unknown or len(set(names)) != len(names):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"TargetModule.linear_names of {self.name} must be distinct names among {list(KNOWN_LINEARS)}, "
-                f"got {list(names)!r}."
+                f"got {list(names)!r}.",
+                argument="linear_names",
             )
         object.__setattr__(self, "linear_names", tuple(names))
 

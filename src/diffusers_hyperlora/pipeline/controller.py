@@ -45,6 +45,7 @@ from ..identities.features import FeatureExtractor
 from ..identities.identity import HyperLoRAIdentity
 from ..identities.inputs import resolve_identity
 from ..io.hub import HubOptions
+from ..io.lora_files import export_lora
 from ..model.config import HyperLoRAConfig
 from ..model.predictor import HyperLoRAPredictor
 
@@ -525,11 +526,11 @@ class HyperLoRAController:
         dtype: torch.dtype | str = torch.float32,
     ) -> dict[str, torch.Tensor]:
         """The identity's (or slider's) LoRA as a standard state dict, and a file when `path` is given (written
-        atomically). See `HyperLoRAPredictor.export_lora` for the formats."""
+        atomically). See `diffusers_hyperlora.io.lora_files.export_lora` for the formats."""
         with self.lock:
             loaded = self._require("pipe.hyperlora.export_lora()")
             with self._computing(loaded) as predictor:
-                return predictor.export_lora(identity, path, format=format, branch=branch, dtype=dtype)
+                return export_lora(predictor, identity, path, format=format, branch=branch, dtype=dtype)
 
     # ------------------------------------------------------------------ sliders
     @torch.no_grad()

@@ -69,11 +69,13 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return None
     if not isinstance(dtype, (str, torch.dtype)):
         raise InvalidArgumentTypeError(
-            f"dtype must be a torch dtype or a name like 'fp16', got {type(dtype).__name__} {dtype!r}."
+            f"dtype must be a torch dtype or a name like 'fp16', got {type(dtype).__name__} {dtype!r}.",
+            argument="dtype",
         )
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
         raise InvalidArgumentError(
-            f"dtype must be one of {sorted(_DTYPES)} (or those torch dtypes: floating point only), got {dtype!r}."
+            f"dtype must be one of {sorted(_DTYPES)} (or those torch dtypes: floating point only), got {dtype!r}.",
+            argument="dtype",
         )
     return _DTYPES[key]
