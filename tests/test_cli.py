@@ -123,7 +123,7 @@ def test_mix_blends_people(setup, tmp_path, capsys):
     a, b = HyperLoRAIdentity.load(alice), HyperLoRAIdentity.load(alice_old)
     expected = HyperLoRAIdentity.interpolate(a, b, 0.75)
     torch.testing.assert_close(HyperLoRAIdentity.load(out).id_coefficients, expected.id_coefficients)
-    code, _, _ = _run(["mix", alice, alice_old, "--weights", "1", "3", "--spherical", "-o", out], capsys)
+    code, _, _ = _run(["mix", alice, alice_old, "--weights", "1", "3", "--spherical", "-o", out, "--overwrite"], capsys)
     expected = HyperLoRAIdentity.interpolate(a, b, 0.75, spherical=True)
     assert code == 0
     torch.testing.assert_close(HyperLoRAIdentity.load(out).id_coefficients, expected.id_coefficients)
@@ -151,7 +151,7 @@ def test_errors_are_reported_not_raised(setup, tmp_path, capsys):
     assert code == 1 and "1 identity but 2 --weights" in err, err
 
     code, _, err = _run(["export", alice, "-o", out, "--model", root / "model", "--branch", "base"], capsys)
-    assert code == 1 and "`--branch id`" in err and "branch='id'" not in err, err
+    assert code == 1 and "error: --branch: " in err, err
 
     lora = tmp_path / "lora.safetensors"
     assert _run(["export", alice, "-o", lora, "--model", root / "model"], capsys)[0] == 0

@@ -60,7 +60,8 @@ def test_train_reports_a_missing_feature_cache(tmp_path, capsys):
     (tmp_path / "metadata.jsonl").write_text('{"file": "a.png", "person": "a", "caption": "x"}\n')
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
-    argv = ["train", "--data", str(tmp_path), "--base-model", str(tmp_path / "sdxl"), "--output-dir", str(tmp_path)]
+    argv = ["train", "--data", str(tmp_path), "--base-model", str(tmp_path / "sdxl")]
+    argv += ["--output-dir", str(tmp_path / "run")]
     assert main(argv) == 1
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("diffusers-hyperlora train: error:") and "cache-features" in error

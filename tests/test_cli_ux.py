@@ -30,14 +30,27 @@ def _run(argv, capsys):
     return code, out.out, out.err
 
 
-def test_messages_name_cli_flags_not_python_arguments():
-    message = (
-        "No face models were named (load_hyperlora's `face_analyzer=`, or the checkpoint's `face_models`). Fix: pass "
-        "`face_analyzer=` a folder; pass `image_encoder=` to load_hyperlora; or pass `heads=`."
+def test_errors_name_the_flag_of_their_argument():
+    """`HyperLoRAError.argument` (the Python parameter) -> the flag, by a table; the message itself is not rewritten."""
+    from diffusers_hyperlora.errors import FaceModelsNotFoundError, InvalidArgumentError
+
+    error = FaceModelsNotFoundError("No face models: pass `face_analyzer=` a folder.", argument="face_analyzer")
+    assert cli.error_line("identity", error) == (
+        "diffusers-hyperlora identity: error: --face-models: No face models: pass `face_analyzer=` a folder."
     )
-    worded = cli.cli_wording(message)
-    assert "face_analyzer=" not in worded and "image_encoder=" not in worded and "heads=" not in worded
-    assert worded.count("`--face-models`") == 2 and "`--image-encoder`" in worded and "`--heads`" in worded
+    named = InvalidArgumentError("--weights must be finite", argument="weights")  # the flag is named already
+    assert cli.error_line("mix", named) == "diffusers-hyperlora mix: error: --weights must be finite"
+    plain = InvalidArgumentError("mix: no argument")
+    assert cli.error_line("mix", plain) == "diffusers-hyperlora mix: error: no argument"
+
+
+def test_every_flag_of_the_table_exists():
+    import argparse
+
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [action for parser in commands.choices.values() for action in parser._actions]
+    known = {flag for action in actions for flag in action.option_strings} | {action.metavar for action in actions}
+    assert set(cli.FLAGS.values()) <= known, set(cli.FLAGS.values()) - known
 
 
 def test_missing_face_models_error_suggests_the_flag(saved, tmp_path, capsys, monkeypatch):
@@ -48,7 +61,7 @@ def test_missing_face_models_error_suggests_the_flag(saved, tmp_path, capsys, mo
     Image.new("RGB", (64, 64), "white").save(tmp_path / "me.png")
     argv = ["identity", tmp_path / "me.png", "-o", tmp_path / "me.safetensors", "--model", saved / "model"]
     code, _, err = _run(argv + ["--device", "cpu", "--image-encoder", tmp_path / "clip"], capsys)
-    assert code == 1 and "--face-models" in err and "face_analyzer=" not in err
+    assert code == 1 and "error: --face-models: No face models were named" in err, err
     assert not (tmp_path / "me.safetensors").exists()
 
 
@@ -67,7 +80,7 @@ def _noisy_handler(args):
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_quiet_by_default_verbose_on_request(saved, capsys, monkeypatch, caplog, verbose):
-    monkeypatch.setattr(cli, "_run_mix", _noisy_handler)
+    monkeypatch.setitem(cli.commands.COMMANDS, "mix", _noisy_handler)
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     caplog.set_level(logging.WARNING)
     argv = ["mix", saved / "alice.safetensors", "-o", "x"] + (["--verbose"] if verbose else [])

@@ -216,6 +216,7 @@ def test_cli_hub_flags_reach_the_resolver(hub_cache, tmp_path, capsys):
     identity.save(tmp_path / "me.safetensors")
     out = tmp_path / "lora.safetensors"
     flags = ["--model", "org/hyperlora", "--revision", "v2", "--cache-dir", str(cache), "--local-files-only"]
+    flags += ["--overwrite"]  # the failed calls below write to the same -o
     assert main(["export", str(tmp_path / "me.safetensors"), "-o", str(out), *flags]) == 0
     expected = other.export_lora(identity)
     assert all(torch.allclose(value, expected[key], atol=1e-6) for key, value in load_file(out).items())

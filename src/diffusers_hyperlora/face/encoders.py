@@ -87,14 +87,15 @@ class CLIPImageEncoder:
         try:
             location = resolve_location(path_or_repo, HubOptions.of(hub_options, **hub_kwargs))
             where = location.name
-            folder = location.folder(CLIP_FILES, what="the CLIP image encoder")
+            folder = location.folder(CLIP_FILES, what="its files")  # the message below names the encoder once
             model = CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise FaceModelsNotFoundError(
                 f"Could not load the CLIP image encoder from {where}: {str(error).rstrip('.')}. Expected a local "
                 "folder or Hub repo with a CLIP vision config.json and model.safetensors (e.g. "
                 "'openai/clip-vit-large-patch14'). Fix: download it once online, or pass `image_encoder=` a local "
-                "folder or a ready CLIPVisionModelWithProjection."
+                "folder or a ready CLIPVisionModelWithProjection.",
+                argument="image_encoder",
             ) from error
         return cls(model, _load_processor(folder, model))
 

@@ -361,7 +361,8 @@ def _default_insightface_root() -> FaceAnalyzer:
             f"No face models were named (load_hyperlora's `face_analyzer=`, or the checkpoint's `face_models`) and "
             f"none were found in the insightface root {str(root)!r}. Fix: pass `face_analyzer=` a folder with "
             "AntelopeV2's ONNX files, a Hub repo that holds them, or a FaceAnalysis object; or unpack antelopev2.zip "
-            f"into {root / 'models'}."
+            f"into {root / 'models'}.",
+            argument="face_analyzer",
         ) from error
     return FaceAnalyzer.from_pretrained(root)
 

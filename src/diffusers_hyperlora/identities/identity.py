@@ -400,7 +400,10 @@ class HyperLoRAIdentity:
                     f"{type(predictor).__name__}.",
                     argument="predictor",
                 )
-            identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
+            try:
+                identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
+            except IdentityMismatchError as error:  # name the file: it may be one of several
+                raise IdentityMismatchError(f"{os.fspath(path)}: {error}", argument=error.argument) from None
         return identity
 
     def to(self, device: torch.device | str) -> HyperLoRAIdentity:

@@ -1,0 +1,219 @@
+"""Checks of the command line's arguments that need no model and no heavy import: they answer at once.
+
+Every problem is an `InvalidArgumentError` (or another `HyperLoRAError`) whose `argument` is the argparse
+destination of the flag at fault, so the error line names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Sequence
+
+from ..errors import IdentityNotFoundError, InvalidArgumentError
+from .parser import HUB_OPTIONS, PROG, TINY
+
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+MAX_SEED = 2**32 - 1  # accelerate's set_seed also seeds numpy, whose seeds are 32-bit
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """`1 identity`, `2 identities`, `3 images`."""
+    return f"{count} {singular if count == 1 else (plural_form or singular + 's')}"
+
+
+def given_flags(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """The flags among `names` (argparse destinations) that the command line set."""
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None)]
+
+
+def check_device(name: str | None) -> None:
+    """`cpu`, `cuda` or `cuda:N`: the devices this library runs on (whether CUDA is there is checked on load)."""
+    if name is not None and not DEVICE.match(name):
+        raise InvalidArgumentError(
+            f"--device {name!r} is not a device this command runs on; use cpu, cuda or cuda:N (e.g. cuda:1), or "
+            "leave it out (cuda when available, else cpu).",
+            argument="device",
+        )
+
+
+def check_inputs(paths: Sequence[str], flag: str) -> None:
+    """Every input exists and is a file: a folder or a missing path is named as such."""
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise IdentityNotFoundError(
+            f"{flag}: no such file: {', '.join(missing)}. Pass existing photos or identity files.", argument=flag
+        )
+    folders = [path for path in paths if os.path.isdir(path)]
+    if folders:
+        raise InvalidArgumentError(
+            f"{flag}: {', '.join(folders)} {'is a folder' if len(folders) == 1 else 'are folders'}, not a photo or an "
+            f"identity file. Pass the files in it (e.g. {os.path.join(folders[0], '*.jpg')}).",
+            argument=flag,
+        )
+
+
+def check_identity_files_only(paths: Sequence[str], command: str) -> None:
+    """`export` and `mix` read saved identities, not photos: say which command turns photos into one."""
+    from ..identities.inputs import IDENTITY_FILE_SUFFIX, split_identity_inputs
+
+    photos, _ = split_identity_inputs(paths)
+    if photos:
+        raise InvalidArgumentError(
+            f"{command} takes identity files ({IDENTITY_FILE_SUFFIX}, written by `identity`), not photos: "
+            f"{', '.join(photos)}. Make an identity first: `{PROG} identity PHOTO... -o person{IDENTITY_FILE_SUFFIX} "
+            "--model CHECKPOINT`.",
+            argument="identities",
+        )
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_output_file(path: str, inputs: Sequence[str], overwrite: bool, lora: bool = False) -> None:
+    """`-o`: a `.safetensors` file, not one of the inputs, in an existing folder, new unless `--overwrite`."""
+    from ..identities.inputs import IDENTITY_FILE_SUFFIX
+
+    if not path.lower().endswith(IDENTITY_FILE_SUFFIX):
+        reason = (
+            "LoRA files must end in {suffix} (the format diffusers, ComfyUI and A1111 read)"
+            if lora
+            else "identity files must end in {suffix} (inputs are read as identities by that suffix, anything "
+            "else as a photo)"
+        ).format(suffix=IDENTITY_FILE_SUFFIX)
+        raise InvalidArgumentError(
+            f"-o {path}: {reason}. Pass e.g. -o {os.path.splitext(path)[0]}{IDENTITY_FILE_SUFFIX}.",
+            argument="output",
+        )
+    clash = next((source for source in inputs if _same_file(source, path)), None)
+    if clash is not None:
+        raise InvalidArgumentError(
+            f"-o {path} is also an input of this command ({clash}); it is never overwritten. Pass another -o.",
+            argument="output",
+        )
+    if os.path.isdir(path):
+        raise InvalidArgumentError(f"-o {path} is a folder; pass a file name in it.", argument="output")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InvalidArgumentError(
+            f"-o {path}: the folder {folder} does not exist. Create it first, or pass another -o.", argument="output"
+        )
+    if os.path.exists(path) and not overwrite:
+        raise InvalidArgumentError(
+            f"-o {path} exists already; pass --overwrite to replace it, or another -o.", argument="output"
+        )
+
+
+def check_output_folder(path: str, overwrite: bool, flag: str, argument: str, source: str | None = None) -> None:
+    """An output folder: not a file, not the source, new or empty unless `--overwrite`."""
+    if os.path.isfile(path):
+        raise InvalidArgumentError(f"{flag} {path} is a file, not a folder; pass a new folder.", argument=argument)
+    if source is not None and os.path.isdir(source) and os.path.isdir(path) and os.path.samefile(source, path):
+        raise InvalidArgumentError(
+            f"{flag} {path} is the source checkpoint itself; it is never overwritten. Pass another folder.",
+            argument=argument,
+        )
+    if os.path.isdir(path) and any(os.scandir(path)) and not overwrite:
+        raise InvalidArgumentError(
+            f"{flag} {path} exists and is not empty (its files would be replaced); pass --overwrite to write into "
+            "it anyway, or a new folder.",
+            argument=argument,
+        )
+
+
+def check_tiny_options(args: argparse.Namespace, value: str | None, flag: str, names: Sequence[str]) -> None:
+    """The built-in tiny default is made in code: flags that say where to fetch a checkpoint do not apply."""
+    if value != TINY:
+        return
+    given = given_flags(args, names)
+    if given:
+        raise InvalidArgumentError(
+            f"{', '.join(given)} say where to fetch {flag}, but {flag} {TINY} is built in code (nothing is fetched). "
+            f"Drop them, or pass a checkpoint (a local folder named {TINY}: ./{TINY}).",
+            argument=names[0],
+        )
+
+
+def check_mix_weights(args: argparse.Namespace) -> None:
+    """One weight per identity; `--spherical` blends two (the values themselves are checked by the library)."""
+    if args.spherical and len(args.identities) != 2:
+        raise InvalidArgumentError(
+            f"mix --spherical blends exactly two identities, got {len(args.identities)}; drop --spherical to mix more.",
+            argument="spherical",
+        )
+    if args.weights is not None and len(args.weights) != len(args.identities):
+        raise InvalidArgumentError(
+            f"{plural(len(args.identities), 'identity', 'identities')} but {len(args.weights)} --weights; give one "
+            "weight each.",
+            argument="weights",
+        )
+
+
+def spherical_fraction(weights: Sequence[float]) -> float:
+    """`t = w2 / (w1 + w2)` of `mix --spherical`, scaled first so that huge finite weights do not overflow.
+
+    Non-finite weights give NaN, which `HyperLoRAIdentity.interpolate` refuses as plain `mix` refuses them.
+    """
+    first, second = weights
+    scale = max(abs(first), abs(second))
+    if not math.isfinite(scale):
+        return math.nan
+    if scale == 0:
+        return math.nan
+    first, second = first / scale, second / scale
+    total = first + second
+    if total <= 0:
+        raise InvalidArgumentError(
+            f"--weights must have a positive sum, got {list(weights)}; e.g. --weights 0.5 0.5.", argument="weights"
+        )
+    return second / total
+
+
+def _require(condition: bool, flag: str, value: object, expected: str, argument: str) -> None:
+    if not condition:
+        raise InvalidArgumentError(f"{flag} {value}: must be {expected}.", argument=argument)
+
+
+def check_train_arguments(args: argparse.Namespace) -> None:
+    """The numbers of `train` and its folders, before anything is loaded."""
+    _require(args.steps > 0, "--steps", args.steps, "a positive number of optimizer steps, e.g. 1000", "steps")
+    _require(args.batch_size > 0, "--batch-size", args.batch_size, "a positive number of images", "batch_size")
+    _require(math.isfinite(args.lr) and args.lr > 0, "--lr", args.lr, "a positive, finite learning rate", "lr")
+    dropout = args.caption_dropout
+    _require(0 <= dropout < 1, "--caption-dropout", dropout, "a probability in [0, 1)", "caption_dropout")
+    _require(0 <= args.seed <= MAX_SEED, "--seed", args.seed, f"an integer from 0 to {MAX_SEED} (2**32-1)", "seed")
+    if args.resolution is not None:
+        resolution = args.resolution
+        _require(resolution > 0 and resolution % 8 == 0, "--resolution", resolution, "a positive multiple of 8",
+                 "resolution")  # fmt: skip
+    for flag, name, low in (("--num-basis", "num_basis", 1), ("--rank", "rank", 1), ("--base-rank", "base_rank", 0)):
+        value = getattr(args, name)
+        if value is not None:
+            _require(value >= low, flag, value, f"at least {low}", name)
+    if args.image_embed_dim is not None:
+        _require(args.image_embed_dim > 0, "--image-embed-dim", args.image_embed_dim, "positive", "image_embed_dim")
+    given = given_flags(args, HUB_OPTIONS)
+    if given and not args.init:
+        raise InvalidArgumentError(
+            f"train: {', '.join(given)} apply to --init, the checkpoint to start from, but no --init was given. "
+            "Pass --init CHECKPOINT (Hub repo id or local folder), or drop them to train a new checkpoint.",
+            argument=HUB_OPTIONS[0],
+        )
+    if not os.path.isdir(args.data):
+        kind = "a file" if os.path.isfile(args.data) else "not found"
+        raise InvalidArgumentError(
+            f"--data {args.data}: {kind}; pass the dataset folder that holds metadata.jsonl.", argument="data"
+        )
+    check_output_folder(args.output_dir, args.overwrite, "--output-dir", "output_dir")
+
+
+def check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise InvalidArgumentError(
+            f"--port {port}: must be a port number from 1 to 65535 (e.g. 7860).", argument="port"
+        )

@@ -1,0 +1,422 @@
+"""The subcommands: each checks its arguments (checks.py, no heavy import), then calls the public API.
+
+Only the HyperLoRA predictor (and, for photos, the face models and the CLIP encoder) is loaded, never SDXL, except
+by `train` and `demo`. `--model tiny` is the built-in tiny default (`testing.tiny_checkpoint`), written to a
+temporary folder for the command and removed after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..errors import InvalidArgumentError, TrainingDataError
+from . import checks
+from .parser import HUB_OPTIONS, PROG, TINY
+
+CHECKPOINT_FLAGS = (*HUB_OPTIONS, "heads", "dim_head")
+TINY_RESOLUTION = 32  # the tiny UNet's latents are 4x4 at 32 px: a training step takes well under a second
+DIFFUSERS_FORMAT_NOTE = (
+    "note: a --format diffusers file loads only in diffusers (pipe.load_lora_weights); ComfyUI, A1111, Forge and "
+    "kohya sd-scripts apply nothing from it. Use --format kohya (the default) for every other tool."
+)
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+@contextlib.contextmanager
+def checkpoint_source(value: str) -> Iterator[str]:
+    """The checkpoint to load: `value` itself, or for `tiny` the built-in tiny default in a temporary folder."""
+    if value != TINY:
+        yield value
+        return
+    from ..testing.tiny_checkpoint import TinyCheckpoint
+
+    with TinyCheckpoint() as folder:
+        yield os.fspath(folder)
+
+
+def hub_options(args: argparse.Namespace):
+    from ..io import HubOptions
+
+    return HubOptions(**{name: getattr(args, name) for name in HUB_OPTIONS})
+
+
+def resolve_device(name: str | None):
+    """The torch device of `--device` (already checked by name): cuda when available by default."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(
+            f"--device {name}: this torch installation sees no CUDA GPU (torch {torch.__version__}). Pass "
+            "--device cpu, or install the CUDA build of torch for your machine.",
+            argument="device",
+        )
+    return device
+
+
+def load_predictor(model: str, args: argparse.Namespace):
+    """The checkpoint's predictor on `--device`; on a CPU its small networks in float32."""
+    from ..io import load_predictor as load
+
+    device = resolve_device(args.device)
+    predictor = load(model, hub_options(args), heads=args.heads, dim_head=args.dim_head)
+    if device.type == "cpu":
+        # 16-bit matmuls are slow (or missing) on CPUs: run the small networks in float32; the banks already
+        # accumulate in float32 whatever their storage dtype, so they keep theirs (half the memory).
+        for name, module in predictor.named_children():
+            if not name.endswith("bank") and module is not None:
+                module.float()
+    return predictor.to(device).eval()
+
+
+def feature_extractor(predictor, model: str, args: argparse.Namespace):
+    """The library's face pipeline for the checkpoint (`face.build_feature_extractor`)."""
+    from ..face import build_feature_extractor
+
+    return build_feature_extractor(
+        predictor.config,
+        source=model,
+        image_encoder=args.image_encoder,
+        face_analyzer=args.face_models,
+        hub_options=hub_options(args),
+    )
+
+
+def photo_predictor(predictor, model: str, args: argparse.Namespace) -> Callable[[list[str]], Any]:
+    """`photos -> identity`, building the face pipeline once, on first use."""
+    extractor = functools.cache(lambda: feature_extractor(predictor, model, args))
+
+    def predict(photos: list[str]):
+        features = extractor()(
+            photos, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base
+        )
+        return predictor.predict(
+            id_embeds=features.id_embeds,
+            clip_hidden_states=features.clip_hidden_states,
+            base_clip_hidden_states=features.base_clip_hidden_states,
+            sources=features.sources or [os.path.basename(path) for path in photos],
+        )
+
+    return predict
+
+
+def resolve_identity(inputs: list[str], predict: Callable, predictor):
+    from ..identities.inputs import resolve_identity as resolve
+
+    return resolve(inputs, predict, predictor)
+
+
+def describe(identity) -> str:
+    return checks.plural(identity.num_images, "image") + (
+        f" ({', '.join(identity.sources)})" if identity.sources else ""
+    )
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    checks.check_device(args.device)
+    checks.check_tiny_options(args, args.model, "--model", CHECKPOINT_FLAGS)
+
+
+# ---------------------------------------------------------------------------------------------- subcommands
+def run_identity(args: argparse.Namespace) -> str:
+    _check_model_args(args)
+    checks.check_inputs(args.inputs, "IMAGE")
+    checks.check_output_file(args.output, args.inputs, args.overwrite)
+    with checkpoint_source(args.model) as model:
+        predictor = load_predictor(model, args)
+        identity = resolve_identity(args.inputs, photo_predictor(predictor, model, args), predictor)
+        identity.save(args.output)
+    return f"Saved the identity of {describe(identity)} to {args.output}"
+
+
+def run_export(args: argparse.Namespace) -> str:
+    _check_model_args(args)
+    checks.check_inputs(args.identities, "IDENTITY")
+    checks.check_output_file(args.output, args.identities, args.overwrite, lora=True)
+    checks.check_identity_files_only(args.identities, "export")
+    from ..utils.checks import parse_dtype
+
+    with checkpoint_source(args.model) as model:
+        predictor = load_predictor(model, args)
+        identity = resolve_identity(args.identities, None, predictor)
+        dtype = parse_dtype(args.dtype)
+        predictor.export_lora(identity, args.output, format=args.format, branch=args.branch, dtype=dtype)
+    return f"Saved the {args.branch} LoRA ({args.format} format) of {describe(identity)} to {args.output}"
+
+
+def run_slider(args: argparse.Namespace) -> str:
+    _check_model_args(args)
+    checks.check_inputs(args.neutral, "--neutral")
+    checks.check_inputs(args.edited, "--edited")
+    checks.check_output_file(args.output, [*args.neutral, *args.edited], args.overwrite, lora=True)
+    from ..adapters.sliders import HyperLoRASlider
+    from ..utils.checks import parse_dtype
+
+    with checkpoint_source(args.model) as model:
+        predictor = load_predictor(model, args)
+        predict = photo_predictor(predictor, model, args)
+        slider = HyperLoRASlider(
+            neutral=resolve_identity(args.neutral, predict, predictor),
+            edited=resolve_identity(args.edited, predict, predictor),
+        )
+        predictor.export_lora(slider, args.output, format=args.format, dtype=parse_dtype(args.dtype))
+    return f"Saved the slider LoRA ({args.format} format) to {args.output}"
+
+
+def run_mix(args: argparse.Namespace) -> str:
+    checks.check_inputs(args.identities, "IDENTITY")
+    checks.check_mix_weights(args)
+    checks.check_output_file(args.output, args.identities, args.overwrite)
+    checks.check_identity_files_only(args.identities, "mix")
+    from ..identities.identity import HyperLoRAIdentity
+
+    identities = [HyperLoRAIdentity.load(path) for path in args.identities]
+    weights = args.weights if args.weights is not None else [1.0] * len(identities)
+    if args.spherical:
+        t = checks.spherical_fraction(weights)
+        blend = HyperLoRAIdentity.interpolate(identities[0], identities[1], t, spherical=True)
+    else:
+        blend = HyperLoRAIdentity.mix(identities, weights)
+    blend.save(args.output)
+    return f"Saved the blend of {checks.plural(len(identities), 'identity', 'identities')} to {args.output}"
+
+
+def run_convert(args: argparse.Namespace) -> str:
+    tiny_flags = (*CHECKPOINT_FLAGS, "dtype", "image_encoder", "face_models")
+    checks.check_tiny_options(args, args.src, "SRC", tiny_flags)
+    checks.check_output_folder(args.dst, args.overwrite, "DST", "dst", source=args.src)
+    if args.src == TINY:
+        _write_new_folder(args.dst, _save_tiny)
+        return f"Wrote the built-in tiny default to {args.dst} (use it as --model {args.dst})"
+    from ..io.convert import convert_checkpoint
+    from ..utils.checks import parse_dtype
+
+    convert_checkpoint(
+        args.src,
+        args.dst,
+        hub_options(args),
+        dtype=parse_dtype(args.dtype),
+        heads=args.heads,
+        dim_head=args.dim_head,
+        image_encoder=args.image_encoder,
+        face_models=args.face_models,
+        progress=not args.quiet,
+    )
+    return f"Converted {args.src} to {args.dst}"
+
+
+def _save_tiny(folder: str) -> None:
+    from ..testing.tiny_checkpoint import save_tiny_checkpoint
+
+    save_tiny_checkpoint(folder)
+
+
+def _write_new_folder(path: str, write: Callable[[str], None]) -> None:
+    """Write a folder under a temporary name beside `path`, then move it into place (replacing an old one)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def run_cache_features(args: argparse.Namespace) -> str:
+    _check_model_args(args)
+    if not os.path.isdir(args.data):
+        raise InvalidArgumentError(
+            f"DATA {args.data}: not a folder; pass the dataset folder that holds metadata.jsonl.", argument="data"
+        )
+    from ..training import cache_features
+    from ..training.data import FEATURES_FILE
+
+    output = os.path.join(args.data, FEATURES_FILE)
+    if os.path.exists(output) and not args.overwrite:
+        raise InvalidArgumentError(
+            f"{output} exists already; pass --overwrite to compute the features again.", argument="overwrite"
+        )
+    with checkpoint_source(args.model) as model:
+        predictor = load_predictor(model, args)
+        path = cache_features(
+            args.data,
+            feature_extractor(predictor, model, args),
+            with_base=not args.no_base,  # train's new checkpoints have a Base branch, whatever this checkpoint has
+            device=predictor.device,
+            dtype=predictor.dtype,
+        )
+    return f"Cached features of {args.data} in {path}"
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int):
+    """A new checkpoint for `unet`: the tiny default's sizes on `--base-model tiny`, the paper's otherwise."""
+    from ..model.predictor import HyperLoRAPredictor
+
+    given = {
+        "num_basis": args.num_basis,
+        "id_rank": args.rank,
+        "base_rank": args.base_rank,
+        "image_embed_dim": image_embed_dim,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if args.base_model == TINY:
+        from ..testing.tiny_models import tiny_hyperlora_config
+
+        return HyperLoRAPredictor(tiny_hyperlora_config(unet, **{"base_rank": 4, **given}))
+    from ..model.config import HyperLoRAConfig
+    from ..model.targets import targets_from_unet
+
+    defaults = {"num_basis": 128, "id_rank": 8, "base_rank": 4}
+    return HyperLoRAPredictor(HyperLoRAConfig(targets=targets_from_unet(unet), **{**defaults, **given}))
+
+
+def _data_clip_width(dataset) -> int | None:
+    """The CLIP width of the cached features (`None` when the data has no CLIP features)."""
+    for record in dataset.records:
+        if record.clip_hidden_states is not None:
+            return int(record.clip_hidden_states.shape[-1])
+    return None
+
+
+def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_width: int | None) -> int:
+    """The CLIP width to train with, checked against the data before any model is loaded."""
+    wanted = init_width if init_width is not None else args.image_embed_dim
+    if wanted is not None and data_width is not None and wanted != data_width:
+        source = f"the checkpoint --init {args.init}" if init_width is not None else "--image-embed-dim"
+        raise TrainingDataError(
+            f"train: {source} expects CLIP features {wanted} wide, but {args.data}/features.safetensors holds "
+            f"features {data_width} wide. Cache the features again with the matching CLIP encoder "
+            f"(`cache-features --image-encoder ...`), or pass --image-embed-dim {data_width} for a new checkpoint.",
+            argument="image_embed_dim",
+        )
+    return wanted if wanted is not None else (data_width if data_width is not None else 1024)
+
+
+def _check_feature_cache(args: argparse.Namespace) -> None:
+    from ..training.data import FEATURES_FILE, METADATA_FILE
+
+    data = args.data
+    if os.path.isfile(os.path.join(data, METADATA_FILE)) and not os.path.isfile(os.path.join(data, FEATURES_FILE)):
+        raise TrainingDataError(
+            f"train: {os.path.join(data, FEATURES_FILE)} not found: the face features are cached once before "
+            f"training. Run `{PROG} cache-features {data} --model CHECKPOINT` first.",
+            argument="data",
+        )
+
+
+def _check_base_features(args: argparse.Namespace, dataset, predictor) -> None:
+    """A checkpoint with a Base branch trains on face-blurred features in every stage: the data must hold them."""
+    base_rank = args.base_rank if args.base_rank is not None else 4
+    has_base = predictor.config.has_base if predictor is not None else base_rank > 0
+    if has_base and not dataset.has_features.get("base_clip_hidden_states", False):
+        if predictor is not None:
+            source, fix = f"the checkpoint --init {args.init}", ""
+        else:
+            source = f"a new checkpoint (--base-rank {base_rank})"
+            fix = ", or pass --base-rank 0 for a new checkpoint without a Base branch"
+        raise TrainingDataError(
+            f"train: {source} has a Base branch, which needs the face-blurred (Base) features in every stage, but "
+            f"{args.data}/features.safetensors holds none. Cache them with `{PROG} cache-features {args.data} "
+            f"--model CHECKPOINT` (without --no-base){fix}.",
+            argument="data",
+        )
+
+
+def _base_pipeline(args: argparse.Namespace):
+    if args.base_model == TINY:
+        from ..testing.tiny_models import tiny_sdxl_pipeline
+
+        return tiny_sdxl_pipeline()
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(args.base_model)
+
+
+def run_train(args: argparse.Namespace) -> str:
+    checks.check_train_arguments(args)
+    checks.check_tiny_options(args, args.init, "--init", HUB_OPTIONS)
+    from ..io import load_predictor as load
+    from ..training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
+
+    # Everything cheap is checked first (the flags, the data, the checkpoint's CLIP width); only then SDXL is loaded.
+    _check_feature_cache(args)
+    resolution = args.resolution or (TINY_RESOLUTION if args.base_model == TINY else 1024)
+    dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=resolution)
+    with checkpoint_source(args.init) if args.init else contextlib.nullcontext() as init:
+        predictor = load(init, hub_options(args)) if init else None
+    init_width = predictor.config.image_embed_dim if predictor is not None else None
+    width = _training_clip_width(args, _data_clip_width(dataset), init_width)
+    _check_base_features(args, dataset, predictor)
+
+    pipe = _base_pipeline(args)
+    predictor = predictor if predictor is not None else _new_predictor(pipe.unet, args, width)
+    stages = default_curriculum(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        mixed_precision=args.mixed_precision,
+        cache_latents=args.cache_latents,
+        caption_dropout=args.caption_dropout,
+        seed=args.seed,
+    )
+    stages = [stage for stage in stages if args.stages is None or stage.stage in args.stages]
+    train_curriculum(pipe, predictor, dataset, TrainingConfig(args.output_dir, stages=stages))
+    return f"Trained stages {', '.join(s.stage for s in stages)}; predictors saved under {args.output_dir}"
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def run_demo(args: argparse.Namespace) -> None:
+    checks.check_device(args.device)
+    checks.check_port(args.port)
+    from ..demo import DemoEngine, launch_demo
+
+    if args.checkpoint is None:
+        given = checks.given_flags(args, (*HUB_OPTIONS, "base_model", "image_encoder", "face_models"))
+        if given:
+            raise InvalidArgumentError(
+                f"demo: {', '.join(given)} need a CHECKPOINT; without one the demo runs the built-in tiny default. "
+                "Pass a CHECKPOINT (Hub repo id or local folder), or drop them.",
+                argument="checkpoint",
+            )
+        engine = DemoEngine.tiny_default()
+    else:
+        engine = DemoEngine.from_pretrained(
+            args.checkpoint,
+            hub_options(args),
+            base_model=args.base_model or "stabilityai/stable-diffusion-xl-base-1.0",
+            device=args.device,
+            image_encoder=args.image_encoder,
+            face_models=args.face_models,
+        )
+    page = launch_demo(engine, host=args.host, port=args.port, block=False)
+    print(f"HyperLoRA demo running on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    page.block_thread()
+
+
+def print_format_note(args: argparse.Namespace) -> None:
+    if getattr(args, "format", None) == "diffusers":
+        print(f"{PROG} {args.command}: {DIFFUSERS_FORMAT_NOTE}", file=sys.stderr)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], str | None]] = {
+    "identity": run_identity,
+    "export": run_export,
+    "slider": run_slider,
+    "mix": run_mix,
+    "convert": run_convert,
+    "cache-features": run_cache_features,
+    "train": run_train,
+    "demo": run_demo,
+}
