@@ -4,7 +4,7 @@ The SDXL pipeline, the predictor (with a Base branch) and the dataset (synthetic
 features) are all built in code with random weights; the point is to run every real step of training: frozen
 encoders, predicted LoRA applied differentiably, accelerate loop, checkpoints, `save_pretrained` per stage.
 
-    python examples/train_tiny.py --output-dir runs/tiny --steps 20
+    python examples/train_tiny.py --steps 20                # writes to outputs/train_tiny (ignored by git)
     python examples/train_tiny.py --prediction-type sample   # the loss falls fastest on this tiny task
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_tiny.py --batch-size 1
 
@@ -13,7 +13,7 @@ batch 2 (same seed). Every process prints a digest of its predictor at the end: 
 machine, `accelerate launch --cpu --num_processes 2` starts a single process unless given an MPI hostfile; the
 line above starts two through torchrun with the gloo backend. On GPUs: `accelerate launch --multi_gpu ...`.)
 
-Then load the final predictor like any checkpoint: `pipe.load_hyperlora("runs/tiny/id_full/predictor")`.
+Then load the final predictor like any checkpoint: `pipe.load_hyperlora("outputs/train_tiny/id_full/predictor")`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ from diffusers_hyperlora.training import TrainingConfig, default_curriculum, tin
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/tiny"))
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("outputs/train_tiny"),
+        help="where the stages' predictors, checkpoints and losses go (default: %(default)s, ignored by git)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per stage")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step and process")
     parser.add_argument("--stages", nargs="+", choices=["base", "id_clip", "id_full"], default=None)
@@ -92,6 +97,7 @@ def main() -> None:
         quarter = max(1, len(values) // 4)
         first, last = sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
         print(f"  {stage:8s} {first:.5f} -> {last:.5f}   saved to {args.output_dir / stage / 'predictor'}")
+    print(f"\nEverything this run wrote is under {args.output_dir.resolve()} (delete the folder when done).")
 
 
 if __name__ == "__main__":

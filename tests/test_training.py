@@ -616,7 +616,12 @@ def _denoising_losses(pipe, predictor, data, held_out, lora_source, draws=8):
 
 def test_training_learns_identities(pipe, tmp_path):
     """After training, a held-out image of each person is denoised better with the ID-LoRA predicted from its own
-    features than with the other person's, and than with none (seeded margins: 1% and 10%)."""
+    features than with the other person's, and than with none (seeded margins: 0.5% and 10%).
+
+    The margins come from measurements (8 draws per image): a predictor whose LoRA does not depend on the person
+    (seen in runs where training collapses to one LoRA for everyone) scores other/own 1.0002-1.0007, the noise of
+    this measure; runs that learned identities score 1.03-1.08 here and 1.008 on the dependency floors. 0.5% is
+    above that noise by 7x and below the weakest learned result; none/own is 1.31-1.48 in every run measured."""
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
     with torch.no_grad():  # a near-deterministic VAE posterior (like a trained VAE's), latents at unit scale
         pipe.vae.quant_conv.weight[4:] = 0
@@ -642,5 +647,5 @@ def test_training_learns_identities(pipe, tmp_path):
     own = _denoising_losses(pipe, predictor, data, held_out, lambda i: i)
     other = _denoising_losses(pipe, predictor, data, held_out, lambda i: held_out[1 - held_out.index(i)])
     none = _denoising_losses(pipe, predictor, data, held_out, lambda i: None)
-    assert (own * 1.01 < other).all(), (own, other)
+    assert (own * 1.005 < other).all(), (own, other)
     assert (own * 1.10 < none).all(), (own, none)

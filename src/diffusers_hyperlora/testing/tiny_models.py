@@ -1,7 +1,8 @@
 """A built-in tiny SDXL pipeline and HyperLoRA, built in code: for the demo, the tests and the docs.
 
 Nothing is downloaded. The UNet is the one the `official-tiny` fixture was made for (diffusers' SDXL test
-config); the tokenizers have a byte-level vocabulary written to a temporary folder.
+config); the tokenizers have a byte-level vocabulary, read from files in a temporary folder that is removed again
+(nothing is left in the temp dir).
 """
 
 from __future__ import annotations
@@ -47,10 +48,18 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def tiny_clip_tokenizer(folder: str | Path | None = None):
-    """A `CLIPTokenizer` whose vocabulary is the 256 byte symbols (each alone and word-final) + specials."""
+    """A `CLIPTokenizer` whose vocabulary is the 256 byte symbols (each alone and word-final) + specials.
+
+    Args:
+        folder: where to write `vocab.json` and `merges.txt` (kept). Default: a temporary folder, removed once the
+            tokenizer has read them (the tokenizer holds its vocabulary in memory).
+    """
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="hyperlora-tiny-tokenizer-") as temporary:
+            return tiny_clip_tokenizer(temporary)
     from transformers import CLIPTokenizer
 
-    folder = Path(folder or tempfile.mkdtemp(prefix="hyperlora-tiny-tokenizer-"))
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = list(_bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}

@@ -18,7 +18,6 @@ from .data import (
     TrainingRecord,
     cache_features,
     collate_examples,
-    features_of,
     load_feature_cache,
     read_metadata,
     tiny_training_dataset,
@@ -38,7 +37,9 @@ from .losses import (
 )
 from .module import HyperLoRATrainingModule, hyperlora_unet_prediction
 from .order import EpochSampler, TrainingView, sample_generator
+from .sizes import default_resolution, fresh_predictor_config, predictor_sizes
 from .stages import (
+    STAGE_DEFAULTS,
     STAGES,
     StageConfig,
     TrainingConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "FEATURE_KINDS",
     "FEATURES_FILE",
     "METADATA_FILE",
+    "STAGE_DEFAULTS",
     "STAGES",
     "EncodedBatch",
     "EpochSampler",
@@ -69,17 +71,19 @@ __all__ = [
     "check_stage",
     "collate_examples",
     "default_curriculum",
+    "default_resolution",
     "diffusion_loss",
     "diffusion_target",
     "encode_batch",
-    "features_of",
     "freeze_for_stage",
+    "fresh_predictor_config",
     "hyperlora_unet_prediction",
     "identity_groups",
     "load_feature_cache",
     "lora_denoising_loss",
     "lora_parameters",
     "lora_unet_prediction",
+    "predictor_sizes",
     "prompt_with_trigger",
     "read_metadata",
     "sample_generator",

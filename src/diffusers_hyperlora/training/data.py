@@ -41,8 +41,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import NoFaceDetectedError, TrainingDataError
-from ..identities.features import FeatureExtractor, HyperLoRAFeatures
+from ..errors import HyperLoRAError, NoFaceDetectedError, TrainingDataError
+from ..identities.features import FeatureExtractor
+from ..utils.atomic_files import atomic_path
 
 logger = logging.get_logger(__name__)
 
@@ -73,8 +74,40 @@ class TrainingRecord:
     base_clip_hidden_states: torch.Tensor | None = None
 
 
+def _metadata_lines(path: Path) -> list[tuple[int, str]]:
+    """`(line number, text)` of every line; a line that is not UTF-8 is refused with its number."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TrainingDataError(f"Could not read {path}: {error.strerror or error}.") from error
+    lines = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            raise TrainingDataError(
+                f"{path}, line {number}: not valid UTF-8 (byte {error.start}). Save {path.name} as UTF-8 text."
+            ) from error
+    return lines
+
+
+def _checked_file(path: Path, number: int, root: Path, file: str) -> str:
+    """`file` as written, refused when it names something outside `root` (absolute, or with `..`)."""
+    parts = Path(file.replace("\\", "/")).parts
+    if Path(file).is_absolute() or file.startswith(("/", "\\")) or ".." in parts or Path(file).drive:
+        raise TrainingDataError(
+            f"{path}, line {number}: image {file!r} is outside the dataset folder {root}. Name every image by its "
+            "path relative to the folder of metadata.jsonl (e.g. 'alice/001.jpg'), with no '..' and no absolute path.",
+            argument="file",
+        )
+    if not (root / file).is_file():
+        raise TrainingDataError(f"{path}, line {number}: image {file!r} not found under {root}.", argument="file")
+    return file
+
+
 def read_metadata(root: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of `root/metadata.jsonl`, checked: each has string `file`, `person`, `caption`; files exist."""
+    """The rows of `root/metadata.jsonl`, checked: UTF-8; each row has string `file`, `person`, `caption`; every
+    file exists inside `root` (absolute paths and `..` are refused)."""
     root = Path(root)
     path = root / METADATA_FILE
     if not path.is_file():
@@ -83,7 +116,7 @@ def read_metadata(root: str | os.PathLike) -> list[dict[str, str]]:
             '{"file": "alice/001.jpg", "person": "alice", "caption": "a photo of ..."}.'
         )
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in _metadata_lines(path):
         if not line.strip():
             continue
         try:
@@ -94,10 +127,9 @@ def read_metadata(root: str | os.PathLike) -> list[dict[str, str]]:
             raise TrainingDataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
         for key in ("file", "person", "caption"):
             if not isinstance(row.get(key), str) or (key != "caption" and not row[key]):
-                raise TrainingDataError(f"{path}, line {number}: missing or non-string {key!r}.")
-        if not (root / row["file"]).is_file():
-            raise TrainingDataError(f"{path}, line {number}: image {row['file']!r} not found under {root}.")
-        rows.append({"file": row["file"], "person": row["person"], "caption": row["caption"]})
+                raise TrainingDataError(f"{path}, line {number}: missing or non-string {key!r}.", argument=key)
+        file = _checked_file(path, number, root, row["file"])
+        rows.append({"file": file, "person": row["person"], "caption": row["caption"]})
     if not rows:
         raise TrainingDataError(f"{path} lists no images.")
     files = [r["file"] for r in rows]
@@ -159,18 +191,41 @@ def cache_features(
     if not tensors:
         raise TrainingDataError(f"No face was found in any image of {root}: nothing to train on.")
     output = Path(output) if output is not None else root / FEATURES_FILE
-    save_file(tensors, str(output), metadata={"format": FEATURES_FORMAT, "skipped": json.dumps(skipped)})
+    metadata = {"format": FEATURES_FORMAT, "skipped": json.dumps(skipped)}
+    _write_feature_cache(tensors, output, metadata)
     return output
 
 
+def _write_feature_cache(tensors: dict[str, torch.Tensor], output: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary name next to `output`, then rename: a failed write (full or read-only disk) leaves
+    `output` as it was, no temporary file, and raises `HyperLoRAWriteError` naming `output` (`atomic_path`)."""
+    with atomic_path(output) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+
+
 def load_feature_cache(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """`{file: {kind: tensor}}` from a file written by `cache_features`."""
+    """`{file: {kind: tensor}}` from a file written by `cache_features`, checked: readable, every tensor finite,
+    and every kind one width and one token count across the cache."""
     path = Path(path)
     if not path.is_file():
         raise TrainingDataError(
             f"Feature cache {path} not found. Compute it once with "
             "`diffusers_hyperlora.training.cache_features(root, extractor)`."
         )
+    try:
+        result = _read_feature_cache(path)
+    except HyperLoRAError:
+        raise
+    except Exception as error:  # safetensors' own error type (truncated or damaged file), OSError
+        raise TrainingDataError(
+            f"Could not read the feature cache {path}: {error}. The file is damaged or incomplete (an interrupted "
+            "copy or write?); delete it and compute it again with `cache_features(root, extractor)`."
+        ) from error
+    _check_feature_shapes({file: entry for file, entry in result.items()}, str(path))
+    return result
+
+
+def _read_feature_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     result: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as handle:
         if (handle.metadata() or {}).get("format") != FEATURES_FORMAT:
@@ -179,8 +234,38 @@ def load_feature_cache(path: str | os.PathLike) -> dict[str, dict[str, torch.Ten
             file, _, kind = key.rpartition("::")
             if kind not in FEATURE_KINDS:
                 raise TrainingDataError(f"{path}: unexpected key {key!r}.")
-            result.setdefault(file, {})[kind] = handle.get_tensor(key)
+            tensor = handle.get_tensor(key)
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise TrainingDataError(
+                    f"{path}: the {kind} of {file!r} hold NaN or infinite values (or are not floating point). "
+                    "Compute the cache again (`cache_features`); if it recurs, leave that image out."
+                )
+            result.setdefault(file, {})[kind] = tensor
     return result
+
+
+def _check_feature_shapes(entries: dict[Any, dict[str, Any]], source: str) -> None:
+    """Every kind has one shape across the images (`[512]`-like vectors, `[T, E]` hidden states)."""
+    for kind in FEATURE_KINDS:
+        shapes: dict[tuple[int, ...], Any] = {}
+        for name, entry in entries.items():
+            value = entry.get(kind)
+            if value is not None:
+                shapes.setdefault(tuple(torch.as_tensor(value).shape), name)
+        expected_dims = 1 if kind == "id_embeds" else 2
+        for shape, name in shapes.items():
+            if len(shape) != expected_dims:
+                raise TrainingDataError(
+                    f"{source}: the {kind} of {name!r} have shape {list(shape)}; expected {expected_dims} dimension(s) "
+                    f"({'[512]' if expected_dims == 1 else '[tokens, width]'}) per image."
+                )
+        if len(shapes) > 1:
+            (first, a), (second, b) = list(shapes.items())[:2]
+            raise TrainingDataError(
+                f"{source}: the {kind} differ in shape between images ({a!r}: {list(first)}, {b!r}: {list(second)}); "
+                "every image needs features of one CLIP encoder and one token count. Compute them all with one "
+                "extractor (`cache_features`)."
+            )
 
 
 def _square_crop(pixels: np.ndarray, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -202,8 +287,9 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
 
     Args:
         records: the images (`TrainingRecord`), each with the features of that one image.
-        resolution: square training size in pixels (SDXL: 1024; must be a multiple of the VAE's factor).
-        num_references: default number of reference images per sample (see `with_references`).
+        resolution: square training size in pixels; `None` (default): the base model's native size
+            (`default_resolution(pipe)`: 1024 for SDXL), filled in by `train_stage`.
+        num_references: default number of reference images per sample (`item`).
 
     Example:
         >>> from diffusers_hyperlora.training import tiny_training_dataset
@@ -213,11 +299,19 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
         (torch.Size([3, 32, 32]), 1, 'person-0')
     """
 
-    def __init__(self, records: Sequence[TrainingRecord], resolution: int = 1024, num_references: int = 1) -> None:
+    def __init__(
+        self, records: Sequence[TrainingRecord], resolution: int | None = None, num_references: int = 1
+    ) -> None:
         if not records:
             raise TrainingDataError("A training dataset needs at least one record.")
-        if resolution <= 0 or num_references <= 0:
-            raise TrainingDataError("resolution and num_references must be positive.")
+        if resolution is not None and not _positive_int(resolution):
+            raise TrainingDataError(
+                f"resolution must be a positive integer, got {resolution!r}.", argument="resolution"
+            )
+        if not _positive_int(num_references):
+            raise TrainingDataError(
+                f"num_references must be a positive integer, got {num_references!r}.", argument="num_references"
+            )
         self.records = list(records)
         self.resolution = resolution
         self.num_references = num_references
@@ -225,6 +319,7 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
             present = [getattr(r, kind) is not None for r in self.records]
             if any(present) and not all(present):
                 raise TrainingDataError(f"Some records have {kind} and others not: give it for every image or none.")
+        _check_records(self.records)
         self.by_person: dict[str, list[int]] = {}
         for index, record in enumerate(self.records):
             self.by_person.setdefault(record.person, []).append(index)
@@ -234,7 +329,7 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
         cls,
         root: str | os.PathLike,
         features: str | os.PathLike | None = None,
-        resolution: int = 1024,
+        resolution: int | None = None,
         num_references: int = 1,
     ) -> HyperLoRATrainingDataset:
         """A dataset folder (`metadata.jsonl` + images) with its feature cache (default `root/features.safetensors`).
@@ -299,6 +394,12 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
             "reference_key": tuple(sorted(refs)),
         }
         if with_pixels:
+            if self.resolution is None:
+                raise TrainingDataError(
+                    "This dataset has no resolution yet: pass `resolution=` (e.g. 1024 for SDXL), or let `train_stage` "
+                    "set the base model's native size.",
+                    argument="resolution",
+                )
             pixels = _load_pixels(record.image, index)
             item["pixel_values"], item["crop_top_left"] = _square_crop(pixels, self.resolution)
             item["original_size"] = (pixels.shape[0], pixels.shape[1])
@@ -310,20 +411,58 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.item(index)
 
-    def with_references(self, num_references: int) -> torch.utils.data.Dataset:
-        """A view whose items use `num_references` reference images each."""
-        return _ReferenceView(self, num_references)
+    def check_images(self) -> None:
+        """Open every image file and check that it decodes (`TrainingDataError` naming the first that does not).
+
+        `train_stage` calls this before it changes anything, so an unreadable image stops a run at its start.
+        """
+        for index, record in enumerate(self.records):
+            if isinstance(record.image, (str, os.PathLike)):
+                _verified(Path(record.image), index)
+
+    def feature_widths(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one image's features of each kind the records carry (e.g. `{"id_embeds": (512,)}`)."""
+        first = self.records[0]
+        return {
+            kind: tuple(torch.as_tensor(getattr(first, kind)).shape)
+            for kind in FEATURE_KINDS
+            if getattr(first, kind) is not None
+        }
 
 
-class _ReferenceView(torch.utils.data.Dataset):
-    def __init__(self, dataset: HyperLoRATrainingDataset, num_references: int) -> None:
-        self.dataset, self.num_references = dataset, num_references
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
-    def __len__(self) -> int:
-        return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.dataset.item(index, self.num_references)
+def _check_records(records: list[TrainingRecord]) -> None:
+    """Finite features of one shape per kind (a NaN would train to NaN; mixed shapes cannot be batched)."""
+    for index, record in enumerate(records):
+        for kind in FEATURE_KINDS:
+            value = getattr(record, kind)
+            if value is None:
+                continue
+            tensor = torch.as_tensor(value)
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                where = record.image if isinstance(record.image, (str, Path)) else "in memory"
+                raise TrainingDataError(
+                    f"Training record {index} ({where}): its {kind} hold NaN or infinite values (or are not "
+                    "floating point). Compute its features again, or leave the image out.",
+                    argument=kind,
+                )
+    _check_feature_shapes({index: vars(record) for index, record in enumerate(records)}, "training records")
+
+
+def _verified(path: Path, index: int) -> None:
+    if not path.is_file():
+        raise TrainingDataError(f"training image {index}: file {path} not found.")
+    try:
+        with Image.open(path) as opened:
+            opened.verify()
+    except Exception as error:  # PIL raises many types for a damaged or foreign file
+        raise TrainingDataError(
+            f"training image {index}: {path} is not a readable image ({type(error).__name__}: {error}). Replace or "
+            "remove it (and its line in metadata.jsonl), then cache the features again."
+        ) from error
 
 
 def _load_pixels(image: Any, index: int) -> np.ndarray:
@@ -335,8 +474,16 @@ def _load_pixels(image: Any, index: int) -> np.ndarray:
         path = Path(image)
         if not path.is_file():
             raise TrainingDataError(f"{name}: file {path} not found.")
-        with Image.open(path) as opened:
-            return pil_to_rgb(opened, name)
+        try:
+            with Image.open(path) as opened:
+                return pil_to_rgb(opened, name)
+        except HyperLoRAError:
+            raise
+        except Exception as error:  # PIL raises many types for a damaged or foreign file
+            raise TrainingDataError(
+                f"{name}: {path} could not be read as an image ({type(error).__name__}: {error}). Replace or remove "
+                "it (and its line in metadata.jsonl)."
+            ) from error
     if isinstance(image, Image.Image):
         return pil_to_rgb(image, name)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
@@ -416,14 +563,3 @@ def tiny_training_dataset(
                 )
             )
     return HyperLoRATrainingDataset(records, resolution=resolution)
-
-
-def features_of(record: TrainingRecord) -> HyperLoRAFeatures:
-    """A record's features as `HyperLoRAFeatures` (batch of one), e.g. to predict its identity after training."""
-    return HyperLoRAFeatures(
-        id_embeds=None if record.id_embeds is None else record.id_embeds[None],
-        clip_hidden_states=None if record.clip_hidden_states is None else record.clip_hidden_states[None],
-        base_clip_hidden_states=(
-            None if record.base_clip_hidden_states is None else record.base_clip_hidden_states[None]
-        ),
-    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import torch
 from diffusers.utils import logging
 
 from ..adapters.peft_adapters import HyperLoRAAdapters, set_active_adapters
-from ..errors import TrainingConfigError, TrainingDataError
+from ..errors import HyperLoRAError, HyperLoRAWriteError, NonFiniteValueError, TrainingConfigError, TrainingDataError
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_path
 from .conditioning import FrozenEncoders
@@ -25,7 +26,16 @@ from .data import collate_examples
 from .losses import diffusion_target, identity_groups, lora_denoising_loss
 from .module import HyperLoRATrainingModule
 from .order import EpochSampler, TrainingView, sample_generator
-from .stages import STAGES, StageConfig, TrainingConfig, check_stage, freeze_for_stage, zero_id_attention
+from .sizes import default_resolution
+from .stages import (
+    STAGES,
+    StageConfig,
+    TrainingConfig,
+    check_stage,
+    freeze_for_stage,
+    trainable_parameter_names,
+    zero_id_attention,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -34,6 +44,11 @@ BASE_ADAPTER = "hyperlora_train_base"
 PREDICTOR_FOLDER = "predictor"
 CHECKPOINTS_FOLDER = "checkpoints"
 LOSSES_FILE = "losses.jsonl"
+STAGE_CONFIG_FILE = "stage_config.json"
+TRAINING_CONFIG_FILE = "training_config.json"
+CHECKPOINT_MARKER = "hyperlora_checkpoint.json"
+CHECKPOINT_FORMAT = "diffusers-hyperlora-training-checkpoint"
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")  # accelerate's save_state names
 
 
 @dataclass
@@ -70,12 +85,77 @@ def _check_dataset(dataset: Any, predictor: HyperLoRAPredictor, stage: str) -> N
             f"Stage {stage!r} with this predictor needs {', '.join(missing)} for every image; the dataset has none. "
             "Cache them with `cache_features(root, extractor, with_base=True)`."
         )
+    widths = getattr(dataset, "feature_widths", None)
+    if widths is not None:
+        _check_widths(widths(), predictor)
+    check_images = getattr(dataset, "check_images", None)
+    if check_images is not None:
+        check_images()
+
+
+def _check_widths(shapes: dict[str, tuple[int, ...]], predictor: HyperLoRAPredictor) -> None:
+    """The features' last dimension is the width the predictor reads (CLIP: `image_embed_dim`, ArcFace: 512)."""
+    config = predictor.config
+    expected = {
+        "id_embeds": config.id_embed_dim,
+        "clip_hidden_states": config.image_embed_dim,
+        "base_clip_hidden_states": config.image_embed_dim,
+    }
+    for kind, shape in shapes.items():
+        if shape and shape[-1] != expected[kind]:
+            raise TrainingDataError(
+                f"The dataset's {kind} are {shape[-1]} wide, but this predictor reads {expected[kind]}-wide features "
+                f"({'image_embed_dim' if kind != 'id_embeds' else 'id_embed_dim'}). Cache the features with the "
+                "predictor's own CLIP encoder (`cache_features`), or build the predictor for these features "
+                f"(`HyperLoRAConfig(image_embed_dim={shape[-1]}, ...)`).",
+                argument=kind,
+            )
+
+
+def _check_pipeline(pipe: Any) -> None:
+    hyperlora = getattr(pipe, "hyperlora", None)
+    if hyperlora is not None and hyperlora.is_loaded:
+        raise TrainingConfigError(
+            "This pipeline has a HyperLoRA loaded; call `pipe.unload_hyperlora()` before training on it.",
+            argument="pipe",
+        )
+    if getattr(pipe.unet, "peft_config", None):
+        raise TrainingConfigError(
+            f"The UNet already carries adapters {sorted(pipe.unet.peft_config)}; fuse them (`pipe.fuse_lora()` then "
+            "`pipe.unload_lora_weights()`) or delete them before training HyperLoRA on it.",
+            argument="pipe",
+        )
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Create the stage folder and write (then remove) a probe file in it, before anything else changes."""
+    probe = output_dir / f".write-probe.{os.getpid()}.tmp"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise _write_error(output_dir, error, "the output folder") from error
+
+
+def _write_error(path: Path, error: BaseException, what: str) -> HyperLoRAWriteError:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return HyperLoRAWriteError(
+        getattr(error, "errno", None) or errno.EIO,
+        f"Could not write {what} {str(path)!r}: {reason}. The predictor and earlier runs' files were left as they "
+        "were; choose a writable folder with free space (output_dir) and run again.",
+        str(path),
+    )
 
 
 def _checkpoint_step(path: Path) -> int:
     match = re.fullmatch(r"step-(\d+)", path.name)
     if match is None:
-        raise TrainingConfigError(f"{path} is not a checkpoint folder written by train_stage (step-N).")
+        raise TrainingConfigError(
+            f"resume_from_checkpoint {path} is not a checkpoint folder written by train_stage: those are named "
+            "step-N, under <output_dir>/checkpoints. Pass one of them, or 'latest'.",
+            argument="resume_from_checkpoint",
+        )
     return int(match.group(1))
 
 
@@ -83,15 +163,88 @@ def _resolve_resume(config: StageConfig, output_dir: Path) -> Path | None:
     if config.resume_from_checkpoint is None:
         return None
     if config.resume_from_checkpoint == "latest":
-        folders = [p for p in (output_dir / CHECKPOINTS_FOLDER).glob("step-*") if p.is_dir()]
+        found = [p for p in (output_dir / CHECKPOINTS_FOLDER).glob("step-*") if p.is_dir()]
+        folders = [p for p in found if re.fullmatch(r"step-\d+", p.name)]
         if not folders:
             logger.warning(f"No checkpoint under {output_dir / CHECKPOINTS_FOLDER}; starting the stage from scratch.")
             return None
         return max(folders, key=_checkpoint_step)
     path = Path(config.resume_from_checkpoint)
     if not path.is_dir():
-        raise TrainingConfigError(f"resume_from_checkpoint {path} is not a folder.")
+        raise TrainingConfigError(f"resume_from_checkpoint {path} is not a folder.", argument="resume_from_checkpoint")
     return path
+
+
+def _resume_error(folder: Path, problem: str) -> TrainingConfigError:
+    return TrainingConfigError(
+        f"Cannot resume from {folder}: {problem}. Nothing was changed. Resume from another checkpoint "
+        "(resume_from_checkpoint), or start the stage anew without it.",
+        argument="resume_from_checkpoint",
+    )
+
+
+def _verify_checkpoint(folder: Path, predictor: HyperLoRAPredictor, stage: str) -> None:
+    """A complete checkpoint of this stage and architecture: every file present and readable, weights of the
+    predictor's names and shapes, optimizer state for exactly the stage's parameters. Reads, changes nothing."""
+    _checkpoint_step(folder)
+    marker = _read_marker(folder)
+    if marker.get("stage") != stage:
+        raise _resume_error(folder, f"it is a checkpoint of stage {marker.get('stage')!r}, not of stage {stage!r}")
+    for name in CHECKPOINT_FILES:
+        if not (folder / name).is_file():
+            raise _resume_error(folder, f"{name} is missing (an incomplete or edited checkpoint)")
+    _verify_weights(folder / "model.safetensors", predictor)
+    optimizer = _load_plain(folder / "optimizer.bin")
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise _resume_error(folder, "optimizer.bin holds no optimizer state")
+    count = sum(len(g["params"]) for g in groups)
+    expected = len(trainable_parameter_names(predictor, stage))
+    if count != expected:
+        raise _resume_error(
+            folder, f"optimizer.bin is for {count} trained tensors, stage {stage!r} of this predictor trains {expected}"
+        )
+    if not isinstance(_load_plain(folder / "scheduler.bin"), dict):
+        raise _resume_error(folder, "scheduler.bin holds no learning-rate scheduler state")
+
+
+def _read_marker(folder: Path) -> dict[str, Any]:
+    path = folder / CHECKPOINT_MARKER
+    if not path.is_file():
+        raise _resume_error(folder, f"it has no {CHECKPOINT_MARKER}, so it was not written by train_stage")
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise _resume_error(folder, f"{CHECKPOINT_MARKER} is unreadable ({error})") from error
+    if not isinstance(marker, dict) or marker.get("format") != CHECKPOINT_FORMAT:
+        raise _resume_error(folder, f"{CHECKPOINT_MARKER} is not a train_stage checkpoint description")
+    return marker
+
+
+def _verify_weights(path: Path, predictor: HyperLoRAPredictor) -> None:
+    from safetensors import safe_open
+
+    expected = {f"predictor.{name}": tuple(value.shape) for name, value in predictor.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors' own error type: a truncated or damaged file
+        raise _resume_error(path.parent, f"{path.name} is damaged or incomplete ({error})") from error
+    if found != expected:
+        differing = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        raise _resume_error(
+            path.parent,
+            f"{path.name} holds a predictor of another architecture (first difference: {differing[0]!r}); resume "
+            "with the predictor (HyperLoRAConfig) the checkpoint was trained with",
+        )
+
+
+def _load_plain(path: Path) -> Any:
+    """`torch.load` with `weights_only=True`: tensors and plain containers only, never arbitrary pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, a truncated zip, ... : not a state this loop wrote
+        raise _resume_error(path.parent, f"{path.name} is damaged or not a train_stage state ({error})") from error
 
 
 def _make_accelerator(config: StageConfig):
@@ -116,15 +269,7 @@ def _make_accelerator(config: StageConfig):
 def training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageConfig):
     """Register the training adapters on the UNet, activate them for the stage, remove them afterwards."""
     unet = pipe.unet
-    if pipe.hyperlora.is_loaded:
-        raise TrainingConfigError(
-            "This pipeline has a HyperLoRA loaded; call `pipe.unload_hyperlora()` before training on it."
-        )
-    if getattr(unet, "peft_config", None):
-        raise TrainingConfigError(
-            f"The UNet already carries adapters {sorted(unet.peft_config)}; fuse them (`pipe.fuse_lora()` then "
-            "`pipe.unload_lora_weights()`) or delete them before training HyperLoRA on it."
-        )
+    _check_pipeline(pipe)
     with warnings.catch_warnings():
         # PEFT warns when a model gets its second adapter; ID + Base are two adapters by design.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -193,36 +338,103 @@ def train_stage(
     Returns:
         The trained predictor (the same object), in eval mode with gradients off.
 
+    The stage is transactional: the config, the data (every image decodable, features finite, of the predictor's
+    widths), the pipeline, the output folder (writable) and the checkpoint to resume (complete, of this stage and
+    architecture) are checked before anything changes. If the stage fails (an error, a non-finite loss, a failed
+    write, Ctrl-C), the predictor is put back as it was, the checkpoints written so far stay, and the stage folder's
+    `predictor/`, `losses.jsonl` and `stage_config.json` (written only at the end) keep an earlier run's files.
+
+    Raises:
+        TrainingConfigError: a config field, the stage, the pipeline or the checkpoint to resume is not usable.
+        TrainingDataError: the dataset is empty, misses features, has features of other widths or unreadable images.
+        HyperLoRAWriteError: the output folder, a checkpoint or the predictor could not be written.
+        NonFiniteValueError: the loss became NaN or infinite (learning rate too high, fp16 overflow).
+
     Example:
         >>> from diffusers_hyperlora.testing.tiny_models import tiny_sdxl_pipeline, tiny_hyperlora_predictor
         >>> from diffusers_hyperlora.training import StageConfig, tiny_training_dataset, train_stage
         >>> pipe = tiny_sdxl_pipeline()
         >>> predictor = tiny_hyperlora_predictor(pipe.unet, base_rank=4)
-        >>> config = StageConfig("base", steps=2, output_dir="runs/tiny/base", show_progress=False)
+        >>> config = StageConfig("base", steps=2, output_dir="outputs/tiny/base", show_progress=False)
         >>> predictor = train_stage(pipe, predictor, tiny_training_dataset(), config)  # doctest: +SKIP
     """
-    output_dir = _check_inputs(predictor, dataset, config)
-    accelerator = _make_accelerator(config)
-    weight_dtype = _freeze_pipeline(pipe, accelerator)
-    resume = _resolve_resume(config, output_dir)
-    _prepare_predictor(predictor, config, accelerator.device, resumed=resume is not None)
-    with training_adapters(pipe, predictor, config) as adapter_names, _checkpointing(pipe.unet, config):
-        run = _build_run(pipe, predictor, dataset, config, accelerator, weight_dtype, adapter_names, output_dir)
-        if resume is not None:
-            _load_checkpoint(run, resume)
-        if accelerator.is_main_process:
-            config.save(output_dir / "stage_config.json")
-        _train_steps(run, callback)
-    return _finish(run, predictor)
+    output_dir, resume = _check_inputs(pipe, predictor, dataset, config)
+    saved = _Saved.of(
+        predictor, dataset, None if resume is not None else trainable_parameter_names(predictor, config.stage)
+    )
+    try:
+        accelerator = _make_accelerator(config)
+        if getattr(dataset, "resolution", 0) is None:
+            dataset.resolution = default_resolution(pipe)
+        weight_dtype = _freeze_pipeline(pipe, accelerator)
+        _prepare_predictor(predictor, config, accelerator.device, resumed=resume is not None)
+        with training_adapters(pipe, predictor, config) as adapter_names, _checkpointing(pipe.unet, config):
+            run = _build_run(pipe, predictor, dataset, config, accelerator, weight_dtype, adapter_names, output_dir)
+            if resume is not None:
+                _load_checkpoint(run, resume)
+            _train_steps(run, callback)
+        return _finish(run, predictor)
+    except BaseException:
+        saved.restore(predictor, dataset)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- setting up
-def _check_inputs(predictor: HyperLoRAPredictor, dataset: Any, config: StageConfig) -> Path:
+def _check_inputs(pipe: Any, predictor: HyperLoRAPredictor, dataset: Any, config: StageConfig):
+    """Everything a stage needs, checked before anything changes: `(output_dir, checkpoint to resume or None)`."""
+    if not isinstance(config, StageConfig):
+        raise TrainingConfigError(f"config must be a StageConfig, got {type(config).__name__}.", argument="config")
+    config.validate()
     check_stage(predictor, config.stage)
-    _check_dataset(dataset, predictor, config.stage)
     if config.output_dir is None:
-        raise TrainingConfigError("StageConfig.output_dir is not set (TrainingConfig fills it in per stage).")
-    return Path(config.output_dir)
+        raise TrainingConfigError(
+            "StageConfig.output_dir is not set (TrainingConfig fills it in per stage).", argument="output_dir"
+        )
+    _check_pipeline(pipe)
+    _check_dataset(dataset, predictor, config.stage)
+    output_dir = Path(config.output_dir)
+    resume = _resolve_resume(config, output_dir)
+    if resume is not None:
+        _verify_checkpoint(resume, predictor, config.stage)
+    _check_writable(output_dir)
+    return output_dir, resume
+
+
+@dataclass
+class _Saved:
+    """What a failed stage puts back: the weights the stage may change (a CPU copy of its trainable parameters;
+    of every weight when it resumes a checkpoint), the predictor's device, dtype, trainable flags and mode, and a
+    dataset resolution the stage filled in."""
+
+    state: dict[str, torch.Tensor]
+    requires_grad: dict[str, bool]
+    training: bool
+    device: torch.device
+    dtype: torch.dtype
+    resolution: Any
+
+    @classmethod
+    def of(cls, predictor: HyperLoRAPredictor, dataset: Any, names: list[str] | None) -> _Saved:
+        state = predictor.state_dict()
+        kept = state if names is None else {name: state[name] for name in names}
+        return cls(
+            state={name: value.detach().to("cpu", copy=True) for name, value in kept.items()},
+            requires_grad={name: p.requires_grad for name, p in predictor.named_parameters()},
+            training=predictor.training,
+            device=predictor.device,
+            dtype=predictor.dtype,
+            resolution=getattr(dataset, "resolution", 0),
+        )
+
+    def restore(self, predictor: HyperLoRAPredictor, dataset: Any) -> None:
+        with torch.no_grad():
+            predictor.to(device=self.device, dtype=self.dtype)
+            predictor.load_state_dict(self.state, strict=False)
+        for name, param in predictor.named_parameters():
+            param.requires_grad_(self.requires_grad[name])
+        predictor.train(self.training)
+        if self.resolution is None:
+            dataset.resolution = None
 
 
 def _freeze_pipeline(pipe: Any, accelerator: Any) -> torch.dtype:
@@ -336,13 +548,33 @@ def _micro_step(run: _Run, epoch: int, batch: dict[str, Any]) -> torch.Tensor:
             groups = identity_groups(batch["reference_key"])
             args = (run.unet, factors, groups, noisy.noisy_latents, noisy.timesteps, noisy.encoded, target)
             loss = lora_denoising_loss(*args)
+        gathered = accelerator.gather(loss.detach())
+        if not torch.isfinite(gathered).all():
+            raise _non_finite_loss(run, gathered)
         accelerator.backward(loss)
         if accelerator.sync_gradients and run.config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return accelerator.gather(loss.detach()).mean()
+    return gathered.mean()
+
+
+def _non_finite_loss(run: _Run, losses: torch.Tensor) -> NonFiniteValueError:
+    step = run.global_step + 1
+    latest = _latest_checkpoint(run.output_dir)
+    kept = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
+    return NonFiniteValueError(
+        f"Stage {run.config.stage!r}, step {step}: the loss is {losses.tolist()} (not finite), so the stage stopped "
+        f"before updating the predictor with it. The predictor was put back as it was before the stage; {kept}. "
+        "Lower learning_rate, use mixed_precision='bf16' or 'no' instead of 'fp16', and check the data.",
+        argument="learning_rate",
+    )
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    folders = [p for p in (output_dir / CHECKPOINTS_FOLDER).glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+    return max(folders, key=_checkpoint_step) if folders else None
 
 
 def _train_steps(run: _Run, callback: Callable[[StepLog], None] | None) -> None:
@@ -388,15 +620,23 @@ def _record(run: _Run, log: StepLog, progress: Any, callback: Callable[[StepLog]
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _write_losses(run: _Run) -> None:
-    """`losses.jsonl`: every step so far (written whole, atomically, at checkpoints and at the end)."""
-    with atomic_path(run.output_dir / LOSSES_FILE) as temporary:
+def _write_losses(run: _Run, folder: Path) -> None:
+    """`losses.jsonl`: every step so far, written whole and atomically."""
+    with atomic_path(folder / LOSSES_FILE) as temporary:
         temporary.write_text("".join(json.dumps(line) + "\n" for line in run.losses))
+
+
+def _write_marker(run: _Run, folder: Path) -> None:
+    """What a resume checks: that the folder is a train_stage checkpoint, and of which stage and step."""
+    marker = {"format": CHECKPOINT_FORMAT, "stage": run.config.stage, "step": run.global_step}
+    (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2))
+    run.config.save(folder / STAGE_CONFIG_FILE)
+    _write_losses(run, folder)
 
 
 def _save_checkpoint(run: _Run) -> None:
     """`accelerator.save_state` into `checkpoints/step-N`, atomically: every process writes into the main
-    process's temporary folder, which is renamed once all are done."""
+    process's temporary folder, which is renamed once all are done (and removed if any write fails)."""
     from accelerate.utils import broadcast_object_list
 
     accelerator = run.accelerator
@@ -406,36 +646,61 @@ def _save_checkpoint(run: _Run) -> None:
         accelerator.save_state(shared[0])
         accelerator.wait_for_everyone()
         return
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     replaced = destination.with_name(f".{destination.name}.replaced")
-    with atomic_path(destination) as temporary:
-        broadcast_object_list([str(temporary)])
+    broadcast_object_list([str(temporary)])
+    try:
         accelerator.save_state(str(temporary))
+        _write_marker(run, temporary)
         accelerator.wait_for_everyone()
         if destination.exists():  # a re-run over an old checkpoint: a folder cannot be renamed over a folder
             os.replace(destination, replaced)
-    shutil.rmtree(replaced, ignore_errors=True)
-    _write_losses(run)
+        os.replace(temporary, destination)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        raise _write_error(destination, error, "the checkpoint") from error
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise _write_error(destination, error, "the checkpoint") from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _load_checkpoint(run: _Run, folder: Path) -> None:
-    run.accelerator.load_state(str(folder))
+    """`accelerator.load_state` (weights-only unpickling) of a checkpoint `_verify_checkpoint` accepted. A failure
+    midway is undone by `train_stage` (the predictor is put back)."""
+    try:
+        run.accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+    except HyperLoRAError:
+        raise
+    except Exception as error:
+        raise _resume_error(folder, f"loading it failed ({type(error).__name__}: {error})") from error
     run.global_step = _checkpoint_step(folder)
-    if (run.output_dir / LOSSES_FILE).is_file():
-        lines = (run.output_dir / LOSSES_FILE).read_text().splitlines()
+    losses = folder / LOSSES_FILE
+    if losses.is_file():
+        lines = losses.read_text(encoding="utf-8").splitlines()
         run.losses = [entry for entry in map(json.loads, lines) if entry["step"] <= run.global_step]
     logger.info(f"Stage {run.config.stage!r}: resumed from {folder} at step {run.global_step}.")
 
 
 def _finish(run: _Run, predictor: HyperLoRAPredictor) -> HyperLoRAPredictor:
-    """Wait for every process, then save the trained weights on the main process (`save_pretrained`)."""
+    """Wait for every process, then save the trained weights, the losses and the stage's config on the main
+    process (`save_pretrained`; each file atomically)."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     predictor.eval().requires_grad_(False)
     if _is_sharded(accelerator):
         predictor = _gathered_copy(run, predictor)
     if accelerator.is_main_process:
-        predictor.save_pretrained(run.output_dir / PREDICTOR_FOLDER)
-        _write_losses(run)
+        try:
+            predictor.save_pretrained(run.output_dir / PREDICTOR_FOLDER)
+            _write_losses(run, run.output_dir)
+            run.config.save(run.output_dir / STAGE_CONFIG_FILE)
+        except HyperLoRAWriteError:
+            raise
+        except OSError as error:
+            raise _write_error(run.output_dir, error, "the trained predictor") from error
     accelerator.free_memory()
     return predictor
 
@@ -467,22 +732,46 @@ def train_curriculum(
 
     Each stage saves the predictor to `<stage output_dir>/predictor` (`save_pretrained`). Stage `base` is
     skipped with a warning when the predictor has no Base branch and `config.skip_base_without_branch` is set.
+    Every stage's config, data and output folder are checked before the first stage starts; each stage is
+    transactional (see `train_stage`), and `training_config.json` is written once a stage has finished.
 
     Example:
         >>> from diffusers_hyperlora.training import TrainingConfig, default_curriculum, train_curriculum
-        >>> config = TrainingConfig("runs/tiny", stages=default_curriculum(steps=3, show_progress=False))
+        >>> config = TrainingConfig("outputs/tiny", stages=default_curriculum(steps=3, show_progress=False))
         >>> predictor = train_curriculum(pipe, predictor, dataset, config)  # doctest: +SKIP
     """
-    stages = config.resolved_stages()
-    with atomic_path(Path(config.output_dir) / "training_config.json") as temporary:
-        temporary.write_text(json.dumps(config.to_dict(), indent=2))
+    if not isinstance(config, TrainingConfig):
+        raise TrainingConfigError(f"config must be a TrainingConfig, got {type(config).__name__}.", argument="config")
+    config.validate()
+    stages = [s for s in config.resolved_stages() if not _skipped(s, predictor, config)]
+    for stage_config in stages:  # every stage's checks before the first one trains
+        check_stage(predictor, stage_config.stage)
+        _check_dataset(dataset, predictor, stage_config.stage)
+    _check_pipeline(pipe)
     for stage_config in stages:
-        if stage_config.stage == "base" and not predictor.config.has_base and config.skip_base_without_branch:
-            logger.warning("Skipping stage 'base': the predictor has no Base branch (base_rank=0).")
-            continue
+        _check_writable(Path(stage_config.output_dir))
+    for stage_config in stages:
         logger.info(f"Training stage {stage_config.stage!r} ({STAGES.index(stage_config.stage) + 1}/3).")
         predictor = train_stage(pipe, predictor, dataset, stage_config, callback=callback)
+        _save_training_config(config)
     return predictor
+
+
+def _skipped(stage_config: StageConfig, predictor: HyperLoRAPredictor, config: TrainingConfig) -> bool:
+    if stage_config.stage == "base" and not predictor.config.has_base and config.skip_base_without_branch:
+        logger.warning("Skipping stage 'base': the predictor has no Base branch (base_rank=0).")
+        return True
+    return False
+
+
+def _save_training_config(config: TrainingConfig) -> None:
+    """`training_config.json`, atomically, once a stage of this run has finished (a run that fails before leaves
+    an earlier run's file as it was)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        with atomic_path(Path(config.output_dir) / TRAINING_CONFIG_FILE) as temporary:
+            temporary.write_text(json.dumps(config.to_dict(), indent=2))
 
 
 __all__ = ["StepLog", "train_curriculum", "train_stage"]

@@ -17,7 +17,9 @@ in from zero.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,40 @@ from ..utils.atomic_files import atomic_path
 
 STAGES: tuple[str, ...] = ("base", "id_clip", "id_full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# `diffusers.optimization.get_scheduler` names that need no extra arguments.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+_INT_FIELDS = {  # name -> smallest allowed value
+    "steps": 1,
+    "batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "num_references": 1,
+    "save_every": 0,
+    "lr_warmup_steps": 0,
+    "dataloader_num_workers": 0,
+    "seed": 0,
+}
+_INT_MAX = {"seed": 2**32 - 1}  # numpy's seed range (accelerate's set_seed seeds numpy too)
+_FLOAT_FIELDS = {  # name -> (low, high, high included)
+    "learning_rate": (0.0, math.inf, False),
+    "weight_decay": (0.0, math.inf, False),
+    "adam_beta1": (0.0, 1.0, False),
+    "adam_beta2": (0.0, 1.0, False),
+    "max_grad_norm": (0.0, math.inf, False),
+    "id_weight": (-math.inf, math.inf, False),
+    "base_weight": (-math.inf, math.inf, False),
+    "caption_dropout": (0.0, 1.0, True),
+}
+_BOOL_FIELDS = (
+    "zero_init_id_attention",
+    "gradient_checkpointing",
+    "cache_latents",
+    "cache_prompt_embeds",
+    "show_progress",
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_id_path(name: str) -> bool:
@@ -163,26 +199,72 @@ class StageConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        if isinstance(self.resume_from_checkpoint, os.PathLike):
+            self.resume_from_checkpoint = os.fspath(self.resume_from_checkpoint)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (type and range) without touching any file or model: `TrainingConfigError` naming
+        the field (`error.argument`). Called on construction and again by `train_stage` (fields may be changed)."""
         if self.stage not in STAGES:
-            raise TrainingConfigError(f"Unknown training stage {self.stage!r}; the stages are {', '.join(STAGES)}.")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "num_references"):
-            if getattr(self, name) <= 0:
-                raise TrainingConfigError(f"StageConfig.{name} must be positive, got {getattr(self, name)}.")
-        for name in ("save_every", "lr_warmup_steps", "dataloader_num_workers"):
-            if getattr(self, name) < 0:
-                raise TrainingConfigError(f"StageConfig.{name} must be >= 0, got {getattr(self, name)}.")
-        if self.learning_rate <= 0:
-            raise TrainingConfigError(f"StageConfig.learning_rate must be positive, got {self.learning_rate}.")
+            raise TrainingConfigError(
+                f"Unknown training stage {self.stage!r}; the stages are {', '.join(STAGES)}.", argument="stage"
+            )
+        for name, low in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < low or value > _INT_MAX.get(name, 2**62):
+                bound = "positive" if low == 1 else ">= 0"
+                top = f" and at most {_INT_MAX[name]}" if name in _INT_MAX else ""
+                raise TrainingConfigError(
+                    f"StageConfig.{name} must be an integer {bound}{top}, got {value!r}.", argument=name
+                )
+        for name, (low, high, closed_high) in _FLOAT_FIELDS.items():
+            self._check_float(name, low, high, closed_high)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise TrainingConfigError(
+                    f"StageConfig.{name} must be True or False, got {getattr(self, name)!r}.", argument=name
+                )
+        self._check_choices()
+        if self.zero_init_id_attention and self.stage != "id_full":
+            raise TrainingConfigError(
+                "zero_init_id_attention only applies to stage 'id_full'.", argument="zero_init_id_attention"
+            )
+
+    def _check_float(self, name: str, low: float, high: float, closed_high: bool) -> None:
+        value = getattr(self, name)
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        above = number > high if closed_high else number >= high
+        if not math.isfinite(number) or number < low or above or (name == "learning_rate" and number == 0):
+            if name == "learning_rate":
+                expected = "a finite number > 0"
+            elif math.isinf(high):
+                expected = f"a finite number >= {low:g}"
+            else:
+                expected = f"a number in [{low:g}, {high:g}{']' if closed_high else ')'}"
+            fix = " (a probability)" if name == "caption_dropout" else ""
+            raise TrainingConfigError(f"StageConfig.{name} must be {expected}{fix}, got {value!r}.", argument=name)
+
+    def _check_choices(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
             raise TrainingConfigError(
-                f"StageConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}."
+                f"StageConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.",
+                argument="mixed_precision",
             )
-        if not 0.0 <= self.caption_dropout <= 1.0:
+        if self.lr_scheduler not in LR_SCHEDULERS:
             raise TrainingConfigError(
-                f"StageConfig.caption_dropout is a probability in [0, 1], got {self.caption_dropout}."
+                f"StageConfig.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.",
+                argument="lr_scheduler",
             )
-        if self.zero_init_id_attention and self.stage != "id_full":
-            raise TrainingConfigError("zero_init_id_attention only applies to stage 'id_full'.")
+        for name in ("output_dir", "resume_from_checkpoint"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TrainingConfigError(
+                    f"StageConfig.{name} must be a folder path (a non-empty string) or None, got {value!r}.",
+                    argument=name,
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,17 +310,45 @@ class TrainingConfig:
     skip_base_without_branch: bool = True
 
     def __post_init__(self) -> None:
-        self.stages = [StageConfig(**s) if isinstance(s, dict) else s for s in self.stages]
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        if not isinstance(self.stages, (list, tuple)):
+            raise TrainingConfigError(
+                f"TrainingConfig.stages must be a list of StageConfig, got {type(self.stages).__name__}.",
+                argument="stages",
+            )
+        self.stages = [_stage_config(s) for s in self.stages]
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the whole curriculum (every stage's fields, their order, one mixed precision) without touching any
+        file or model, so a front end can check a run before loading SDXL. `TrainingConfigError` names the field."""
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise TrainingConfigError(
+                f"TrainingConfig.output_dir must be a folder path, got {self.output_dir!r}.", argument="output_dir"
+            )
+        if not isinstance(self.skip_base_without_branch, bool):
+            raise TrainingConfigError(
+                "TrainingConfig.skip_base_without_branch must be True or False, "
+                f"got {self.skip_base_without_branch!r}.",
+                argument="skip_base_without_branch",
+            )
         if not self.stages:
-            raise TrainingConfigError("TrainingConfig.stages is empty.")
+            raise TrainingConfigError("TrainingConfig.stages is empty.", argument="stages")
+        for stage in self.stages:
+            stage.validate()
         order = [STAGES.index(s.stage) for s in self.stages]
         if order != sorted(order) or len(set(order)) != len(order):
             raise TrainingConfigError(
-                f"Stages must be distinct and in curriculum order {STAGES}, got {[s.stage for s in self.stages]}."
+                f"Stages must be distinct and in curriculum order {STAGES}, got {[s.stage for s in self.stages]}.",
+                argument="stages",
             )
         precisions = {s.mixed_precision for s in self.stages}
         if len(precisions) > 1:
-            raise TrainingConfigError(f"All stages must use one mixed_precision (one per process), got {precisions}.")
+            raise TrainingConfigError(
+                f"All stages must use one mixed_precision (one per process), got {precisions}.",
+                argument="mixed_precision",
+            )
 
     def resolved_stages(self) -> list[StageConfig]:
         """The stages with `output_dir` filled in."""
@@ -249,3 +359,23 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"stages": [s.to_dict() for s in self.stages]}
+
+
+def _stage_config(value: Any) -> StageConfig:
+    if isinstance(value, StageConfig):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {f.name for f in fields(StageConfig)})
+        if unknown:
+            raise TrainingConfigError(f"Unknown StageConfig field(s) {unknown}.", argument=unknown[0])
+        if "stage" not in value:
+            raise TrainingConfigError("A stage given as a dict needs its 'stage' name.", argument="stage")
+        return StageConfig(**value)
+    raise TrainingConfigError(
+        f"TrainingConfig.stages holds {type(value).__name__}; expected StageConfig (or its dict).", argument="stages"
+    )
+
+
+STAGE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(StageConfig) if f.default is not MISSING}
+"""Every `StageConfig` default by field name (e.g. `STAGE_DEFAULTS["steps"]`), for front ends' help texts.
+`default_curriculum` halves the learning rate of `id_full`."""
