@@ -13,17 +13,23 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_features
+from diffusers import EulerDiscreteScheduler
+from PIL import Image
 from safetensors import safe_open
+from test_cli_train import _MeanColourFeatures
+from test_training import _denoising_losses, _distinct_people, _Interrupt, _resume_config
 
 from diffusers_hyperlora import (
     HyperLoRAConfig,
     HyperLoRAPredictor,
     InvalidArgumentError,
     TargetMismatchError,
+    TrainingConfigError,
     load_hyperlora,
     set_hyperlora_identity,
     unload_hyperlora,
 )
+from diffusers_hyperlora.cli import main
 from diffusers_hyperlora.model.targets import DEFAULT_LINEARS, JOINT_ATTENTION_LINEARS, TargetModule
 from diffusers_hyperlora.testing import (
     tiny_flux_components,
@@ -33,6 +39,18 @@ from diffusers_hyperlora.testing import (
     tiny_sd3_pipeline,
     tiny_sd15_components,
     tiny_sd15_pipeline,
+)
+from diffusers_hyperlora.training import (
+    FrozenEncoders,
+    HyperLoRATrainingDataset,
+    StageConfig,
+    TrainingConfig,
+    cache_features,
+    collate_examples,
+    default_curriculum,
+    tiny_training_dataset,
+    train_curriculum,
+    train_stage,
 )
 
 FAMILIES = {
@@ -198,8 +216,14 @@ def test_img2img_variants_take_an_identity(name):
     extra = FAMILIES[name][1]
 
     def run():
-        return pipe("a photo", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np",
-                    **kwargs, **extra).images
+        return pipe(
+            "a photo",
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kwargs,
+            **extra,
+        ).images
 
     del generator
     before = run()
@@ -209,3 +233,110 @@ def test_img2img_variants_take_an_identity(name):
     assert np.abs(run() - before).max() > 1e-4
     unload_hyperlora(pipe)
     np.testing.assert_array_equal(run(), before)
+
+
+# ---------------------------------------------------------------------------------------------- training (SD 1.5)
+def test_the_curriculum_runs_on_sd15_and_resumes_exactly(tmp_path):
+    """The three stages train on the tiny SD 1.5 pipeline (no pooled text embedding, no size condition), and an
+    interrupted stage resumed from its checkpoint ends bitwise where the uninterrupted one ends."""
+    pipe = tiny_sd15_pipeline()
+    dataset = tiny_training_dataset(num_people=1, images_per_person=3, with_base=True)
+    predictor = tiny_hyperlora_predictor(pipe.unet, base_rank=4)
+    before = {name: value.clone() for name, value in predictor.state_dict().items()}
+    stages = default_curriculum(steps=2, batch_size=1, show_progress=False)
+    train_curriculum(pipe, predictor, dataset, TrainingConfig(str(tmp_path / "curriculum"), stages=stages))
+    changed = [name for name, value in predictor.state_dict().items() if not torch.equal(value, before[name])]
+    assert any(name.startswith("base_bank") for name in changed) and any(name.startswith("id_bank") for name in changed)
+
+    whole = tiny_hyperlora_predictor(pipe.unet)
+    train_stage(pipe, whole, dataset, _resume_config(tmp_path / "whole"))
+
+    def crash_at_step_3(log):
+        if log.step == 3:
+            raise _Interrupt
+
+    interrupted = tiny_hyperlora_predictor(pipe.unet)
+    with pytest.raises(_Interrupt):
+        train_stage(pipe, interrupted, dataset, _resume_config(tmp_path / "cut"), callback=crash_at_step_3)
+    resumed = tiny_hyperlora_predictor(pipe.unet, seed=7)
+    train_stage(pipe, resumed, dataset, _resume_config(tmp_path / "cut", resume_from_checkpoint="latest"))
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+STEPS = 160
+
+
+def test_training_learns_identities_on_sd15(tmp_path):
+    """The SDXL learning test (tests/test_training.py) on the tiny SD 1.5 pipeline, with the same margins."""
+    pipe = tiny_sd15_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    with torch.no_grad():  # a near-deterministic VAE posterior (like a trained VAE's), latents at unit scale
+        pipe.vae.quant_conv.weight[4:] = 0
+        pipe.vae.quant_conv.bias[4:] = -30.0
+    data = _distinct_people(num_people=2, images_per_person=3, resolution=16)
+    pipe.vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
+    encoders = FrozenEncoders(pipe, "", torch.device("cpu"), torch.float32)
+    raw = torch.cat([encoders.encode(collate_examples([data[i]]), [torch.Generator()]).latents for i in range(6)])
+    pipe.vae.register_to_config(scaling_factor=float(1 / raw.std()), shift_factor=float(raw.mean()))
+    held_out = [2, 5]
+    train = HyperLoRATrainingDataset([r for i, r in enumerate(data.records) if i not in held_out], resolution=16)
+    predictor = tiny_hyperlora_predictor(pipe.unet)
+    config = StageConfig(
+        "id_clip",
+        steps=STEPS,
+        batch_size=2,
+        learning_rate=1e-2,
+        cache_latents=True,
+        show_progress=False,
+        output_dir=str(tmp_path),
+    )
+    train_stage(pipe, predictor, train, config)
+    own = _denoising_losses(pipe, predictor, data, held_out, lambda i: i)
+    other = _denoising_losses(pipe, predictor, data, held_out, lambda i: held_out[1 - held_out.index(i)])
+    none = _denoising_losses(pipe, predictor, data, held_out, lambda i: None)
+    print("RATIOS", other / own, none / own)
+    assert (own * 1.005 < other).all(), (own, other)
+    assert (own * 1.10 < none).all(), (own, none)
+
+
+@pytest.mark.parametrize("make", [tiny_sd3_pipeline, tiny_flux_pipeline], ids=["sd3", "flux"])
+def test_training_refuses_transformer_pipelines_by_name(make, tmp_path):
+    pipe = make()
+    predictor = tiny_hyperlora_predictor(pipe.transformer)
+    before = {name: value.clone() for name, value in predictor.state_dict().items()}
+    dataset = tiny_training_dataset(num_people=1, images_per_person=1, with_base=False)
+    with pytest.raises(TrainingConfigError, match="has no UNet: training runs on UNet pipelines") as caught:
+        train_stage(pipe, predictor, dataset, StageConfig("id_clip", steps=1, output_dir=str(tmp_path / "run")))
+    assert caught.value.argument == "pipe"
+    assert all(torch.equal(value, before[name]) for name, value in predictor.state_dict().items())
+
+
+def _colour_dataset(root):
+    root.mkdir()
+    rows = []
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (40, 40), colour).save(root / f"{i}.png")
+        rows.append({"file": f"{i}.png", "person": f"p{i % 2}", "caption": "a photo of a person"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cache_features(root, _MeanColourFeatures(), progress=False)
+    return root
+
+
+def test_cli_train_takes_an_sd15_base_model_and_refuses_a_transformer_one(tmp_path, capsys):
+    tiny_sd15_pipeline().save_pretrained(tmp_path / "sd15")
+    data = _colour_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--base-model", str(tmp_path / "sd15"), "--output-dir", str(out)]
+    argv += ["--stages", "id_clip", "--steps", "2", "--resolution", "32", "--num-basis", "8"]
+    assert main(argv) == 0
+    trained = HyperLoRAPredictor.from_pretrained(out / "id_clip" / "predictor")
+    expected = HyperLoRAConfig.from_denoiser(tiny_sd15_components()["unet"])
+    assert trained.config.targets == expected.targets and trained.config.base_model == str(tmp_path / "sd15")
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    argv = ["train", "--data", str(data), "--base-model", str(tmp_path / "sd3"), "--output-dir", str(tmp_path / "r3")]
+    assert main([*argv, "--stages", "id_clip", "--steps", "1", "--num-basis", "8"]) != 0
+    message = capsys.readouterr().err
+    assert "--base-model" in message and "has no UNet" in message
+    assert not (tmp_path / "r3").exists()
