@@ -16,10 +16,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusers_hyperlora"
 
-# Areas whose conversion lands from other branches; the integrator empties this set once they are merged.
-# A path here only turns a failure into an xfail (strict=False); every other file must already pass.
-PENDING_CONVERSION = {"adapters/", "pipeline/"}
-
 BUILTIN_EXCEPTIONS = {
     name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, BaseException)
 }
@@ -73,23 +69,11 @@ def builtin_raises(path: Path, root: Path = PACKAGE) -> list[str]:
     return found
 
 
-def _pending(relative: str) -> bool:
-    return any(relative == area or (area.endswith("/") and relative.startswith(area)) for area in PENDING_CONVERSION)
-
-
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 RELATIVE = [path.relative_to(PACKAGE).as_posix() for path in SOURCES]
 
 
-@pytest.mark.parametrize(
-    "relative",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="converted on another branch"))
-        if _pending(name)
-        else name
-        for name in RELATIVE
-    ],
-)
+@pytest.mark.parametrize("relative", RELATIVE)
 def test_no_bare_builtin_raise(relative):
     found = builtin_raises(PACKAGE / relative)
     assert not found, "raise a HyperLoRAError subclass from errors.py (with argument=...) instead of:\n" + "\n".join(

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_features, unet_output
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from diffusers_hyperlora import (
     AdapterNameConflictError,
@@ -31,7 +32,7 @@ from diffusers_hyperlora import (
     NonFiniteValueError,
     TargetMismatchError,
 )
-from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
 NAN = float("nan")
 
@@ -334,9 +335,7 @@ def test_an_interrupted_write_keeps_the_old_file(predictor, tmp_path, call):
     path = tmp_path / "out.safetensors"
     old = b"the old file, which must survive" * 10
     path.write_bytes(old)
-    script = _INTERRUPTED.format(
-        tests=os.path.dirname(__file__), limit=2048, call=call.format(path=str(path))
-    )
+    script = _INTERRUPTED.format(tests=os.path.dirname(__file__), limit=2048, call=call.format(path=str(path)))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "HyperLoRAWriteError" in result.stdout and str(path) in result.stdout
@@ -525,3 +524,80 @@ def test_a_predictor_without_weights_is_refused_at_load(pipe):
     with pytest.raises(CheckpointFormatError, match="meta device and never loaded"):
         pipe.load_hyperlora(empty)
     assert not pipe.hyperlora.is_loaded
+
+
+# ---------------------------------------------------------------------------------------------- unsupported pipelines
+@pytest.mark.parametrize("named", [False, True], ids=["found", "named"])
+def test_a_transformer_denoiser_is_refused_at_load(predictor, named):
+    """Targets, export and per-sample identities are UNet-only: an SD3/FLUX-like pipeline is refused, not half-run."""
+    from diffusers_hyperlora import UnsupportedPipelineError, load_hyperlora
+
+    class TransformerPipeline:
+        hyperlora_denoiser_name = "transformer" if named else None
+
+        def __init__(self):
+            self.transformer = torch.nn.Linear(4, 4)
+
+    pipe = TransformerPipeline()
+    with pytest.raises(UnsupportedPipelineError, match="transformer .*UNet pipelines only") as error:
+        load_hyperlora(pipe, predictor)
+    assert isinstance(error.value, ValueError) and error.value.argument == "pipe"
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+
+
+def test_group_offloading_is_refused_before_anything_changes(pipe, predictor):
+    from diffusers_hyperlora import UnsupportedPipelineError
+
+    cpu = torch.device("cpu")
+    offloaded = tiny_sdxl_pipeline()
+    offloaded.unet.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+    with pytest.raises(UnsupportedPipelineError, match="enable_group_offload"):
+        offloaded.load_hyperlora(predictor)
+    assert not offloaded.hyperlora.is_loaded
+    # Enabled after the load: the next write is refused and changes nothing.
+    pipe.load_hyperlora(predictor)
+    pipe.set_hyperlora_identity(_identity(predictor, 50))
+    snapshot = _snapshot(pipe)
+    pipe.unet.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+    for call in (
+        lambda: pipe.set_hyperlora_identity(_identity(predictor, 51)),
+        lambda: pipe.set_hyperlora_identities([_identity(predictor, 51), _identity(predictor, 52)]),
+        lambda: pipe.add_hyperlora_slider(_identity(predictor, 51), _identity(predictor, 52)),
+    ):
+        with pytest.raises(UnsupportedPipelineError, match="group offloading"):
+            call()
+        assert _unchanged(pipe, snapshot) and pipe.hyperlora.sliders == {} and pipe.hyperlora.identities is None
+
+
+def test_extractor_options_for_saved_identities_only_are_refused(loaded, predictor, tmp_path):
+    """`face_index=` & co. apply to photos; given only saved identities they were silently dropped."""
+    person = _identity(predictor, 53)
+    person.save(tmp_path / "person.safetensors")
+    snapshot = _snapshot(loaded)
+    file = str(tmp_path / "person.safetensors")
+    calls = [
+        lambda: loaded.set_hyperlora_identity(person, face_index=1),
+        lambda: loaded.set_hyperlora_identity([file, person], face_index=1),
+        lambda: loaded.predict_hyperlora_identity(file, face_index=1),
+        lambda: loaded.set_hyperlora_identities([person, file], face_index=1),
+        lambda: loaded.add_hyperlora_slider(person, file, face_index=1),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match="face_index= .*only photos go through") as error:
+            call()
+        assert error.value.argument == "face_index"
+        assert _unchanged(loaded, snapshot) and loaded.hyperlora.sliders == {}
+
+
+def test_extractor_options_reach_the_photos_among_identities(pipe, predictor):
+    from test_core_pipeline import _RecordingExtractor
+
+    extractor = _RecordingExtractor()
+    pipe.load_hyperlora(predictor, feature_extractor=extractor)
+    person = _identity(predictor, 54)
+    pipe.set_hyperlora_identities([person, ["a.jpg", "b.jpg"]], face_index=1)
+    assert [call[4] for call in extractor.calls] == [{"face_index": 1}]
+    pipe.set_hyperlora_identity(["a.jpg", person], face_index=2)
+    assert extractor.calls[-1][0] == ["a.jpg"] and extractor.calls[-1][4] == {"face_index": 2}
+    pipe.add_hyperlora_slider(["a.jpg"], person, adapter_name="age", face_index=3)  # options for the photo side
+    assert extractor.calls[-1][4] == {"face_index": 3} and list(pipe.hyperlora.sliders) == ["age"]

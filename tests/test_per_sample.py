@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 from conftest import random_features
 
-from diffusers_hyperlora.adapters.per_sample import batch_rows
-from diffusers_hyperlora.errors import HyperLoRAError, IdentityCountError, InvalidArgumentTypeError, PerSampleFusedError
+from diffusers_hyperlora.adapters.per_sample import batch_rows, call_layout
+from diffusers_hyperlora.errors import (
+    HyperLoRAError,
+    IdentityCountError,
+    IdentityMismatchError,
+    InvalidArgumentTypeError,
+    PerSampleFusedError,
+)
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
 PROMPTS = ["a photo of fcsks", "a painting of fhyks", "fxhks at the beach"]
 
@@ -165,3 +175,126 @@ def test_per_sample_in_other_sdxl_pipelines(case):
         pipe.set_hyperlora_identity(person)
         single = _run(pipe, PROMPTS[index], [index], guidance_scale=5.0, **call_kwargs)
         assert _relative_error(batch[index : index + 1], single) < 1e-5, f"prompt {index}"
+
+
+def _image():
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("first, second", [(1.0, 5.0), (5.0, 1.0)], ids=["then-guided", "then-unguided"])
+def test_a_second_pipeline_sharing_the_unet_gives_each_image_its_person(pipe, predictor, first, second):
+    """The layout comes from the UNet call, not from the guidance state of the pipeline the identities were set on:
+    an img2img pipeline made with `from_pipe` and run with another `guidance_scale` gave image 1 the wrong person."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, seed) for seed in (10, 11)]
+    pipe.set_hyperlora_identities(people)
+    _run(pipe, PROMPTS[:2], [0, 1], guidance_scale=first)  # leaves `pipe`'s guidance state at `first`
+    other = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    options = dict(guidance_scale=second, strength=0.9)
+    batch = _run(other, PROMPTS[:2], [0, 1], image=[_image(), _image()], **options)
+    for index, person in enumerate(people):
+        pipe.set_hyperlora_identity(person)
+        single = _run(other, PROMPTS[index], [index], image=_image(), **options)
+        assert _relative_error(batch[index : index + 1], single) < 1e-5, f"image {index}"
+    # The identities matter: image 0 with person 1 (set now) differs from image 0 of the batch.
+    assert _relative_error(batch[:1], _run(other, PROMPTS[0], [0], image=_image(), **options)) > 1e-3
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0], ids=["no-guidance", "guidance"])
+def test_one_prompt_with_one_image_per_identity(pipe, predictor, guidance):
+    """`num_images_per_prompt=N` with one prompt and N identities: image i is identity i (as documented), exactly."""
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, seed) for seed in (12, 13)]
+    pipe.set_hyperlora_identities(people)
+    batch = _run(pipe, PROMPTS[0], [0, 1], guidance_scale=guidance, num_images_per_prompt=2)
+    for index, person in enumerate(people):
+        pipe.set_hyperlora_identity(person)
+        single = _run(pipe, PROMPTS[0], [index], guidance_scale=guidance)
+        assert _relative_error(batch[index : index + 1], single) < 1e-5, f"image {index}"
+    assert _relative_error(batch[:1], _run(pipe, PROMPTS[0], [0], guidance_scale=guidance)) > 1e-3
+    # 3 images of one prompt cannot be split between 2 identities.
+    pipe.set_hyperlora_identities(people)
+    with pytest.raises(IdentityCountError, match="one identity per\\s+prompt"):
+        _run(pipe, PROMPTS[0], [0, 1, 2], guidance_scale=guidance, num_images_per_prompt=3)
+
+
+def test_same_prompt_and_seed_for_every_identity_without_guidance(pipe, predictor):
+    """Without guidance, the same prompt and seed for each identity's images makes the batch's two halves identical,
+    as guidance halves are: the calling pipeline's guidance tells them apart, exactly."""
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, 14), _identity(predictor, 15)]
+    pipe.set_hyperlora_identities(people)
+    options = dict(guidance_scale=1.0, num_images_per_prompt=2)
+    batch = _run(pipe, [PROMPTS[0]] * 2, [0, 1, 0, 1], **options)
+    for index, person in enumerate(people):
+        pipe.set_hyperlora_identity(person)
+        single = _run(pipe, PROMPTS[0], [0, 1], **options)
+        assert _relative_error(batch[2 * index : 2 * index + 2], single) < 1e-5, f"identity {index}"
+    assert _relative_error(batch[:2], batch[2:]) > 1e-3
+
+
+def test_call_layout_checks_the_guided_batch():
+    noise = torch.randn(2, 4, 8, 8)
+    assert call_layout(torch.cat([noise, noise]), 2, guidance=True)
+    assert not call_layout(torch.cat([noise, noise]), 2, guidance=False)
+    assert not call_layout(torch.cat([noise, noise]), 2, guidance=None)  # a direct call: no guidance halves
+    assert call_layout(torch.randn(4, 4, 8, 8), 1, guidance=True)  # one identity: any guided layout
+    for sample in (torch.randn(4, 4, 8, 8), torch.cat([noise, noise, noise])):  # not two equal halves
+        with pytest.raises(IdentityCountError, match=r"not\s+two equal"):
+            call_layout(sample, 2, guidance=True)
+
+
+def test_a_direct_unet_call_after_a_guided_pipeline_call_has_no_guidance_halves(pipe, predictor):
+    from conftest import unet_inputs
+
+    pipe.load_hyperlora(predictor)
+    people = [_identity(predictor, 18), _identity(predictor, 19)]
+    pipe.set_hyperlora_identities(people)
+    _run(pipe, PROMPTS[:2], [0, 1], guidance_scale=5.0)
+    inputs = unet_inputs(seed=0, batch=2)
+    with torch.no_grad():
+        batch = pipe.unet(**inputs).sample
+        for index, person in enumerate(people):
+            pipe.set_hyperlora_identity(person)
+            row = {k: v[index : index + 1] for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+            row["added_cond_kwargs"] = {k: v[index : index + 1] for k, v in inputs["added_cond_kwargs"].items()}
+            single = pipe.unet(**row).sample
+            torch.testing.assert_close(batch[index : index + 1], single, rtol=1e-5, atol=1e-5)
+
+
+def test_using_switches_and_holds_the_lock_for_the_block(pipe, predictor):
+    pipe.load_hyperlora(predictor)
+    alice, bob = _identity(predictor, 16), _identity(predictor, 17)
+    acquired = []
+
+    def other_thread_switch():
+        acquired.append(pipe.hyperlora.lock.acquire(timeout=0.2))
+        if acquired[-1]:
+            pipe.hyperlora.lock.release()
+
+    with pipe.hyperlora.using(alice) as identity:
+        assert identity is alice and pipe.hyperlora_identity is alice
+        thread = threading.Thread(target=other_thread_switch)
+        thread.start()
+        thread.join()
+        image = _run(pipe, PROMPTS[0], [0])
+    assert acquired == [False]  # no other thread could switch during the block
+    assert pipe.hyperlora.lock.acquire(timeout=0.2)  # released after it
+    pipe.hyperlora.lock.release()
+    pipe.set_hyperlora_identity(alice)
+    assert _relative_error(image, _run(pipe, PROMPTS[0], [0])) < 1e-6
+    with pipe.hyperlora.using_identities([alice, bob]) as identities:
+        assert identities == [alice, bob] and pipe.hyperlora.identities == [alice, bob]
+    with pytest.raises(IdentityMismatchError):  # a failed switch releases the lock and changes nothing
+        with pipe.hyperlora.using(_identity(tiny_hyperlora_predictor(seed=3), 0)):
+            pass
+    assert pipe.hyperlora.identities == [alice, bob]
+    thread = threading.Thread(target=other_thread_switch)
+    thread.start()
+    thread.join()
+    assert acquired[-1] is True

@@ -42,13 +42,15 @@ def test_mix_bases_streamed_equals_reference(chunk, dtype):
 def test_bank_mix_order_matches_per_linear_einsum(predictor):
     identity = _identity(predictor, 0)
     got = predictor.lora_weights(identity)
-    for (down, up), (ref_down, ref_up) in zip(got, _reference(predictor, identity)):
+    reference = _reference(predictor, identity)
+    assert len(reference) == len(predictor.config.linears) > 0
+    for (down, up), (ref_down, ref_up) in zip(got, reference, strict=True):
         torch.testing.assert_close(down.double(), ref_down, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(up.double(), ref_up, rtol=1e-5, atol=1e-6)
     # Streaming the bank in small chunks gives the same numbers.
     coefficients = predictor.split_coefficients(identity.id_coefficients)
     streamed = predictor.id_bank.lora_weights(coefficients, chunk_elements=64)
-    for (down, up), (s_down, s_up) in zip(got, streamed):
+    for (down, up), (s_down, s_up) in zip(got, streamed, strict=True):
         torch.testing.assert_close(s_down, down, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(s_up, up, rtol=1e-6, atol=1e-7)
 
@@ -65,8 +67,8 @@ def test_switch_writes_reference_factors_into_live_adapters(pipe, predictor):
         identity = _identity(predictor, seed)
         pipe.set_hyperlora_identity(identity)
         live = pipe.hyperlora.adapters.lora_parameters("id")
-        assert len(live) == len(predictor.config.linears)
-        for (a, b), (ref_down, ref_up) in zip(live, _reference(predictor, identity)):
+        assert len(live) == len(predictor.config.linears) > 0
+        for (a, b), (ref_down, ref_up) in zip(live, _reference(predictor, identity), strict=True):
             torch.testing.assert_close(a.double(), ref_down, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(b.double(), ref_up, rtol=1e-5, atol=1e-6)
 
@@ -77,11 +79,12 @@ def test_grouped_write_equals_list_write(pipe, predictor):
     identity = _identity(predictor, 3)
     adapters.write("id", predictor.lora_weights(identity))
     by_list = [(a.clone(), b.clone()) for a, b in adapters.lora_parameters("id")]
+    assert len(by_list) == len(predictor.config.linears) > 0
     adapters.clear("id")
     assert all(not b.any() for _, b in adapters.lora_parameters("id"))
     bank = predictor.id_bank
     adapters.write_mixed("id", bank.groups, bank.mix(predictor.split_coefficients(identity.id_coefficients)))
-    for (a, b), (ra, rb) in zip(adapters.lora_parameters("id"), by_list):
+    for (a, b), (ra, rb) in zip(adapters.lora_parameters("id"), by_list, strict=True):
         assert torch.equal(a, ra) and torch.equal(b, rb)
 
 
@@ -94,7 +97,8 @@ def test_offload_bank_keeps_bank_in_cpu_memory(pipe, predictor):
     bank = pipe.hyperlora.predictor.id_bank
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in bank.parameters())
     reference = [(d.double(), u.double()) for d, u in predictor.lora_weights(identity)]
-    for (a, b), (ref_down, ref_up) in zip(pipe.hyperlora.adapters.lora_parameters("id"), reference):
+    assert len(reference) == len(predictor.config.linears) > 0
+    for (a, b), (ref_down, ref_up) in zip(pipe.hyperlora.adapters.lora_parameters("id"), reference, strict=True):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.double(), ref_down, rtol=1e-2, atol=1e-3)
         torch.testing.assert_close(b.double(), ref_up, rtol=1e-2, atol=1e-3)

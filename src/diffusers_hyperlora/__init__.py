@@ -32,6 +32,7 @@ from .errors import (
     TargetMismatchError,
     TrainingConfigError,
     TrainingDataError,
+    UnsupportedPipelineError,
 )
 from .pipeline.install import install_when_diffusers_loads
 
@@ -135,6 +136,7 @@ __all__ = [
     "TargetMismatchError",
     "TrainingConfigError",
     "TrainingDataError",
+    "UnsupportedPipelineError",
     "install_pipeline_methods",
     "load_hyperlora",
     "add_hyperlora_slider",

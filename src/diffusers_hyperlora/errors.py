@@ -107,3 +107,7 @@ class InvalidArgumentTypeError(HyperLoRAError, TypeError):
 class MissingDependencyError(HyperLoRAError, ImportError):
     """An optional dependency a feature needs is not installed (e.g. insightface for reading faces from photos);
     the message names the extra to install (`pip install diffusers-hyperlora[face]`)."""
+
+
+class UnsupportedPipelineError(HyperLoRAError, ValueError):
+    """The pipeline is of a kind HyperLoRA does not support yet (a transformer denoiser, group offloading)."""

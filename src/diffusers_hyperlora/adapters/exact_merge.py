@@ -11,11 +11,12 @@ weights while (and only while) they are fused.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+
+from ..utils.compat import mark_unmerged, merged_adapter_names, override_merge, peft_merge, peft_unmerge
 
 # Attribute of a PEFT layer that holds its pre-merge base weights while it is merged.
 _SNAPSHOT = "_hyperlora_base_snapshot"
@@ -47,7 +48,7 @@ def restore_base_weights(layer: BaseTunerLayer, keep: bool) -> bool:
     base.weight.data.copy_(snapshot.weight)
     if snapshot.bias is not None:
         base.bias.data.copy_(snapshot.bias)
-    layer.merged_adapters.clear()
+    mark_unmerged(layer)
     if not keep:
         del layer.__dict__[_SNAPSHOT]
     return True
@@ -55,24 +56,23 @@ def restore_base_weights(layer: BaseTunerLayer, keep: bool) -> bool:
 
 def _exact_merge(self: BaseTunerLayer, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
     """PEFT's `merge`, keeping a copy of the base weights first so that unmerging can be exact."""
-    fresh = not self.merged_adapters and _SNAPSHOT not in self.__dict__
+    fresh = not merged_adapter_names(self) and _SNAPSHOT not in self.__dict__
     if fresh:
         _take_snapshot(self)
-    type(self).merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
-    if not self.merged_adapters and _SNAPSHOT in self.__dict__:
+    peft_merge(self, adapter_names, safe_merge=safe_merge)
+    if not merged_adapter_names(self) and _SNAPSHOT in self.__dict__:
         del self.__dict__[_SNAPSHOT]  # nothing was merged (no such adapter on this layer)
 
 
 def _exact_unmerge(self: BaseTunerLayer) -> None:
     """Restore the base weights from the pre-merge copy (bitwise); PEFT's subtraction when there is none."""
-    if not self.merged_adapters:
+    if not merged_adapter_names(self):
         return  # nothing merged (diffusers' unfuse_lora visits every layer)
     if restore_base_weights(self, keep=False):
         return
-    type(self).unmerge(self)
+    peft_unmerge(self)
 
 
 def install_exact_merge(layer: BaseTunerLayer) -> None:
     """Give one PEFT layer the exact merge / unmerge (instance methods; `copy.deepcopy` rebinds them)."""
-    layer.merge = types.MethodType(_exact_merge, layer)
-    layer.unmerge = types.MethodType(_exact_unmerge, layer)
+    override_merge(layer, _exact_merge, _exact_unmerge)

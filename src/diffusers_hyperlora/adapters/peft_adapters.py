@@ -6,15 +6,16 @@ On load, `HyperLoRAAdapters.attach` registers two ordinary PEFT LoRA adapters on
 so `pipe.set_adapters(["id", "base"], ...)` works for every checkpoint, and it costs one tiny matmul per step.
 An identity switch then copies new factors into the existing `lora_A` / `lora_B` weights: no re-injection, no
 new parameters, and the tensors stay on whatever device and dtype the denoiser has. The copy is one
-`torch._foreach_copy_` per shape group, straight from the bank's grouped result.
+multi-tensor copy per shape group, straight from the bank's grouped result.
 
-While the adapters are fused, writes go through the exact merge of `exact_merge.py`.
+Sliders (`sliders.py`) are further adapters of the same object (`add_slider` / `remove_adapters`), written
+through the same code. While the adapters are fused, writes go through the exact merge of `exact_merge.py`.
+`target_layers` is the one place that finds the target layers of a checkpoint on a denoiser.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import torch
 from diffusers.utils import logging
@@ -26,9 +27,27 @@ from ..errors import AdapterNameConflictError, InvalidArgumentError, TargetMisma
 from ..model.bank import BankGroup
 from ..model.config import HyperLoRAConfig
 from ..model.targets import TargetLinear
+from ..utils.compat import (
+    adapter_configs,
+    foreach_copy_,
+    foreach_zero_,
+    lora_factors,
+    merged_adapter_names,
+    peft_unmerge,
+    quiet_peft_adapter_warnings,
+    remove_peft_wrappers,
+)
 from .exact_merge import install_exact_merge, restore_base_weights
+from .sliders import slider_alpha, slider_rank
 
 logger = logging.get_logger(__name__)
+
+
+def target_layers(denoiser: nn.Module, linears: Sequence[TargetLinear]) -> list[nn.Module]:
+    """The denoiser's modules at the checkpoint's target linears, in checkpoint order (the PEFT layers once the
+    adapters are attached). `check_targets` first: a missing path raises `KeyError` here."""
+    modules = dict(denoiser.named_modules())
+    return [modules[linear.module_path] for linear in linears]
 
 
 def check_targets(denoiser: nn.Module, linears: list[TargetLinear]) -> None:
@@ -70,10 +89,15 @@ def set_active_adapters(denoiser: nn.Module, names: list[str], weights: dict[str
                 module.set_scale(name, weight)
 
 
+def activate_adapter(denoiser: nn.Module, name: str, weight: float) -> None:
+    """Make `name` active beside the adapters already active (kept with their weights) at `weight`."""
+    names = active_adapters(denoiser)
+    set_active_adapters(denoiser, names if name in names else [*names, name], {name: weight})
+
+
 def add_adapter(denoiser: nn.Module, lora_config: LoraConfig, name: str) -> None:
     """`denoiser.add_adapter`, without PEFT's warning about a second adapter (several adapters are the point)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    with quiet_peft_adapter_warnings():
         denoiser.add_adapter(lora_config, adapter_name=name)
 
 
@@ -85,17 +109,17 @@ def update_while_unmerged(layers: list[BaseTunerLayer], name: str, update: Calla
     The restore is bitwise where the layer has the exact merge of `exact_merge.py`, PEFT's subtraction otherwise
     (a layer merged before HyperLoRA was attached).
     """
-    merged = [(layer, list(layer.merged_adapters)) for layer in layers if name in layer.merged_adapters]
+    merged = [(layer, merged_adapter_names(layer)) for layer in layers if name in merged_adapter_names(layer)]
     for layer, _ in merged:
         if not restore_base_weights(layer, keep=True):
-            type(layer).unmerge(layer)
+            peft_unmerge(layer)
     update()
     for layer, names in merged:
         layer.merge(adapter_names=names)
 
 
 class HyperLoRAAdapters:
-    """The `"id"` and `"base"` adapters of one denoiser and how to write LoRA factors into them.
+    """The `"id"` and `"base"` adapters (and the sliders) of one denoiser and how to write LoRA factors into them.
 
     Args:
         denoiser: the model that carries the adapters (the pipeline's UNet).
@@ -107,8 +131,7 @@ class HyperLoRAAdapters:
         self.denoiser = denoiser
         self.config = config
         self.names = {"id": id_name, "base": base_name}
-        modules = dict(denoiser.named_modules())
-        self._layers = [modules[linear.module_path] for linear in config.linears]
+        self._layers = target_layers(denoiser, config.linears)
         self._destinations: dict = {}
         for layer in self._layers:
             install_exact_merge(layer)
@@ -125,7 +148,7 @@ class HyperLoRAAdapters:
         check_targets(denoiser, config.linears)
         if id_name == base_name:
             raise AdapterNameConflictError(f"The ID and Base adapters need different names, got {id_name!r} twice.")
-        existing = set(getattr(denoiser, "peft_config", {}) or {}) - set(replacing)
+        existing = set(adapter_configs(denoiser)) - set(replacing)
         for name in (id_name, base_name):
             if name in existing:
                 raise AdapterNameConflictError(
@@ -176,7 +199,7 @@ class HyperLoRAAdapters:
         `unet.unload_lora()` remove them behind our back)."""
         if not self._layers:
             return False
-        existing = getattr(self.denoiser, "peft_config", None) or {}
+        existing = adapter_configs(self.denoiser)
         if any(name not in existing for name in self.names.values()):
             return False
         path = self.config.linears[0].module_path
@@ -186,11 +209,9 @@ class HyperLoRAAdapters:
             return False
 
     # ------------------------------------------------------------------ writing weights
-    def _pairs(self, branch: str):
-        name = self.names[branch]
-        for layer in self._layers:
-            if name in layer.lora_A:
-                yield layer, layer.lora_A[name].weight, layer.lora_B[name].weight
+    def _pairs(self, adapter_name: str) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """`(lora_A.weight, lora_B.weight)` of an adapter on every target layer that has it."""
+        return [pair for pair in (lora_factors(layer, adapter_name) for layer in self._layers) if pair is not None]
 
     def _check_branch(self, branch: str) -> None:
         if branch == "base" and not self.config.has_base:
@@ -203,16 +224,13 @@ class HyperLoRAAdapters:
         key = (branch, tuple(group.members for group in groups))
         cached = self._destinations.get(key)
         name = self.names[branch]
-        if cached is not None and cached[0][0][0] is not self._layers[groups[0].members[0]].lora_A[name].weight:
+        if cached is not None and cached[0][0][0] is not lora_factors(self._layers[groups[0].members[0]], name)[0]:
             cached = None  # parameters were replaced (e.g. `load_state_dict(..., assign=True)`)
         if cached is None:
-            cached = [
-                (
-                    [self._layers[i].lora_A[name].weight for i in group.members],
-                    [self._layers[i].lora_B[name].weight for i in group.members],
-                )
-                for group in groups
-            ]
+            cached = []
+            for group in groups:
+                pairs = [lora_factors(self._layers[i], name) for i in group.members]
+                cached.append(([a for a, _ in pairs], [b for _, b in pairs]))
             self._destinations = {key: cached}
         return cached
 
@@ -223,15 +241,21 @@ class HyperLoRAAdapters:
     def write(self, branch: str, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy `(down [r, in], up [out, r])` factors, one per target linear, into the adapter in place."""
         self._check_branch(branch)
-        pairs = list(self._pairs(branch))
+        self._write_factors(self.names[branch], weights)
+
+    def _write_factors(self, adapter_name: str, weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy one `(A, B)` pair per target linear into adapter `adapter_name` (merged layers are re-merged)."""
+        pairs = self._pairs(adapter_name)
         if len(pairs) != len(weights):
-            raise InvalidArgumentError(f"Expected {len(pairs)} (down, up) pairs for {branch!r}, got {len(weights)}.")
+            raise InvalidArgumentError(
+                f"Expected {len(pairs)} (down, up) pairs for {adapter_name!r}, got {len(weights)}."
+            )
 
         def update() -> None:
-            destinations = [a for _, a, _ in pairs] + [b for _, _, b in pairs]
-            torch._foreach_copy_(destinations, [down for down, _ in weights] + [up for _, up in weights])
+            destinations = [a for a, _ in pairs] + [b for _, b in pairs]
+            foreach_copy_(destinations, [down for down, _ in weights] + [up for _, up in weights])
 
-        self._while_unmerged(branch, update)
+        update_while_unmerged(self._layers, adapter_name, update)
 
     @torch.no_grad()
     def write_mixed(self, branch: str, groups: list[BankGroup], mixed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -256,28 +280,65 @@ class HyperLoRAAdapters:
                     staged = torch.empty(factors.shape, dtype=first.dtype, device=first.device).copy_(factors)
                     targets.extend(params)
                     sources.extend(staged.unbind(0))
-            torch._foreach_copy_(targets, sources)
+            foreach_copy_(targets, sources)
 
         self._while_unmerged(branch, update)
 
     @torch.no_grad()
     def clear(self, branch: str) -> None:
         """Make a branch contribute nothing (its up matrices become zero)."""
-        ups = [lora_b for _, _, lora_b in self._pairs(branch)]
-        self._while_unmerged(branch, lambda: torch._foreach_zero_(ups))
+        ups = [lora_b for _, lora_b in self._pairs(self.names[branch])]
+        self._while_unmerged(branch, lambda: foreach_zero_(ups))
 
     def live_device_dtype(self) -> tuple[torch.device, torch.dtype] | None:
         """Device and dtype of the live ID factors (one parameter looked at), `None` when detached."""
-        name = self.names["id"]
-        for layer in self._layers:
-            if name in layer.lora_A:
-                weight = layer.lora_A[name].weight
-                return weight.device, weight.dtype
-        return None
+        pairs = self._pairs(self.names["id"])
+        return (pairs[0][0].device, pairs[0][0].dtype) if pairs else None
 
     def lora_parameters(self, branch: str = "id") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The live `(lora_A.weight, lora_B.weight)` of every target linear of a branch."""
-        return [(a, b) for _, a, b in self._pairs(branch)]
+        return self._pairs(self.names[branch])
+
+    # ------------------------------------------------------------------ sliders
+    @torch.no_grad()
+    def put_slider(
+        self, name: str, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: float, replace: bool = False
+    ) -> None:
+        """Write rank-`2r` slider factors into adapter `name` and make it active at `weight` (other active adapters
+        stay active with their weights).
+
+        Args:
+            replace: `name` is a slider of ours already on the denoiser: its factors are rewritten in place.
+                Otherwise a new adapter is registered; a name any adapter already has is refused.
+        """
+        exists = name in adapter_configs(self.denoiser)
+        if exists and not replace:
+            raise AdapterNameConflictError(
+                f"The {self.denoiser.__class__.__name__} already has an adapter named {name!r}. Pick another "
+                f"slider name (`adapter_name=...`) or delete that adapter first (`pipe.delete_adapters({name!r})`)."
+            )
+        if not exists:
+            if len(factors) != len(self._layers):
+                raise InvalidArgumentError(
+                    f"Expected slider factors for {len(self._layers)} linears, got {len(factors)}."
+                )
+            paths = [linear.module_path for linear in self.config.linears]
+            lora_config = LoraConfig(
+                r=slider_rank(self.config), lora_alpha=slider_alpha(self.config), target_modules=paths
+            )
+            previously_active = active_adapters(self.denoiser)
+            add_adapter(self.denoiser, lora_config, name)
+            set_active_adapters(self.denoiser, previously_active, {})  # activated below, beside these
+        self._write_factors(name, factors)
+        activate_adapter(self.denoiser, name, weight)
+
+    def remove_adapters(self, names: Collection[str]) -> None:
+        """Delete the named adapters that are still on the denoiser (a user may have deleted some already); fused
+        ones are first taken out of the base weights."""
+        present = [name for name in names if name in adapter_configs(self.denoiser)]
+        if present:
+            unmerge_adapters(self.denoiser.modules(), present)  # a fused update leaves the base weights too
+            self.denoiser.delete_adapters(present)
 
     # ------------------------------------------------------------------ removal
     def detach(self) -> None:
@@ -290,14 +351,13 @@ class HyperLoRAAdapters:
         names = list(self.names.values())
         if self.is_attached():
             unmerge_adapters(self._layers, names)
-        existing = set(getattr(self.denoiser, "peft_config", None) or {})
-        present = [name for name in names if name in existing]
+        present = [name for name in names if name in adapter_configs(self.denoiser)]
         self._destinations = {}
         self._layers = []
         if present:
             self.denoiser.delete_adapters(present)
-        if not getattr(self.denoiser, "peft_config", None):
-            remove_peft_layers(self.denoiser)
+        if not adapter_configs(self.denoiser):
+            remove_peft_wrappers(self.denoiser)
 
 
 @torch.no_grad()
@@ -307,22 +367,9 @@ def unmerge_adapters(layers: Iterable[nn.Module], names: Collection[str]) -> Non
     Call before deleting fused adapters: PEFT's `delete_adapter` leaves a merged update in the base weight.
     """
     for layer in layers:
-        if not isinstance(layer, BaseTunerLayer) or not any(n in names for n in layer.merged_adapters):
+        if not isinstance(layer, BaseTunerLayer) or not any(n in names for n in merged_adapter_names(layer)):
             continue
-        others = [n for n in layer.merged_adapters if n not in names]
+        others = [n for n in merged_adapter_names(layer) if n not in names]
         layer.unmerge()  # exact restore of the base weights
         if others:  # other fused adapters stay fused, with a fresh exact snapshot
             layer.merge(adapter_names=others)
-
-
-def remove_peft_layers(denoiser: nn.Module) -> None:
-    """Replace every PEFT wrapper of `denoiser` by its base layer (once no adapter is left)."""
-    if not any(isinstance(module, BaseTunerLayer) for module in denoiser.modules()):
-        return
-    # diffusers has no public "remove the empty PEFT wrappers" call; this is what its `unload_lora` uses.
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
-    recurse_remove_peft_layers(denoiser)
-    if hasattr(denoiser, "peft_config"):
-        del denoiser.peft_config
-    denoiser._hf_peft_config_loaded = None

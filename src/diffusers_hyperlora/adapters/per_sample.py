@@ -7,10 +7,12 @@ hook on each target layer. The live `"id"` / `"base"` adapters hold zeros meanwh
 forward adds nothing; every other adapter on the same layers (a style LoRA) runs as usual, and the scale is read
 from the layer at every call, so `pipe.set_adapters(["id", "base"], [w_id, w_base])` applies.
 
-Which identity a batch row belongs to follows diffusers' batch layout: `num_images_per_prompt` copies of each
-prompt are consecutive (`repeat_interleave`), and with classifier-free guidance the batch is `[uncond, cond]`,
-two halves of that layout. A forward pre-hook on the denoiser works the row -> identity map out once per step.
-Fused adapters cannot be per-sample (the merged weight is one matrix for the whole batch).
+Which identity a batch row belongs to follows diffusers' batch layout: the images of a call are split into `N`
+equal consecutive groups, group `i` for identity `i` (one prompt per identity, its `num_images_per_prompt` copies
+consecutive), and with classifier-free guidance the batch is `[uncond, cond]`, two halves of that layout. A
+forward pre-hook on the denoiser works the row -> identity map out once per call, from the call itself
+(`call_layout`): the guidance of the pipeline that runs it, whichever pipeline shares the denoiser, checked
+against the batch. Fused adapters cannot be per-sample (the merged weight is one matrix for the whole batch).
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from torch import nn
 
 from ..errors import IdentityCountError, PerSampleFusedError
 from ..model.bank import BankGroup
+from ..utils.compat import (
+    adapter_runs_in_forward,
+    adapter_scale,
+    calling_pipeline_guidance,
+    denoiser_call_inputs,
+    lora_factors,
+    merged_adapter_names,
+)
 
 # For each branch ("id", "base"), one entry per identity: the bank's grouped factors (`BasisBank.mix`),
 # `(down [G, r, in], up [G, out, r])` per shape group.
@@ -70,6 +80,38 @@ def check_prompt_copies(prompt_embeds: torch.Tensor, num_identities: int, guidan
     )
 
 
+def call_layout(sample: torch.Tensor, num_identities: int, guidance: bool | None) -> bool:
+    """Whether one denoiser call's batch is `[uncond, cond]` halves (classifier-free guidance).
+
+    Args:
+        sample: the call's latents.
+        num_identities: `N`.
+        guidance: whether the pipeline running this call uses classifier-free guidance (read from the calling
+            pipeline itself, whichever pipeline shares the denoiser), `None` for a direct denoiser call: a batch
+            of `identities x copies` rows without guidance halves.
+
+    diffusers' pipelines build a guided batch as `torch.cat([latents] * 2)`, so its two halves are bitwise equal.
+    A guided call whose halves differ has another layout (several guidance branches, as perturbed-attention
+    guidance makes): it raises `IdentityCountError` instead of guessing which row is whose.
+
+    >>> noise = torch.randn(2, 4, 8, 8)
+    >>> call_layout(torch.cat([noise, noise]), 2, guidance=True), call_layout(noise, 2, guidance=None)
+    (True, False)
+    """
+    if not guidance:
+        return False
+    if num_identities > 1:
+        half = sample.shape[0] // 2
+        if sample.shape[0] % 2 or not torch.equal(sample[:half], sample[half:]):
+            raise IdentityCountError(
+                f"The pipeline runs classifier-free guidance, but its denoiser batch of {sample.shape[0]} rows is not "
+                "two equal [unconditional, conditional] halves, the only guided layout per-sample identities can "
+                "assign rows of (other guidance schemes add more branches). Use one identity for the whole batch "
+                "with `pipe.set_hyperlora_identity(x)`."
+            )
+    return True
+
+
 def stack_factors(per_identity: Sequence[GroupedFactors], dtype: torch.dtype, device: torch.device) -> GroupedFactors:
     """Identities' grouped factors -> per group `(down [G, N, r, in], up [G, N, out, r])` in the live dtype."""
     stacked = []
@@ -86,8 +128,6 @@ class PerSampleLoRA:
     Args:
         denoiser: the model carrying the adapters (the UNet).
         layers: the target PEFT layers, in the checkpoint's linear order.
-        guidance: called once per denoiser forward; whether the batch is `[uncond, cond]` (classifier-free
-            guidance), e.g. the pipeline's `do_classifier_free_guidance`.
         attached: called once per denoiser forward; whether the adapters are still on the denoiser. When diffusers
             removed them (`unload_lora_weights`, `delete_adapters`), the per-sample mode removes itself.
     """
@@ -96,12 +136,10 @@ class PerSampleLoRA:
         self,
         denoiser: nn.Module,
         layers: Sequence[BaseTunerLayer],
-        guidance: Callable[[], bool],
         attached: Callable[[], bool] = lambda: True,
     ) -> None:
         self.denoiser = denoiser
         self.layers = list(layers)
-        self.guidance = guidance
         self.attached = attached
         self.num_identities = 0
         self._factors: dict[str, tuple[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
@@ -123,7 +161,7 @@ class PerSampleLoRA:
         """
         factors = {}
         for branch, (name, groups, per_identity) in branches.items():
-            reference = self.layers[groups[0].members[0]].lora_A[name].weight
+            reference = lora_factors(self.layers[groups[0].members[0]], name)[0]
             stacked = stack_factors(per_identity, reference.dtype, reference.device)
             by_layer = {}
             for (down, up), group in zip(stacked, groups):
@@ -150,11 +188,10 @@ class PerSampleLoRA:
         if not self.attached():
             self.remove()  # the adapters are gone: nothing per-sample is left to apply
             return
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        guidance = bool(self.guidance())
+        sample, prompts = denoiser_call_inputs(args, kwargs)
+        guidance = call_layout(sample, self.num_identities, calling_pipeline_guidance())
         rows = batch_rows(self.num_identities, sample.shape[0], guidance)
-        prompts = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        if isinstance(prompts, torch.Tensor) and prompts.shape[0] == sample.shape[0]:
+        if prompts is not None and prompts.shape[0] == sample.shape[0]:
             check_prompt_copies(prompts, self.num_identities, guidance)
         self._rows = rows.to(sample.device)
 
@@ -163,15 +200,15 @@ class PerSampleLoRA:
             for name, by_layer in self._factors.values():
                 if index not in by_layer:
                     continue
-                if name in layer.merged_adapters:
+                if name in merged_adapter_names(layer):
                     raise PerSampleFusedError(
                         f"The {name!r} adapter is fused, but per-sample identities need it unfused (one merged "
                         "weight cannot hold several people). Call `pipe.unfuse_lora()`, or return to one identity "
                         "with `pipe.set_hyperlora_identity(x)` before fusing."
                     )
-                if layer.disable_adapters or layer.merged or name not in layer.active_adapters:
+                if not adapter_runs_in_forward(layer, name):
                     continue  # what PEFT's own forward would skip
-                output = output + self._delta(args[0], *by_layer[index], layer.scaling[name]).to(output.dtype)
+                output = output + self._delta(args[0], *by_layer[index], adapter_scale(layer, name)).to(output.dtype)
             return output
 
         return hook
@@ -190,12 +227,6 @@ class PerSampleLoRA:
         hidden = torch.bmm(flat, down[rows].transpose(1, 2))  # [B, L, r]
         delta = torch.bmm(hidden, up[rows].transpose(1, 2)) * scale  # [B, L, out]
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
-
-
-def target_layers(denoiser: nn.Module, module_paths: Sequence[str]) -> list[BaseTunerLayer]:
-    """The PEFT layers at the checkpoint's target paths, in the checkpoint's linear order."""
-    modules = dict(denoiser.named_modules())
-    return [modules[path] for path in module_paths]
 
 
 def per_sample_branches(

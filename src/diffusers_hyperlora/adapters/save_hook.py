@@ -20,12 +20,13 @@ from typing import Any
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+from ..utils.compat import ADAPTER_CONTAINERS, BASE_LAYER_KEY, layer_adapter_names
+
 _MARK = "_hyperlora_adapter_names"
 
 
 def _is_adapter_key(parts: list[str], names: Collection[str]) -> bool:
-    return any(part in _ADAPTER_CONTAINERS and nxt in names for part, nxt in zip(parts, parts[1:]))
+    return any(part in ADAPTER_CONTAINERS and nxt in names for part, nxt in zip(parts, parts[1:]))
 
 
 def _hiding_hook(adapter_names: Callable[[], Collection[str]]):
@@ -34,7 +35,7 @@ def _hiding_hook(adapter_names: Callable[[], Collection[str]]):
         only_ours = {
             f"{prefix}{path}."
             for path, layer in module.named_modules()
-            if isinstance(layer, BaseTunerLayer) and set(layer.lora_A.keys()) <= names
+            if isinstance(layer, BaseTunerLayer) and layer_adapter_names(layer) <= names
         }
         for key in list(state_dict):
             if not key.startswith(prefix):
@@ -42,7 +43,7 @@ def _hiding_hook(adapter_names: Callable[[], Collection[str]]):
             if _is_adapter_key(key[len(prefix) :].split("."), names):
                 del state_dict[key]
                 continue
-            head, sep, tail = key.rpartition(".base_layer.")
+            head, sep, tail = key.rpartition(BASE_LAYER_KEY)
             if sep and f"{head}." in only_ours:
                 state_dict[f"{head}.{tail}"] = state_dict.pop(key)
 

@@ -8,7 +8,8 @@ It is one ordinary PEFT adapter of rank `2r` with
 
 so `B @ A = up_e @ down_e - up_n @ down_n` and the PEFT scale `lora_alpha / 2r` equals the ID adapter's `alpha / r`.
 Its weight is set with `pipe.set_adapters` like any LoRA (negative weights move the other way), several sliders can
-be active at once, and it exports to kohya / diffusers files like an identity.
+be active at once, and it exports to kohya / diffusers files like an identity. The adapter itself lives with the
+ID and Base adapters (`HyperLoRAAdapters.put_slider` / `remove_adapters` in `peft_adapters.py`).
 """
 
 from __future__ import annotations
@@ -19,23 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.utils import logging
-from peft import LoraConfig
-from torch import nn
 
-from ..errors import AdapterNameConflictError, InvalidArgumentError, InvalidArgumentTypeError
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from ..identities.identity import HyperLoRAIdentity
 from ..model.config import HyperLoRAConfig
-from .peft_adapters import (
-    active_adapters,
-    add_adapter,
-    check_targets,
-    set_active_adapters,
-    unmerge_adapters,
-    update_while_unmerged,
-)
-
-logger = logging.get_logger(__name__)
 
 DEFAULT_SLIDER_NAME = "slider"
 DEFAULT_SLIDER_WEIGHT = 0.7  # the reference slider workflows use +-0.7
@@ -101,65 +89,11 @@ class HyperLoRASlider:
                     "`pipe.predict_hyperlora_identity(images)` or load it with `HyperLoRAIdentity.load(path)`."
                 )
 
-    def check_compatible(self, checkpoint: str, probe: torch.Tensor | None) -> None:
-        """Raise `IdentityMismatchError` unless both sides belong to the given checkpoint."""
-        self.neutral.check_compatible(checkpoint, probe)
-        self.edited.check_compatible(checkpoint, probe)
-
     def lora_weights(self, predictor: Any, device: torch.device | str | None = None) -> list[tuple[torch.Tensor, ...]]:
         """Rank-`2r` `(A [2r, in], B [out, 2r])` float32 for every target linear (checkpoint order)."""
         edited = predictor.lora_weights(self.edited, "id", device=device)
         neutral = predictor.lora_weights(self.neutral, "id", device=device)
         return difference_factors(edited, neutral)
-
-
-# ---------------------------------------------------------------------------------------------- denoiser adapters
-@torch.no_grad()
-def write_slider_adapter(denoiser: nn.Module, config: HyperLoRAConfig, name: str, factors: LoraFactors) -> None:
-    """Copy rank-`2r` factors into the existing slider adapter `name`, in place (merged layers are re-merged)."""
-    modules = dict(denoiser.named_modules())
-    layers = [modules[linear.module_path] for linear in config.linears]
-    if len(layers) != len(factors):
-        raise InvalidArgumentError(f"Expected slider factors for {len(layers)} linears, got {len(factors)}.")
-
-    def update() -> None:
-        destinations = [layer.lora_A[name].weight for layer in layers] + [layer.lora_B[name].weight for layer in layers]
-        torch._foreach_copy_(destinations, [a for a, _ in factors] + [b for _, b in factors])
-
-    update_while_unmerged(layers, name, update)
-
-
-def add_slider_adapter(
-    denoiser: nn.Module, config: HyperLoRAConfig, name: str, factors: LoraFactors, weight: float
-) -> None:
-    """Register a rank-`2r` PEFT adapter `name` on every target linear, fill it, and activate it at `weight`.
-
-    The adapters that were active stay active (with their weights).
-    """
-    check_targets(denoiser, config.linears)
-    if name in (getattr(denoiser, "peft_config", None) or {}):
-        raise AdapterNameConflictError(
-            f"The {denoiser.__class__.__name__} already has an adapter named {name!r}. Pick another slider name "
-            f"(`adapter_name=...`) or delete that adapter first (`pipe.delete_adapters({name!r})`)."
-        )
-    previously_active = active_adapters(denoiser)
-    lora_config = LoraConfig(
-        r=slider_rank(config),
-        lora_alpha=slider_alpha(config),
-        target_modules=[linear.module_path for linear in config.linears],
-    )
-    add_adapter(denoiser, lora_config, name)
-    write_slider_adapter(denoiser, config, name, factors)
-    set_active_adapters(denoiser, previously_active + [name], {name: weight})
-
-
-def delete_slider_adapters(denoiser: nn.Module, names: Sequence[str]) -> None:
-    """Delete the named adapters that still exist on the denoiser (a user may have deleted some already)."""
-    existing = set(getattr(denoiser, "peft_config", None) or {})
-    present = [name for name in names if name in existing]
-    if present:
-        unmerge_adapters(denoiser.modules(), present)  # a fused slider's update leaves the base weights too
-        denoiser.delete_adapters(present)
 
 
 def check_slider_weight(weight: Any) -> float:

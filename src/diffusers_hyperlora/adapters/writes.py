@@ -8,7 +8,7 @@ the cache when it was prepared before, so returning to a person costs only the c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -16,8 +16,9 @@ from ..errors import IdentityCountError, PerSampleFusedError
 from ..identities.cache import DEFAULT_CACHE_BYTES, PreparedFactors, PreparedIdentityCache
 from ..identities.identity import HyperLoRAIdentity
 from ..model.predictor import HyperLoRAPredictor
+from ..utils.compat import merged_adapter_names
 from .peft_adapters import HyperLoRAAdapters
-from .per_sample import PerSampleLoRA, per_sample_branches, target_layers
+from .per_sample import PerSampleLoRA, per_sample_branches
 
 
 def mix_identity(predictor: HyperLoRAPredictor, identity: HyperLoRAIdentity) -> PreparedFactors:
@@ -37,8 +38,6 @@ class IdentityServing:
     Args:
         predictor: the loaded predictor (already on the device/dtype the caller wants it to mix on).
         adapters: its `"id"`/`"base"` adapters on the denoiser.
-        guidance: whether the denoiser's batch is `[uncond, cond]` right now (the pipeline's
-            `do_classifier_free_guidance`); read once per denoiser call in per-sample mode.
         cache_bytes: byte budget of the prepared-identity cache (0 disables it).
     """
 
@@ -46,15 +45,13 @@ class IdentityServing:
         self,
         predictor: HyperLoRAPredictor,
         adapters: HyperLoRAAdapters,
-        guidance: Callable[[], bool],
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.predictor = predictor
         self.adapters = adapters
         self.cache = PreparedIdentityCache(cache_bytes)
-        paths = [linear.module_path for linear in predictor.config.linears]
-        self._layers = target_layers(adapters.denoiser, paths)
-        self._per_sample = PerSampleLoRA(adapters.denoiser, self._layers, guidance, adapters.is_attached)
+        self._layers = adapters.layers
+        self._per_sample = PerSampleLoRA(adapters.denoiser, self._layers, adapters.is_attached)
         self.identities: list[HyperLoRAIdentity] | None = None
 
     @property
@@ -102,7 +99,7 @@ class IdentityServing:
     def _check_unfused(self) -> None:
         names = set(self.adapters.names.values())
         for layer in self._layers:
-            fused = names.intersection(layer.merged_adapters)
+            fused = names.intersection(merged_adapter_names(layer))
             if fused:
                 raise PerSampleFusedError(
                     f"HyperLoRA's {sorted(fused)} adapter is fused; per-sample identities need it unfused (one merged "
@@ -119,18 +116,3 @@ class IdentityServing:
         """Before the adapters go away (unload, re-attach): no hooks left behind, cache dropped."""
         self.leave_per_sample()
         self.cache.clear()
-
-
-def pipeline_guidance(pipe) -> Callable[[], bool]:
-    """Whether `pipe`'s current call runs classifier-free guidance (its `do_classifier_free_guidance`).
-
-    False before the pipeline's first call (the property reads state the call sets) and for pipelines without it.
-    """
-
-    def guidance() -> bool:
-        try:
-            return bool(pipe.do_classifier_free_guidance)
-        except AttributeError:
-            return False
-
-    return guidance

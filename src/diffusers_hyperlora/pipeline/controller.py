@@ -8,7 +8,11 @@ exactly as they were.
 Concurrency: all methods that read or write HyperLoRA state hold `controller.lock` (a re-entrant lock), so
 concurrent identity switches are serialized and the live weights always equal exactly one identity, the one
 `identity` names. A generation (`pipe(...)`) does not take the lock: to pair a switch with the images generated
-from it across threads, hold the lock around both (`with pipe.hyperlora.lock: ...`).
+from it across threads, generate inside `with pipe.hyperlora.using(identity): ...` (or
+`using_identities([...])`), which switches and holds the lock until the block ends. The lock is always the last
+one taken: take any lock of your own before it, never after.
+
+The device/offload policy is `placement.py`.
 
 Living beside diffusers' own LoRA calls: when `pipe.unload_lora_weights()`, `pipe.delete_adapters(...)` or
 `pipe.unet.unload_lora()` removed HyperLoRA's adapters, the next identity switch attaches them again (with the
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,43 +31,58 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
-from ..adapters.peft_adapters import HyperLoRAAdapters, active_adapters, set_active_adapters
+from ..adapters.peft_adapters import HyperLoRAAdapters
 from ..adapters.save_hook import hide_adapters_when_saving
-from ..adapters.sliders import (
-    DEFAULT_SLIDER_NAME,
-    DEFAULT_SLIDER_WEIGHT,
-    HyperLoRASlider,
-    add_slider_adapter,
-    check_slider_weight,
-    delete_slider_adapters,
-    write_slider_adapter,
+from ..adapters.sliders import DEFAULT_SLIDER_NAME, DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, check_slider_weight
+from ..adapters.writes import IdentityServing
+from ..errors import (
+    AdapterNameConflictError,
+    HyperLoRANotLoadedError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    UnsupportedPipelineError,
 )
-from ..adapters.writes import IdentityServing, pipeline_guidance
-from ..errors import AdapterNameConflictError, HyperLoRANotLoadedError, InvalidArgumentError, InvalidArgumentTypeError
 from ..identities.cache import PreparedIdentityCache
 from ..identities.features import FeatureExtractor
 from ..identities.identity import HyperLoRAIdentity
-from ..identities.inputs import resolve_identity
+from ..identities.inputs import is_identity_input, resolve_identity
 from ..io.hub import HubOptions
 from ..io.lora_files import export_lora
 from ..model.config import HyperLoRAConfig
 from ..model.predictor import HyperLoRAPredictor
+from ..utils.compat import adapter_configs
+from .placement import Placement
 
 logger = logging.get_logger(__name__)
 
-DENOISER_NAMES = ("unet", "transformer")
+DENOISER_NAME = "unet"
+# Denoisers of pipelines HyperLoRA does not support yet: targets, export and per-sample identities are UNet-only.
+UNSUPPORTED_DENOISER_NAMES = ("transformer",)
 
 
 def find_denoiser(pipe: Any, name: str | None = None) -> torch.nn.Module:
-    """The pipeline's denoiser: `name` if given, else its `unet` or `transformer`."""
-    for candidate in (name,) if name else DENOISER_NAMES:
-        module = getattr(pipe, candidate, None)
-        if module is not None:
-            return module
-    raise InvalidArgumentTypeError(
-        f"{pipe.__class__.__name__} has no denoiser ({' or '.join(DENOISER_NAMES)}); HyperLoRA needs a diffusers "
-        "pipeline such as StableDiffusionXLPipeline."
-    )
+    """The pipeline's denoiser: `name` if given, else its `unet`. A transformer denoiser (SD3, FLUX) raises
+    `UnsupportedPipelineError`."""
+    name = name or DENOISER_NAME
+    module = getattr(pipe, name, None)
+    if name in UNSUPPORTED_DENOISER_NAMES or (module is None and name == DENOISER_NAME and _has_transformer(pipe)):
+        raise UnsupportedPipelineError(
+            f"{pipe.__class__.__name__} denoises with a transformer (SD3, FLUX, ...); HyperLoRA supports UNet "
+            "pipelines only (its checkpoints target SDXL UNets): use an SDXL pipeline such as "
+            "StableDiffusionXLPipeline.",
+            argument="pipe",
+        )
+    if module is None:
+        raise InvalidArgumentTypeError(
+            f"{pipe.__class__.__name__} has no denoiser {name!r}; HyperLoRA needs a diffusers pipeline with a UNet "
+            "such as StableDiffusionXLPipeline.",
+            argument="pipe",
+        )
+    return module
+
+
+def _has_transformer(pipe: Any) -> bool:
+    return any(getattr(pipe, name, None) is not None for name in UNSUPPORTED_DENOISER_NAMES)
 
 
 def as_image_list(images: Any, caller: str) -> list[Any]:
@@ -138,6 +157,7 @@ class HyperLoRAController:
         self._denoiser_name = denoiser_name
         self._loaded: _Loaded | None = None
         self.lock = threading.RLock()
+        self._placement = Placement(pipe, self._denoiser)
 
     # ------------------------------------------------------------------ what is loaded
     @property
@@ -215,6 +235,7 @@ class HyperLoRAController:
         HyperLoRA that was there. Any error leaves the old one (and its identity) in place."""
         with self.lock:
             denoiser = self._denoiser()
+            self._placement.check_supported()
             predictor, source = self._read(pretrained_model_name_or_path, options, denoiser.dtype)
             predictor.check_weights_finite()
             names = options.adapter_names
@@ -260,36 +281,15 @@ class HyperLoRAController:
                 return
             if loaded.serving is not None:
                 loaded.serving.close()
-            delete_slider_adapters(loaded.adapters.denoiser, list(loaded.sliders))
+            loaded.adapters.remove_adapters(list(loaded.sliders))
             if loaded.save_hook is not None:
                 loaded.save_hook.remove()
             loaded.adapters.detach()
             self._loaded = None
 
-    # ------------------------------------------------------------------ device policy
-    def _execution_device(self) -> torch.device:
-        device = getattr(self._pipe, "_execution_device", None)
-        return torch.device(device) if device is not None else self._denoiser().device
-
-    def _offloaded(self) -> bool:
-        """Whether accelerate's CPU offload hooks manage the denoiser (`enable_*_cpu_offload`)."""
-        return getattr(self._denoiser(), "_hf_hook", None) is not None
-
+    # ------------------------------------------------------------------ device policy (placement.py)
     def _sync(self, loaded: _Loaded) -> HyperLoRAPredictor:
-        """Put the predictor on the execution device in the denoiser's dtype; with `offload_bank` the banks stay
-        in CPU memory (pinned when they feed a GPU) and are streamed during a switch."""
-        device, dtype = self._execution_device(), loaded.adapters.denoiser.dtype
-        predictor = loaded.predictor
-        if not loaded.options.offload_bank:
-            if predictor.device != device or predictor.dtype != dtype:
-                predictor.to(device=device, dtype=dtype)
-            return predictor
-        for name, module in predictor.named_children():
-            if name in ("id_bank", "base_bank"):
-                _keep_on_cpu(module, dtype, pin=device.type == "cuda")
-            elif module is not None:
-                module.to(device=device, dtype=dtype)
-        return predictor
+        return self._placement.sync(loaded.predictor, loaded.options.offload_bank)
 
     def prepare_predictor(self) -> HyperLoRAPredictor:
         """Move the predictor where the next switch computes (honouring `offload_bank`) and return it."""
@@ -298,31 +298,16 @@ class HyperLoRAController:
 
     @contextmanager
     def _offload_lifted(self, loaded: _Loaded) -> Iterator[None]:
-        """Under `enable_sequential_cpu_offload` the live parameters are `meta` placeholders and the real weights sit
-        in accelerate's offload map: lift the hooks (the weights come back), run the write, then offload again."""
-        live = loaded.adapters.live_device_dtype()
-        if live is None or live[0].type != "meta":
+        """Refuse group offloading; lift sequential CPU offload for the block (see `Placement.lifted`)."""
+        self._placement.check_supported()
+        with self._placement.lifted(loaded.adapters.live_device_dtype()) as lifted:
+            if lifted:
+                loaded.synced_for = None
             yield
-            return
-        from accelerate.hooks import remove_hook_from_module
-
-        pipe = self._pipe
-        # diffusers' own `load_lora_weights` does the same (its private `_func_optionally_disable_offloading`);
-        # `_offload_device` is where `enable_sequential_cpu_offload` was told to compute (no public getter).
-        device = getattr(pipe, "_offload_device", None)
-        for component in pipe.components.values():
-            if isinstance(component, torch.nn.Module) and hasattr(component, "_hf_hook"):
-                remove_hook_from_module(component, recurse=True)
-        loaded.synced_for = None
-        try:
-            yield
-        finally:
-            pipe.enable_sequential_cpu_offload(device=device)
 
     def _rest(self, loaded: _Loaded) -> None:
         """Under CPU offload, send the predictor back to the CPU after use, like the offloaded models."""
-        if self._offloaded():
-            loaded.predictor.to("cpu")
+        if self._placement.rest(loaded.predictor):
             loaded.synced_for = None
 
     # ------------------------------------------------------------------ prediction
@@ -346,6 +331,7 @@ class HyperLoRAController:
         with self.lock:
             loaded = self._require(f"pipe.{caller}()")
             inputs = as_image_list(images, caller)
+            _check_options_apply(caller, [inputs], kwargs)
             return resolve_identity(
                 inputs, lambda photos: self._predict_photos(loaded, photos, kwargs), loaded.predictor
             )
@@ -395,12 +381,61 @@ class HyperLoRAController:
         with self.lock:
             loaded = self._require("pipe.set_hyperlora_identity()")
             identity = self._as_identity(images_or_identity, "set_hyperlora_identity", kwargs)
-            loaded.predictor.check_identity(identity)
-            self._ensure_attached(loaded)
-            with self._writing(loaded) as serving:
-                serving.write(identity)
-            loaded.identity = identity
+            self._write(loaded, [identity], per_sample=False)
             return identity
+
+    @torch.no_grad()
+    def set_identities(self, identities: Sequence[Any], **kwargs: Any) -> list[HyperLoRAIdentity]:
+        """One identity per prompt for the next pipeline calls (see `pipe.set_hyperlora_identities`).
+
+        Every entry is predicted (photos, identity files) and validated before anything changes.
+        """
+        with self.lock:
+            loaded = self._require("pipe.set_hyperlora_identities()")
+            if isinstance(identities, (str, HyperLoRAIdentity)) or not isinstance(identities, Sequence):
+                raise InvalidArgumentTypeError(
+                    "set_hyperlora_identities() takes a list with one entry per prompt (a HyperLoRAIdentity, or "
+                    f"photos / an identity file), got a {type(identities).__name__}. For one identity for the whole "
+                    "batch use `pipe.set_hyperlora_identity(x)`.",
+                    argument="identities",
+                )
+            _check_options_apply("set_hyperlora_identities", identities, kwargs)
+            resolved = [
+                self._as_identity(entry, "set_hyperlora_identities", kwargs, checked=True) for entry in identities
+            ]
+            self._write(loaded, resolved, per_sample=True)
+            return resolved
+
+    def _write(self, loaded: _Loaded, identities: list[HyperLoRAIdentity], per_sample: bool) -> None:
+        """The one write path of both switches: validate every identity, re-attach the adapters if diffusers
+        removed them, then write one identity for the batch or one per prompt."""
+        for identity in identities:
+            loaded.predictor.check_identity(identity)
+        self._ensure_attached(loaded)
+        with self._writing(loaded) as serving:
+            if per_sample:
+                serving.set_identities(identities)
+            else:
+                serving.write(identities[0])
+        loaded.identity = None if per_sample else identities[0]
+
+    @contextmanager
+    def using(self, images_or_identity: Any, **kwargs: Any) -> Iterator[HyperLoRAIdentity]:
+        """Switch to an identity and hold `lock` until the block ends, so that no other thread switches before the
+        images of the block are generated. The identity stays set afterwards.
+
+        Example:
+            >>> with pipe.hyperlora.using(alice) as identity:  # doctest: +SKIP
+            ...     image = pipe("a photo of a person as an astronaut").images[0]
+        """
+        with self.lock:
+            yield self.set_identity(images_or_identity, **kwargs)
+
+    @contextmanager
+    def using_identities(self, identities: Sequence[Any], **kwargs: Any) -> Iterator[list[HyperLoRAIdentity]]:
+        """`set_identities` (one identity per prompt) holding `lock` until the block ends, like `using`."""
+        with self.lock:
+            yield self.set_identities(identities, **kwargs)
 
     @contextmanager
     def _writing(self, loaded: _Loaded) -> Iterator[IdentityServing]:
@@ -432,37 +467,13 @@ class HyperLoRAController:
         re-attach)."""
         serving = loaded.serving
         if serving is None or serving.adapters is not loaded.adapters:
-            guidance = pipeline_guidance(self._pipe)
             if serving is None:
-                serving = IdentityServing(loaded.predictor, loaded.adapters, guidance)
+                serving = IdentityServing(loaded.predictor, loaded.adapters)
             else:
                 serving.close()
-                serving = IdentityServing(loaded.predictor, loaded.adapters, guidance, serving.cache.max_bytes)
+                serving = IdentityServing(loaded.predictor, loaded.adapters, serving.cache.max_bytes)
             loaded.serving = serving
         return serving
-
-    @torch.no_grad()
-    def set_identities(self, identities: Sequence[Any], **kwargs: Any) -> list[HyperLoRAIdentity]:
-        """One identity per prompt for the next pipeline calls (see `pipe.set_hyperlora_identities`).
-
-        Every entry is predicted (photos, identity files) and validated before anything changes.
-        """
-        with self.lock:
-            loaded = self._require("pipe.set_hyperlora_identities()")
-            if isinstance(identities, (str, HyperLoRAIdentity)) or not isinstance(identities, Sequence):
-                raise InvalidArgumentTypeError(
-                    "set_hyperlora_identities() takes a list with one entry per prompt (a HyperLoRAIdentity, or "
-                    f"photos / an identity file), got a {type(identities).__name__}. For one identity for the whole "
-                    "batch use `pipe.set_hyperlora_identity(x)`."
-                )
-            resolved = [self._as_identity(entry, "set_hyperlora_identities", kwargs) for entry in identities]
-            for identity in resolved:
-                loaded.predictor.check_identity(identity)
-            self._ensure_attached(loaded)
-            with self._writing(loaded) as serving:
-                serving.set_identities(resolved)
-            loaded.identity = None
-            return resolved
 
     @property
     def identities(self) -> list[HyperLoRAIdentity] | None:
@@ -495,7 +506,7 @@ class HyperLoRAController:
             "`unload_lora`); attaching them again with the weights given at load."
         )
         adapters.detach()
-        existing = set(getattr(denoiser, "peft_config", None) or {})
+        existing = adapter_configs(denoiser)
         loaded.sliders = {name: s for name, s in loaded.sliders.items() if name in existing}
         options = loaded.options
         HyperLoRAAdapters.check_attachable(denoiser, loaded.predictor.config, *options.adapter_names)
@@ -553,40 +564,38 @@ class HyperLoRAController:
                     "`adapter_name='slider'`."
                 )
             slider = HyperLoRASlider(
-                neutral=self._slider_side(neutral, "neutral", kwargs),
-                edited=self._slider_side(edited, "edited", kwargs),
+                neutral=self._slider_side(neutral, "neutral", kwargs, (neutral, edited)),
+                edited=self._slider_side(edited, "edited", kwargs, (neutral, edited)),
             )
             with self._computing(loaded) as predictor:
                 difference = slider.lora_weights(predictor)
             self._ensure_attached(loaded)
             with self._offload_lifted(loaded):
-                self._write_slider(loaded, adapter_name, difference, weight)
+                replace = adapter_name in loaded.sliders
+                loaded.adapters.put_slider(adapter_name, difference, weight, replace=replace)
             loaded.sliders[adapter_name] = slider
             return slider
 
-    def _write_slider(self, loaded: _Loaded, adapter_name: str, difference: list, weight: float) -> None:
-        denoiser, config = loaded.adapters.denoiser, loaded.predictor.config
-        existing = getattr(denoiser, "peft_config", None) or {}
-        if adapter_name in loaded.sliders and adapter_name in existing:
-            write_slider_adapter(denoiser, config, adapter_name, difference)
-            names = active_adapters(denoiser)
-            set_active_adapters(
-                denoiser, names if adapter_name in names else [*names, adapter_name], {adapter_name: weight}
-            )
-        else:
-            add_slider_adapter(denoiser, config, adapter_name, difference, weight)
-
-    def _slider_side(self, value: Any, side: str, kwargs: dict) -> HyperLoRAIdentity:
+    def _slider_side(self, value: Any, side: str, kwargs: dict, sides: tuple) -> HyperLoRAIdentity:
         if value is None:
             raise InvalidArgumentError(
-                f"add_hyperlora_slider(): `{side}` is missing; pass images or a HyperLoRAIdentity."
+                f"add_hyperlora_slider(): `{side}` is missing; pass images or a HyperLoRAIdentity.", argument=side
             )
-        return self._as_identity(value, "add_hyperlora_slider", kwargs)
+        _check_options_apply("add_hyperlora_slider", sides, kwargs)
+        return self._as_identity(value, "add_hyperlora_slider", kwargs, checked=True)
 
-    def _as_identity(self, value: Any, caller: str, kwargs: dict) -> HyperLoRAIdentity:
-        """A `HyperLoRAIdentity` as given, else predicted from photos / identity files."""
+    def _as_identity(self, value: Any, caller: str, kwargs: dict, checked: bool = False) -> HyperLoRAIdentity:
+        """A `HyperLoRAIdentity` as given, else predicted from photos / identity files.
+
+        Args:
+            checked: the caller already made sure that `kwargs` (feature extractor options) apply to some photos.
+        """
+        if not checked:
+            _check_options_apply(caller, [value], kwargs)
         if isinstance(value, HyperLoRAIdentity):
             return value
+        if checked and not _has_photos(value):
+            kwargs = {}  # options for the photos of other entries
         return self.predict_identity(value, caller=caller, **kwargs)
 
     def remove_slider(self, adapter_name: str = DEFAULT_SLIDER_NAME) -> None:
@@ -598,7 +607,7 @@ class HyperLoRAController:
                     f"remove_hyperlora_slider(): no HyperLoRA slider named {adapter_name!r} on this pipeline "
                     f"(sliders: {sorted(loaded.sliders) or 'none'}). Use the name given to `add_hyperlora_slider`."
                 )
-            delete_slider_adapters(loaded.adapters.denoiser, [adapter_name])
+            loaded.adapters.remove_adapters([adapter_name])
             del loaded.sliders[adapter_name]
 
     def __repr__(self) -> str:
@@ -611,12 +620,19 @@ class HyperLoRAController:
         )
 
 
-def _keep_on_cpu(bank: torch.nn.Module, dtype: torch.dtype, pin: bool) -> None:
-    """Keep a basis bank in CPU memory in the denoiser's dtype, page-locked when it feeds a GPU."""
-    for param in bank.parameters():
-        data = param.data
-        if data.device.type != "cpu" or data.dtype != dtype:
-            data = data.to(device="cpu", dtype=dtype)
-        if pin and not data.is_pinned():
-            data = data.pin_memory()
-        param.data = data
+def _has_photos(value: Any) -> bool:
+    """Whether one input (an image, a path, a list of them) holds at least one photo, not only saved identities."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(not is_identity_input(item) for item in values)
+
+
+def _check_options_apply(caller: str, entries: Sequence[Any], options: Mapping[str, Any]) -> None:
+    """Refuse feature extractor options when no entry holds a photo: they would be silently ignored."""
+    if options and not any(_has_photos(entry) for entry in entries):
+        names = ", ".join(f"{name}=" for name in sorted(options))
+        raise InvalidArgumentError(
+            f"{caller}(): {names} are options of the face pipeline, which only photos go through; the input is only "
+            "saved identities (HyperLoRAIdentity objects or .safetensors files), used as they are. Drop the "
+            "options, or pass photos.",
+            argument=sorted(options)[0],
+        )

@@ -274,11 +274,11 @@ class HyperLoRAMixin:
         """See `diffusers_hyperlora.unload_hyperlora`."""
         unload_hyperlora(self)
 
-    def add_hyperlora_slider(self, neutral: Any, edited: Any, adapter_name: str = "slider", **kwargs: Any):
+    def add_hyperlora_slider(self, neutral: Any, edited: Any, adapter_name: str = DEFAULT_SLIDER_NAME, **kwargs: Any):
         """See `diffusers_hyperlora.add_hyperlora_slider`."""
         return add_hyperlora_slider(self, neutral, edited, adapter_name=adapter_name, **kwargs)
 
-    def remove_hyperlora_slider(self, adapter_name: str = "slider") -> None:
+    def remove_hyperlora_slider(self, adapter_name: str = DEFAULT_SLIDER_NAME) -> None:
         """See `diffusers_hyperlora.remove_hyperlora_slider`."""
         remove_hyperlora_slider(self, adapter_name)
 

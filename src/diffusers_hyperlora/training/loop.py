@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from ..adapters.peft_adapters import HyperLoRAAdapters, set_active_adapters
 from ..errors import HyperLoRAError, HyperLoRAWriteError, NonFiniteValueError, TrainingConfigError, TrainingDataError
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_path
+from ..utils.compat import quiet_peft_adapter_warnings
 from .conditioning import FrozenEncoders
 from .data import collate_examples
 from .losses import diffusion_target, identity_groups, lora_denoising_loss
@@ -277,9 +277,7 @@ def training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageCon
     """Register the training adapters on the UNet, activate them for the stage, remove them afterwards."""
     unet = pipe.unet
     _check_pipeline(pipe)
-    with warnings.catch_warnings():
-        # PEFT warns when a model gets its second adapter; ID + Base are two adapters by design.
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    with quiet_peft_adapter_warnings():  # ID + Base are two adapters by design
         adapters = HyperLoRAAdapters.attach(
             unet, predictor.config, ID_ADAPTER, BASE_ADAPTER, id_weight=config.id_weight, base_weight=config.base_weight
         )
@@ -292,8 +290,7 @@ def training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageCon
         unet.requires_grad_(False)  # PEFT's set_adapter marks active adapters trainable; ours are substituted
         yield {"id": ID_ADAPTER, "base": BASE_ADAPTER}
     finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        with quiet_peft_adapter_warnings():
             adapters.detach()
 
 

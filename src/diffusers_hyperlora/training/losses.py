@@ -23,6 +23,7 @@ from torch.func import functional_call
 from ..errors import TrainingConfigError, TrainingDataError
 from ..identities.identity import normalize_coefficients
 from ..model.predictor import HyperLoRAPredictor
+from ..utils.compat import lora_parameter_name, put_parameter, take_parameter
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -96,8 +97,8 @@ def lora_parameters(
     factors = bank.lora_weights(predictor.split_coefficients(coefficients))
     params = {}
     for linear, (down, up) in zip(predictor.config.linears, factors):
-        params[f"{linear.module_path}.lora_A.{adapter_name}.weight"] = down
-        params[f"{linear.module_path}.lora_B.{adapter_name}.weight"] = up
+        params[lora_parameter_name(linear.module_path, "A", adapter_name)] = down
+        params[lora_parameter_name(linear.module_path, "B", adapter_name)] = up
     return params
 
 
@@ -174,14 +175,14 @@ def substituted_parameters(module: torch.nn.Module, params: dict[str, torch.Tens
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name)
             # No public API swaps a registered parameter for a plain tensor for longer than one call.
-            original = owner._parameters.pop(leaf)
+            original = take_parameter(owner, leaf)
             swapped.append((owner, leaf, original))
             setattr(owner, leaf, value)
         yield
     finally:
         for owner, leaf, original in reversed(swapped):
             delattr(owner, leaf)
-            owner._parameters[leaf] = original
+            put_parameter(owner, leaf, original)
 
 
 def lora_denoising_loss(

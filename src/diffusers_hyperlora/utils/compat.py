@@ -1,0 +1,226 @@
+"""Every internal of diffusers, PEFT, accelerate and torch that HyperLoRA relies on, in one place.
+
+Each function below reaches something with no public equivalent (a private attribute, a private function, a
+behaviour no API promises). Keeping them here means an upgrade of one of those libraries breaks this file only;
+`tests/test_compat.py` checks every one of them against the installed versions and names the library and its
+version when one changed. Callers elsewhere in the package use these names, never the internals themselves.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------- state-dict layout
+# PEFT stores a wrapped layer's own weights under `<path>.base_layer.<name>` and an adapter's factors under
+# `<path>.lora_A.<adapter>.weight` / `<path>.lora_B.<adapter>.weight`; no PEFT API names these keys.
+BASE_LAYER_KEY = ".base_layer."
+ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def lora_parameter_name(module_path: str, factor: str, adapter_name: str) -> str:
+    """`<module_path>.lora_A.<adapter>.weight` (factor `"A"`) or `...lora_B...` (`"B"`): PEFT's parameter names."""
+    return f"{module_path}.lora_{factor}.{adapter_name}.weight"
+
+
+# ---------------------------------------------------------------------------------------------- PEFT layers
+def lora_factors(layer: BaseTunerLayer, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter] | None:
+    """The `(lora_A.weight, lora_B.weight)` parameters of one adapter on a PEFT LoRA layer, `None` without it.
+
+    PEFT keeps them in the `lora_A` / `lora_B` `ModuleDict`s of the layer; it has no getter for them.
+    """
+    if adapter_name not in layer.lora_A:
+        return None
+    return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+
+
+def layer_adapter_names(layer: BaseTunerLayer) -> set[str]:
+    """The LoRA adapters a PEFT layer carries (the keys of its `lora_A` `ModuleDict`; no public getter)."""
+    return set(layer.lora_A.keys())
+
+
+def merged_adapter_names(layer: BaseTunerLayer) -> list[str]:
+    """The adapters merged into the layer's base weight (PEFT's `merged_adapters` list; no public getter)."""
+    return list(layer.merged_adapters)
+
+
+def mark_unmerged(layer: BaseTunerLayer) -> None:
+    """Tell PEFT that nothing is merged into the layer any more (after its base weight was restored by us)."""
+    layer.merged_adapters.clear()
+
+
+def adapter_runs_in_forward(layer: BaseTunerLayer, adapter_name: str) -> bool:
+    """Whether PEFT's own forward of `layer` would add `adapter_name`'s LoRA (not disabled, not merged, active).
+
+    Mirrors the checks inside `peft.tuners.lora.Linear.forward`, which exposes no predicate for them.
+    """
+    return not layer.disable_adapters and not layer.merged and adapter_name in layer.active_adapters
+
+
+def adapter_scale(layer: BaseTunerLayer, adapter_name: str) -> float:
+    """The scale PEFT multiplies `adapter_name`'s LoRA by on this layer (`lora_alpha / r * weight`, `scaling`)."""
+    return layer.scaling[adapter_name]
+
+
+def peft_merge(layer: BaseTunerLayer, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    """PEFT's own `merge` of the layer's class, bypassing a per-instance override (`override_merge`)."""
+    type(layer).merge(
+        layer, safe_merge=safe_merge, adapter_names=None if adapter_names is None else list(adapter_names)
+    )
+
+
+def peft_unmerge(layer: BaseTunerLayer) -> None:
+    """PEFT's own `unmerge` of the layer's class (subtracts the deltas), bypassing a per-instance override."""
+    type(layer).unmerge(layer)
+
+
+def override_merge(layer: BaseTunerLayer, merge: Callable[..., None], unmerge: Callable[..., None]) -> None:
+    """Make `layer.merge` / `layer.unmerge` call these functions (bound to the layer) instead of PEFT's.
+
+    diffusers' `fuse_lora` / `unfuse_lora` call `module.merge(...)` / `module.unmerge()` on every PEFT layer; an
+    instance attribute is the only hook point (no merge callback exists). `copy.deepcopy` rebinds bound methods.
+    """
+    layer.merge = types.MethodType(merge, layer)
+    layer.unmerge = types.MethodType(unmerge, layer)
+
+
+@contextmanager
+def quiet_peft_adapter_warnings() -> Iterator[None]:
+    """Silence PEFT's warnings about a model's second adapter and about deleting an active adapter.
+
+    Several adapters on one model are HyperLoRA's design (ID, Base, sliders); PEFT has no option to turn these
+    warnings off, so they are filtered by their text.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        yield
+
+
+def adapter_configs(model: nn.Module) -> dict[str, Any]:
+    """The adapters registered on a diffusers model, by name (`peft_config`, set by `add_adapter`; `{}` if none)."""
+    return dict(getattr(model, "peft_config", None) or {})
+
+
+def remove_peft_wrappers(model: nn.Module) -> None:
+    """Replace every (adapter-less) PEFT wrapper of a diffusers model by its base layer and forget the adapters.
+
+    diffusers has no public "remove the empty PEFT wrappers" call; this is what its `unload_lora` does, including
+    resetting the private `_hf_peft_config_loaded` flag so that a later `load_lora_weights` starts fresh.
+    """
+    if not any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        return
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    model._hf_peft_config_loaded = None
+
+
+# ---------------------------------------------------------------------------------------------- diffusers calls
+def denoiser_call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(sample, encoder_hidden_states)` of one UNet forward call, from a forward pre-hook's `args` / `kwargs`.
+
+    `UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)`: pipelines pass the conditioning
+    by keyword, but the positional order (index 2) is diffusers' signature, not a documented contract.
+    """
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    prompts = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    return sample, prompts if isinstance(prompts, torch.Tensor) else None
+
+
+def calling_pipeline_guidance() -> bool | None:
+    """Whether the diffusers pipeline whose `__call__` is running in this thread (the innermost one on the call
+    stack) runs classifier-free guidance; `None` when no pipeline is calling (the denoiser called directly) or
+    the pipeline has no `do_classifier_free_guidance`.
+
+    A denoiser is shared by every pipeline made from the same components (`from_pipe`), so its forward cannot
+    know which pipeline calls it, and diffusers passes no guidance flag to the denoiser: the calling frame is
+    the only source. The pipeline's own `do_classifier_free_guidance` is set at the start of its `__call__`.
+    """
+    from diffusers import DiffusionPipeline
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            # Only `__call__` frames are looked into: reading `f_locals` snapshots a frame's locals.
+            candidate = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
+            if isinstance(candidate, DiffusionPipeline):
+                try:
+                    return bool(candidate.do_classifier_free_guidance)
+                except AttributeError:
+                    return None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def execution_device(pipe: Any) -> torch.device | None:
+    """Where the pipeline computes (accelerate offload hooks included): its `_execution_device`, no public name."""
+    device = getattr(pipe, "_execution_device", None)
+    return None if device is None else torch.device(device)
+
+
+def sequential_offload_device(pipe: Any) -> Any:
+    """The device `enable_sequential_cpu_offload` was given (`_offload_device`; diffusers has no getter)."""
+    return getattr(pipe, "_offload_device", None)
+
+
+def has_accelerate_hook(module: nn.Module) -> bool:
+    """Whether accelerate's offload hooks manage `module` (its private `_hf_hook`, set by `add_hook_to_module`)."""
+    return getattr(module, "_hf_hook", None) is not None
+
+
+def remove_accelerate_hooks(pipe: Any) -> None:
+    """Remove accelerate's hooks from every model component of the pipeline (weights come back from `meta`).
+
+    diffusers' own `load_lora_weights` does the same through its private `_func_optionally_disable_offloading`.
+    """
+    from accelerate.hooks import remove_hook_from_module
+
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module) and hasattr(component, "_hf_hook"):
+            remove_hook_from_module(component, recurse=True)
+
+
+def group_offload_enabled(module: nn.Module) -> bool:
+    """Whether diffusers' group offloading (`enable_group_offload`) manages `module` or one of its submodules.
+
+    diffusers only has the private `_is_group_offload_enabled` for this (it reads its hook registry).
+    """
+    try:
+        from diffusers.hooks.group_offloading import _is_group_offload_enabled
+    except ImportError:  # a diffusers without group offloading cannot have it enabled
+        return False
+    return _is_group_offload_enabled(module)
+
+
+# ---------------------------------------------------------------------------------------------- torch
+def foreach_copy_(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """`destinations[i].copy_(sources[i])` for all `i` in a few kernels (torch's private `_foreach_copy_`)."""
+    torch._foreach_copy_(destinations, sources)
+
+
+def foreach_zero_(tensors: list[torch.Tensor]) -> None:
+    """Zero every tensor in a few kernels (torch's private `_foreach_zero_`)."""
+    torch._foreach_zero_(tensors)
+
+
+def take_parameter(module: nn.Module, name: str) -> nn.Parameter:
+    """Unregister and return the parameter `name` of `module` (no public API unregisters a parameter)."""
+    return module._parameters.pop(name)
+
+
+def put_parameter(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
+    """Register `parameter` again under `name` after `take_parameter`, without `register_parameter`'s checks."""
+    module._parameters[name] = parameter

@@ -1,0 +1,247 @@
+"""Every internal of diffusers, PEFT, accelerate and torch that `diffusers_hyperlora.utils.compat` relies on still
+exists and behaves as that module assumes. A failure names the library and its installed version: after an
+upgrade, fix `utils/compat.py` (and only it)."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import accelerate
+import diffusers
+import peft
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config
+from diffusers_hyperlora.utils import compat
+
+VERSIONS = {"diffusers": diffusers, "peft": peft, "torch": torch, "accelerate": accelerate}
+
+
+@contextmanager
+def internal(library: str, what: str) -> Iterator[None]:
+    """Turn any failure inside the block into one that names the library, its version and the internal."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - an internal that changed may fail in any way
+        version = VERSIONS[library].__version__
+        pytest.fail(
+            f"{library} {version}: the internal `{what}` that diffusers_hyperlora/utils/compat.py relies on changed "
+            f"({type(error).__name__}: {error}). Update utils/compat.py for {library} {version}.",
+            pytrace=True,
+        )
+
+
+def _target(unet: nn.Module) -> str:
+    return tiny_hyperlora_config(unet).linears[0].module_path
+
+
+def _with_adapter(pipe, name: str = "x", rank: int = 2, alpha: int = 4) -> tuple[nn.Module, BaseTunerLayer, str]:
+    unet = pipe.unet
+    path = _target(unet)
+    with compat.quiet_peft_adapter_warnings():
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=[path]), adapter_name=name)
+    layer = unet.get_submodule(path)
+    torch.nn.init.normal_(layer.lora_B[name].weight)  # PEFT initializes B to zero: make the LoRA visible
+    return unet, layer, path
+
+
+def test_peft_state_dict_layout(pipe):
+    unet, layer, path = _with_adapter(pipe)
+    with internal("peft", "`<path>.base_layer.` / `<path>.lora_A.<adapter>.weight` state-dict keys"):
+        keys = set(unet.state_dict())
+        assert f"{path}{compat.BASE_LAYER_KEY}weight" in keys
+        assert compat.lora_parameter_name(path, "A", "x") in keys
+        assert compat.lora_parameter_name(path, "B", "x") in keys
+        containers = {name for name, _ in layer.named_children()}
+        assert {"lora_A", "lora_B"} <= containers <= set(compat.ADAPTER_CONTAINERS) | {"base_layer", "lora_dropout"}
+    with internal("peft", "LoraLayer.lora_A / lora_B ModuleDicts"):
+        assert compat.layer_adapter_names(layer) == {"x"}
+        down, up = compat.lora_factors(layer, "x")
+        base = layer.get_base_layer()
+        assert down.shape == (2, base.in_features) and up.shape == (base.out_features, 2)
+        assert down is unet.get_parameter(compat.lora_parameter_name(path, "A", "x"))
+        assert compat.lora_factors(layer, "missing") is None
+
+
+def test_peft_forward_flags_and_scaling(pipe):
+    unet, layer, _ = _with_adapter(pipe, rank=2, alpha=4)
+    x = torch.randn(3, layer.get_base_layer().in_features)
+    down, up = compat.lora_factors(layer, "x")
+    with internal("peft", "LoraLayer.scaling / disable_adapters / merged / active_adapters"):
+        assert compat.adapter_scale(layer, "x") == 2.0  # lora_alpha / r
+        layer.set_scale("x", 0.5)
+        assert compat.adapter_scale(layer, "x") == 2.0 * 0.5
+        assert compat.adapter_runs_in_forward(layer, "x")
+        # What the per-sample hooks add is exactly what PEFT's forward adds: base + scale * B A x.
+        expected = layer.get_base_layer()(x) + compat.adapter_scale(layer, "x") * (x @ down.T @ up.T)
+        torch.testing.assert_close(layer(x), expected)
+        layer.enable_adapters(False)
+        assert not compat.adapter_runs_in_forward(layer, "x")
+        torch.testing.assert_close(layer(x), layer.get_base_layer()(x))
+        layer.enable_adapters(True)
+        layer.set_adapter([])
+        assert not compat.adapter_runs_in_forward(layer, "x")
+        layer.set_adapter(["x"])
+        layer.merge(adapter_names=["x"])
+        assert not compat.adapter_runs_in_forward(layer, "x")
+
+
+def test_peft_merge_bookkeeping_and_overrides(pipe):
+    _, layer, _ = _with_adapter(pipe)
+    base = layer.get_base_layer()
+    original = base.weight.detach().clone()
+    calls = []
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        calls.append(("merge", adapter_names))
+
+    def unmerge(self) -> None:
+        calls.append("unmerge")
+
+    # diffusers reads the signature of `merge` (it must take `adapter_names`), so the override keeps PEFT's.
+    compat.override_merge(layer, merge, unmerge)
+    with internal("peft", "per-instance merge/unmerge overrides called by diffusers' fuse_lora/unfuse_lora"):
+        pipe.fuse_lora(adapter_names=["x"])
+        pipe.unfuse_lora()
+        assert calls == [("merge", ["x"]), "unmerge"], calls
+    with internal("peft", "LoraLayer.merge / unmerge / merged_adapters"):
+        compat.peft_merge(layer, ["x"])  # the class's merge, not the override
+        assert len(calls) == 2 and compat.merged_adapter_names(layer) == ["x"] and layer.merged
+        assert not torch.equal(base.weight, original)
+        compat.peft_unmerge(layer)
+        assert compat.merged_adapter_names(layer) == [] and not layer.merged
+        torch.testing.assert_close(base.weight, original)
+        compat.peft_merge(layer, ["x"])
+        compat.mark_unmerged(layer)
+        assert not layer.merged and compat.merged_adapter_names(layer) == []
+
+
+def test_peft_warning_texts(pipe):
+    unet, path = pipe.unet, _target(pipe.unet)
+
+    def add(name: str) -> None:
+        unet.add_adapter(LoraConfig(r=2, target_modules=[path]), adapter_name=name)
+
+    with internal("peft", "the warning texts filtered by quiet_peft_adapter_warnings"):
+        add("a")
+        with pytest.warns(UserWarning, match="Already found a `peft_config` attribute"):
+            add("b")
+        unet.set_adapters(["a"])
+        with pytest.warns(UserWarning, match="Adapter .* was active which is now deleted"):
+            unet.delete_adapters(["a"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with compat.quiet_peft_adapter_warnings():
+                add("c")
+                unet.set_adapters(["c"])
+                unet.delete_adapters(["c"])
+
+
+def test_diffusers_peft_bookkeeping_and_wrapper_removal(pipe):
+    unet, _, path = _with_adapter(pipe)
+    with internal("diffusers", "ModelMixin.peft_config / _hf_peft_config_loaded / recurse_remove_peft_layers"):
+        assert set(compat.adapter_configs(unet)) == {"x"}
+        assert unet._hf_peft_config_loaded
+        unet.delete_adapters(["x"])
+        assert compat.adapter_configs(unet) == {}
+        compat.remove_peft_wrappers(unet)
+        assert type(unet.get_submodule(path)) is nn.Linear
+        assert not any(isinstance(module, BaseTunerLayer) for module in unet.modules())
+        assert not unet._hf_peft_config_loaded and not hasattr(unet, "peft_config")
+        _with_adapter(pipe, "again")  # diffusers starts fresh
+        assert set(compat.adapter_configs(unet)) == {"again"}
+
+
+def test_unet_call_layout(pipe):
+    with internal("diffusers", "UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)"):
+        names = list(inspect.signature(UNet2DConditionModel.forward).parameters)
+        assert names[1:4] == ["sample", "timestep", "encoder_hidden_states"], names  # names[0] is self
+    calls, guidance = [], []
+
+    def hook(module, args, kwargs):
+        calls.append(compat.denoiser_call_inputs(args, kwargs))
+        guidance.append(compat.calling_pipeline_guidance())
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        options = dict(num_inference_steps=1, height=64, width=64, output_type="latent")
+        pipe(["a", "b"], guidance_scale=5.0, generator=torch.Generator().manual_seed(0), **options)
+        pipe(["a", "b"], guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **options)
+    finally:
+        handle.remove()
+    with internal("diffusers", "the SDXL pipeline's batch layout (`torch.cat([latents] * 2)` under guidance)"):
+        (guided, guided_prompts), (plain, plain_prompts) = calls
+        assert guided.shape[0] == 4 and guided_prompts is not None and guided_prompts.shape[0] == 4
+        assert torch.equal(guided[:2], guided[2:]) and not torch.equal(guided_prompts[:2], guided_prompts[2:])
+        assert plain.shape[0] == 2 and plain_prompts.shape[0] == 2 and not torch.equal(plain[0], plain[1])
+    with internal("diffusers", "DiffusionPipeline.__call__(self, ...) and its do_classifier_free_guidance"):
+        assert guidance == [True, False], guidance
+        assert compat.calling_pipeline_guidance() is None  # no pipeline is calling
+    direct = compat.denoiser_call_inputs((guided, 1, guided_prompts), {})
+    assert direct[0] is guided and direct[1] is guided_prompts
+
+
+def test_pipeline_devices_and_accelerate_hooks(pipe):
+    with internal("diffusers", "DiffusionPipeline._execution_device"):
+        assert compat.execution_device(pipe).type == "cpu"
+    with internal("accelerate", "`_hf_hook` set by enable_model_cpu_offload"):
+        assert not compat.has_accelerate_hook(pipe.unet)
+        pipe.enable_model_cpu_offload(device="cpu")
+        assert compat.has_accelerate_hook(pipe.unet)
+        assert compat.execution_device(pipe).type == "cpu"
+    with internal("accelerate", "remove_hook_from_module and `_hf_hook`"):
+        pipe.remove_all_hooks()
+        compat.remove_accelerate_hooks(pipe)
+        assert not compat.has_accelerate_hook(pipe.unet)
+
+
+def test_sequential_offload_device(pipe):
+    with internal("diffusers", "DiffusionPipeline._offload_device set by enable_sequential_cpu_offload"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+        assert torch.device(compat.sequential_offload_device(pipe)).type == "cpu"
+        assert compat.has_accelerate_hook(pipe.unet)
+        compat.remove_accelerate_hooks(pipe)
+        assert not compat.has_accelerate_hook(pipe.unet)
+        assert all(p.device.type != "meta" for p in pipe.unet.parameters())
+
+
+def test_group_offload_detection(pipe):
+    with internal("diffusers", "hooks.group_offloading._is_group_offload_enabled"):
+        assert not compat.group_offload_enabled(pipe.unet)
+        cpu = torch.device("cpu")
+        pipe.unet.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+        assert compat.group_offload_enabled(pipe.unet)
+
+
+def test_torch_foreach_and_parameter_registry():
+    with internal("torch", "torch._foreach_copy_ / torch._foreach_zero_"):
+        destinations = [torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(4)]
+        sources = [torch.randn(2, 3), torch.randn(4)]
+        compat.foreach_copy_(destinations, sources)  # casts like Tensor.copy_
+        assert torch.equal(destinations[0], sources[0].to(torch.bfloat16)) and torch.equal(destinations[1], sources[1])
+        compat.foreach_zero_(destinations)
+        assert not any(t.any() for t in destinations)
+    with internal("torch", "nn.Module._parameters"):
+        linear = nn.Linear(3, 2)
+        weight = linear.weight
+        assert compat.take_parameter(linear, "weight") is weight
+        assert "weight" not in dict(linear.named_parameters())
+        linear.weight = torch.ones(2, 3)  # a plain tensor stands in
+        del linear.weight
+        compat.put_parameter(linear, "weight", weight)
+        assert linear.weight is weight and dict(linear.named_parameters())["weight"] is weight
+
+
+def test_internal_reports_the_library_version():
+    """The helper above really fails, and names the version (so a changed internal cannot pass silently)."""
+    with pytest.raises(pytest.fail.Exception, match=f"peft {peft.__version__}: the internal `thing`"):
+        with internal("peft", "thing"):
+            raise AttributeError("gone")
