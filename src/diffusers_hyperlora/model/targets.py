@@ -85,6 +85,11 @@ DENOISER_LAYOUTS: dict[str, DenoiserLayout] = {
 LAYOUTS_BY_COMPONENT: dict[str, DenoiserLayout] = {"unet": UNET_LAYOUT, "transformer": JOINT_TRANSFORMER_LAYOUT}
 
 
+def has_denoiser_layout(denoiser: Any) -> bool:
+    """Whether `denoiser`'s class (or a base class) is in `DENOISER_LAYOUTS`."""
+    return any(cls.__name__ in DENOISER_LAYOUTS for cls in type(denoiser).__mro__)
+
+
 def denoiser_layout(denoiser: Any) -> DenoiserLayout:
     """The `DenoiserLayout` of a diffusers denoiser, by class (subclasses included); else `TargetMismatchError`."""
     for cls in type(denoiser).__mro__:
