@@ -46,11 +46,12 @@ def measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     analyzer = FaceAnalyzer.from_pretrained(folder, providers=providers)
     torch.manual_seed(0)
+    width, tiny = predictor.config.image_embed_dim, getattr(args, "dry_run", False)  # 1024 for the release
     clip_config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=2 if tiny else 24,
+        num_attention_heads=4 if tiny else 16,
         image_size=224,
         patch_size=14,
         projection_dim=768,

@@ -4,6 +4,7 @@ Run from the repository root:
 
     python benchmarks/run.py                 # CPU defaults: a few minutes on 2 cores, ~18 GB peak RAM
     python benchmarks/run.py --quick         # fewer repeats, skips the naive 16-bit path
+    python benchmarks/run.py --dry-run       # every section at tiny sizes in seconds (scripts/gpu-check.sh on a CPU)
     python benchmarks/run.py --help
 
 Every ratio is against a baseline measured in the same run, on the same device. The table is printed and
@@ -35,6 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import diffusers_hyperlora  # noqa: E402,F401  (installs pipe.load_hyperlora)
 from diffusers_hyperlora import HyperLoRAConfig, HyperLoRAIdentity, HyperLoRAPredictor  # noqa: E402
 from diffusers_hyperlora.model.targets import SDXL_UNET_CONFIG, targets_from_unet  # noqa: E402
+from diffusers_hyperlora.testing.tiny_models import TINY_UNET_CONFIG, tiny_hyperlora_config  # noqa: E402
+
+DRY_RUN = False  # --dry-run: the tiny UNet and HyperLoRA of the tests instead of full-size SDXL shapes
+
+
+def unet_config() -> dict:
+    return TINY_UNET_CONFIG if DRY_RUN else SDXL_UNET_CONFIG
 
 
 @dataclass
@@ -130,7 +138,7 @@ def build_unet(device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        unet = UNet2DConditionModel(**unet_config())
     unet = unet.to_empty(device=device).to(dtype).eval().requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -159,7 +167,7 @@ def sdxl_pipeline(unet):
 
 def sdxl_hyperlora_config(unet) -> HyperLoRAConfig:
     """The release architecture: K = 128, rank 8, resampler 1024 x 4 layers, 560 linears of this UNet."""
-    return HyperLoRAConfig(targets=targets_from_unet(unet))
+    return tiny_hyperlora_config(unet) if DRY_RUN else HyperLoRAConfig(targets=targets_from_unet(unet))
 
 
 def build_predictor(config: HyperLoRAConfig, device: torch.device, dtype: torch.dtype) -> HyperLoRAPredictor:
@@ -235,12 +243,11 @@ def scan_section(predictor: HyperLoRAPredictor, device: torch.device, label: str
     )
 
 
-def naive_switch(pipe, predictor: HyperLoRAPredictor, identity: HyperLoRAIdentity, device) -> dict[str, float]:
-    """What a user does today: per-layer einsum into a kohya dict, `load_lora_weights`, later `delete_adapters`."""
+def kohya_state_dict(predictor: HyperLoRAPredictor, identity: HyperLoRAIdentity, device) -> dict[str, torch.Tensor]:
+    """The identity's LoRA as a kohya dict, one einsum per linear: what a user computes without the bank mix."""
     coefficients = predictor.split_coefficients(identity.id_coefficients.to(device))
     bank = predictor.id_bank
     alpha = predictor.config.alpha("id")
-    start = time.perf_counter()
     state_dict = {}
     with torch.no_grad():
         for index, linear in enumerate(predictor.config.linears):
@@ -252,6 +259,13 @@ def naive_switch(pipe, predictor: HyperLoRAPredictor, identity: HyperLoRAIdentit
             state_dict[f"{linear.kohya_name}.lora_up.weight"] = up
             state_dict[f"{linear.kohya_name}.alpha"] = torch.tensor(float(alpha))
     synchronize(device)
+    return state_dict
+
+
+def naive_switch(pipe, predictor: HyperLoRAPredictor, identity: HyperLoRAIdentity, device) -> dict[str, float]:
+    """What a user does today: per-layer einsum into a kohya dict, `load_lora_weights`, later `delete_adapters`."""
+    start = time.perf_counter()
+    state_dict = kohya_state_dict(predictor, identity, device)
     mixed = time.perf_counter()
     pipe.load_lora_weights(state_dict, adapter_name="naive")
     synchronize(device)
@@ -260,6 +274,42 @@ def naive_switch(pipe, predictor: HyperLoRAPredictor, identity: HyperLoRAIdentit
     synchronize(device)
     deleted = time.perf_counter()
     return {"einsum": mixed - start, "load": loaded - mixed, "delete": deleted - loaded, "total": deleted - start}
+
+
+def hotswap_section(pipe, predictor, identities, device, label: str, switch_time: float, args) -> None:
+    """diffusers' own fast swap, a peer of our switch on the same identities: `enable_lora_hotswap(target_rank=r)`
+    before the first LoRA, then `load_lora_weights(lora, adapter_name=..., hotswap=True)` copies each new LoRA into
+    the loaded adapter in place. Each swap still needs the LoRA itself: the same per-layer einsum as the naive path.
+    Runs with HyperLoRA unloaded (diffusers requires hotswap to be enabled before any adapter is loaded)."""
+    rank = predictor.config.id_rank
+    pipe.enable_lora_hotswap(target_rank=rank)
+    pipe.load_lora_weights(kohya_state_dict(predictor, identities[1], device), adapter_name="hotswap")
+    runs = []
+    for repeat in range(args.repeats + 1):  # the first one is a warm-up
+        start = time.perf_counter()
+        state_dict = kohya_state_dict(predictor, identities[repeat % 2], device)
+        mixed = time.perf_counter()
+        pipe.load_lora_weights(state_dict, adapter_name="hotswap", hotswap=True)
+        synchronize(device)
+        runs.append({"einsum": mixed - start, "load": time.perf_counter() - mixed})
+    pipe.delete_adapters("hotswap")
+    runs = runs[1:]
+    einsum, load = min(r["einsum"] for r in runs), min(r["load"] for r in runs)
+    total = min(r["einsum"] + r["load"] for r in runs)
+    ROWS.append(
+        Row(
+            "1 identity switch",
+            f"{label}: diffusers hotswap (einsum into a LoRA dict {ms(einsum)}, "
+            f"load_lora_weights(hotswap=True) {ms(load)}; enable_lora_hotswap(target_rank={rank}))",
+            ms(total),
+            f"ours {ms(switch_time)}",
+            f"{total / switch_time:.1f}x faster",
+            data={
+                "kind": "hotswap", "dtype": label, "hotswap_ms": 1e3 * total, "einsum_ms": 1e3 * einsum,
+                "load_ms": 1e3 * load, "switch_ms": 1e3 * switch_time,
+            },  # fmt: skip
+        )
+    )
 
 
 def switch_section(
@@ -301,7 +351,9 @@ def switch_section(
     )
     bound_row = f"bandwidth bound {ms(bound)}"
     cached_section(pipe, switch, read_bank, device, label, bound_row, bound, switch_time, cache_budget, args)
-    if predictor.dtype != torch.float32:
+    if DRY_RUN and device.type == "cpu":  # compiling takes longer than the rest of a dry run; tests cover it
+        ROWS.append(Row("1 identity switch", f"{label}: compiled kernel", "not measured (dry run on a CPU)"))
+    elif predictor.dtype != torch.float32:
         compiled_switch_section(pipe, predictor, switch, read_bank, device, label, bound_row, args)
     else:
         compiled_reduction_tried(predictor, read_bank, device, label, bound_row, args)
@@ -345,6 +397,9 @@ def switch_section(
     else:
         ROWS.append(Row("1 identity switch", f"{label}: naive path", "not measured (--quick / --no-naive)"))
     pipe.unload_hyperlora()
+    if args.hotswap:
+        log(f"diffusers hotswap ({label})")
+        hotswap_section(pipe, predictor, identities, device, label, switch_time, args)
 
 
 def interleaved(fn: Callable[[], object], read_bank: Callable[[], object], device, repeats: int) -> tuple[float, float]:
@@ -442,15 +497,17 @@ def compiled_reduction_tried(predictor, read_bank, device, label, bound_row, arg
     )
 
 
-def unet_inputs(latent: int, device: torch.device, dtype: torch.dtype, batch: int = 1) -> dict:
+def unet_inputs(unet, latent: int, device: torch.device, dtype: torch.dtype, batch: int = 1) -> dict:
     generator = torch.Generator().manual_seed(0)
     side = 8.0 * latent
+    config = unet.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim  # 1280 for SDXL
     return dict(
         sample=torch.randn(batch, 4, latent, latent, generator=generator).to(device, dtype),
         timestep=torch.tensor([500] * batch, device=device),
-        encoder_hidden_states=torch.randn(batch, 77, 2048, generator=generator).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, 77, config.cross_attention_dim, generator=generator).to(device, dtype),
         added_cond_kwargs={
-            "text_embeds": torch.randn(batch, 1280, generator=generator).to(device, dtype),
+            "text_embeds": torch.randn(batch, pooled, generator=generator).to(device, dtype),
             "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * batch).to(device, dtype),
         },
     )
@@ -465,7 +522,8 @@ def serving_section(pipe, predictor, device, args) -> None:
     unet = pipe.unet
     pipe.load_hyperlora(predictor)
     people = [random_identity(predictor, seed) for seed in range(4)]
-    batch4, batch1 = unet_inputs(args.latent, device, unet.dtype, 4), unet_inputs(args.latent, device, unet.dtype)
+    batch4 = unet_inputs(unet, args.latent, device, unet.dtype, 4)
+    batch1 = unet_inputs(unet, args.latent, device, unet.dtype)
     with torch.no_grad():
 
         def per_sample() -> None:
@@ -529,7 +587,7 @@ def generation_section(pipe, predictor, device, args) -> None:
     The bank is mixed once and then freed (generation does not read it).
     """
     unet = pipe.unet
-    inputs = unet_inputs(args.latent, device, unet.dtype)
+    inputs = unet_inputs(unet, args.latent, device, unet.dtype)
     bank = predictor.id_bank
     identity = random_identity(predictor, 0)
     mixed = bank.mix(predictor.split_coefficients(identity.id_coefficients.to(device)))
@@ -570,7 +628,8 @@ def generation_section(pipe, predictor, device, args) -> None:
 
 
 def offload_section(config, device, args) -> None:
-    if device.type != "cuda":
+    """Low-VRAM mode: the fp16 bank in pinned CPU memory, streamed to the GPU for each mix; GPU memory during it."""
+    if device.type != "cuda" and not DRY_RUN:
         ROWS.append(
             Row(
                 "1 identity switch",
@@ -581,25 +640,28 @@ def offload_section(config, device, args) -> None:
         return
     from diffusers_hyperlora.model.bank import mix_bases  # noqa: F401  (the streamed path)
 
+    cuda = device.type == "cuda"
     predictor = build_predictor(config, torch.device("cpu"), torch.float16)
     predictor.resampler.to(device)
     if predictor.id_projector is not None:
         predictor.id_projector.to(device)
-    for param in predictor.id_bank.parameters():
-        param.data = param.data.pin_memory()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    if cuda:
+        for param in predictor.id_bank.parameters():
+            param.data = param.data.pin_memory()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     identity = random_identity(predictor, 0)
     coefficients = predictor.split_coefficients(identity.id_coefficients.to(device))
     bank = predictor.id_bank
     times = timed(functools.partial(bank.mix, coefficients), args.repeats, device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
     ROWS.append(
         Row(
             "1 identity switch",
-            "low-VRAM: fp16 bank in pinned CPU memory, streamed mix",
+            f"low-VRAM: fp16 bank ({bank_bytes(predictor) / 2**20:,.0f} MiB) in pinned CPU memory, streamed mix",
             ms(min(times)),
-            f"GPU memory during the mix: {peak / 2**20:,.0f} MiB",
+            f"GPU memory during the mix: {peak / 2**20:,.0f} MiB" if cuda else "GPU memory: not measured (no GPU)",
+            data={"kind": "offload", "mix_ms": 1e3 * min(times), "peak_mib": peak / 2**20 if cuda else -1.0},
         )
     )
     del predictor, bank
@@ -643,7 +705,7 @@ def memory_child(dtype_name: str) -> None:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        unet = UNet2DConditionModel(**unet_config())
     config = sdxl_hyperlora_config(unet)
     baseline, _ = rss_peak_bytes()
     predictor = build_predictor(config, torch.device("cpu"), dtype)
@@ -660,11 +722,13 @@ def memory_section(device: torch.device, args) -> None:
         from diffusers import UNet2DConditionModel
 
         with torch.device("meta"):
-            unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+            unet = UNet2DConditionModel(**unet_config())
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        predictor = build_predictor(sdxl_hyperlora_config(unet), device, torch.float16)
-        identity = predictor.predict(id_embeds=torch.randn(1, 512), clip_hidden_states=torch.randn(1, 257, 1024))
+        config = sdxl_hyperlora_config(unet)
+        predictor = build_predictor(config, device, torch.float16)
+        features = torch.randn(1, 512, device=device), torch.randn(1, 257, config.image_embed_dim, device=device)
+        identity = predictor.predict(id_embeds=features[0], clip_hidden_states=features[1])
         predictor.lora_weights(identity)
         peak = torch.cuda.max_memory_allocated(device) - before
         ROWS.append(
@@ -674,9 +738,8 @@ def memory_section(device: torch.device, args) -> None:
         torch.cuda.empty_cache()
         return
     for dtype_name in args.memory_dtypes:
-        result = subprocess.run(
-            [sys.executable, __file__, "--memory-child", dtype_name], capture_output=True, text=True, check=False
-        )
+        child = [sys.executable, __file__, "--memory-child", dtype_name] + ["--dry-run"] * DRY_RUN
+        result = subprocess.run(child, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             ROWS.append(Row("4 memory", f"predictor {dtype_name}", f"not measured: {result.stderr.strip()[-200:]}"))
             continue
@@ -716,7 +779,10 @@ def write_report(path: Path, device_text: str, args, started: float, load_before
         f"- Load average (1/5/15 min) at start / end: {load_before} / {load_average()}",
         "- Every time is the best of its repeats (a shared machine only ever adds time); every ratio is against a "
         "baseline measured in this run.",
-        "- Model: full-size SDXL-shaped HyperLoRA (K = 128, rank 8, 560 target linears of the SDXL UNet config, "
+        "- Model: the tests' tiny UNet and HyperLoRA (`--dry-run`): every section runs; the times measure per-call "
+        "overhead, not a full-size bank."
+        if DRY_RUN
+        else "- Model: full-size SDXL-shaped HyperLoRA (K = 128, rank 8, 560 target linears of the SDXL UNet config, "
         "resampler 1024 x 4), random weights; SDXL UNet with random weights.",
         "",
         table(),
@@ -746,18 +812,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-naive-16bit", action="store_true", help="skip the naive path for the 16-bit bank")
     parser.add_argument("--memory-dtypes", default="float16", help="comma list of predictor dtypes for the RSS rows")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no naive 16-bit path")
+    parser.add_argument("--no-hotswap", dest="hotswap", action="store_false", help="skip diffusers' hotswap rows")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="every section on the tests' tiny UNet and HyperLoRA, in seconds"
+    )
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.steps, args.rounds, args.no_naive_16bit = 3, 1, 1, True
+    if args.dry_run:
+        args.repeats, args.naive_repeats, args.steps, args.rounds, args.bandwidth_gib = 2, 1, 1, 1, 0.01
+        args.latent = args.latent or 8
     args.memory_dtypes = [d for d in args.memory_dtypes.split(",") if d]
     args.sections = set(args.sections.split(","))
     return args
 
 
 def main() -> None:
+    global DRY_RUN
     args = parse_args()
+    DRY_RUN = args.dry_run
     if args.memory_child:
         memory_child(args.memory_child)
         return

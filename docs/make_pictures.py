@@ -457,6 +457,9 @@ def benchmark_charts() -> list[Path]:
         naive = next((r for r in rows if r.get("kind") == "naive" and r["dtype"] == dtype), None)
         if naive is not None:
             bars.append((f"{dtype} bank: naive path", naive["naive_ms"], "#dc2626"))
+        hotswap = next((r for r in rows if r.get("kind") == "hotswap" and r["dtype"] == dtype), None)
+        if hotswap is not None:  # diffusers' enable_lora_hotswap + load_lora_weights(hotswap=True), same run
+            bars.append((f"{dtype} bank: diffusers hotswap", hotswap["hotswap_ms"], "#f59e0b"))
     paths = []
     if bars:
         path = OUT / "benchmark-switch.svg"

@@ -46,7 +46,7 @@ LIGHT_CASES = [
     (["mix", "{a}", "{b}", "{a}", "--spherical", "-o", "x.safetensors"], "exactly two identities"),
     *[
         (["export", "{a}", "-o", "x.safetensors", "--model", "m", "--device", device], f"--device '{device}'")
-        for device in ("tpu", "mps", "meta", "xpu", "nonsense")
+        for device in ("tpu", "meta", "xpu", "nonsense", "cuda:x")
     ],
     (["export", "{root}/missing.safetensors", "-o", "x.safetensors", "--model", "m"], "no such file"),
     (["identity", "{root}", "-o", "x.safetensors", "--model", "m"], "is a folder, not a photo"),
@@ -58,7 +58,8 @@ LIGHT_CASES = [
     (["train", "--data", "{root}", "--base-model", "b", "--output-dir", "o", "--num-basis", "0"], "--num-basis 0"),
     (["train", "--data", "{root}", "--base-model", "b", "--output-dir", "o", "--seed", str(2**64)], "--seed"),
     (["train", "--data", "{root}/nope", "--base-model", "b", "--output-dir", "o"], "--data"),
-    (["demo", "--port", "99999"], "--port 99999"),
+    (["demo", "--port", "99999"], "--port must be a whole number from 1 to 65535 (e.g. 7860), got 99999"),
+    (["demo", "--port", "0"], "--port must be a whole number"),
     (["identity", "{a}", "-o", "x.safetensors", "--model", "tiny", "--revision", "v1"], "--revision"),
 ]
 

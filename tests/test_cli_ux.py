@@ -83,6 +83,7 @@ def test_quiet_by_default_verbose_on_request(saved, capsys, monkeypatch, caplog,
     monkeypatch.setitem(cli.commands.COMMANDS, "mix", _noisy_handler)
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # transformers < 5 stops propagation
     argv = ["mix", saved / "alice.safetensors", "-o", "x"] + (["--verbose"] if verbose else [])
     level = logging.getLogger("transformers").level
     with warnings.catch_warnings(record=True) as caught:

@@ -397,6 +397,70 @@ def test_command_options_reach_the_engine(checkpoint_folders, photos, monkeypatc
     assert identity.num_images == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without")
+@pytest.mark.parametrize("device, words", [("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("mps", "no Apple GPU")])
+def test_command_tiny_default_refuses_a_device_this_machine_lacks(device, words, monkeypatch, capsys):
+    """The tiny default runs on `--device`: one this machine lacks is refused, never served on the CPU instead."""
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    from diffusers_hyperlora import cli
+    from diffusers_hyperlora.demo import app
+
+    served = len(_Served.engines)
+    monkeypatch.setattr(app, "launch_demo", lambda engine, host, port, block: _Served(engine, host, port, block))
+    assert cli.main(["demo", "--device", device]) == 1
+    error = capsys.readouterr().err
+    assert f"--device {device!r}" in error and words in error and "--device cpu" in error, error
+    assert len(_Served.engines) == served
+
+
+def test_command_tiny_default_runs_on_the_device_given(monkeypatch):
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    from diffusers_hyperlora import cli
+    from diffusers_hyperlora.demo import app
+
+    built = []
+    tiny_default = DemoEngine.tiny_default.__func__
+
+    def spy(cls, seed=0, workdir=None, device="cpu"):  # the real tiny default; records the device asked for
+        built.append(device)
+        return tiny_default(cls, seed=seed, workdir=workdir, device=device)
+
+    monkeypatch.setattr(DemoEngine, "tiny_default", classmethod(spy))
+    monkeypatch.setattr(app, "launch_demo", lambda engine, host, port, block: _Served(engine, host, port, block))
+    assert cli.main(["demo", "--device", "cpu"]) == 0
+    engine = _Served.engines[-1][0]
+    try:
+        assert built == ["cpu"] and engine.pipe.unet.device.type == "cpu" and engine.pipe.unet.dtype == torch.float32
+    finally:
+        engine.close()
+    # Without --device the tiny default stays on the CPU even where there is a GPU (its count stood in for here):
+    # the same images on every machine, as `DemoEngine.tiny_default()` in Python.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["demo"]) == 0
+    _Served.engines[-1][0].close()
+    assert built == ["cpu", "cpu"]
+
+
+def test_command_base_model_defaults_to_the_librarys(checkpoint_folders, monkeypatch, capsys):
+    """Without --base-model the demo asks for `DEFAULT_BASE_MODEL` (the load stops there: nothing is downloaded)."""
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    import diffusers
+
+    from diffusers_hyperlora import cli
+    from diffusers_hyperlora.model.config import DEFAULT_BASE_MODEL
+
+    asked = []
+
+    def stop(cls, name, **kwargs):
+        asked.append(name)
+        raise OSError(f"{name} is not in the cache (offline)")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(stop))
+    assert cli.main(["demo", str(checkpoint_folders / "repo"), "--subfolder", "sub", "--device", "cpu"]) == 1
+    assert asked == [DEFAULT_BASE_MODEL] and "not in the cache" in capsys.readouterr().err
+
+
 def _files(folder, prefix: str = "") -> dict:
     """Every file under `folder`, by its path in a repo (under `prefix`)."""
     return {prefix + path.relative_to(folder).as_posix(): path for path in folder.rglob("*") if path.is_file()}
@@ -624,9 +688,9 @@ def test_launch_refuses_a_bad_port(engine):
         assert caught.value.argument == "port"
 
 
-@pytest.mark.parametrize("device, message", [("nonsense-device", "not a device"), ("meta", "cpu or cuda")])
-def test_from_pretrained_refuses_a_bad_device_before_loading(tmp_path, device, message):
-    with pytest.raises(InvalidArgumentError, match=message) as caught:
+@pytest.mark.parametrize("device", ["nonsense-device", "meta", "tpu"])
+def test_from_pretrained_refuses_a_bad_device_before_loading(tmp_path, device):
+    with pytest.raises(InvalidArgumentError, match="not a device HyperLoRA runs on; use cpu, cuda") as caught:
         DemoEngine.from_pretrained(tmp_path / "missing-checkpoint", base_model=str(tmp_path / "missing"), device=device)
     assert caught.value.argument == "device"
 
@@ -649,7 +713,8 @@ def test_command_bad_port_is_one_line(capsys):
 
     assert cli.main(["demo", "--port", "99999"]) == 1
     error = capsys.readouterr().err
-    assert "Port must be a whole number from 1 to 65535, got 99999" in error and "Traceback" not in error
+    assert "--port must be a whole number from 1 to 65535 (e.g. 7860), got 99999" in error, error
+    assert error.count("\n") == 1 and "Traceback" not in error
 
 
 def test_launch_refuses_a_work_folder_gradio_would_not_serve(engine, tmp_path, monkeypatch):

@@ -40,7 +40,8 @@ def _live_output(pipe, adapter: str, weight: float) -> torch.Tensor:
 
 def _loaded_output(path, weight: float) -> torch.Tensor:
     fresh = tiny_sdxl_pipeline()
-    fresh.load_lora_weights(str(path), adapter_name="exported")
+    # weight_name: diffusers 0.35 refuses to guess a file name under HF_HUB_OFFLINE=1, even for a local file
+    fresh.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="exported")
     fresh.set_adapters(["exported"], [weight])
     return unet_output(fresh.unet)
 

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 from conftest import random_features
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 
 from diffusers_hyperlora import CheckpointFormatError, load_predictor
 from diffusers_hyperlora.identities.identity import normalize_coefficients
@@ -130,7 +131,9 @@ def test_shuffled_json_order_follows_the_file(tmp_path):
     order = torch.randperm(len(names), generator=torch.Generator().manual_seed(0)).tolist()
     assert order != sorted(order)
     # Rewrite the folder as if the JSON were in `order`: entry j is module names[order[j]]; its bank keys move.
-    bank = load_file(tmp_path / "hyper_lora_modules.safetensors")
+    # Copies: load_file may return views of the file's memory map, and safetensors 0.4's save_file rewrites the file
+    # in place, which would change the reference tensors below (the loaded predictor owns its weights: see above).
+    bank = {k: v.clone() for k, v in load_file(tmp_path / "hyper_lora_modules.safetensors").items()}
     new_bank = {}
     for j, old in enumerate(order):
         for key, value in bank.items():
@@ -163,6 +166,35 @@ def test_shuffled_json_order_follows_the_file(tmp_path):
     moved = next(names[old] for j, old in enumerate(order) if j != old)
     key = f"{moved}_to_q.lora_down.weight"
     assert not torch.allclose(lora[key], before[key], atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["release", "library"])
+def test_loaded_weights_do_not_follow_a_file_rewritten_in_place(tmp_path, layout):
+    """safetensors 0.4 returns views of the file's memory map (the format promises no copy, and no view): a loaded
+    predictor must own its weights, so rewriting the checkpoint's files in place (`cp`, a re-download) changes
+    nothing, instead of silently changing (or, for a shorter file, crashing with SIGBUS) the loaded model."""
+    original = tiny_hyperlora_predictor(seed=5)
+    if layout == "release":
+        save_release_checkpoint(original, tmp_path)
+    else:
+        original.save_pretrained(tmp_path)
+    loaded = load_predictor(tmp_path)
+    before = {key: value.clone() for key, value in loaded.state_dict().items()}
+    files = sorted(tmp_path.glob("*.safetensors"))
+    for path in files:  # same keys, shapes and dtypes (so the same layout), other values, written into the same inode
+        tensors = load_file(path)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        data = save({key: torch.randn_like(value.clone()) for key, value in tensors.items()}, metadata=metadata)
+        del tensors
+        assert len(data) == path.stat().st_size
+        with open(path, "r+b") as handle:
+            handle.write(data)
+    rewritten = load_predictor(tmp_path).state_dict()
+    assert files and all(not torch.equal(rewritten[key], value) for key, value in before.items() if value.numel() > 1)
+    after = loaded.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
 
 
 # ---------------------------------------------------------------------------------------------------- errors

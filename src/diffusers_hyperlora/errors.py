@@ -106,7 +106,8 @@ class InvalidArgumentTypeError(HyperLoRAError, TypeError):
 
 class MissingDependencyError(HyperLoRAError, ImportError):
     """An optional dependency a feature needs is not installed (e.g. insightface for reading faces from photos);
-    the message names the extra to install (`pip install diffusers-hyperlora[face]`)."""
+    the message names the extra to install (`pip install 'diffusers-hyperlora[face]'`; from a clone:
+    `pip install -e '.[face]'`)."""
 
 
 class UnsupportedPipelineError(HyperLoRAError, ValueError):

@@ -2,4 +2,5 @@
 
 from . import _entry_point
 
-_entry_point()
+if __name__ == "__main__":  # importing this module (e.g. to read its docstring) runs nothing
+    _entry_point()

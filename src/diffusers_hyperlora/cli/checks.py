@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from collections.abc import Sequence
 
 from ..errors import IdentityNotFoundError, InvalidArgumentError
+from ..utils.devices import check_device_name
+from ..utils.devices import check_port as check_port_number
 from .parser import HUB_OPTIONS, PROG, TINY
 
-DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+DEVICE_FLAG = "--device"
 MAX_SEED = 2**32 - 1  # accelerate's set_seed also seeds numpy, whose seeds are 32-bit
 
 
@@ -30,13 +31,8 @@ def given_flags(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
 
 
 def check_device(name: str | None) -> None:
-    """`cpu`, `cuda` or `cuda:N`: the devices this library runs on (whether CUDA is there is checked on load)."""
-    if name is not None and not DEVICE.match(name):
-        raise InvalidArgumentError(
-            f"--device {name!r} is not a device this command runs on; use cpu, cuda or cuda:N (e.g. cuda:1), or "
-            "leave it out (cuda when available, else cpu).",
-            argument="device",
-        )
+    """`--device` by name only, without torch (`utils.devices`; whether the machine has it is checked on load)."""
+    check_device_name(name, DEVICE_FLAG)
 
 
 def check_inputs(paths: Sequence[str], flag: str) -> None:
@@ -213,7 +209,5 @@ def check_train_arguments(args: argparse.Namespace) -> None:
 
 
 def check_port(port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise InvalidArgumentError(
-            f"--port {port}: must be a port number from 1 to 65535 (e.g. 7860).", argument="port"
-        )
+    """`--port`: a port number (`utils.devices.check_port`, as `launch_demo` checks it)."""
+    check_port_number(port, "--port")

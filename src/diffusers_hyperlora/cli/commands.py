@@ -10,15 +10,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import InvalidArgumentError, TrainingConfigError, TrainingDataError
+from ..errors import InvalidArgumentError, MissingDependencyError, TrainingConfigError, TrainingDataError
 from . import checks
-from .parser import HUB_OPTIONS, PROG, TINY
+from .parser import HUB_OPTIONS, PROG, TINY, install_hint
 
 CHECKPOINT_FLAGS = (*HUB_OPTIONS, "heads", "dim_head")
 TINY_RESOLUTION = 32  # the tiny UNet's latents are 4x4 at 32 px: a training step takes well under a second
@@ -41,6 +42,16 @@ def checkpoint_source(value: str) -> Iterator[str]:
         yield os.fspath(folder)
 
 
+def require_extra(module: str, extra: str, command: str) -> None:
+    """`MissingDependencyError` naming the extra to install when `module` (of that extra) cannot be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"{command} needs {module}, in the {extra} extra: {install_hint(extra)}."
+        ) from error
+
+
 def hub_options(args: argparse.Namespace):
     from ..io import HubOptions
 
@@ -48,18 +59,10 @@ def hub_options(args: argparse.Namespace):
 
 
 def resolve_device(name: str | None):
-    """The torch device of `--device` (already checked by name): cuda when available by default."""
-    import torch
+    """The torch device of `--device` (the library's policy, `utils.devices`): cuda when available by default."""
+    from ..utils.devices import device_and_dtype
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(
-            f"--device {name}: this torch installation sees no CUDA GPU (torch {torch.__version__}). Pass "
-            "--device cpu, or install the CUDA build of torch for your machine.",
-            argument="device",
-        )
+    device, _ = device_and_dtype(name, label=checks.DEVICE_FLAG)
     return device
 
 
@@ -103,7 +106,7 @@ def photo_predictor(predictor, model: str, args: argparse.Namespace) -> Callable
             id_embeds=features.id_embeds,
             clip_hidden_states=features.clip_hidden_states,
             base_clip_hidden_states=features.base_clip_hidden_states,
-            sources=features.sources or [os.path.basename(path) for path in photos],
+            sources=features.sources,
         )
 
     return predict
@@ -354,6 +357,7 @@ def _base_pipeline(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> str:
     checks.check_train_arguments(args)
     checks.check_tiny_options(args, args.init, "--init", HUB_OPTIONS)
+    require_extra("accelerate", "train", "train")
     from ..io import load_predictor as load
     from ..training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
 
@@ -387,8 +391,13 @@ def run_train(args: argparse.Namespace) -> str:
 def run_demo(args: argparse.Namespace) -> None:
     checks.check_device(args.device)
     checks.check_port(args.port)
+    require_extra("gradio", "demo", "demo")
     from ..demo import DemoEngine, launch_demo
 
+    # The tiny default runs on the CPU unless --device says otherwise (as `DemoEngine.tiny_default`): the same
+    # images on every machine. A device is refused here, in --device's words, before any model is built.
+    wanted = "cpu" if args.device is None and args.checkpoint is None else args.device
+    device = str(resolve_device(wanted))
     if args.checkpoint is None:
         given = checks.given_flags(args, (*HUB_OPTIONS, "base_model", "image_encoder", "face_models"))
         if given:
@@ -397,13 +406,13 @@ def run_demo(args: argparse.Namespace) -> None:
                 "Pass a CHECKPOINT (Hub repo id or local folder), or drop them.",
                 argument="checkpoint",
             )
-        engine = DemoEngine.tiny_default()
+        engine = DemoEngine.tiny_default(device=device)
     else:
         engine = DemoEngine.from_pretrained(
             args.checkpoint,
             hub_options(args),
-            base_model=args.base_model or "stabilityai/stable-diffusion-xl-base-1.0",
-            device=args.device,
+            base_model=args.base_model,  # None: the library's default SDXL
+            device=device,
             image_encoder=args.image_encoder,
             face_models=args.face_models,
         )

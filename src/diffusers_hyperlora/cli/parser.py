@@ -16,6 +16,11 @@ HUB_OPTIONS = ("subfolder", "revision", "token", "cache_dir", "local_files_only"
 TINY_HELP = f"`{TINY}`: the built-in tiny default (random weights, offline, seconds; see docs/cli.md)."
 
 
+def install_hint(extra: str) -> str:
+    """How to install an extra, today (from a clone) and once the package is on the package index."""
+    return f"pip install 'diffusers-hyperlora[{extra}]' (from a clone: pip install -e '.[{extra}]')"
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default (`(default: ...)`) without repeating `None` or `False`."""
 
@@ -63,12 +68,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heads", type=int, default=None, help="Resampler heads of release-layout folders (12).")
     group.add_argument("--dim-head", type=int, default=None, help="Resampler head width, release layout (64).")
     group.add_argument(
-        "--device", default=None, help="Where to run: cpu, cuda, cuda:1 (default: cuda if available, else cpu)."
+        "--device", default=None, help="Where to run: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)."
     )
 
 
 def _add_face_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("photos (needs the face extra: pip install 'diffusers-hyperlora[face]')")
+    group = parser.add_argument_group(f"photos (needs the face extra: {install_hint('face')})")
     group.add_argument(
         "--image-encoder", default=None, help="CLIP vision encoder: repo id or folder (default: the checkpoint's)."
     )
@@ -307,7 +312,7 @@ def _add_demo_parser(commands: Any) -> None:
         help="the web demo (Gradio): photos -> identity -> images, LoRA downloads, sliders",
         description="Serve the web demo. Without CHECKPOINT it starts offline, in seconds, on the built-in tiny "
         "default (random weights: every real step, noise-like images). Needs the extra: "
-        "pip install 'diffusers-hyperlora[demo]'.",
+        f"{install_hint('demo')}.",
     )
     demo.add_argument(
         "checkpoint",
@@ -328,7 +333,11 @@ def _add_demo_parser(commands: Any) -> None:
         default=None,
         help="SDXL pipeline: repo id or folder (default with a CHECKPOINT: stabilityai/stable-diffusion-xl-base-1.0).",
     )
-    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu).")
+    demo.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu; the tiny default: cpu).",
+    )
     demo.add_argument("--image-encoder", default=None, help="CLIP vision encoder (default: the checkpoint's).")
     demo.add_argument("--face-models", default=None, help="AntelopeV2 face models: repo id or folder.")
     demo.add_argument("--host", default="127.0.0.1", help="Address to serve on (this machine only).")

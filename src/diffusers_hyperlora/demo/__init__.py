@@ -1,4 +1,6 @@
-"""The web demo: `diffusers-hyperlora demo [CHECKPOINT]` (needs the extra: `pip install 'diffusers-hyperlora[demo]'`).
+"""The web demo: `diffusers-hyperlora demo [CHECKPOINT]`.
+
+Needs the extra: `pip install 'diffusers-hyperlora[demo]'` (from a clone: `pip install -e '.[demo]'`).
 
 `DemoEngine` (engine.py) owns the shared pipeline and its lock and has no UI; `build_demo` / `launch_demo`
 (app.py, Gradio) build and serve the page on top of it.

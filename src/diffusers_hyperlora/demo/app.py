@@ -23,6 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 import gradio as gr  # noqa: E402
 
 from ..errors import HyperLoRAError, InvalidArgumentError  # noqa: E402
+from ..utils.devices import check_port  # noqa: E402
 from .engine import LORA_FORMATS, MAX_STEPS, SIZE_STEP, DemoEngine, GenerationSettings  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -326,12 +327,6 @@ def _on(
         event.then(handler, inputs=inputs, outputs=outputs, show_progress_on=[progress_on])
 
 
-def _check_port(port: Any) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise InvalidArgumentError(f"Port must be a whole number from 1 to 65535, got {port!r}.", argument="port")
-    return port
-
-
 def _check_served_folder(engine: DemoEngine) -> None:
     """Gradio serves files made inside the temp folder or the current folder only (nothing else is exposed)."""
     roots = [Path(tempfile.gettempdir()).resolve(), Path.cwd().resolve()]
@@ -357,7 +352,7 @@ def _stop_on_sigterm() -> None:
 
 def launch_demo(engine: DemoEngine, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
     """Serve the page for `engine` on `host:port` (blocks until interrupted unless `block=False`)."""
-    port = _check_port(port)
+    port = check_port(port)
     _check_served_folder(engine)
     demo = build_demo(engine)
     demo.queue(default_concurrency_limit=4)

@@ -29,9 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..errors import ImageInputError, InvalidArgumentError, NoFaceDetectedError
 from ..face.images import check_pixel_count
@@ -40,6 +39,7 @@ from ..identities.inputs import split_identity_inputs
 from ..io.hub import HubOptions
 from ..io.lora_files import LORA_FORMATS, check_format
 from ..model.config import DEFAULT_BASE_MODEL
+from ..utils.devices import device_and_dtype
 
 SIZE_STEP = 64
 MAX_STEPS = 150
@@ -60,7 +60,6 @@ __all__ = [
     "GenerationSettings",
     "WorkFolder",
     "prompt_with_trigger_words",
-    "tiny_example_photo",
 ]
 
 
@@ -151,24 +150,6 @@ def safe_file_stem(name: str, default: str = "lora") -> str:
     return stem or default
 
 
-def tiny_example_photo(path: str | os.PathLike) -> Path:
-    """Draw a cartoon face inside the tiny default's face marker (a magenta frame) and save it as a PNG."""
-    from ..testing.tiny_face import draw_face_marker
-
-    image = Image.new("RGB", (256, 256), (70, 110, 160))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((78, 58, 178, 188), fill=(236, 196, 160))  # face
-    draw.ellipse((102, 100, 118, 112), fill=(40, 40, 40))  # eyes
-    draw.ellipse((138, 100, 154, 112), fill=(40, 40, 40))
-    draw.line((128, 112, 122, 140, 132, 140), fill=(170, 120, 100), width=3)  # nose
-    draw.arc((104, 138, 152, 168), 20, 160, fill=(150, 60, 60), width=4)  # smile
-    draw.chord((74, 40, 182, 110), 180, 360, fill=(90, 60, 40))  # hair
-    framed = draw_face_marker(np.asarray(image), (66, 46, 190, 198))
-    path = Path(path)
-    Image.fromarray(framed).save(path)
-    return path
-
-
 class WorkFolder:
     """A new temporary folder (`hyperlora-demo-*` in `parent`, default the system's temp folder), removed by
     `remove()`, when this object is garbage collected, or at interpreter exit (`weakref.finalize`)."""
@@ -192,30 +173,6 @@ class WorkFolder:
     @property
     def removed(self) -> bool:
         return not self._finalizer.alive
-
-
-def _device_and_dtype(device: str | None) -> tuple[torch.device, torch.dtype]:
-    """The pipeline's device (default: cuda when there is a GPU) and dtype (float16 on a GPU, float32 elsewhere)."""
-    if device is None:
-        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            chosen = torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise InvalidArgumentError(
-                f"Device {device!r} is not a device torch knows; use cpu, cuda or cuda:1.", argument="device"
-            ) from error
-    if chosen.type not in ("cpu", "cuda"):
-        raise InvalidArgumentError(
-            f"Device {device!r}: the demo runs on cpu or cuda (cuda:1, ...), not {chosen.type}.", argument="device"
-        )
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(
-            f"Device {device!r}: this torch installation sees no CUDA GPU (torch {torch.__version__}). Use cpu, "
-            "or install the CUDA build of torch for this machine.",
-            argument="device",
-        )
-    return chosen, torch.float16 if chosen.type == "cuda" else torch.float32
 
 
 class DemoEngine:
@@ -277,17 +234,17 @@ class DemoEngine:
         `from_pretrained`; `None`: cuda when there is a GPU) is where the tiny pipeline runs, in float32.
         """
         from ..face import FaceAnalyzer
-        from ..testing.tiny_face import export_tiny_antelopev2, tiny_clip_encoder
-        from ..testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
+        from ..testing.tiny_checkpoint import FACE_MODELS_FOLDER, save_tiny_checkpoint, tiny_example_photo
+        from ..testing.tiny_models import tiny_sdxl_pipeline
 
-        device, _ = _device_and_dtype(device)
+        device, _ = device_and_dtype(device, torch.float32)  # checked first, before any file is written
         folder = WorkFolder(workdir)
-        pipe = tiny_sdxl_pipeline(seed=seed).to(device)
+        pipe = tiny_sdxl_pipeline(seed=seed).to(device)  # built in float32
         pipe.set_progress_bar_config(disable=True)
-        face_models = export_tiny_antelopev2(folder.path / "tiny-face-models", seed=seed)
+        checkpoint = save_tiny_checkpoint(folder.path / "tiny-checkpoint", pipe.unet, seed=seed)
+        face_models = checkpoint / FACE_MODELS_FOLDER
         pipe.load_hyperlora(
-            tiny_hyperlora_predictor(pipe.unet, seed=seed, base_rank=4),
-            image_encoder=tiny_clip_encoder(seed=seed),
+            os.fspath(checkpoint),
             face_analyzer=FaceAnalyzer.from_pretrained(face_models, providers=["CPUExecutionProvider"]),
         )
         example = tiny_example_photo(folder.path / "example-face.png")
@@ -329,7 +286,7 @@ class DemoEngine:
 
         options = HubOptions.of(hub_options, **hub_kwargs)
         base_model = base_model or DEFAULT_BASE_MODEL
-        device, dtype = _device_and_dtype(device)  # checked before anything is downloaded
+        device, dtype = device_and_dtype(device)  # checked before anything is downloaded
         base_kwargs = options.for_other_repo().download_kwargs()
         pipe = DiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype, **base_kwargs).to(device)
         pipe.set_progress_bar_config(disable=True)

@@ -264,8 +264,9 @@ def load_insightface_app(folder: str | os.PathLike, providers: Sequence[Any] | N
         from insightface.app import FaceAnalysis
     except ImportError as error:
         raise MissingDependencyError(
-            "Reading faces from photos needs insightface and onnxruntime: `pip install diffusers-hyperlora[face]` "
-            "(or `[face-gpu]` for CUDA). Alternatively pass `face_analyzer=` your own FaceAnalysis-like object."
+            "Reading faces from photos needs insightface and onnxruntime: `pip install 'diffusers-hyperlora[face]'` "
+            "(from a clone: `pip install -e '.[face]'`; `[face-gpu]` for CUDA). Alternatively pass `face_analyzer=` "
+            "your own FaceAnalysis-like object."
         ) from error
     folder = Path(folder).resolve()
     chosen = select_providers(onnxruntime.get_available_providers(), _gpu_available(), providers)

@@ -451,7 +451,8 @@ def identity_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, 
     if version > IDENTITY_FORMAT_VERSION:
         raise IdentityFormatError(
             f"{name!r} was written by a newer diffusers-hyperlora (identity format {version}, this version reads up to "
-            f"{IDENTITY_FORMAT_VERSION}). Upgrade diffusers-hyperlora (`pip install -U diffusers-hyperlora`)."
+            f"{IDENTITY_FORMAT_VERSION}). Upgrade diffusers-hyperlora (`pip install -U diffusers-hyperlora`; "
+            "from a clone: `git pull`, then `pip install -e .`)."
         )
     id_mean = tensors.get("id_mean")
     if id_mean is None or id_mean.ndim != 2:

@@ -225,6 +225,9 @@ def diffusers_adapter_metadata(
         f"{prefix}.r": int(rank),
         f"{prefix}.lora_alpha": float(alpha),
         f"{prefix}.target_modules": [linear.module_path for linear in linears],
+        # diffusers 0.35 reads these two unconditionally (KeyError without them); empty: one rank, one alpha
+        f"{prefix}.rank_pattern": {},
+        f"{prefix}.alpha_pattern": {},
     }
 
 

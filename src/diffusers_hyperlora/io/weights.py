@@ -111,7 +111,7 @@ def read_tensors(sources: Sources, keys: Iterable[str], dtype: torch.dtype | Non
         for key in keys:
             path, names = sources[key]
             if isinstance(names, str):
-                tensors[key] = stored(path, names)
+                tensors[key] = _owned(files.tensor(path, names), dtype)
                 continue
             first = stored(path, names[0])
             tensors[key] = torch.empty((len(names), *first.shape), dtype=first.dtype)
@@ -120,6 +120,17 @@ def read_tensors(sources: Sources, keys: Iterable[str], dtype: torch.dtype | Non
         return tensors
     finally:
         files.close()
+
+
+def _owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A copy of a tensor read from a file, in `dtype`, that owns its memory.
+
+    `safe_open(...).get_tensor` may return a view of the file's memory map (safetensors does, up to at least 0.8;
+    the format promises neither a copy nor a view). A loaded model holding such views would change when the file is
+    rewritten in place (`cp`, a re-download), or crash with SIGBUS when the file gets shorter. Stacked bank keys are
+    copied into their stack anyway; this covers the rest.
+    """
+    return tensor.clone() if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def check_shapes(

@@ -5,7 +5,8 @@ the tiny predictor (`tiny_hyperlora_predictor`, with a Base branch, for the tiny
 a tiny CLIP image encoder in `image_encoder/` and tiny AntelopeV2-shaped face models in `face_models/`, both named by
 its `config.json`, so `load_hyperlora(folder)`, `load_predictor(folder)` and every `diffusers-hyperlora` command
 need nothing else. All weights are random (seeded): the same seed writes the same checkpoint, so identities saved
-with one run load in the next. The command line's `--model tiny` is this folder, written to a temporary folder.
+with one run load in the next. The command line's `--model tiny` is this folder, written to a temporary folder;
+the demo's tiny default (`DemoEngine.tiny_default`) loads it from its work folder, for its own tiny pipeline's UNet.
 
 The tiny face detector finds faces marked by a coloured frame (`draw_face_marker`), not real faces;
 `tiny_example_photo(path)` draws such a photo.

@@ -1,6 +1,7 @@
 """Training HyperLoRA with the paper's three-stage curriculum (`base` -> `id_clip` -> `id_full`).
 
-Needs `accelerate` (`pip install "diffusers-hyperlora[train]"`). See docs/training.md.
+Needs `accelerate` (`pip install "diffusers-hyperlora[train]"`; from a clone: `pip install -e ".[train]"`). See
+docs/training.md.
 
 Example:
     >>> from diffusers_hyperlora.training import TrainingConfig, default_curriculum

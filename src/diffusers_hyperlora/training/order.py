@@ -19,7 +19,8 @@ import torch
 
 def _seed_of(*values: int) -> int:
     """A well-mixed 63-bit seed from non-negative integers."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)
+    return int(state[0]) >> 1  # a Python int: numpy 1.x refuses uint64 >> int
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
