@@ -19,6 +19,7 @@ from test_cli_train import _MeanColourFeatures
 from test_training import _Interrupt, _resume_config
 
 from diffusers_hyperlora import (
+    CheckpointFormatError,
     HyperLoRAConfig,
     HyperLoRAPredictor,
     InvalidArgumentError,
@@ -145,6 +146,15 @@ def test_unknown_linear_names_are_refused():
     with pytest.raises(TargetMismatchError, match="linears") as caught:
         HyperLoRAConfig.from_denoiser(tiny_sd3_components()["transformer"], linears=("to_qq",))
     assert caught.value.argument == "linears"
+
+
+def test_the_config_denoiser_must_be_a_known_component():
+    with pytest.raises(InvalidArgumentError, match="denoiser must be one of") as caught:
+        tiny_hyperlora_predictor().config.__class__(denoiser="prior")
+    assert caught.value.argument == "denoiser"
+    data = {**tiny_hyperlora_predictor().config.to_json_dict(), "denoiser": "prior"}
+    with pytest.raises(CheckpointFormatError, match="denoiser must be one of"):
+        HyperLoRAConfig.from_json_dict(data)
 
 
 def test_an_unsupported_denoiser_is_refused_by_name():
