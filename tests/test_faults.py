@@ -529,7 +529,7 @@ def test_a_predictor_without_weights_is_refused_at_load(pipe):
 # ---------------------------------------------------------------------------------------------- unsupported pipelines
 @pytest.mark.parametrize("named", [False, True], ids=["found", "named"])
 def test_a_transformer_denoiser_is_refused_at_load(predictor, named):
-    """Targets, export and per-sample identities are UNet-only: an SD3/FLUX-like pipeline is refused, not half-run."""
+    """A transformer HyperLoRA has no targets for (not SD3's or FLUX's) is refused, not half-run."""
     from diffusers_hyperlora import UnsupportedPipelineError, load_hyperlora
 
     class TransformerPipeline:
@@ -539,7 +539,8 @@ def test_a_transformer_denoiser_is_refused_at_load(predictor, named):
             self.transformer = torch.nn.Linear(4, 4)
 
     pipe = TransformerPipeline()
-    with pytest.raises(UnsupportedPipelineError, match="transformer .*UNet pipelines only") as error:
+    match = "denoises with a Linear; HyperLoRA supports the UNet pipelines and the transformers SD3Transformer2DModel"
+    with pytest.raises(UnsupportedPipelineError, match=match) as error:
         load_hyperlora(pipe, predictor)
     assert isinstance(error.value, ValueError) and error.value.argument == "pipe"
     assert not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import InvalidArgumentError, MissingDependencyError, TrainingDataError
+from ..errors import InvalidArgumentError, MissingDependencyError, TrainingConfigError, TrainingDataError
 from . import checks
 from .parser import HUB_OPTIONS, PROG, TINY, install_hint
 
@@ -279,10 +279,9 @@ def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int):
 
         return HyperLoRAPredictor(tiny_hyperlora_config(unet, **{"base_rank": 4, **given}))
     from ..model.config import HyperLoRAConfig
-    from ..model.targets import targets_from_unet
 
-    defaults = {"num_basis": 128, "id_rank": 8, "base_rank": 4}
-    return HyperLoRAPredictor(HyperLoRAConfig(targets=targets_from_unet(unet), **{**defaults, **given}))
+    defaults = {"num_basis": 128, "id_rank": 8, "base_rank": 4, "base_model": args.base_model}
+    return HyperLoRAPredictor(HyperLoRAConfig.from_denoiser(unet, **{**defaults, **given}))
 
 
 def _data_clip_width(dataset) -> int | None:
@@ -342,9 +341,17 @@ def _base_pipeline(args: argparse.Namespace):
         from ..testing.tiny_models import tiny_sdxl_pipeline
 
         return tiny_sdxl_pipeline()
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
-    return StableDiffusionXLPipeline.from_pretrained(args.base_model)
+    components = DiffusionPipeline.load_config(args.base_model)  # model_index.json: nothing big is loaded yet
+    if "unet" not in components:
+        raise TrainingConfigError(
+            f"--base-model {args.base_model} is a {components.get('_class_name', 'pipeline')}, which has no UNet: "
+            "train runs on UNet pipelines (SDXL, SD 1.5, SD 2.x) only; training for SD3 and FLUX is not "
+            "implemented yet.",
+            argument="base_model",
+        )
+    return DiffusionPipeline.from_pretrained(args.base_model)  # SDXL, SD 1.5, SD 2.x: any UNet pipeline
 
 
 def run_train(args: argparse.Namespace) -> str:

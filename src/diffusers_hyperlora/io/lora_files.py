@@ -8,10 +8,12 @@ Two layouts:
 - `kohya`: `{json_key}_{to_q|to_k|to_v|to_out_0}.lora_down.weight` `[r, in]`, `.lora_up.weight` `[out, r]` and
   `.alpha` (a scalar), exactly the reference generator's dict. ComfyUI, A1111/Forge and diffusers'
   `load_lora_weights` read it; the alpha travels in the tensors.
-- `diffusers`: `unet.{module_path}.lora_A.weight` / `.lora_B.weight` (PEFT names, what `pipe.save_lora_weights`
-  writes) plus the adapter config (`r`, `lora_alpha`, `target_modules`) under the safetensors metadata key
-  `lora_adapter_metadata`, which diffusers (>= 0.35) reads back. The real alpha is stored, nothing is folded into
-  the weights, so the factors are the live adapter's factors.
+- `diffusers`: `{unet|transformer}.{module_path}.lora_A.weight` / `.lora_B.weight` (PEFT names, what
+  `pipe.save_lora_weights` writes; the prefix is the checkpoint's `config.denoiser`) plus the adapter config
+  (`r`, `lora_alpha`, `target_modules`) under the safetensors metadata key `lora_adapter_metadata`, which
+  diffusers (>= 0.35) reads back. The real alpha is stored, nothing is folded into
+  the weights, so the factors are the live adapter's factors. The only layout for transformer denoisers
+  (SD3, FLUX), whose LoRAs have no kohya naming that every tool agrees on.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ LORA_FORMATS = ("kohya", "diffusers")
 DIFFUSERS_PREFIX = "unet"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
+SD1_BASE_VERSION = "sd_v1"
 
 LoraFactors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,7 +47,7 @@ def export_lora(
     predictor: HyperLoRAPredictor,
     identity: HyperLoRAIdentity | HyperLoRASlider,
     path: str | os.PathLike | None = None,
-    format: str = "kohya",
+    format: str | None = None,
     branch: str = "id",
     dtype: torch.dtype | str = torch.float32,
 ) -> dict[str, torch.Tensor]:
@@ -58,7 +61,8 @@ def export_lora(
         format: `"kohya"` gives the reference generator's keys (`{json_key}_to_q.lora_down.weight`, ...,
             `.alpha`), read by ComfyUI, A1111, Forge, kohya sd-scripts and diffusers; `"diffusers"` the layout
             `pipe.load_lora_weights` reads natively, with alpha in the file's adapter metadata: diffusers only,
-            use kohya for every other tool.
+            use kohya for every other tool. Default (`None`): `"kohya"` for UNet checkpoints, `"diffusers"` for
+            transformer ones (SD3, FLUX), which have no kohya layout.
         branch: `"id"` or `"base"` (checkpoints with a Base branch).
         dtype: dtype of the stored tensors, a torch dtype or a name (`torch.float16` or `"fp16"` halves the file).
 
@@ -71,9 +75,9 @@ def export_lora(
         >>> next(iter(state_dict)).endswith("_to_q.lora_down.weight"), next(iter(state_dict.values())).dtype
         (True, torch.float16)
     """
-    check_format(format)
-    dtype = check_dtype(dtype)
     config = predictor.config
+    format = check_format_for(config, format)
+    dtype = check_dtype(dtype)
     if branch == "base" and not config.has_base:
         raise InvalidArgumentError(
             "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "
@@ -114,6 +118,22 @@ def check_format(format: str) -> str:
     return format
 
 
+def check_format_for(config: HyperLoRAConfig, format: str | None) -> str:
+    """The LoRA layout to write for `config`'s checkpoint: `format`, or its denoiser's first (`kohya` for UNets,
+    `diffusers` for transformers) when `None`; `InvalidArgumentError` for a layout its denoiser has no names in."""
+    if format is None:
+        return config.lora_formats[0]
+    check_format(format)
+    if format not in config.lora_formats:
+        raise InvalidArgumentError(
+            f"LoRA format {format!r} has no names for a {config.denoiser} denoiser (this checkpoint targets the "
+            f"pipeline's `{config.denoiser}`): use format={config.lora_formats[0]!r}, which "
+            "`pipe.load_lora_weights` reads.",
+            argument="format",
+        )
+    return format
+
+
 def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """The floating-point dtype a LoRA file stores, from a torch dtype or a name (`"fp16"`); else a clear error."""
     if dtype is None:
@@ -129,10 +149,12 @@ def lora_state_dict(
     alpha: float,
     format: str = "kohya",
     dtype: torch.dtype = torch.float32,
+    prefix: str = DIFFUSERS_PREFIX,
 ) -> dict[str, torch.Tensor]:
     """Lay out per-linear `(down [r, in], up [out, r])` factors as a LoRA state dict.
 
-    The update of each linear a loader applies at weight `w` is `w * (alpha / r) * up @ down`.
+    The update of each linear a loader applies at weight `w` is `w * (alpha / r) * up @ down`. `prefix` is the
+    denoiser's component name in the `diffusers` layout (`unet`, `transformer`).
 
     Example:
         >>> from diffusers_hyperlora.model.targets import TargetModule
@@ -157,8 +179,8 @@ def lora_state_dict(
             state_dict[f"{linear.kohya_name}.lora_up.weight"] = up
             state_dict[f"{linear.kohya_name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
         else:
-            state_dict[f"{DIFFUSERS_PREFIX}.{linear.module_path}.lora_A.weight"] = down
-            state_dict[f"{DIFFUSERS_PREFIX}.{linear.module_path}.lora_B.weight"] = up
+            state_dict[f"{prefix}.{linear.module_path}.lora_A.weight"] = down
+            state_dict[f"{prefix}.{linear.module_path}.lora_B.weight"] = up
     return state_dict
 
 
@@ -175,15 +197,17 @@ def _check_factors(linear: TargetLinear, down: torch.Tensor, up: torch.Tensor) -
 def export_lora_state_dict(
     config: HyperLoRAConfig,
     weights: LoraFactors,
-    format: str = "kohya",
+    format: str | None = None,
     branch: str = "id",
     *,
     alpha: float | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """`lora_state_dict` for a checkpoint's target linears; `alpha` defaults to the branch's (`r / 2`)."""
+    """`lora_state_dict` for a checkpoint's target linears; `alpha` defaults to the branch's (`r / 2`), `format` to
+    the denoiser's first layout (`check_format_for`)."""
+    format = check_format_for(config, format)
     alpha = config.alpha(branch) if alpha is None else alpha
-    return lora_state_dict(config.linears, weights, alpha, format, dtype)
+    return lora_state_dict(config.linears, weights, alpha, format, dtype, prefix=config.denoiser)
 
 
 def diffusers_adapter_metadata(
@@ -222,7 +246,7 @@ def lora_file_metadata(
 
     For the `diffusers` format it also holds `lora_adapter_metadata`, so `load_lora_weights` restores alpha.
     """
-    check_format(format)
+    format = check_format_for(config, format)
     if recommended_scale is None:
         recommended_scale = config.default_id_weight if branch == "id" else config.default_base_weight
     metadata = {
@@ -234,17 +258,27 @@ def lora_file_metadata(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": json.dumps(float(alpha)),
-        "ss_base_model_version": SDXL_BASE_VERSION,
+        "ss_base_model_version": base_model_version(config),
         "trigger_words": config.trigger_words,
         "recommended_scale": json.dumps(recommended_scale),
     }
     if config.license:
         metadata["license"] = config.license
     if format == "diffusers":
-        adapter = diffusers_adapter_metadata(config.linears, rank, alpha)
+        adapter = diffusers_adapter_metadata(config.linears, rank, alpha, prefix=config.denoiser)
         metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(adapter, indent=2, sort_keys=True)
     metadata.update(extra or {})
     return metadata
+
+
+def base_model_version(config: HyperLoRAConfig) -> str:
+    """kohya's `ss_base_model_version` for the checkpoint's base model: SDXL, SD 1.x, else the model's name."""
+    name = config.base_model.lower()
+    if "xl" in name:
+        return SDXL_BASE_VERSION
+    if "v1-5" in name or "v1-4" in name or "stable-diffusion-v1" in name:
+        return SD1_BASE_VERSION
+    return config.base_model
 
 
 def lora_rank(state_dict: dict[str, torch.Tensor]) -> int:
@@ -261,7 +295,7 @@ def save_lora_file(
     state_dict: dict[str, torch.Tensor],
     path: str | os.PathLike,
     config: HyperLoRAConfig,
-    format: str = "kohya",
+    format: str | None = None,
     branch: str = "id",
     *,
     alpha: float | None = None,

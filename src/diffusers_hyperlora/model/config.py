@@ -11,7 +11,15 @@ from importlib import metadata
 from typing import Any
 
 from ..errors import CheckpointFormatError, InvalidArgumentError
-from .targets import ATTENTION_LINEARS, TargetLinear, TargetModule, target_linears
+from .targets import (
+    ATTENTION_LINEARS,
+    LAYOUTS_BY_COMPONENT,
+    TargetLinear,
+    TargetModule,
+    denoiser_layout,
+    target_linears,
+    targets_from_denoiser,
+)
 
 DEFAULT_TRIGGER_WORDS = "fcsks fxhks fhyks"
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
@@ -81,6 +89,7 @@ class HyperLoRAConfig:
     face_models: str | None = None  # subfolder of the checkpoint's repo or an insightface root
     base_model: str = DEFAULT_BASE_MODEL
     license: str | None = None
+    denoiser: str = "unet"  # the pipeline component the targets live in: "unet" or "transformer"
 
     def __post_init__(self) -> None:
         if not isinstance(self.targets, list):
@@ -103,6 +112,12 @@ class HyperLoRAConfig:
                 raise InvalidArgumentError(
                     f"HyperLoRAConfig.{name} must be a positive integer, got {getattr(self, name)!r}.", argument=name
                 )
+        if self.denoiser not in LAYOUTS_BY_COMPONENT:
+            raise InvalidArgumentError(
+                f"HyperLoRAConfig.denoiser must be one of {list(LAYOUTS_BY_COMPONENT)} (the pipeline component the "
+                f"targets live in), got {self.denoiser!r}.",
+                argument="denoiser",
+            )
         if not _is_int(self.base_rank) or self.base_rank < 0:
             raise InvalidArgumentError(
                 f"HyperLoRAConfig.base_rank must be an integer >= 0 (0 = no Base branch), got {self.base_rank!r}.",
@@ -115,12 +130,18 @@ class HyperLoRAConfig:
 
     @property
     def tokens_per_module(self) -> int:
-        """Two coefficient tokens (down, up) for each LoRA'd linear of a module."""
+        """Two coefficient tokens (down, up) for each LoRA'd linear of a default (q, k, v, out) module."""
         return 2 * len(ATTENTION_LINEARS)
 
     @property
     def num_tokens(self) -> int:
-        return self.tokens_per_module * len(self.targets)
+        """Two coefficient tokens (down, up) for each LoRA'd linear, module by module."""
+        return 2 * sum(len(target.linear_names) for target in self.targets)
+
+    @property
+    def lora_formats(self) -> tuple[str, ...]:
+        """The LoRA file layouts exports of this checkpoint can be written in (`kohya` only for UNets)."""
+        return LAYOUTS_BY_COMPONENT[self.denoiser].lora_formats
 
     @property
     def linears(self) -> list[TargetLinear]:
@@ -137,12 +158,34 @@ class HyperLoRAConfig:
         raise InvalidArgumentError(f"branch must be 'id' or 'base', got {branch!r}.", argument="branch")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["targets"] = [target.to_dict() for target in self.targets]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HyperLoRAConfig:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_denoiser(
+        cls, denoiser: Any, linears: tuple[str, ...] | list[str] | None = None, **sizes: Any
+    ) -> HyperLoRAConfig:
+        """A config targeting every attention module of `denoiser` (a diffusers `UNet2DConditionModel`,
+        `SD3Transformer2DModel` or `FluxTransformer2DModel`; see `DENOISER_LAYOUTS`).
+
+        `linears` chooses the linears of each attention module (default: the denoiser's layout, e.g. the
+        joint-attention context projections too for SD3 / FLUX); `sizes` are the other fields (`num_basis`, ...).
+
+        Example:
+            >>> from diffusers_hyperlora import HyperLoRAConfig
+            >>> from diffusers_hyperlora.testing.tiny_base_models import tiny_sd3_components
+            >>> config = HyperLoRAConfig.from_denoiser(tiny_sd3_components()["transformer"], num_basis=8)
+            >>> config.denoiser, len(config.targets), len(config.linears), config.num_tokens
+            ('transformer', 2, 15, 30)
+        """
+        layout = denoiser_layout(denoiser)
+        return cls(targets=targets_from_denoiser(denoiser, linears), denoiser=layout.component, **sizes)
 
     def architecture_hash(self) -> str:
         """A short digest of everything that decides tensor shapes and token order (not trigger words etc.)."""
@@ -150,6 +193,7 @@ class HyperLoRAConfig:
             "targets num_basis id_rank base_rank resampler_dim resampler_depth resampler_heads resampler_dim_head "
             "resampler_ff_mult num_id_tokens id_embed_dim image_embed_dim use_id_embeds use_image_embeds"
         ).split()
+        # `denoiser` is left out: it decides no shape, and older configs (all UNet) keep their hash.
         data = {k: v for k, v in self.to_dict().items() if k in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

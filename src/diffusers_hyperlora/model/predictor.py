@@ -247,7 +247,7 @@ class HyperLoRAPredictor(nn.Module):
         self,
         identity: HyperLoRAIdentity | Any,
         path: str | os.PathLike | None = None,
-        format: str = "kohya",
+        format: str | None = None,
         branch: str = "id",
         dtype: torch.dtype | str = torch.float32,
     ) -> dict[str, torch.Tensor]:

@@ -50,39 +50,36 @@ from ..io.hub import HubOptions
 from ..io.lora_files import export_lora
 from ..model.config import HyperLoRAConfig
 from ..model.predictor import HyperLoRAPredictor
+from ..model.targets import DENOISER_LAYOUTS, has_denoiser_layout
 from ..utils.compat import adapter_configs
 from .placement import Placement
 
 logger = logging.get_logger(__name__)
 
-DENOISER_NAME = "unet"
-# Denoisers of pipelines HyperLoRA does not support yet: targets, export and per-sample identities are UNet-only.
-UNSUPPORTED_DENOISER_NAMES = ("transformer",)
+DENOISER_NAMES = ("unet", "transformer")
 
 
 def find_denoiser(pipe: Any, name: str | None = None) -> torch.nn.Module:
-    """The pipeline's denoiser: `name` if given, else its `unet`. A transformer denoiser (SD3, FLUX) raises
-    `UnsupportedPipelineError`."""
-    name = name or DENOISER_NAME
-    module = getattr(pipe, name, None)
-    if name in UNSUPPORTED_DENOISER_NAMES or (module is None and name == DENOISER_NAME and _has_transformer(pipe)):
-        raise UnsupportedPipelineError(
-            f"{pipe.__class__.__name__} denoises with a transformer (SD3, FLUX, ...); HyperLoRA supports UNet "
-            "pipelines only (its checkpoints target SDXL UNets): use an SDXL pipeline such as "
-            "StableDiffusionXLPipeline.",
+    """The pipeline's denoiser: `name` if given, else its `unet` or its `transformer`. A transformer HyperLoRA has
+    no targets for (`DENOISER_LAYOUTS`: SD3 and FLUX have) raises `UnsupportedPipelineError`."""
+    for candidate in (name,) if name else DENOISER_NAMES:
+        module = getattr(pipe, candidate, None)
+        if module is not None:
+            break
+    else:
+        raise InvalidArgumentTypeError(
+            f"{pipe.__class__.__name__} has no denoiser {name or ' or '.join(DENOISER_NAMES)!r}; HyperLoRA needs a "
+            "diffusers pipeline with a UNet (SD 1.5, SDXL) or an SD3 / FLUX transformer.",
             argument="pipe",
         )
-    if module is None:
-        raise InvalidArgumentTypeError(
-            f"{pipe.__class__.__name__} has no denoiser {name!r}; HyperLoRA needs a diffusers pipeline with a UNet "
-            "such as StableDiffusionXLPipeline.",
+    if candidate == "transformer" and not has_denoiser_layout(module):
+        raise UnsupportedPipelineError(
+            f"{pipe.__class__.__name__} denoises with a {type(module).__name__}; HyperLoRA supports the UNet "
+            f"pipelines and the transformers {', '.join(n for n in DENOISER_LAYOUTS if 'Transformer' in n)}: use "
+            "one of those pipelines (see docs/base-models.md).",
             argument="pipe",
         )
     return module
-
-
-def _has_transformer(pipe: Any) -> bool:
-    return any(getattr(pipe, name, None) is not None for name in UNSUPPORTED_DENOISER_NAMES)
 
 
 def as_image_list(images: Any, caller: str) -> list[Any]:
@@ -532,7 +529,7 @@ class HyperLoRAController:
         self,
         identity: HyperLoRAIdentity | HyperLoRASlider,
         path: str | os.PathLike | None = None,
-        format: str = "kohya",
+        format: str | None = None,
         branch: str = "id",
         dtype: torch.dtype | str = torch.float32,
     ) -> dict[str, torch.Tensor]:

@@ -229,7 +229,8 @@ def remove_hyperlora_slider(pipe: Any, adapter_name: str = DEFAULT_SLIDER_NAME) 
 class HyperLoRAMixin:
     """HyperLoRA methods for a pipeline class. Mix into a custom pipeline, or rely on the installed methods.
 
-    `hyperlora_denoiser_name` names the component that receives the adapters.
+    `hyperlora_denoiser_name` names the component that receives the adapters (`None`: the pipeline's `unet`, else
+    its `transformer`).
 
     Example:
         >>> from diffusers import StableDiffusionXLPipeline
@@ -238,7 +239,7 @@ class HyperLoRAMixin:
         ...     pass
     """
 
-    hyperlora_denoiser_name: str = "unet"
+    hyperlora_denoiser_name: str | None = None
 
     @property
     def hyperlora(self) -> HyperLoRAController:
@@ -298,7 +299,8 @@ _MIXIN_MEMBERS: Sequence[str] = (
 
 
 def install_pipeline_methods() -> None:
-    """Add HyperLoRA's methods to diffusers' SDXL and SD LoRA loader mixins (idempotent, never overwrites).
+    """Add HyperLoRA's methods to diffusers' SDXL, SD, SD3 and FLUX LoRA loader mixins (idempotent, never
+    overwrites).
 
     `import diffusers_hyperlora` does this for you, as soon as diffusers' LoRA loaders are imported.
 
@@ -308,9 +310,19 @@ def install_pipeline_methods() -> None:
         >>> hasattr(StableDiffusionXLPipeline, "load_hyperlora")
         True
     """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+    from diffusers.loaders import (
+        FluxLoraLoaderMixin,
+        SD3LoraLoaderMixin,
+        StableDiffusionLoraLoaderMixin,
+        StableDiffusionXLLoraLoaderMixin,
+    )
 
-    for target in (StableDiffusionXLLoraLoaderMixin, StableDiffusionLoraLoaderMixin):
+    for target in (
+        StableDiffusionXLLoraLoaderMixin,
+        StableDiffusionLoraLoaderMixin,
+        SD3LoraLoaderMixin,
+        FluxLoraLoaderMixin,
+    ):
         for member in _MIXIN_MEMBERS:
             if member not in target.__dict__:
                 setattr(target, member, HyperLoRAMixin.__dict__[member])

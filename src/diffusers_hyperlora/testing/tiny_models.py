@@ -15,7 +15,6 @@ import torch
 
 from ..model.config import HyperLoRAConfig
 from ..model.predictor import HyperLoRAPredictor
-from ..model.targets import targets_from_unet
 
 TINY_UNET_CONFIG = dict(
     block_out_channels=(32, 64),
@@ -132,14 +131,14 @@ def tiny_sdxl_pipeline(seed: int = 0):
 
 
 def tiny_hyperlora_config(unet=None, **overrides) -> HyperLoRAConfig:
-    """The `official-tiny` fixture's architecture (K 8, rank 8, D 32, E 48, depth 2), targeting `unet`."""
+    """The `official-tiny` fixture's architecture (K 8, rank 8, D 32, E 48, depth 2), targeting the denoiser `unet`
+    (any `HyperLoRAConfig.from_denoiser` supports: a UNet, an SD3 or FLUX transformer; default: the tiny SDXL UNet)."""
     if unet is None:
         from diffusers import UNet2DConditionModel
 
         with torch.device("meta"):
             unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     values = dict(
-        targets=targets_from_unet(unet),
         num_basis=8,
         id_rank=8,
         resampler_dim=32,
@@ -151,10 +150,11 @@ def tiny_hyperlora_config(unet=None, **overrides) -> HyperLoRAConfig:
         image_embed_dim=48,
     )
     values.update(overrides)
-    return HyperLoRAConfig(**values)
+    return HyperLoRAConfig.from_denoiser(unet, **values)
 
 
 def tiny_hyperlora_predictor(unet=None, seed: int = 0, **overrides) -> HyperLoRAPredictor:
-    """A randomly initialized tiny predictor (seeded) for `unet` (default: the tiny SDXL UNet)."""
+    """A randomly initialized tiny predictor (seeded) for the denoiser `unet` (a UNet, an SD3 or FLUX transformer;
+    default: the tiny SDXL UNet)."""
     torch.manual_seed(seed)
     return HyperLoRAPredictor(tiny_hyperlora_config(unet, **overrides)).eval()

@@ -146,14 +146,15 @@ class FrozenEncoders:
         return (latents * config.scaling_factor).float()
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One prompt at a time, for the same reason."""
+        """One prompt at a time, for the same reason. SD 1.5 / 2.x pipelines have no pooled embedding: an empty
+        `[1, 0]` stands for it (their UNet reads none)."""
         embeds, pooled = [], []
         for prompt in prompts:
             encoded = self.pipe.encode_prompt(
                 prompt=[prompt], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
             embeds.append(encoded[0])
-            pooled.append(encoded[2])
+            pooled.append(encoded[2] if len(encoded) > 2 else encoded[0].new_zeros(1, 0))
         return torch.cat(embeds), torch.cat(pooled)
 
     def _prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

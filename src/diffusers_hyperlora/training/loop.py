@@ -113,6 +113,13 @@ def _check_widths(shapes: dict[str, tuple[int, ...]], predictor: HyperLoRAPredic
 
 
 def _check_pipeline(pipe: Any) -> None:
+    if getattr(pipe, "unet", None) is None:
+        raise TrainingConfigError(
+            f"{type(pipe).__name__} has no UNet: training runs on UNet pipelines (SD 1.5, SD 2.x, SDXL) only; "
+            "training for transformer denoisers (SD3, FLUX: flow matching) is not implemented yet "
+            "(docs/base-models.md).",
+            argument="pipe",
+        )
     hyperlora = getattr(pipe, "hyperlora", None)
     if hyperlora is not None and hyperlora.is_loaded:
         raise TrainingConfigError(

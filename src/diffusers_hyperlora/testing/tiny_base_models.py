@@ -1,0 +1,245 @@
+"""Tiny SD 1.5, SD3 and FLUX pipelines built in code (random weights, seeded): the stand-ins the tests and the
+docs (docs/base-models.md) run HyperLoRA on for base models other than SDXL.
+
+Nothing is downloaded: the CLIP tokenizer is `tiny_clip_tokenizer`'s byte-level vocabulary, the T5 tokenizer of
+FLUX a byte-level word table built with `tokenizers`. The tiny SD3 pipeline has no third (T5) text encoder, which
+`StableDiffusion3Pipeline` allows (its T5 embeddings are then zeros).
+
+Example:
+    >>> from diffusers_hyperlora.testing import tiny_flux_pipeline, tiny_hyperlora_predictor
+    >>> pipe = tiny_flux_pipeline()
+    >>> tiny_hyperlora_predictor(pipe.transformer).config.denoiser
+    'transformer'
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tiny_models import tiny_clip_tokenizer
+
+TINY_SD15_UNET_CONFIG = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    cross_attention_dim=32,
+)
+TINY_SD3_TRANSFORMER_CONFIG = dict(
+    sample_size=32,
+    patch_size=1,
+    in_channels=4,
+    num_layers=2,  # the last block is `context_pre_only` (no `to_add_out`), as in the real SD3
+    attention_head_dim=8,
+    num_attention_heads=4,
+    caption_projection_dim=32,
+    joint_attention_dim=32,
+    pooled_projection_dim=64,
+    out_channels=4,
+)
+TINY_FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=[4, 4, 8],
+)
+
+
+def _clip_text_config(tokenizer, hidden_size: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        hidden_act="gelu",
+        projection_dim=hidden_size,
+    )
+
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer whose vocabulary is `<pad>`, `</s>`, `<unk>` and one token per character (built offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for code in range(32, 127):
+        vocab.setdefault(chr(code), len(vocab))
+    table = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    table.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return T5TokenizerFast(tokenizer_object=table, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+
+
+def _flow_vae(seed: int, block_out_channels=(4,), latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=block_out_channels,
+        down_block_types=["DownEncoderBlock2D"] * len(block_out_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(block_out_channels),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def _eval(components: dict) -> dict:
+    """Models built in code start in training mode; loaded ones are in eval mode (no dropout: deterministic)."""
+    for value in components.values():
+        if isinstance(value, torch.nn.Module):
+            value.eval()
+    return components
+
+
+def tiny_sd15_components(seed: int = 0) -> dict:
+    """The components of a tiny `StableDiffusionPipeline` (SD 1.5 layout: one CLIP text encoder, a UNet)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_SD15_UNET_CONFIG)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return _eval(
+        {
+            "unet": unet,
+            "scheduler": scheduler,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "safety_checker": None,
+            "feature_extractor": None,
+            "image_encoder": None,
+            "requires_safety_checker": False,
+        }
+    )
+
+
+def tiny_sd3_components(seed: int = 0) -> dict:
+    """The components of a tiny `StableDiffusion3Pipeline` (two CLIP text encoders, no T5, an MMDiT)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG)
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
+    return _eval(
+        {
+            "transformer": transformer,
+            "scheduler": FlowMatchEulerDiscreteScheduler(),
+            "vae": _flow_vae(seed),
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer_2": tokenizer,
+            "text_encoder_3": None,
+            "tokenizer_3": None,
+        }
+    )
+
+
+def tiny_flux_components(seed: int = 0) -> dict:
+    """The components of a tiny `FluxPipeline` (a CLIP and a T5 text encoder, a FLUX transformer)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    tokenizer_2 = tiny_t5_tokenizer()
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_2),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id,
+        dropout_rate=0.0,
+    )
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(t5_config)
+    return _eval(
+        {
+            "transformer": transformer,
+            "scheduler": FlowMatchEulerDiscreteScheduler(),
+            "vae": _flow_vae(seed, latent_channels=1),
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer_2": tokenizer_2,
+        }
+    )
+
+
+def tiny_sd15_pipeline(seed: int = 0, img2img: bool = False):
+    """A tiny `StableDiffusionPipeline` (or `StableDiffusionImg2ImgPipeline`) on the CPU."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    return cls(**tiny_sd15_components(seed))
+
+
+def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False):
+    """A tiny `StableDiffusion3Pipeline` (or `StableDiffusion3Img2ImgPipeline`) on the CPU."""
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    return cls(**tiny_sd3_components(seed))
+
+
+def tiny_flux_pipeline(seed: int = 0, img2img: bool = False):
+    """A tiny `FluxPipeline` (or `FluxImg2ImgPipeline`) on the CPU; call it with `max_sequence_length=32`."""
+    from diffusers import FluxImg2ImgPipeline, FluxPipeline
+
+    cls = FluxImg2ImgPipeline if img2img else FluxPipeline
+    return cls(**tiny_flux_components(seed))

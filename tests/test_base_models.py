@@ -1,0 +1,411 @@
+"""HyperLoRA on base models other than SDXL: SD 1.5 (UNet), SD3 and FLUX (transformers), tiny pipelines built in code.
+
+Each family runs the same end-to-end checks as SDXL: an identity changes the pipeline's output, the exported LoRA
+(kohya names for the UNet, the diffusers layout for transformers) reloads with `load_lora_weights` to the same
+output, and unloading restores the denoiser bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_features
+from PIL import Image
+from safetensors import safe_open
+from test_cli_train import _MeanColourFeatures
+from test_training import _Interrupt, _resume_config
+
+from diffusers_hyperlora import (
+    CheckpointFormatError,
+    HyperLoRAConfig,
+    HyperLoRAPredictor,
+    InvalidArgumentError,
+    TargetMismatchError,
+    TrainingConfigError,
+    UnsupportedPipelineError,
+    load_hyperlora,
+    set_hyperlora_identity,
+    unload_hyperlora,
+)
+from diffusers_hyperlora.cli import main
+from diffusers_hyperlora.model.targets import DEFAULT_LINEARS, JOINT_ATTENTION_LINEARS, TargetModule
+from diffusers_hyperlora.testing import (
+    tiny_flux_components,
+    tiny_flux_pipeline,
+    tiny_hyperlora_predictor,
+    tiny_sd3_components,
+    tiny_sd3_pipeline,
+    tiny_sd15_components,
+    tiny_sd15_pipeline,
+)
+from diffusers_hyperlora.training import (
+    StageConfig,
+    TrainingConfig,
+    cache_features,
+    default_curriculum,
+    tiny_training_dataset,
+    train_curriculum,
+    train_stage,
+)
+
+FAMILIES = {
+    "sd15": (tiny_sd15_pipeline, {}),
+    "sd3": (tiny_sd3_pipeline, {}),
+    "flux": (tiny_flux_pipeline, {"max_sequence_length": 32}),
+}
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def generate(pipe, family: str, **kwargs) -> np.ndarray:
+    extra = {**FAMILIES[family][1], **kwargs}
+    generator = torch.Generator().manual_seed(0)
+    return pipe(
+        "a photo", num_inference_steps=2, height=32, width=32, generator=generator, output_type="np", **extra
+    ).images
+
+
+def identity_for(predictor, seed: int = 0):
+    embeds, clip = random_features(batch=2, seed=seed)
+    return predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------- targets as data
+def test_unet_targets_are_q_k_v_out_of_every_attention():
+    config = HyperLoRAConfig.from_denoiser(tiny_sd15_components()["unet"], num_basis=8)
+    assert config.denoiser == "unet" and config.lora_formats == ("kohya", "diffusers")
+    assert len(config.targets) == 8 and all(t.linear_names == DEFAULT_LINEARS for t in config.targets)
+    assert config.targets[0].name == "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1"
+    cross = [t for t in config.targets if t.module_path.endswith("attn2")]
+    assert cross and all(t.cross_attention_dim == 32 for t in cross)  # SD 1.5's text width
+    assert config.num_tokens == 2 * 4 * 8  # (down, up) x (q, k, v, out) x 8 modules
+
+
+def test_sd3_targets_include_the_joint_attention_context_projections():
+    config = HyperLoRAConfig.from_denoiser(tiny_sd3_components()["transformer"], num_basis=8)
+    assert config.denoiser == "transformer" and config.lora_formats == ("diffusers",)
+    first, last = config.targets
+    assert first.module_path == "transformer_blocks.0.attn" and first.linear_names == JOINT_ATTENTION_LINEARS
+    # The last SD3 block only reads the context (`context_pre_only`): no `to_add_out`.
+    assert last.linear_names == JOINT_ATTENTION_LINEARS[:-1]
+    assert [lin.module_path for lin in config.linears][4:8] == [
+        "transformer_blocks.0.attn.add_q_proj",
+        "transformer_blocks.0.attn.add_k_proj",
+        "transformer_blocks.0.attn.add_v_proj",
+        "transformer_blocks.0.attn.to_add_out",
+    ]
+    assert config.num_tokens == 2 * 15
+
+
+def test_flux_single_blocks_target_only_their_q_k_v():
+    config = HyperLoRAConfig.from_denoiser(tiny_flux_components()["transformer"])
+    joint, single = config.targets
+    assert joint.linear_names == JOINT_ATTENTION_LINEARS
+    assert single.module_path == "single_transformer_blocks.0.attn"
+    assert single.linear_names == ("to_q", "to_k", "to_v")
+
+
+def test_chosen_linears_are_config_data_and_round_trip_through_config_json(tmp_path):
+    transformer = tiny_flux_components()["transformer"]
+    predictor = tiny_hyperlora_predictor(transformer, linears=("to_q", "add_k_proj"))
+    assert [t.linear_names for t in predictor.config.targets] == [("to_q", "add_k_proj"), ("to_q",)]
+    predictor.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["denoiser"] == "transformer"
+    assert [t["linear_names"] for t in saved["targets"]] == [["to_q", "add_k_proj"], ["to_q"]]
+    reloaded = HyperLoRAPredictor.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.config == predictor.config
+    assert reloaded.config.architecture_hash() == predictor.config.architecture_hash()
+
+
+def test_configs_without_linear_names_keep_the_default_linears_and_their_hash():
+    config = tiny_hyperlora_predictor().config  # the tiny SDXL UNet
+    data = config.to_json_dict()
+    assert all("linear_names" not in target for target in data["targets"])  # older readers see the same file
+    assert "denoiser" in data
+    del data["denoiser"]
+    old = HyperLoRAConfig.from_json_dict(data)
+    assert old.denoiser == "unet" and all(t.linear_names == DEFAULT_LINEARS for t in old.targets)
+    # The hash of a default-linears config is the one it had before `linear_names` existed.
+    assert old.architecture_hash() == "3032a70676f2c057"
+
+
+def test_unknown_linear_names_are_refused():
+    with pytest.raises(InvalidArgumentError, match="linear_names"):
+        TargetModule("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1", 8, linear_names=("to_x",))
+    with pytest.raises(TargetMismatchError, match="linears") as caught:
+        HyperLoRAConfig.from_denoiser(tiny_sd3_components()["transformer"], linears=("to_qq",))
+    assert caught.value.argument == "linears"
+
+
+def test_the_config_denoiser_must_be_a_known_component():
+    with pytest.raises(InvalidArgumentError, match="denoiser must be one of") as caught:
+        tiny_hyperlora_predictor().config.__class__(denoiser="prior")
+    assert caught.value.argument == "denoiser"
+    data = {**tiny_hyperlora_predictor().config.to_json_dict(), "denoiser": "prior"}
+    with pytest.raises(CheckpointFormatError, match="denoiser must be one of"):
+        HyperLoRAConfig.from_json_dict(data)
+
+
+def test_an_unsupported_denoiser_is_refused_by_name():
+    with pytest.raises(TargetMismatchError, match="Linear is not a denoiser") as caught:
+        HyperLoRAConfig.from_denoiser(torch.nn.Linear(2, 2))
+    assert caught.value.argument == "denoiser"
+
+
+def test_a_linear_whose_widths_do_not_follow_its_module_is_refused():
+    transformer = tiny_sd3_components()["transformer"]
+    transformer.transformer_blocks[0].attn.add_k_proj = torch.nn.Linear(16, 32)  # context width 16, not 32
+    with pytest.raises(TargetMismatchError, match=r"add_k_proj is a \[16 -> 32\] linear"):
+        HyperLoRAConfig.from_denoiser(transformer)
+
+
+def test_kohya_export_is_refused_for_transformer_checkpoints(tmp_path):
+    predictor = tiny_hyperlora_predictor(tiny_sd3_components()["transformer"])
+    identity = identity_for(predictor)
+    with pytest.raises(InvalidArgumentError, match="format='diffusers'") as caught:
+        predictor.export_lora(identity, tmp_path / "me.safetensors", format="kohya")
+    assert caught.value.argument == "format"
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_identity_changes_output_export_reloads_and_unload_is_bitwise(family, tmp_path):
+    make, _ = FAMILIES[family]
+    pipe = make()
+    denoiser = denoiser_of(pipe)
+    before_weights = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    before = generate(pipe, family)
+    predictor = tiny_hyperlora_predictor(denoiser)
+    load_hyperlora(pipe, predictor)
+    identity = identity_for(predictor)
+    set_hyperlora_identity(pipe, identity)
+    with_identity = generate(pipe, family)
+    assert np.abs(with_identity - before).max() > 1e-4
+
+    path = tmp_path / "me.safetensors"
+    state_dict = predictor.export_lora(identity, path)  # kohya for the UNet, diffusers for transformers
+    prefix = "lora_unet_" if family == "sd15" else "transformer."
+    assert all(key.startswith(prefix) for key in state_dict)
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
+    assert metadata["hyperlora_format"] == ("kohya" if family == "sd15" else "diffusers")
+
+    unload_hyperlora(pipe)
+    assert denoiser.state_dict().keys() == before_weights.keys()
+    assert all(torch.equal(value, before_weights[key]) for key, value in denoiser.state_dict().items())
+    np.testing.assert_array_equal(generate(pipe, family), before)
+
+    pipe.load_lora_weights(str(tmp_path), weight_name="me.safetensors", adapter_name="me")
+    pipe.set_adapters(["me"], [predictor.config.default_id_weight])
+    np.testing.assert_allclose(generate(pipe, family), with_identity, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd3", "flux"])
+def test_img2img_variants_take_an_identity(name):
+    make, _ = FAMILIES[name]
+    pipe = make(img2img=True)
+    image = np.random.default_rng(0).random((1, 32, 32, 3), dtype=np.float32)
+    kwargs = {"image": image, "strength": 0.75}
+    if name != "sd15":
+        kwargs.update(height=32, width=32)
+    generator = torch.Generator().manual_seed(0)
+    extra = FAMILIES[name][1]
+
+    def run():
+        return pipe(
+            "a photo",
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kwargs,
+            **extra,
+        ).images
+
+    del generator
+    before = run()
+    predictor = tiny_hyperlora_predictor(denoiser_of(pipe))
+    load_hyperlora(pipe, predictor)
+    set_hyperlora_identity(pipe, identity_for(predictor))
+    assert np.abs(run() - before).max() > 1e-4
+    unload_hyperlora(pipe)
+    np.testing.assert_array_equal(run(), before)
+
+
+# ---------------------------------------------------------------------------------------------- training (SD 1.5)
+def test_the_curriculum_runs_on_sd15_and_resumes_exactly(tmp_path):
+    """The three stages train on the tiny SD 1.5 pipeline (no pooled text embedding, no size condition), and an
+    interrupted stage resumed from its checkpoint ends bitwise where the uninterrupted one ends."""
+    pipe = tiny_sd15_pipeline()
+    dataset = tiny_training_dataset(num_people=1, images_per_person=3, with_base=True)
+    predictor = tiny_hyperlora_predictor(pipe.unet, base_rank=4)
+    before = {name: value.clone() for name, value in predictor.state_dict().items()}
+    stages = default_curriculum(steps=2, batch_size=1, show_progress=False)
+    train_curriculum(pipe, predictor, dataset, TrainingConfig(str(tmp_path / "curriculum"), stages=stages))
+    changed = [name for name, value in predictor.state_dict().items() if not torch.equal(value, before[name])]
+    assert any(name.startswith("base_bank") for name in changed) and any(name.startswith("id_bank") for name in changed)
+
+    whole = tiny_hyperlora_predictor(pipe.unet)
+    train_stage(pipe, whole, dataset, _resume_config(tmp_path / "whole"))
+
+    def crash_at_step_3(log):
+        if log.step == 3:
+            raise _Interrupt
+
+    interrupted = tiny_hyperlora_predictor(pipe.unet)
+    with pytest.raises(_Interrupt):
+        train_stage(pipe, interrupted, dataset, _resume_config(tmp_path / "cut"), callback=crash_at_step_3)
+    resumed = tiny_hyperlora_predictor(pipe.unet, seed=7)
+    train_stage(pipe, resumed, dataset, _resume_config(tmp_path / "cut", resume_from_checkpoint="latest"))
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("make", [tiny_sd3_pipeline, tiny_flux_pipeline], ids=["sd3", "flux"])
+def test_training_refuses_transformer_pipelines_by_name(make, tmp_path):
+    pipe = make()
+    predictor = tiny_hyperlora_predictor(pipe.transformer)
+    before = {name: value.clone() for name, value in predictor.state_dict().items()}
+    dataset = tiny_training_dataset(num_people=1, images_per_person=1, with_base=False)
+    with pytest.raises(TrainingConfigError, match="has no UNet: training runs on UNet pipelines") as caught:
+        train_stage(pipe, predictor, dataset, StageConfig("id_clip", steps=1, output_dir=str(tmp_path / "run")))
+    assert caught.value.argument == "pipe"
+    assert all(torch.equal(value, before[name]) for name, value in predictor.state_dict().items())
+
+
+def _colour_dataset(root):
+    root.mkdir()
+    rows = []
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (40, 40), colour).save(root / f"{i}.png")
+        rows.append({"file": f"{i}.png", "person": f"p{i % 2}", "caption": "a photo of a person"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cache_features(root, _MeanColourFeatures(), progress=False)
+    return root
+
+
+def test_cli_train_takes_an_sd15_base_model_and_refuses_a_transformer_one(tmp_path, capsys):
+    tiny_sd15_pipeline().save_pretrained(tmp_path / "sd15")
+    data = _colour_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--base-model", str(tmp_path / "sd15"), "--output-dir", str(out)]
+    argv += ["--stages", "id_clip", "--steps", "2", "--resolution", "32", "--num-basis", "8"]
+    assert main(argv) == 0
+    trained = HyperLoRAPredictor.from_pretrained(out / "id_clip" / "predictor")
+    expected = HyperLoRAConfig.from_denoiser(tiny_sd15_components()["unet"])
+    assert trained.config.targets == expected.targets and trained.config.base_model == str(tmp_path / "sd15")
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    argv = ["train", "--data", str(data), "--base-model", str(tmp_path / "sd3"), "--output-dir", str(tmp_path / "r3")]
+    assert main([*argv, "--stages", "id_clip", "--steps", "1", "--num-basis", "8"]) != 0
+    message = capsys.readouterr().err
+    assert "--base-model" in message and "has no UNet" in message
+    assert not (tmp_path / "r3").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the controller
+@pytest.fixture
+def loaded(family):
+    pipe = FAMILIES[family][0]()
+    predictor = tiny_hyperlora_predictor(denoiser_of(pipe))
+    before = generate(pipe, family)
+    pipe.load_hyperlora(predictor)
+    return pipe, predictor, before
+
+
+def test_the_pipeline_methods_and_the_controller_take_every_family(family, loaded, tmp_path):
+    pipe, predictor, before = loaded
+    assert pipe.hyperlora.predictor is predictor and pipe.hyperlora.is_loaded
+    identity = pipe.set_hyperlora_identity(identity_for(predictor))
+    assert pipe.hyperlora_identity is identity
+    state_dict = pipe.hyperlora.export_lora(identity, tmp_path / "me.safetensors")  # the family's default layout
+    assert next(iter(state_dict)).startswith("lora_unet_" if family == "sd15" else "transformer.")
+    pipe.unload_hyperlora()
+    np.testing.assert_array_equal(generate(pipe, family), before)
+
+
+def test_adapter_weights_and_the_prepared_identity_cache(family, loaded):
+    pipe, predictor, before = loaded
+    first, second = identity_for(predictor, 0), identity_for(predictor, 1)
+    pipe.set_hyperlora_identity(first)
+    with_first = generate(pipe, family)
+    pipe.set_adapters(["id", "base"], [0.0, 0.0])
+    np.testing.assert_array_equal(generate(pipe, family), before)
+    pipe.set_adapters(["id", "base"], [1.6, 0.0])
+    assert np.abs(generate(pipe, family) - with_first).max() > 1e-5  # the weight scales the LoRA
+    pipe.set_adapters(["id", "base"], [predictor.config.default_id_weight, 0.0])
+    pipe.set_hyperlora_identity(second)
+    assert np.abs(generate(pipe, family) - with_first).max() > 1e-5
+    hits = pipe.hyperlora.cache.hits
+    pipe.set_hyperlora_identity(first)  # seen before: written from the cache, bitwise what the mix wrote
+    assert pipe.hyperlora.cache.hits == hits + 1
+    np.testing.assert_array_equal(generate(pipe, family), with_first)
+
+
+def test_sliders_move_from_the_neutral_to_the_edited_identity(family, loaded):
+    pipe, predictor, before = loaded
+    neutral, edited = identity_for(predictor, 0), identity_for(predictor, 1)
+    pipe.set_hyperlora_identity(edited)
+    with_edited = generate(pipe, family)
+    pipe.set_hyperlora_identity(neutral)
+    weight = predictor.config.default_id_weight
+    pipe.add_hyperlora_slider(neutral, edited, adapter_name="age", weight=weight)
+    np.testing.assert_allclose(generate(pipe, family), with_edited, atol=1e-4)
+    pipe.remove_hyperlora_slider("age")
+    pipe.unload_hyperlora()
+    np.testing.assert_array_equal(generate(pipe, family), before)
+
+
+def test_switching_identities_while_fused_matches_unfused_and_unfuse_is_bitwise(family, loaded):
+    pipe, predictor, before = loaded
+    denoiser = denoiser_of(pipe)
+    weights = {k: v.clone() for k, v in denoiser.state_dict().items() if "lora_" not in k}
+    first, second = identity_for(predictor, 0), identity_for(predictor, 1)
+    pipe.set_hyperlora_identity(second)
+    expected = generate(pipe, family)
+    pipe.set_hyperlora_identity(first)
+    pipe.fuse_lora()
+    pipe.set_hyperlora_identity(second)
+    np.testing.assert_allclose(generate(pipe, family), expected, atol=1e-4)
+    pipe.unfuse_lora()
+    after = {k: v for k, v in denoiser.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(after[k], value) for k, value in weights.items())
+    pipe.unload_hyperlora()
+    np.testing.assert_array_equal(generate(pipe, family), before)
+
+
+def test_per_sample_identities_give_each_prompt_its_person(family, loaded):
+    pipe, predictor, _ = loaded
+    people = [identity_for(predictor, 0), identity_for(predictor, 1)]
+    extra = FAMILIES[family][1]
+
+    def run(prompts, seeds):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return pipe(
+            prompts, num_inference_steps=2, height=32, width=32, generator=generators, output_type="np", **extra
+        ).images
+
+    pipe.set_hyperlora_identities(people)
+    batch = run(["a photo", "a painting"], [0, 1])
+    for index, (person, prompt) in enumerate(zip(people, ["a photo", "a painting"])):
+        pipe.set_hyperlora_identity(person)
+        np.testing.assert_allclose(batch[index], run([prompt], [index])[0], atol=1e-4)
+
+
+def test_an_unknown_transformer_is_refused_at_load():
+    pipe = tiny_flux_pipeline()
+    pipe.register_modules(transformer=torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    predictor = tiny_hyperlora_predictor(tiny_flux_components()["transformer"])
+    with pytest.raises(UnsupportedPipelineError, match="denoises with a Sequential") as caught:
+        pipe.load_hyperlora(predictor)
+    assert caught.value.argument == "pipe" and not pipe.hyperlora.is_loaded
