@@ -150,6 +150,8 @@ def tiny_hyperlora_config(unet=None, **overrides) -> HyperLoRAConfig:
         image_embed_dim=48,
     )
     values.update(overrides)
+    if "targets" in values:  # explicit targets (e.g. a deliberately mismatched layer) win over the denoiser's
+        return HyperLoRAConfig(**values)
     return HyperLoRAConfig.from_denoiser(unet, **values)
 
 
