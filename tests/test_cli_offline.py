@@ -71,12 +71,17 @@ def test_the_offline_section_runs_as_written(tmp_path):
 
 
 def test_third_party_noise_shows_with_verbose(tmp_path):
-    """The offline block above runs quietly; `-v` shows what it hides (so that check cannot pass vacuously)."""
+    """The offline block above runs quietly; `-v` shows what it hides (so that check cannot pass vacuously).
+
+    Which warnings the dependencies print depends on their versions (torchvision's with the newest transformers,
+    skimage's with insightface 0.7), so the check is: quiet without `-v`, some of the known noise with it."""
     from diffusers_hyperlora.testing.tiny_checkpoint import tiny_example_photo
 
     tiny_example_photo(tmp_path / "me.png")
     env = _environment(tmp_path / "bin")
-    argv = ["diffusers-hyperlora", "identity", "me.png", "-o", "me.safetensors", "--model", "tiny"]
-    result = subprocess.run([*argv, "-v"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "FutureWarning" in result.stderr and "torchvision" in result.stderr, result.stderr[-3000:]
+    argv = ["diffusers-hyperlora", "identity", "me.png", "-o", "me.safetensors", "--model", "tiny", "--overwrite"]
+    quiet = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    loud = subprocess.run([*argv, "-v"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-3000:] + loud.stderr[-3000:]
+    assert not [word for word in NOISE if word in quiet.stderr], quiet.stderr[-3000:]
+    assert [word for word in NOISE if word in loud.stderr], loud.stderr[-3000:]
