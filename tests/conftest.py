@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
+from packaging.version import Version
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,3 +64,32 @@ def random_features(batch: int = 2, seed: int = 0, tokens: int = 17, width: int 
     g = torch.Generator().manual_seed(seed)
     embeds = torch.nn.functional.normalize(torch.randn(batch, 512, generator=g), dim=-1)
     return embeds, torch.randn(batch, tokens, width, generator=g)
+
+
+# diffusers before 0.41 builds every group-offloading hook for the current accelerator
+# (`getattr(torch, torch.accelerator.current_accelerator().type)` in `ModuleGroup.__init__`): on a torch that has
+# `torch.accelerator` but no accelerator (the CPU builds, torch >= 2.6), `enable_group_offload` raises AttributeError
+# before it registers any hook, so group offloading cannot be enabled there at all.
+GROUP_OFFLOAD_NEEDS_ACCELERATOR = (
+    Version(diffusers.__version__).release < (0, 41)
+    and hasattr(torch, "accelerator")
+    and torch.accelerator.current_accelerator() is None
+)
+
+
+def enable_group_offload(unet: torch.nn.Module) -> bool:
+    """Enable diffusers' group offloading on `unet` (leaf level, on and offloaded to the CPU); True when it is on.
+
+    Where this diffusers cannot (GROUP_OFFLOAD_NEEDS_ACCELERATOR), checks that the attempt fails as described there and
+    leaves every weight of `unet` where and as it was, and returns False.
+    """
+    cpu = torch.device("cpu")
+    if not GROUP_OFFLOAD_NEEDS_ACCELERATOR:
+        unet.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+        return True
+    before = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'type'"):
+        unet.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    return False
