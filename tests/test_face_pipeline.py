@@ -79,12 +79,20 @@ def extractor_for(config, encoder, analyzer):
 
 # ---------------------------------------------------------------------- insightface loading
 def test_insightface_router_accepts_the_tiny_pack(analyzer):
+    import insightface
     from insightface.model_zoo.landmark import Landmark
+    from insightface.model_zoo.retinaface import RetinaFace
     from insightface.model_zoo.scrfd import SCRFD
+    from packaging.version import Version
 
+    # insightface's router gives a detector with SCRFD's outputs (>= 5: scores, boxes, keypoints per stride) to its
+    # `SCRFD` class from 1.0 on, and to `RetinaFace` before (0.7's RetinaFace is the same SCRFD decoder, without
+    # batched outputs): either way the SCRFD-with-keypoints reading of 3 strides.
+    detector_class = SCRFD if Version(insightface.__version__) >= Version("1.0") else RetinaFace
     models = analyzer.app.models
     assert set(models) == {"detection", "landmark_2d_106", "recognition"}
-    assert isinstance(models["detection"], SCRFD) and models["detection"].use_kps and models["detection"].fmc == 3
+    detector = models["detection"]
+    assert type(detector) is detector_class and detector.use_kps and detector.fmc == 3
     assert isinstance(models["landmark_2d_106"], Landmark)
     assert tuple(models["recognition"].input_size) == (112, 112)
 
