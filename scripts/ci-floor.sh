@@ -11,7 +11,6 @@
 # - tests/test_training.py::test_training_learns_identities: its seeded margins (1 %, 10 %) are calibrated on the
 #   latest versions' numerics; at the floors the own-vs-other margin measured 0.8738 vs 0.8807 (0.8 %). The other
 #   training tests (each stage trains, checkpoints resume bit for bit, ...) run here.
-# - two tests that FAIL at the floors and are not yet fixed (issue [compat] stays open): training resume tests.
 # Extra arguments go to pytest (e.g. a file to run only that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,5 +40,4 @@ EOF
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   --deselect tests/test_training.py::test_training_learns_identities \
-  --deselect tests/test_training.py::test_train_curriculum_without_base_branch_accumulation_checkpoints_resume \
-  --deselect tests/test_training.py::test_an_interrupted_and_resumed_stage_equals_the_uninterrupted_one "$@"
+  "$@"

@@ -223,6 +223,38 @@ def test_group_offload_detection(pipe):
         assert compat.group_offload_enabled(pipe.unet) is enabled
 
 
+class _Code:
+    """A pickled instance of this class needs the full unpickler (it names a class): weights-only refuses it."""
+
+
+def test_accelerate_load_state_is_weights_only_and_restores_every_state(tmp_path):
+    import random
+
+    import numpy as np
+    from accelerate import Accelerator
+
+    with internal("accelerate", "Accelerator.load_state (load_kwargs / torch.load of its random-state file)"):
+        accelerator = Accelerator(cpu=True)
+        model = accelerator.prepare(nn.Linear(3, 2))
+        accelerator.step = 6  # the accumulation counter lives in the random-state file
+        accelerator.save_state(str(tmp_path / "state"))
+        weight = model.weight.detach().clone()
+        draws = torch.rand(4), np.random.rand(4), random.random()
+        with torch.no_grad():
+            model.weight.zero_()
+        accelerator.step = 0
+        torch.manual_seed(1), np.random.seed(1), random.seed(1)
+        compat.load_accelerate_state(accelerator, str(tmp_path / "state"))
+        assert torch.equal(model.weight, weight) and accelerator.step == 6
+        assert torch.equal(torch.rand(4), draws[0]) and np.array_equal(np.random.rand(4), draws[1])
+        assert random.random() == draws[2]
+        torch.save({"state": _Code()}, tmp_path / "state" / "optimizer.bin")
+        optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(Exception, match="[Ww]eights.only"):
+        compat.load_accelerate_state(accelerator, str(tmp_path / "state"))
+    assert optimizer.state_dict()["state"] == {}
+
+
 def test_torch_foreach_and_parameter_registry():
     with internal("torch", "torch._foreach_copy_ / torch._foreach_zero_"):
         destinations = [torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(4)]

@@ -20,7 +20,7 @@ from ..adapters.peft_adapters import HyperLoRAAdapters, set_active_adapters
 from ..errors import HyperLoRAError, HyperLoRAWriteError, NonFiniteValueError, TrainingConfigError, TrainingDataError
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_path
-from ..utils.compat import quiet_peft_adapter_warnings
+from ..utils.compat import load_accelerate_state, quiet_peft_adapter_warnings
 from .conditioning import FrozenEncoders
 from .data import collate_examples
 from .losses import diffusion_target, identity_groups, lora_denoising_loss
@@ -675,7 +675,7 @@ def _load_checkpoint(run: _Run, folder: Path) -> None:
     """`accelerator.load_state` (weights-only unpickling) of a checkpoint `_verify_checkpoint` accepted. A failure
     midway is undone by `train_stage` (the predictor is put back)."""
     try:
-        run.accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+        load_accelerate_state(run.accelerator, str(folder))
     except HyperLoRAError:
         raise
     except Exception as error:

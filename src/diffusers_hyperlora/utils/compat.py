@@ -12,7 +12,7 @@ import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -191,6 +191,32 @@ def remove_accelerate_hooks(pipe: Any) -> None:
     for component in pipe.components.values():
         if isinstance(component, nn.Module) and hasattr(component, "_hf_hook"):
             remove_hook_from_module(component, recurse=True)
+
+
+def load_accelerate_state(accelerator: Any, folder: str) -> None:
+    """`accelerator.load_state(folder)`, every pickled file unpickled weights-only (tensors, plain containers and
+    numpy arrays, never code).
+
+    accelerate >= 1.8 takes `load_kwargs={"weights_only": True}`; 1.2 to 1.7 load weights-only by default and allow
+    the numpy types of their own random-state file. Before 1.2 accelerate calls plain `torch.load`, weights-only by
+    default from torch 2.6 on: it then refuses the numpy arrays in accelerate's own `random_states_0.pkl`, skips the
+    random states and fails on their missing "step" (KeyError). Those numpy types, which run no code, are allowed for
+    the call (torch < 2.6 unpickles without restriction there, as accelerate < 1.2 always did).
+    """
+    if "load_kwargs" in inspect.signature(accelerator.load_state).parameters:
+        accelerator.load_state(folder, load_kwargs={"weights_only": True})
+        return
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    with nullcontext() if allow is None else allow(_numpy_array_globals()):
+        accelerator.load_state(folder)
+
+
+def _numpy_array_globals() -> list[Any]:
+    """What a pickled numpy array refers to: its reconstructor, `ndarray` and its dtype's classes (numpy 1 and 2)."""
+    import numpy as np
+
+    array = np.zeros(1, dtype=np.uint32)  # numpy's random state is a uint32 array
+    return [array.__reduce__()[0], np.ndarray, np.dtype, type(array.dtype)]
 
 
 def group_offload_enabled(module: nn.Module) -> bool:
