@@ -7,10 +7,11 @@
 #   in the demo extra and tested by the latest job);
 # - torch: the floor 2.4 is not tested. CI's machines are served only the 2.13.0 CPU build, the same as the
 #   latest job's, installed the way scripts/setup-env.sh does;
-# - the docs build (mkdocs): the latest job runs it; the docs' code blocks still run here (tests/test_docs.py);
-# - tests/test_training.py::test_training_learns_identities: its seeded margins (1 %, 10 %) are calibrated on the
-#   latest versions' numerics; at the floors the own-vs-other margin measured 0.8738 vs 0.8807 (0.8 %). The other
-#   training tests (each stage trains, checkpoints resume bit for bit, ...) run here.
+# - the docs build (mkdocs): the latest job runs it; the docs' code blocks still run here (tests/test_docs.py).
+# Every test runs. tests/test_training.py::test_training_learns_identities learns a smaller identity margin here
+# (other/own 1.0079 and 1.0060 against 1.043 and 1.029 on the latest versions, its threshold 1.005): transformers
+# 4.45 draws other weights for the same seeded tiny CLIP text encoders; with the latest's text-encoder weights loaded,
+# a floor run reproduces the latest's losses and margins exactly.
 # Extra arguments go to pytest (e.g. a file to run only that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,4 @@ print("floor job: installed", ", ".join(f"{n} {version(n)}" for n in ("torch", "
       "huggingface-hub", "safetensors", "accelerate", "numpy")))
 EOF
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-"$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  --deselect tests/test_training.py::test_training_learns_identities \
-  "$@"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
