@@ -41,6 +41,7 @@ TINY_SD3_TRANSFORMER_CONFIG = dict(
     pooled_projection_dim=64,
     out_channels=4,
 )
+TINY_T5_MAX_LENGTH = 32
 TINY_FLUX_TRANSFORMER_CONFIG = dict(
     patch_size=1,
     in_channels=4,
@@ -73,7 +74,8 @@ def _clip_text_config(tokenizer, hidden_size: int = 32):
 
 
 def tiny_t5_tokenizer():
-    """A T5 tokenizer whose vocabulary is `<pad>`, `</s>`, `<unk>` and one token per character (built offline)."""
+    """A T5 tokenizer whose vocabulary is `<pad>`, `</s>`, `<unk>` and one token per character (built offline);
+    prompts are at most 32 tokens (`model_max_length`), which is what training encodes them to."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import T5TokenizerFast
 
@@ -82,7 +84,14 @@ def tiny_t5_tokenizer():
         vocab.setdefault(chr(code), len(vocab))
     table = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     table.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return T5TokenizerFast(tokenizer_object=table, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+    return T5TokenizerFast(
+        tokenizer_object=table,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=TINY_T5_MAX_LENGTH,
+    )
 
 
 def _flow_vae(seed: int, block_out_channels=(4,), latent_channels: int = 4):
