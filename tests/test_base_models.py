@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_features
-from diffusers import EulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, FluxTransformer2DModel
 from PIL import Image
 from safetensors import safe_open
 from training_helpers import Interrupt as _Interrupt
@@ -43,19 +43,23 @@ from diffusers_hyperlora.testing import (
     tiny_sd15_components,
     tiny_sd15_pipeline,
 )
+from diffusers_hyperlora.testing.tiny_base_models import TINY_FLUX_TRANSFORMER_CONFIG, TINY_T5_MAX_LENGTH
 from diffusers_hyperlora.training import (
     FrozenEncoders,
     HyperLoRATrainingDataset,
+    HyperLoRATrainingModule,
     StageConfig,
     TrainingConfig,
     cache_features,
     collate_examples,
     default_curriculum,
     family_of,
+    lora_denoising_loss,
     tiny_training_dataset,
     train_curriculum,
     train_stage,
 )
+from diffusers_hyperlora.training.loop import training_adapters
 
 LEARNING = {"steps": 80, "learning_rate": 5e-3, "resolution": 32}  # the SD 1.5 learning test (see its docstring)
 FAMILIES = {
@@ -339,6 +343,37 @@ def test_flow_matching_noise_and_target():
     assert len(set(noised.timesteps.tolist())) == 3
 
 
+def test_the_loss_weights_scale_each_samples_error():
+    """Flow matching's per-sample loss weights (`compute_loss_weighting_for_sd3`) reach the loss."""
+    pipe = tiny_sd3_pipeline()
+    predictor = tiny_hyperlora_predictor(pipe.transformer)
+    data = tiny_training_dataset(num_people=2, images_per_person=1, with_base=False, resolution=16)
+    batch = collate_examples([data[0], data[1]])
+    encoders = FrozenEncoders(pipe, "", torch.device("cpu"), torch.float32)
+    family = family_of(pipe.transformer)
+    noisy = encoders.noisy_batch(
+        batch, [torch.Generator().manual_seed(s) for s in range(2)], family.training_scheduler(pipe)
+    )
+    with torch.no_grad(), training_adapters(pipe, predictor, StageConfig("id_clip", output_dir="x")) as names:
+        factors = HyperLoRATrainingModule(predictor, "id_clip", names)(batch)
+        args = (
+            pipe.transformer,
+            factors,
+            [[0], [1]],
+            noisy.noisy_latents,
+            noisy.timesteps,
+            noisy.encoded,
+            noisy.target,
+        )
+        plain = lora_denoising_loss(*args, weights=noisy.weights)
+        first = lora_denoising_loss(*args, weights=torch.tensor([1.0, 0.0]))
+        second = lora_denoising_loss(*args, weights=torch.tensor([0.0, 3.0]))
+        unweighted = lora_denoising_loss(*args)
+    torch.testing.assert_close(plain, unweighted)  # logit-normal: all ones
+    torch.testing.assert_close(first + second / 3, plain)
+    assert first > 0 and second > 0
+
+
 def test_the_flux_call_packs_latents_and_unpacks_the_prediction():
     """The training call of the FLUX transformer is the pipeline's (packed latents, ids, timestep / 1000) and its
     prediction comes back in the latents' layout."""
@@ -351,6 +386,7 @@ def test_the_flux_call_packs_latents_and_unpacks_the_prediction():
         batch, [torch.Generator().manual_seed(s) for s in range(2)], family.training_scheduler(pipe)
     )
     assert noisy.encoded.latents.shape == (2, 1, 16, 16) and noisy.encoded.pooled_prompt_embeds.shape == (2, 32)
+    assert noisy.encoded.prompt_embeds.shape[1] == TINY_T5_MAX_LENGTH  # T5 prompts: the tokenizer's length (< 512)
     args, kwargs = family.call_inputs(pipe.transformer, [1], noisy.noisy_latents, noisy.timesteps, noisy.encoded)
     assert kwargs["hidden_states"].shape == (1, 64, 4) and kwargs["img_ids"].shape == (64, 3)
     with torch.no_grad():
@@ -361,6 +397,23 @@ def test_the_flux_call_packs_latents_and_unpacks_the_prediction():
     assert torch.equal(kwargs["hidden_states"], packed)
     unpacked = pipe._unpack_latents(pipe.transformer(**kwargs)[0].detach(), 16, 16, 1)
     torch.testing.assert_close(prediction, unpacked, rtol=0, atol=0)
+
+
+def test_a_guidance_distilled_flux_transformer_trains_with_guidance(one_thread, tmp_path):
+    """FLUX.1 [dev]'s transformer embeds a guidance scale (`guidance_embeds`); training passes one (3.5)."""
+    pipe = tiny_flux_pipeline()
+    torch.manual_seed(0)
+    pipe.register_modules(transformer=FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG, guidance_embeds=True))
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["guidance"]), with_kwargs=True
+    )
+    predictor = tiny_hyperlora_predictor(pipe.transformer)
+    dataset = tiny_training_dataset(num_people=1, images_per_person=1, with_base=False, resolution=16)
+    train_stage(
+        pipe, predictor, dataset, StageConfig("id_clip", steps=1, show_progress=False, output_dir=str(tmp_path))
+    )
+    assert seen and all(torch.equal(g, torch.tensor([3.5])) for g in seen)
 
 
 def test_training_refuses_a_predictor_for_another_denoiser(tmp_path):
@@ -383,6 +436,7 @@ def test_training_refuses_an_unknown_denoiser_by_name(tmp_path):
     with pytest.raises(TrainingConfigError, match="this pipeline's is a Sequential") as caught:
         train_stage(pipe, predictor, dataset, StageConfig("id_clip", steps=1, output_dir=str(tmp_path / "run")))
     assert caught.value.argument == "pipe"
+    assert not (tmp_path / "run").exists()
 
 
 def test_training_learns_identities_on_sd15(one_thread, tmp_path):
