@@ -53,6 +53,7 @@ from diffusers_hyperlora.training import (
     cache_features,
     collate_examples,
     default_curriculum,
+    default_resolution,
     family_of,
     lora_denoising_loss,
     tiny_training_dataset,
@@ -414,6 +415,14 @@ def test_a_guidance_distilled_flux_transformer_trains_with_guidance(one_thread, 
         pipe, predictor, dataset, StageConfig("id_clip", steps=1, show_progress=False, output_dir=str(tmp_path))
     )
     assert seen and all(torch.equal(g, torch.tensor([3.5])) for g in seen)
+
+
+def test_the_default_resolution_of_each_family():
+    """The native image size: the denoiser's `sample_size` (FLUX's transformer has none: the pipeline's
+    `default_sample_size`) times the VAE's downscaling (the tiny SD3 / FLUX VAEs do not downscale)."""
+    assert default_resolution(tiny_sd15_pipeline()) == 64
+    assert default_resolution(tiny_sd3_pipeline()) == 32
+    assert default_resolution(tiny_flux_pipeline()) == 128
 
 
 def test_training_refuses_a_predictor_for_another_denoiser(tmp_path):

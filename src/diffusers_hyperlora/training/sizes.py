@@ -71,10 +71,7 @@ def default_resolution(pipe: Any) -> int:
 
 
 def _cross_attention_dim(unet: Any) -> int:
-    config = getattr(unet, "config", None)
-    width = getattr(config, "cross_attention_dim", None)
-    if width is None:  # the SD3 / FLUX transformers: the text encoders' width
-        width = getattr(config, "joint_attention_dim", None)
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
     if isinstance(width, (tuple, list)):
         width = max(width)
     if not isinstance(width, int):
