@@ -1,5 +1,5 @@
 """Helpers shared by the training tests (tests/test_training.py, tests/test_cli_train.py, tests/test_base_models.py):
-a stand-in face pipeline, an interruption for resume tests, and the data and measure of the learning tests."""
+a stand-in face pipeline, an interruption for resume tests, and the data and measures of the learning tests."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from diffusers_hyperlora.training import (
     collate_examples,
     diffusion_loss,
     diffusion_target,
+    family_of,
     hyperlora_unet_prediction,
+    pipeline_denoiser,
     sample_generator,
     tiny_training_dataset,
 )
@@ -102,5 +104,33 @@ def denoising_losses(pipe, predictor, data, held_out, lora_source, draws=8):
                 features["reference_key"] = [(source,)] * draws
                 args = (pipe.unet, predictor, "id_clip", features, latents, timesteps, noisy.encoded, names)
                 prediction = hyperlora_unet_prediction(*args)
+        losses.append(diffusion_loss(prediction, target).item())
+    return torch.tensor(losses)
+
+
+def flow_denoising_losses(pipe, predictor, data, held_out, lora_source, draws=8):
+    """`denoising_losses` for the flow-matching pipelines (SD3, FLUX): the velocity loss of each held-out image at
+    sigmas 0.6..1.0 (fixed noise), with the ID-LoRA predicted from `lora_source(i)`'s features (`None`: the LoRA
+    at weight 0, i.e. none)."""
+    denoiser = pipeline_denoiser(pipe)
+    scheduler = family_of(denoiser).training_scheduler(pipe)
+    encoders = FrozenEncoders(pipe, predictor.config.trigger_words, CPU, torch.float32)
+    losses = []
+    for i in held_out:
+        batch = collate_examples([data[i]] * draws)
+        noisy = encoders.noisy_batch(batch, [sample_generator(123, d, i) for d in range(draws)], scheduler)
+        sigmas = torch.linspace(0.6, 1.0, draws).view(-1, 1, 1, 1)
+        latents = (1 - sigmas) * noisy.encoded.latents + sigmas * noisy.noise
+        target = noisy.noise - noisy.encoded.latents
+        source = lora_source(i)
+        with torch.no_grad(), training_adapters(pipe, predictor, StageConfig("id_clip", output_dir="x")) as names:
+            if source is None:
+                denoiser.set_adapters([names["id"]], [0.0])
+                source = i
+            features = collate_examples([data[source]] * draws)
+            features["reference_key"] = [(source,)] * draws
+            timesteps = sigmas.flatten() * scheduler.config.num_train_timesteps
+            args = (denoiser, predictor, "id_clip", features, latents, timesteps, noisy.encoded, names)
+            prediction = hyperlora_unet_prediction(*args)
         losses.append(diffusion_loss(prediction, target).item())
     return torch.tensor(losses)
