@@ -531,21 +531,20 @@ def _colour_dataset(root):
     return root
 
 
-def test_cli_train_takes_sd15_and_sd3_base_models(one_thread, tmp_path):
+def test_cli_train_takes_a_saved_pipeline_of_every_family(family, one_thread, tmp_path):
+    """`train --base-model FOLDER` on a saved tiny SD 1.5, SD3 (saved without its T5: loaded without it) and FLUX
+    pipeline: the new checkpoint targets the folder's denoiser and names the folder as its base model."""
     data = _colour_dataset(tmp_path / "data")
-    for name, make, components, resolution in [
-        ("sd15", tiny_sd15_pipeline, lambda: tiny_sd15_components()["unet"], "32"),
-        ("sd3", tiny_sd3_pipeline, lambda: tiny_sd3_components()["transformer"], "16"),
-    ]:
-        make().save_pretrained(tmp_path / name)
-        out = tmp_path / f"run-{name}"
-        argv = ["train", "--data", str(data), "--base-model", str(tmp_path / name), "--output-dir", str(out)]
-        argv += ["--stages", "id_clip", "--steps", "2", "--resolution", resolution, "--num-basis", "8"]
-        assert main(argv) == 0, name
-        trained = HyperLoRAPredictor.from_pretrained(out / "id_clip" / "predictor")
-        expected = HyperLoRAConfig.from_denoiser(components())
-        assert trained.config.targets == expected.targets and trained.config.base_model == str(tmp_path / name)
-        assert trained.config.denoiser == expected.denoiser
+    pipe = FAMILIES[family][0]()
+    pipe.save_pretrained(tmp_path / family)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--base-model", str(tmp_path / family), "--output-dir", str(out)]
+    argv += ["--stages", "id_clip", "--steps", "2", "--resolution", str(TRAINING_RESOLUTION[family])]
+    assert main([*argv, "--num-basis", "8"]) == 0
+    trained = HyperLoRAPredictor.from_pretrained(out / "id_clip" / "predictor")
+    expected = HyperLoRAConfig.from_denoiser(denoiser_of(pipe))
+    assert trained.config.denoiser == expected.denoiser and trained.config.targets == expected.targets
+    assert trained.config.base_model == str(tmp_path / family)
 
 
 def test_cli_train_refuses_a_pipeline_whose_denoiser_it_cannot_train(tmp_path, capsys):
