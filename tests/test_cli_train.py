@@ -6,24 +6,12 @@ import json
 
 import torch
 from PIL import Image
+from training_helpers import MeanColourFeatures as _MeanColourFeatures
 
-from diffusers_hyperlora import HyperLoRAFeatures, HyperLoRAPredictor
+from diffusers_hyperlora import HyperLoRAPredictor
 from diffusers_hyperlora.cli import main
 from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 from diffusers_hyperlora.training import cache_features
-
-
-class _MeanColourFeatures:
-    """A stand-in face pipeline: features are a fixed function of each image's mean colour."""
-
-    def __call__(self, images, *, device, dtype, with_base, **options):
-        colours = torch.stack(
-            [torch.tensor(Image.open(i).convert("RGB").resize((1, 1)).getpixel((0, 0))) for i in images]
-        )
-        colours = colours.float() / 255
-        embeds = torch.nn.functional.normalize(colours.repeat(1, 171)[:, :512], dim=-1)
-        clip = colours.repeat(1, 16)[:, None, :48].expand(-1, 17, -1).contiguous()
-        return HyperLoRAFeatures(embeds, clip, clip * 0.5 if with_base else None, [str(i) for i in images])
 
 
 def test_train_runs_the_requested_stages(tmp_path):

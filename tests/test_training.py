@@ -16,6 +16,10 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 from PIL import Image
 from safetensors.torch import load_file
+from training_helpers import Interrupt as _Interrupt
+from training_helpers import denoising_losses as _denoising_losses
+from training_helpers import distinct_people as _distinct_people
+from training_helpers import resume_config as _resume_config
 
 from diffusers_hyperlora import HyperLoRAPredictor
 from diffusers_hyperlora.errors import NoFaceDetectedError, TrainingConfigError, TrainingDataError
@@ -469,25 +473,6 @@ def test_gradient_accumulation_equals_the_larger_batch(pipe, tmp_path):
         torch.testing.assert_close(trained[1][name], value, rtol=0, atol=1e-6, msg=name)
 
 
-def _resume_config(tmp_path, **overrides):
-    settings = dict(
-        steps=4,
-        batch_size=1,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-2,
-        save_every=1,
-        num_references=2,
-        caption_dropout=0.5,
-        show_progress=False,
-        output_dir=str(tmp_path),
-    )
-    return StageConfig("id_clip", **(settings | overrides))
-
-
-class _Interrupt(Exception):
-    pass
-
-
 def test_an_interrupted_and_resumed_stage_equals_the_uninterrupted_one(pipe, tmp_path):
     """Bitwise on the CPU: 3 images, batch 1, 2 micro-batches per step, so step 2 ends inside epoch 2."""
     dataset = tiny_training_dataset(num_people=1, images_per_person=3, with_base=False)
@@ -564,56 +549,6 @@ def test_caption_dropout_keeps_the_trigger_words_and_is_seeded(pipe):
 
 
 # ---------------------------------------------------------------------------------------------- it learns
-def _distinct_people(num_people, images_per_person, resolution):
-    """Synthetic identities: a flat colour per person plus per-image pixel noise, with tiny_training_dataset's
-    per-person feature signatures; one caption for everyone, so only the predicted LoRA can tell people apart."""
-    colours = [(220, 60, 40), (40, 90, 220), (60, 200, 80)]
-    data = tiny_training_dataset(
-        num_people=num_people,
-        images_per_person=images_per_person,
-        resolution=resolution,
-        with_base=False,
-        captions=lambda person, view: "a photo of a person",
-        seed=3,
-    )
-    generator = torch.Generator().manual_seed(0)
-    for index, record in enumerate(data.records):
-        colour = torch.tensor(colours[index // images_per_person], dtype=torch.float32)
-        pixels = colour + 12 * torch.randn(resolution, resolution, 3, generator=generator)
-        record.image = pixels.clamp(0, 255).round().to(torch.uint8).numpy()
-    return data
-
-
-def _denoising_losses(pipe, predictor, data, held_out, lora_source, draws=8):
-    """Denoising loss of each held-out image at timesteps 600..999 (fixed noise), with the ID-LoRA predicted from
-    `lora_source(i)`'s features (`None`: no LoRA)."""
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    encoders = FrozenEncoders(pipe, predictor.config.trigger_words, CPU, torch.float32)
-    losses = []
-    for i in held_out:
-        batch = collate_examples([data[i]] * draws)
-        noisy = encoders.noisy_batch(batch, [sample_generator(123, d, i) for d in range(draws)], scheduler)
-        timesteps = torch.linspace(600, 999, draws).long()
-        latents = scheduler.add_noise(noisy.encoded.latents, noisy.noise, timesteps)
-        target = diffusion_target(scheduler, noisy.encoded.latents, noisy.noise, timesteps)
-        source = lora_source(i)
-        with torch.no_grad(), training_adapters(pipe, predictor, StageConfig("id_clip", output_dir="x")) as names:
-            if source is None:
-                pipe.unet.set_adapters([names["id"]], [0.0])
-                conditions = dict(
-                    encoder_hidden_states=noisy.encoded.prompt_embeds,
-                    added_cond_kwargs=noisy.encoded.added_cond_kwargs,
-                )
-                prediction = pipe.unet(latents, timesteps, **conditions).sample
-            else:
-                features = collate_examples([data[source]] * draws)
-                features["reference_key"] = [(source,)] * draws
-                args = (pipe.unet, predictor, "id_clip", features, latents, timesteps, noisy.encoded, names)
-                prediction = hyperlora_unet_prediction(*args)
-        losses.append(diffusion_loss(prediction, target).item())
-    return torch.tensor(losses)
-
-
 def test_training_learns_identities(pipe, tmp_path):
     """After training, a held-out image of each person is denoised better with the ID-LoRA predicted from its own
     features than with the other person's, and than with none (seeded margins: 0.5% and 10%).

@@ -343,15 +343,21 @@ def _base_pipeline(args: argparse.Namespace):
         return tiny_sdxl_pipeline()
     from diffusers import DiffusionPipeline
 
+    from ..training import TRAINING_FAMILIES, trainable_family
+
     components = DiffusionPipeline.load_config(args.base_model)  # model_index.json: nothing big is loaded yet
-    if "unet" not in components:
+    denoiser = next((components[name] for name in ("unet", "transformer") if name in components), None)
+    denoiser_class = denoiser[-1] if isinstance(denoiser, (list, tuple)) and denoiser else None
+    if denoiser_class is None or trainable_family(denoiser_class) is None:
         raise TrainingConfigError(
-            f"--base-model {args.base_model} is a {components.get('_class_name', 'pipeline')}, which has no UNet: "
-            "train runs on UNet pipelines (SDXL, SD 1.5, SD 2.x) only; training for SD3 and FLUX is not "
-            "implemented yet.",
+            f"--base-model {args.base_model} is a {components.get('_class_name', 'pipeline')} whose denoiser is a "
+            f"{denoiser_class or 'missing component'}: train runs on pipelines denoising with "
+            f"{', '.join(TRAINING_FAMILIES)} (SDXL, SD 1.5, SD 2.x, SD3, FLUX).",
             argument="base_model",
         )
-    return DiffusionPipeline.from_pretrained(args.base_model)  # SDXL, SD 1.5, SD 2.x: any UNet pipeline
+    # Components the folder records as absent ([null, null], e.g. SD3 without its T5) are loaded as absent.
+    absent = {name: None for name, value in components.items() if isinstance(value, list) and value == [None, None]}
+    return DiffusionPipeline.from_pretrained(args.base_model, **absent)  # any UNet, SD3 or FLUX pipeline
 
 
 def run_train(args: argparse.Namespace) -> str:
@@ -359,7 +365,13 @@ def run_train(args: argparse.Namespace) -> str:
     checks.check_tiny_options(args, args.init, "--init", HUB_OPTIONS)
     require_extra("accelerate", "train", "train")
     from ..io import load_predictor as load
-    from ..training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
+    from ..training import (
+        HyperLoRATrainingDataset,
+        TrainingConfig,
+        default_curriculum,
+        pipeline_denoiser,
+        train_curriculum,
+    )
 
     # Everything cheap is checked first (the flags, the data, the checkpoint's CLIP width); only then SDXL is loaded.
     _check_feature_cache(args)
@@ -372,7 +384,7 @@ def run_train(args: argparse.Namespace) -> str:
     _check_base_features(args, dataset, predictor)
 
     pipe = _base_pipeline(args)
-    predictor = predictor if predictor is not None else _new_predictor(pipe.unet, args, width)
+    predictor = predictor if predictor is not None else _new_predictor(pipeline_denoiser(pipe), args, width)
     stages = default_curriculum(
         steps=args.steps,
         batch_size=args.batch_size,

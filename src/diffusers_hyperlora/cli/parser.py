@@ -247,7 +247,7 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument(
         "--base-model",
         required=True,
-        help="UNet pipeline to train against (SDXL, SD 1.5, SD 2.x): repo id or folder; " + TINY_HELP,
+        help="pipeline to train against (SDXL, SD 1.5, SD 2.x, SD3, FLUX): repo id or folder; " + TINY_HELP,
     )
     train.add_argument("--output-dir", required=True, help="Where checkpoints, losses and predictors go (new).")
     _add_overwrite(train)

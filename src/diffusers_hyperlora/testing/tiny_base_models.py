@@ -2,7 +2,7 @@
 docs (docs/base-models.md) run HyperLoRA on for base models other than SDXL.
 
 Nothing is downloaded: the CLIP tokenizer is `tiny_clip_tokenizer`'s byte-level vocabulary, the T5 tokenizer of
-FLUX a byte-level word table built with `tokenizers`. The tiny SD3 pipeline has no third (T5) text encoder, which
+FLUX a character-level table built with `tokenizers`. The tiny SD3 pipeline has no third (T5) text encoder, which
 `StableDiffusion3Pipeline` allows (its T5 embeddings are then zeros).
 
 Example:
@@ -41,6 +41,7 @@ TINY_SD3_TRANSFORMER_CONFIG = dict(
     pooled_projection_dim=64,
     out_channels=4,
 )
+TINY_T5_MAX_LENGTH = 32
 TINY_FLUX_TRANSFORMER_CONFIG = dict(
     patch_size=1,
     in_channels=4,
@@ -73,16 +74,25 @@ def _clip_text_config(tokenizer, hidden_size: int = 32):
 
 
 def tiny_t5_tokenizer():
-    """A T5 tokenizer whose vocabulary is `<pad>`, `</s>`, `<unk>` and one token per character (built offline)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A T5 tokenizer whose vocabulary is `<pad>`, `</s>`, `<unk>`, the word mark `▁` and one token per printable
+    character (built offline, with T5's own `Metaspace` splitting, so a saved pipeline reloads it unchanged);
+    prompts are at most 32 tokens (`model_max_length`), which is what training encodes them to."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import T5TokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for code in range(32, 127):
-        vocab.setdefault(chr(code), len(vocab))
-    table = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    table.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return T5TokenizerFast(tokenizer_object=table, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(code), -1.0) for code in range(33, 127)]
+    table = Tokenizer(models.Unigram(pieces, unk_id=2))
+    table.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    table.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return T5TokenizerFast(
+        tokenizer_object=table,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=TINY_T5_MAX_LENGTH,
+    )
 
 
 def _flow_vae(seed: int, block_out_channels=(4,), latent_channels: int = 4):

@@ -1,6 +1,7 @@
 """The frozen encoders' side of a training step: VAE latents, prompt embeddings, caption dropout, noise.
 
-`FrozenEncoders` turns a collated batch into the UNet's inputs. It can cache what never changes between steps:
+`FrozenEncoders` turns a collated batch into the denoiser's inputs (how depends on the denoiser's family, see
+`families`). It can cache what never changes between steps:
 
 - **latents**: the VAE's latent distribution of every image (its mean and log-variance), computed once; each step
   still draws a fresh latent sample from it, so training on the cache is the same as encoding every step.
@@ -21,26 +22,30 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .data import collate_examples
+from .families import family_of, pipeline_denoiser
 from .losses import EncodedBatch, prompt_with_trigger
 
 
 @dataclass
 class NoisyBatch:
-    """`EncodedBatch` plus what the noise scheduler made of it: noisy latents, timesteps and the noise."""
+    """`EncodedBatch` plus what the noise scheduler made of it: noisy latents, timesteps and the noise; the
+    regression target and the per-sample loss weights (`None`: all ones)."""
 
     encoded: EncodedBatch
     noise: torch.Tensor
     timesteps: torch.Tensor
     noisy_latents: torch.Tensor
+    target: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
 
 class FrozenEncoders:
     """The frozen VAE and text encoders of `pipe`, with optional caches.
 
     Args:
-        pipe: an SDXL pipeline (`vae`, `encode_prompt`, `unet.config`).
+        pipe: an SD 1.5 / SD 2.x / SDXL, SD3 or FLUX pipeline (`vae`, `encode_prompt`, `unet` or `transformer`).
         trigger_words: prepended to every caption (`prompt_with_trigger`).
-        device, dtype: where the UNet runs and its dtype (prompt embeddings are cast to it).
+        device, dtype: where the denoiser runs and its dtype (prompt embeddings are cast to it).
         caption_dropout: probability of dropping a sample's caption.
 
     Example:
@@ -61,6 +66,8 @@ class FrozenEncoders:
         caption_dropout: float = 0.0,
     ) -> None:
         self.pipe, self.trigger_words = pipe, trigger_words
+        self.denoiser = pipeline_denoiser(pipe)
+        self.family = family_of(self.denoiser)
         self.device, self.dtype, self.caption_dropout = device, dtype, caption_dropout
         self.latent_cache: dict[int, torch.Tensor] = {}
         self.time_ids_cache: dict[int, list[int]] = {}
@@ -107,23 +114,30 @@ class FrozenEncoders:
         embeds, pooled = self._prompt_embeddings([prompt_with_trigger(c, self.trigger_words) for c in captions])
         parameters = self._latent_parameters(batch)
         latents = self._scaled(DiagonalGaussianDistribution(parameters).sample(generator=generators))
+        pooled = pooled.to(device=self.device, dtype=self.dtype)
         added = None
-        if getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time":
+        if self.family.has_size_condition(self.denoiser):
             added = {
-                "text_embeds": pooled.to(device=self.device, dtype=self.dtype),
+                "text_embeds": pooled,
                 "time_ids": torch.tensor(self._batch_time_ids(batch), device=self.device, dtype=self.dtype),
             }
-        return EncodedBatch(latents=latents, prompt_embeds=embeds.to(self.device, self.dtype), added_cond_kwargs=added)
+        embeds = embeds.to(self.device, self.dtype)
+        return EncodedBatch(latents=latents, prompt_embeds=embeds, added_cond_kwargs=added, pooled_prompt_embeds=pooled)
 
     def noisy_batch(self, batch: dict[str, Any], generators: list[torch.Generator], noise_scheduler: Any) -> NoisyBatch:
-        """`encode`, then each sample's noise and timestep (uniform over the scheduler's training steps)."""
+        """`encode`, then each sample's noise and timestep, the noisy latents and the target, as the denoiser's
+        family trains (UNets: DDPM, timesteps uniform over the scheduler's training steps; SD3 / FLUX: flow
+        matching; see `families`)."""
         encoded = self.encode(batch, generators)
-        shape = encoded.latents.shape[1:]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(encoded.latents.device)
-        steps = noise_scheduler.config.num_train_timesteps
-        timesteps = torch.stack([torch.randint(0, steps, (), generator=g) for g in generators]).to(noise.device)
-        noisy = noise_scheduler.add_noise(encoded.latents, noise, timesteps)
-        return NoisyBatch(encoded=encoded, noise=noise, timesteps=timesteps, noisy_latents=noisy)
+        noised = self.family.add_noise(noise_scheduler, encoded.latents, generators)
+        return NoisyBatch(
+            encoded=encoded,
+            noise=noised.noise,
+            timesteps=noised.timesteps,
+            noisy_latents=noised.noisy_latents,
+            target=noised.target,
+            weights=noised.weights,
+        )
 
     # ------------------------------------------------------------------ pieces
     def _latent_parameters_from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -146,16 +160,11 @@ class FrozenEncoders:
         return (latents * config.scaling_factor).float()
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One prompt at a time, for the same reason. SD 1.5 / 2.x pipelines have no pooled embedding: an empty
-        `[1, 0]` stands for it (their UNet reads none)."""
-        embeds, pooled = [], []
-        for prompt in prompts:
-            encoded = self.pipe.encode_prompt(
-                prompt=[prompt], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            embeds.append(encoded[0])
-            pooled.append(encoded[2] if len(encoded) > 2 else encoded[0].new_zeros(1, 0))
-        return torch.cat(embeds), torch.cat(pooled)
+        """One prompt at a time, for the same reason, with the pipeline's own `encode_prompt` (called the family's
+        way). SD 1.5 / 2.x pipelines have no pooled embedding: an empty `[1, 0]` stands for it (their UNet reads
+        none)."""
+        encoded = [self.family.encode_prompt(self.pipe, prompt, self.device) for prompt in prompts]
+        return torch.cat([e for e, _ in encoded]), torch.cat([p for _, p in encoded])
 
     def _prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.prompt_cache:
@@ -195,7 +204,8 @@ def encode_batch(
     """VAE latents (scaled) and prompt embeddings (trigger words prepended) with the frozen pipeline models.
 
     `added_cond_kwargs` (`text_embeds`: pooled text embedding, `time_ids`: original size, crop, target size) is
-    given when the UNet has SDXL's `text_time` conditioning, else `None`. `generators` (one per sample) draw the
+    given when the UNet has SDXL's `text_time` conditioning, else `None`; `pooled_prompt_embeds` is the pooled text
+    embedding (SD3 / FLUX read it as `pooled_projections`). `generators` (one per sample) draw the
     latent samples; by default, generators seeded from `torch`'s global random state.
     """
     if generators is None:

@@ -23,7 +23,8 @@ from ..utils.atomic_files import atomic_path
 from ..utils.compat import load_accelerate_state, quiet_peft_adapter_warnings
 from .conditioning import FrozenEncoders
 from .data import collate_examples
-from .losses import diffusion_target, identity_groups, lora_denoising_loss
+from .families import family_of, pipeline_denoiser
+from .losses import identity_groups, lora_denoising_loss
 from .module import HyperLoRATrainingModule
 from .order import EpochSampler, TrainingView, sample_generator
 from .sizes import default_resolution
@@ -113,24 +114,37 @@ def _check_widths(shapes: dict[str, tuple[int, ...]], predictor: HyperLoRAPredic
 
 
 def _check_pipeline(pipe: Any) -> None:
-    if getattr(pipe, "unet", None) is None:
+    denoiser = pipeline_denoiser(pipe)
+    if denoiser is None:
         raise TrainingConfigError(
-            f"{type(pipe).__name__} has no UNet: training runs on UNet pipelines (SD 1.5, SD 2.x, SDXL) only; "
-            "training for transformer denoisers (SD3, FLUX: flow matching) is not implemented yet "
-            "(docs/base-models.md).",
+            f"{type(pipe).__name__} has no denoiser (`unet` or `transformer`): training runs on SD 1.5 / SD 2.x / "
+            "SDXL, SD3 and FLUX pipelines (docs/base-models.md).",
             argument="pipe",
         )
+    family_of(denoiser)  # a denoiser no family trains is refused by name
     hyperlora = getattr(pipe, "hyperlora", None)
     if hyperlora is not None and hyperlora.is_loaded:
         raise TrainingConfigError(
             "This pipeline has a HyperLoRA loaded; call `pipe.unload_hyperlora()` before training on it.",
             argument="pipe",
         )
-    if getattr(pipe.unet, "peft_config", None):
+    if getattr(denoiser, "peft_config", None):
         raise TrainingConfigError(
-            f"The UNet already carries adapters {sorted(pipe.unet.peft_config)}; fuse them (`pipe.fuse_lora()` then "
-            "`pipe.unload_lora_weights()`) or delete them before training HyperLoRA on it.",
+            f"The {family_of(denoiser).component} already carries adapters {sorted(denoiser.peft_config)}; fuse them "
+            "(`pipe.fuse_lora()` then `pipe.unload_lora_weights()`) or delete them before training HyperLoRA on it.",
             argument="pipe",
+        )
+
+
+def _check_predictor_denoiser(pipe: Any, predictor: HyperLoRAPredictor) -> None:
+    """The predictor targets the pipeline's kind of denoiser (a UNet checkpoint cannot train on a transformer)."""
+    component = family_of(pipeline_denoiser(pipe)).component
+    if predictor.config.denoiser != component:
+        raise TrainingConfigError(
+            f"The predictor targets a {predictor.config.denoiser}, but {type(pipe).__name__} denoises with its "
+            f"{component}. Build the predictor for this pipeline: "
+            f"`HyperLoRAConfig.from_denoiser(pipe.{component}, ...)`.",
+            argument="predictor",
         )
 
 
@@ -274,9 +288,9 @@ def _make_accelerator(config: StageConfig):
 
 @contextmanager
 def training_adapters(pipe: Any, predictor: HyperLoRAPredictor, config: StageConfig):
-    """Register the training adapters on the UNet, activate them for the stage, remove them afterwards."""
-    unet = pipe.unet
+    """Register the training adapters on the denoiser, activate them for the stage, remove them afterwards."""
     _check_pipeline(pipe)
+    unet = pipeline_denoiser(pipe)
     with quiet_peft_adapter_warnings():  # ID + Base are two adapters by design
         adapters = HyperLoRAAdapters.attach(
             unet, predictor.config, ID_ADAPTER, BASE_ADAPTER, id_weight=config.id_weight, base_weight=config.base_weight
@@ -306,7 +320,7 @@ class _Run:
     loader: Any
     encoders: FrozenEncoders
     noise_scheduler: Any
-    unet: Any
+    unet: Any  # the denoiser: a UNet or an SD3 / FLUX transformer
     output_dir: Path
     global_step: int = 0
     losses: list[dict[str, Any]] = field(default_factory=list)
@@ -327,13 +341,14 @@ def train_stage(
     `accelerator.save_state` / `load_state`. Run the same script with `accelerate launch` to train on several
     processes; `config.batch_size` is the batch of each process.
 
-    The pipeline's UNet, VAE and text encoders are frozen (never updated); they are moved to the accelerator's
-    device, and with mixed precision the UNet and text encoders are cast to the half dtype (the VAE stays as it
-    is: SDXL's VAE overflows in float16). Temporary PEFT adapters carry the predicted LoRA during the stage and
-    are removed at the end, so the UNet computes exactly what it did before.
+    The pipeline's denoiser (UNet or transformer), VAE and text encoders are frozen (never updated); they are moved
+    to the accelerator's device, and with mixed precision the denoiser and text encoders are cast to the half dtype
+    (the VAE stays as it is: SDXL's VAE overflows in float16). Temporary PEFT adapters carry the predicted LoRA
+    during the stage and are removed at the end, so the denoiser computes exactly what it did before. UNets train
+    on DDPM noise, the SD3 and FLUX transformers on flow matching (`families`).
 
     Args:
-        pipe: an SDXL pipeline (`StableDiffusionXLPipeline` or any with `unet`, `vae`, `encode_prompt`).
+        pipe: an SD 1.5 / SD 2.x / SDXL, SD3 or FLUX pipeline (`unet` or `transformer`, `vae`, `encode_prompt`).
         predictor: the hypernetwork, trained in place (only the stage's parameters change).
         dataset: items as described in `training.data` (e.g. `HyperLoRATrainingDataset`).
         config: the stage (see `StageConfig`).
@@ -372,7 +387,8 @@ def train_stage(
             dataset.resolution = default_resolution(pipe)
         weight_dtype = _freeze_pipeline(pipe, accelerator)
         _prepare_predictor(predictor, config, accelerator.device, resumed=resume is not None)
-        with training_adapters(pipe, predictor, config) as adapter_names, _checkpointing(pipe.unet, config):
+        denoiser = pipeline_denoiser(pipe)
+        with training_adapters(pipe, predictor, config) as adapter_names, _checkpointing(denoiser, config):
             run = _build_run(pipe, predictor, dataset, config, accelerator, weight_dtype, adapter_names, output_dir)
             if resume is not None:
                 _load_checkpoint(run, resume)
@@ -395,6 +411,7 @@ def _check_inputs(pipe: Any, predictor: HyperLoRAPredictor, dataset: Any, config
             "StageConfig.output_dir is not set (TrainingConfig fills it in per stage).", argument="output_dir"
         )
     _check_pipeline(pipe)
+    _check_predictor_denoiser(pipe, predictor)
     _check_dataset(dataset, predictor, config.stage)
     output_dir = Path(config.output_dir)
     resume = _resolve_resume(config, output_dir)
@@ -442,9 +459,9 @@ class _Saved:
 
 
 def _freeze_pipeline(pipe: Any, accelerator: Any) -> torch.dtype:
-    """Freeze the pipeline's models, move them to the device, cast all but the VAE; return the UNet's dtype."""
+    """Freeze the pipeline's models, move them to the device, cast all but the VAE; return the denoiser's dtype."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is None:
             continue
@@ -466,7 +483,7 @@ def _prepare_predictor(predictor: HyperLoRAPredictor, config: StageConfig, devic
 
 @contextmanager
 def _checkpointing(unet: Any, config: StageConfig):
-    """The UNet's gradient checkpointing on for the stage when asked (and off again afterwards)."""
+    """The denoiser's gradient checkpointing on for the stage when asked (and off again afterwards)."""
     switch = config.gradient_checkpointing and not getattr(unet, "is_gradient_checkpointing", False)
     if switch:
         unet.enable_gradient_checkpointing()
@@ -485,7 +502,6 @@ def _make_encoders(pipe: Any, view: TrainingView, config: StageConfig, device, d
 
 
 def _build_run(pipe, predictor, dataset, config, accelerator, weight_dtype, adapter_names, output_dir) -> _Run:
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     module = HyperLoRATrainingModule(predictor, config.stage, adapter_names)
@@ -521,8 +537,8 @@ def _build_run(pipe, predictor, dataset, config, accelerator, weight_dtype, adap
         lr_scheduler=lr_scheduler,
         loader=loader,
         encoders=encoders,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        unet=pipe.unet,
+        noise_scheduler=family_of(pipeline_denoiser(pipe)).training_scheduler(pipe),
+        unet=pipeline_denoiser(pipe),
         output_dir=output_dir,
     )
 
@@ -541,17 +557,16 @@ def _batches(run: _Run) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _micro_step(run: _Run, epoch: int, batch: dict[str, Any]) -> torch.Tensor:
-    """Forward through the prepared module, UNet loss, `accelerator.backward`, and (when synced) the update."""
+    """Forward through the prepared module, denoising loss, `accelerator.backward`, and (when synced) the update."""
     accelerator = run.accelerator
     with accelerator.accumulate(run.model):
         generators = [sample_generator(run.config.seed, epoch, index) for index in batch["index"]]
         noisy = run.encoders.noisy_batch(batch, generators, run.noise_scheduler)
-        target = diffusion_target(run.noise_scheduler, noisy.encoded.latents, noisy.noise, noisy.timesteps)
         with accelerator.autocast():
             factors = run.model(batch)
             groups = identity_groups(batch["reference_key"])
-            args = (run.unet, factors, groups, noisy.noisy_latents, noisy.timesteps, noisy.encoded, target)
-            loss = lora_denoising_loss(*args)
+            args = (run.unet, factors, groups, noisy.noisy_latents, noisy.timesteps, noisy.encoded, noisy.target)
+            loss = lora_denoising_loss(*args, weights=noisy.weights)
         gathered = accelerator.gather(loss.detach())
         if not torch.isfinite(gathered).all():
             raise _non_finite_loss(run, gathered)

@@ -1,4 +1,6 @@
-"""The differentiable pieces of a training step: features -> coefficients -> LoRA -> UNet -> noise-prediction loss.
+"""The differentiable pieces of a training step: features -> coefficients -> LoRA -> denoiser -> denoising loss.
+
+The denoiser is a UNet or an SD3 / FLUX transformer; how it is called is its family's (`families`).
 
 The predicted LoRA factors enter the UNet in place of the `lora_A` / `lora_B` weights of the PEFT adapters
 registered by `HyperLoRAAdapters.attach` (`{module}.lora_A.{adapter}.weight`, `{module}.lora_B.{adapter}.weight`):
@@ -24,6 +26,7 @@ from ..errors import TrainingConfigError, TrainingDataError
 from ..identities.identity import normalize_coefficients
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.compat import lora_parameter_name, put_parameter, take_parameter
+from .families import family_of
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -104,11 +107,13 @@ def lora_parameters(
 
 @dataclass
 class EncodedBatch:
-    """A batch after the frozen encoders: VAE latents and SDXL's text / size conditions."""
+    """A batch after the frozen encoders: VAE latents, the prompt embeddings, SDXL's text / size conditions
+    (`added_cond_kwargs`) and the pooled text embedding (SD3 / FLUX's `pooled_projections`)."""
 
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None
+    pooled_prompt_embeds: torch.Tensor | None = None
 
 
 def diffusion_target(
@@ -125,16 +130,6 @@ def diffusion_target(
     raise TrainingConfigError(f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
 
 
-def _unet_inputs(
-    members: list[int], noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoded: EncodedBatch
-) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
-    index = torch.tensor(members, device=noisy_latents.device)
-    kwargs: dict[str, Any] = {"encoder_hidden_states": encoded.prompt_embeds[index], "return_dict": False}
-    if encoded.added_cond_kwargs is not None:
-        kwargs["added_cond_kwargs"] = {k: v[index] for k, v in encoded.added_cond_kwargs.items()}
-    return (noisy_latents[index].to(encoded.prompt_embeds.dtype), timesteps[index]), kwargs
-
-
 def lora_unet_prediction(
     unet: torch.nn.Module,
     factors: list[dict[str, torch.Tensor]],
@@ -143,19 +138,23 @@ def lora_unet_prediction(
     timesteps: torch.Tensor,
     encoded: EncodedBatch,
 ) -> torch.Tensor:
-    """The UNet's output for every sample, each identity group with its LoRA factors substituted (differentiable).
+    """The denoiser's output for every sample, each identity group with its LoRA factors substituted
+    (differentiable), in the latents' layout.
 
     Args:
-        unet: the UNet carrying the PEFT adapters the factors are named for (`HyperLoRAAdapters.attach`).
+        unet: the denoiser (a UNet, or an SD3 / FLUX transformer: called its family's way, see `families`)
+            carrying the PEFT adapters the factors are named for (`HyperLoRAAdapters.attach`).
         factors: one `{parameter name: tensor}` per group (`HyperLoRATrainingModule`'s output).
         groups: the samples of each group (`identity_groups`).
-        noisy_latents, timesteps: the UNet's inputs `[B, C, h, w]`, `[B]`.
+        noisy_latents, timesteps: the denoiser's inputs `[B, C, h, w]`, `[B]`.
         encoded: the batch's text and size conditions.
     """
+    family = family_of(unet)
     outputs, order = [], []
     for members, params in zip(groups, factors):
-        args, kwargs = _unet_inputs(members, noisy_latents, timesteps, encoded)
-        outputs.append(functional_call(unet, params, args, kwargs, strict=False)[0])
+        args, kwargs = family.call_inputs(unet, members, noisy_latents, timesteps, encoded)
+        output = functional_call(unet, params, args, kwargs, strict=False)
+        outputs.append(family.prediction(output, noisy_latents))
         order.extend(members)
     stacked = torch.cat(outputs)
     inverse = torch.argsort(torch.tensor(order, device=stacked.device))
@@ -193,8 +192,11 @@ def lora_denoising_loss(
     timesteps: torch.Tensor,
     encoded: EncodedBatch,
     target: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The batch's `diffusion_loss`, as a tensor whose backward reaches the predictor through `factors` only.
+
+    `weights` `[B]` scale each sample's squared error (flow matching's loss weighting); `None`: plain MSE.
 
     The frozen UNet runs one identity group at a time: its forward *and* backward (down to that group's factors)
     happen while the group's LoRA is substituted into the UNet, which is what gradient checkpointing needs (it
@@ -203,22 +205,31 @@ def lora_denoising_loss(
     in one backward pass through the prepared (DDP / FSDP / DeepSpeed) module. With grad disabled it is the plain
     loss.
     """
+    family = family_of(unet)
     total = target.numel()
     loss = torch.zeros((), device=target.device)
     carrier = torch.zeros((), device=target.device)
     for members, params in zip(groups, factors):
         leaves = {name: t.detach().requires_grad_(t.requires_grad) for name, t in params.items()}
         trained = [name for name, t in params.items() if t.requires_grad]
-        args, kwargs = _unet_inputs(members, noisy_latents, timesteps, encoded)
+        args, kwargs = family.call_inputs(unet, members, noisy_latents, timesteps, encoded)
         index = torch.tensor(members, device=target.device)
         with substituted_parameters(unet, leaves):
-            prediction = unet(*args, **kwargs)[0]
-            part = F.mse_loss(prediction.float(), target[index].float(), reduction="sum") / total
+            prediction = family.prediction(unet(*args, **kwargs), noisy_latents)
+            part = _squared_error(prediction, target[index], None if weights is None else weights[index]) / total
             grads = torch.autograd.grad(part, [leaves[name] for name in trained]) if trained else ()
         loss = loss + part.detach()
         for name, grad in zip(trained, grads):
             carrier = carrier + (params[name].float() * grad.float()).sum()
     return carrier - carrier.detach() + loss
+
+
+def _squared_error(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The summed squared error in float32, each sample's scaled by its weight when given."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="sum")
+    errors = (prediction.float() - target.float()) ** 2
+    return (weights.float().view(-1, *([1] * (errors.ndim - 1))) * errors).sum()
 
 
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import TrainingConfigError
 from ..model.config import HyperLoRAConfig
 from ..model.targets import targets_from_unet
+from .families import pipeline_denoiser
 
 SDXL_CROSS_ATTENTION_DIM = 2048
 """UNets at least this wide in cross-attention get the release's predictor sizes."""
@@ -50,16 +51,20 @@ def fresh_predictor_config(unet: Any, **overrides: Any) -> HyperLoRAConfig:
 
 
 def default_resolution(pipe: Any) -> int:
-    """The base model's native image size: the UNet's `sample_size` times the VAE's downscaling (SDXL: 1024)."""
-    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    sample_size = getattr(getattr(unet, "config", None), "sample_size", None)
+    """The base model's native image size: the denoiser's `sample_size` (else the pipeline's
+    `default_sample_size`, as FLUX's) times the VAE's downscaling (SDXL, SD3, FLUX: 1024)."""
+    denoiser = pipeline_denoiser(pipe)
+    vae = getattr(pipe, "vae", None)
+    sample_size = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if sample_size is None:
+        sample_size = getattr(pipe, "default_sample_size", None)
     blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
     if isinstance(sample_size, (tuple, list)):
         sample_size = max(sample_size)
     if not isinstance(sample_size, int) or not blocks:
         raise TrainingConfigError(
-            "Could not tell the base model's native resolution (no `unet.config.sample_size` or VAE); give the "
-            "dataset a resolution: `HyperLoRATrainingDataset(..., resolution=1024)`.",
+            "Could not tell the base model's native resolution (no `sample_size` in the denoiser's config, or no "
+            "VAE); give the dataset a resolution: `HyperLoRATrainingDataset(..., resolution=1024)`.",
             argument="resolution",
         )
     return sample_size * 2 ** (len(blocks) - 1)

@@ -250,3 +250,29 @@ def take_parameter(module: nn.Module, name: str) -> nn.Parameter:
 def put_parameter(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
     """Register `parameter` again under `name` after `take_parameter`, without `register_parameter`'s checks."""
     module._parameters[name] = parameter
+
+
+# ---------------------------------------------------------------------------------------------- FLUX latents
+# FLUX's transformer reads latents as a sequence of 2x2 patches with their (0, row, column) positions; diffusers
+# has only the pipeline's private static methods for this layout (`FluxPipeline._pack_latents`, ...).
+def flux_pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`[B, C, h, w]` latents as FLUX's packed sequence `[B, h/2 * w/2, 4C]` (`FluxPipeline._pack_latents`)."""
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = latents.shape
+    return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def flux_unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of `flux_pack_latents` for `[*, *, height, width]` latents (`FluxPipeline._unpack_latents`)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(packed, height, width, 1)
+
+
+def flux_latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The `img_ids` `[height * width, 3]` of a `height x width` grid of packed patches
+    (`FluxPipeline._prepare_latent_image_ids`)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._prepare_latent_image_ids(1, height, width, device, dtype)
