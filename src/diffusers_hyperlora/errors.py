@@ -111,4 +111,4 @@ class MissingDependencyError(HyperLoRAError, ImportError):
 
 
 class UnsupportedPipelineError(HyperLoRAError, ValueError):
-    """The pipeline is of a kind HyperLoRA does not support yet (a transformer denoiser, group offloading)."""
+    """The pipeline is of a kind HyperLoRA does not support (a denoiser no target layout knows, group offloading)."""
