@@ -19,10 +19,19 @@ from typing import Any
 
 from ..errors import InvalidArgumentError, MissingDependencyError, TrainingConfigError, TrainingDataError
 from . import checks
-from .parser import HUB_OPTIONS, PROG, TINY, install_hint
+from .parser import HUB_OPTIONS, NEW_CHECKPOINT_BASE_RANK, PROG, TINY, install_hint
 
 CHECKPOINT_FLAGS = (*HUB_OPTIONS, "heads", "dim_head")
-TINY_RESOLUTION = 32  # the tiny UNet's latents are 4x4 at 32 px: a training step takes well under a second
+STAGE_FLAGS = {
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "learning_rate": "lr",
+    "caption_dropout": "caption_dropout",
+    "mixed_precision": "mixed_precision",
+    "seed": "seed",
+    "cache_latents": "cache_latents",
+}
+"""`StageConfig` fields -> `train`'s flags (argparse destinations); a flag not given keeps the library's default."""
 DIFFUSERS_FORMAT_NOTE = (
     "note: a --format diffusers file loads only in diffusers (pipe.load_lora_weights); ComfyUI, A1111, Forge and "
     "kohya sd-scripts apply nothing from it. Use --format kohya (the default) for every other tool."
@@ -263,25 +272,18 @@ def run_cache_features(args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int):
-    """A new checkpoint for `unet`: the tiny default's sizes on `--base-model tiny`, the paper's otherwise."""
+def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int | None):
+    """A new checkpoint for `unet`, its sizes following the UNet's (`training.fresh_predictor_config`: the release's
+    for SDXL, smaller for smaller UNets such as tiny's); the flags given override them."""
     from ..model.predictor import HyperLoRAPredictor
+    from ..training import fresh_predictor_config
 
-    given = {
-        "num_basis": args.num_basis,
-        "id_rank": args.rank,
-        "base_rank": args.base_rank,
-        "image_embed_dim": image_embed_dim,
-    }
-    given = {name: value for name, value in given.items() if value is not None}
-    if args.base_model == TINY:
-        from ..testing.tiny_models import tiny_hyperlora_config
-
-        return HyperLoRAPredictor(tiny_hyperlora_config(unet, **{"base_rank": 4, **given}))
-    from ..model.config import HyperLoRAConfig
-
-    defaults = {"num_basis": 128, "id_rank": 8, "base_rank": 4, "base_model": args.base_model}
-    return HyperLoRAPredictor(HyperLoRAConfig.from_denoiser(unet, **{**defaults, **given}))
+    sizes = {"base_rank": NEW_CHECKPOINT_BASE_RANK, **checks.new_checkpoint_sizes(args)}
+    if image_embed_dim is not None:
+        sizes["image_embed_dim"] = image_embed_dim
+    if args.base_model != TINY:
+        sizes["base_model"] = args.base_model  # recorded in the config: the pipeline the checkpoint was trained on
+    return HyperLoRAPredictor(fresh_predictor_config(unet, **sizes))
 
 
 def _data_clip_width(dataset) -> int | None:
@@ -292,7 +294,7 @@ def _data_clip_width(dataset) -> int | None:
     return None
 
 
-def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_width: int | None) -> int:
+def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_width: int | None) -> int | None:
     """The CLIP width to train with, checked against the data before any model is loaded."""
     wanted = init_width if init_width is not None else args.image_embed_dim
     if wanted is not None and data_width is not None and wanted != data_width:
@@ -303,7 +305,7 @@ def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_
             f"(`cache-features --image-encoder ...`), or pass --image-embed-dim {data_width} for a new checkpoint.",
             argument="image_embed_dim",
         )
-    return wanted if wanted is not None else (data_width if data_width is not None else 1024)
+    return wanted if wanted is not None else data_width  # None: the config's default
 
 
 def _check_feature_cache(args: argparse.Namespace) -> None:
@@ -320,7 +322,7 @@ def _check_feature_cache(args: argparse.Namespace) -> None:
 
 def _check_base_features(args: argparse.Namespace, dataset, predictor) -> None:
     """A checkpoint with a Base branch trains on face-blurred features in every stage: the data must hold them."""
-    base_rank = args.base_rank if args.base_rank is not None else 4
+    base_rank = args.base_rank if args.base_rank is not None else NEW_CHECKPOINT_BASE_RANK
     has_base = predictor.config.has_base if predictor is not None else base_rank > 0
     if has_base and not dataset.has_features.get("base_clip_hidden_states", False):
         if predictor is not None:
@@ -354,17 +356,28 @@ def _base_pipeline(args: argparse.Namespace):
     return DiffusionPipeline.from_pretrained(args.base_model)  # SDXL, SD 1.5, SD 2.x: any UNet pipeline
 
 
+def _training_config(args: argparse.Namespace):
+    """The curriculum of the flags given, checked by the library (`TrainingConfig.validate`) before any model is
+    loaded; a flag not given keeps the library's default (`training.STAGE_DEFAULTS`)."""
+    from ..training import TrainingConfig, default_curriculum
+
+    given = {field: getattr(args, name) for field, name in STAGE_FLAGS.items()}
+    given = {field: value for field, value in given.items() if value is not None and value is not False}
+    stages = [stage for stage in default_curriculum(**given) if args.stages is None or stage.stage in args.stages]
+    return TrainingConfig(args.output_dir, stages=stages)
+
+
 def run_train(args: argparse.Namespace) -> str:
     checks.check_train_arguments(args)
     checks.check_tiny_options(args, args.init, "--init", HUB_OPTIONS)
     require_extra("accelerate", "train", "train")
     from ..io import load_predictor as load
-    from ..training import HyperLoRATrainingDataset, TrainingConfig, default_curriculum, train_curriculum
+    from ..training import HyperLoRATrainingDataset, train_curriculum
 
     # Everything cheap is checked first (the flags, the data, the checkpoint's CLIP width); only then SDXL is loaded.
+    config = _training_config(args)
     _check_feature_cache(args)
-    resolution = args.resolution or (TINY_RESOLUTION if args.base_model == TINY else 1024)
-    dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=resolution)
+    dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=args.resolution)  # None: the base model's
     with checkpoint_source(args.init) if args.init else contextlib.nullcontext() as init:
         predictor = load(init, hub_options(args)) if init else None
     init_width = predictor.config.image_embed_dim if predictor is not None else None
@@ -373,18 +386,8 @@ def run_train(args: argparse.Namespace) -> str:
 
     pipe = _base_pipeline(args)
     predictor = predictor if predictor is not None else _new_predictor(pipe.unet, args, width)
-    stages = default_curriculum(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        mixed_precision=args.mixed_precision,
-        cache_latents=args.cache_latents,
-        caption_dropout=args.caption_dropout,
-        seed=args.seed,
-    )
-    stages = [stage for stage in stages if args.stages is None or stage.stage in args.stages]
-    train_curriculum(pipe, predictor, dataset, TrainingConfig(args.output_dir, stages=stages))
-    return f"Trained stages {', '.join(s.stage for s in stages)}; predictors saved under {args.output_dir}"
+    train_curriculum(pipe, predictor, dataset, config)
+    return f"Trained stages {', '.join(s.stage for s in config.stages)}; predictors saved under {args.output_dir}"
 
 
 # ---------------------------------------------------------------------------------------------- demo
