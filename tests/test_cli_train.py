@@ -161,3 +161,34 @@ def test_train_new_checkpoint_sizes_follow_the_base_model(tmp_path):
     assert {name: stage[name] for name in ("batch_size", "learning_rate", "caption_dropout", "seed")} == {
         name: STAGE_DEFAULTS[name] for name in ("batch_size", "learning_rate", "caption_dropout", "seed")
     }
+
+
+def test_an_interrupted_train_leaves_no_empty_output_folder(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the first step: one line, status 130, and no `--output-dir` left behind (so the same command
+    runs again without --overwrite)."""
+    from diffusers_hyperlora.training import loop
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.save_pretrained(tmp_path / "sdxl")
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(data / "0.png")
+    (data / "metadata.jsonl").write_text('{"file": "0.png", "person": "p", "caption": "a photo of a person"}\n')
+    cache_features(data, _MeanColourFeatures(), progress=False)
+    made = []
+
+    def interrupted(run, *args, **kwargs):
+        made.extend(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_micro_step", interrupted)
+    argv = ["train", "--data", str(data), "--base-model", str(tmp_path / "sdxl"), "--output-dir", str(tmp_path / "run")]
+    assert main([*argv, "--stages", "id_clip", "--steps", "1"]) == 130
+    assert capsys.readouterr().err.endswith(
+        "diffusers-hyperlora train: interrupted; no output was left half-written.\n"
+    )
+    assert made and not (tmp_path / "run").exists()  # the stage folder was made, then removed
+    (tmp_path / "run").mkdir()  # an empty --output-dir given: it stays, empty
+    made.clear()
+    assert main([*argv, "--stages", "id_clip", "--steps", "1"]) == 130
+    assert made and list((tmp_path / "run").iterdir()) == []

@@ -386,8 +386,25 @@ def run_train(args: argparse.Namespace) -> str:
 
     pipe = _base_pipeline(args)
     predictor = predictor if predictor is not None else _new_predictor(pipe.unet, args, width)
-    train_curriculum(pipe, predictor, dataset, config)
+    existed = os.path.isdir(args.output_dir)
+    fresh = not existed or not any(os.scandir(args.output_dir))  # new or empty (else --overwrite was given)
+    try:
+        train_curriculum(pipe, predictor, dataset, config)
+    except BaseException:  # Ctrl-C or an error: the folders the run made and left empty go (files are kept)
+        if fresh:
+            _remove_empty_folders(args.output_dir, keep_root=existed)
+        raise
     return f"Trained stages {', '.join(s.stage for s in config.stages)}; predictors saved under {args.output_dir}"
+
+
+def _remove_empty_folders(root: str, keep_root: bool) -> None:
+    """Remove the folders under `root` (and `root` unless `keep_root`) that hold no file: the same command then runs
+    again without --overwrite. Folders with a file (a saved checkpoint) stay."""
+    for folder, _, _ in sorted(os.walk(root), key=lambda entry: entry[0].count(os.sep), reverse=True):
+        if keep_root and os.path.samefile(folder, root):
+            continue
+        with contextlib.suppress(OSError):  # not empty
+            os.rmdir(folder)
 
 
 # ---------------------------------------------------------------------------------------------- demo
