@@ -192,3 +192,23 @@ def test_an_interrupted_train_leaves_no_empty_output_folder(tmp_path, capsys, mo
     made.clear()
     assert main([*argv, "--stages", "id_clip", "--steps", "1"]) == 130
     assert made and list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_new_checkpoint_for_a_transformer_gets_the_release_sizes():
+    """`predictor_sizes` is for UNets: a new checkpoint for an SD3 / FLUX transformer keeps `HyperLoRAConfig`'s sizes
+    (the release's), targeting the transformer; the flags given still apply."""
+    from diffusers_hyperlora.cli.commands import _new_predictor
+    from diffusers_hyperlora.cli.parser import build_parser
+    from diffusers_hyperlora.model.config import HyperLoRAConfig
+    from diffusers_hyperlora.testing.tiny_base_models import tiny_sd3_components
+
+    transformer = tiny_sd3_components()["transformer"]
+    argv = ["train", "--data", "d", "--base-model", "sd3", "--output-dir", "o", "--num-basis", "2", "--rank", "2"]
+    args = build_parser().parse_args([*argv, "--base-rank", "0"])
+    with torch.device("meta"):  # the sizes are what is checked: no need to allocate the bank
+        config = _new_predictor(transformer, args, image_embed_dim=48).config
+    expected = HyperLoRAConfig.from_denoiser(transformer)
+    assert config.denoiser == "transformer" == expected.denoiser and config.targets == expected.targets
+    assert (config.num_basis, config.id_rank, config.base_rank, config.image_embed_dim) == (2, 2, 0, 48)
+    assert (config.resampler_dim, config.num_id_tokens) == (expected.resampler_dim, expected.num_id_tokens)
+    assert config.base_model == "sd3"

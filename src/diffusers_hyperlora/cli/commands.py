@@ -272,10 +272,15 @@ def run_cache_features(args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int | None):
-    """A new checkpoint for `unet`, its sizes following the UNet's (`training.fresh_predictor_config`: the release's
-    for SDXL, smaller for smaller UNets such as tiny's); the flags given override them."""
+def _new_predictor(denoiser, args: argparse.Namespace, image_embed_dim: int | None):
+    """A new checkpoint for the base model's denoiser; the flags given override its sizes.
+
+    A UNet's sizes follow the UNet's (`training.fresh_predictor_config`: the release's for SDXL, smaller for
+    smaller UNets such as tiny's); a transformer (SD3, FLUX) gets the release's sizes (`HyperLoRAConfig`'s).
+    """
+    from ..model.config import HyperLoRAConfig
     from ..model.predictor import HyperLoRAPredictor
+    from ..model.targets import denoiser_layout
     from ..training import fresh_predictor_config
 
     sizes = {"base_rank": NEW_CHECKPOINT_BASE_RANK, **checks.new_checkpoint_sizes(args)}
@@ -283,7 +288,9 @@ def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int | None):
         sizes["image_embed_dim"] = image_embed_dim
     if args.base_model != TINY:
         sizes["base_model"] = args.base_model  # recorded in the config: the pipeline the checkpoint was trained on
-    return HyperLoRAPredictor(fresh_predictor_config(unet, **sizes))
+    if denoiser_layout(denoiser).component == "unet":
+        return HyperLoRAPredictor(fresh_predictor_config(denoiser, **sizes))
+    return HyperLoRAPredictor(HyperLoRAConfig.from_denoiser(denoiser, **sizes))
 
 
 def _data_clip_width(dataset) -> int | None:
