@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOISE = ("torchvision", "FutureWarning", "Traceback", "Writing model shards")
+NOISE = ("torchvision", "FutureWarning", "Traceback", "Writing model shards", "Loading weights")
 
 
 def offline_block() -> str:
@@ -85,3 +85,23 @@ def test_third_party_noise_shows_with_verbose(tmp_path):
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-3000:] + loud.stderr[-3000:]
     assert not [word for word in NOISE if word in quiet.stderr], quiet.stderr[-3000:]
     assert [word for word in NOISE if word in loud.stderr], loud.stderr[-3000:]
+
+
+def test_cache_features_hides_the_loading_weights_bar_unless_verbose(tmp_path):
+    """transformers' "Loading weights" progress bar (the CLIP encoder's load) shows only with `-v`."""
+    import transformers
+
+    from diffusers_hyperlora.testing.tiny_checkpoint import tiny_example_photo
+
+    (tmp_path / "data").mkdir()
+    tiny_example_photo(tmp_path / "data" / "me.png")
+    (tmp_path / "data" / "metadata.jsonl").write_text('{"file": "me.png", "person": "me", "caption": "a photo"}\n')
+    env = _environment(tmp_path / "bin")
+    argv = ["diffusers-hyperlora", "cache-features", "data", "--model", "tiny", "--overwrite"]
+    quiet = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "Loading weights" not in quiet.stderr and "face features" in quiet.stderr, quiet.stderr[-3000:]
+    loud = subprocess.run([*argv, "-v"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    if int(transformers.__version__.split(".")[0]) >= 5:  # older versions draw no bar for a single-file model
+        assert "Loading weights" in loud.stderr, loud.stderr[-3000:]

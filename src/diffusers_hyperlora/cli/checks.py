@@ -17,7 +17,6 @@ from ..utils.devices import check_port as check_port_number
 from .parser import HUB_OPTIONS, PROG, TINY
 
 DEVICE_FLAG = "--device"
-MAX_SEED = 2**32 - 1  # accelerate's set_seed also seeds numpy, whose seeds are 32-bit
 
 
 def plural(count: int, singular: str, plural_form: str | None = None) -> str:
@@ -175,24 +174,32 @@ def _require(condition: bool, flag: str, value: object, expected: str, argument:
         raise InvalidArgumentError(f"{flag} {value}: must be {expected}.", argument=argument)
 
 
+NEW_CHECKPOINT_FLAGS = {
+    "num_basis": "num_basis",
+    "rank": "id_rank",
+    "base_rank": "base_rank",
+    "image_embed_dim": "image_embed_dim",
+}
+"""`train`'s flags for the sizes of a new checkpoint -> their `HyperLoRAConfig` fields."""
+
+
+def new_checkpoint_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The `HyperLoRAConfig` fields `train`'s flags set for a new checkpoint (those given)."""
+    return {
+        field: getattr(args, name) for name, field in NEW_CHECKPOINT_FLAGS.items() if getattr(args, name) is not None
+    }
+
+
 def check_train_arguments(args: argparse.Namespace) -> None:
-    """The numbers of `train` and its folders, before anything is loaded."""
-    _require(args.steps > 0, "--steps", args.steps, "a positive number of optimizer steps, e.g. 1000", "steps")
-    _require(args.batch_size > 0, "--batch-size", args.batch_size, "a positive number of images", "batch_size")
-    _require(math.isfinite(args.lr) and args.lr > 0, "--lr", args.lr, "a positive, finite learning rate", "lr")
-    dropout = args.caption_dropout
-    _require(0 <= dropout < 1, "--caption-dropout", dropout, "a probability in [0, 1)", "caption_dropout")
-    _require(0 <= args.seed <= MAX_SEED, "--seed", args.seed, f"an integer from 0 to {MAX_SEED} (2**32-1)", "seed")
+    """`train`'s folders, Hub flags and new-checkpoint sizes, before anything heavy is imported.
+
+    The stage numbers (`--steps`, `--lr`, ...) are checked by the library itself (`TrainingConfig.validate`), before
+    any model is loaded; the sizes by `HyperLoRAConfig` (a light import), here.
+    """
     if args.resolution is not None:
         resolution = args.resolution
         _require(resolution > 0 and resolution % 8 == 0, "--resolution", resolution, "a positive multiple of 8",
                  "resolution")  # fmt: skip
-    for flag, name, low in (("--num-basis", "num_basis", 1), ("--rank", "rank", 1), ("--base-rank", "base_rank", 0)):
-        value = getattr(args, name)
-        if value is not None:
-            _require(value >= low, flag, value, f"at least {low}", name)
-    if args.image_embed_dim is not None:
-        _require(args.image_embed_dim > 0, "--image-embed-dim", args.image_embed_dim, "positive", "image_embed_dim")
     given = given_flags(args, HUB_OPTIONS)
     if given and not args.init:
         raise InvalidArgumentError(
@@ -200,12 +207,28 @@ def check_train_arguments(args: argparse.Namespace) -> None:
             "Pass --init CHECKPOINT (Hub repo id or local folder), or drop them to train a new checkpoint.",
             argument=HUB_OPTIONS[0],
         )
+    _check_new_checkpoint_sizes(args)
     if not os.path.isdir(args.data):
         kind = "a file" if os.path.isfile(args.data) else "not found"
         raise InvalidArgumentError(
             f"--data {args.data}: {kind}; pass the dataset folder that holds metadata.jsonl.", argument="data"
         )
     check_output_folder(args.output_dir, args.overwrite, "--output-dir", "output_dir")
+
+
+def _check_new_checkpoint_sizes(args: argparse.Namespace) -> None:
+    """Sizes apply to a new checkpoint only; their values are checked as `HyperLoRAConfig` checks them."""
+    sizes = new_checkpoint_sizes(args)
+    if sizes and args.init:
+        flags = [f"--{name.replace('_', '-')}" for name in NEW_CHECKPOINT_FLAGS if getattr(args, name) is not None]
+        raise InvalidArgumentError(
+            f"train: {', '.join(flags)} set the sizes of a new checkpoint, but --init {args.init} has its own. "
+            "Drop them, or drop --init to train a new checkpoint.",
+            argument=next(name for name in NEW_CHECKPOINT_FLAGS if getattr(args, name) is not None),
+        )
+    from ..model.config import HyperLoRAConfig  # no torch: the config's own checks, at once
+
+    HyperLoRAConfig(**sizes)
 
 
 def check_port(port: int) -> None:

@@ -19,10 +19,19 @@ from typing import Any
 
 from ..errors import InvalidArgumentError, MissingDependencyError, TrainingConfigError, TrainingDataError
 from . import checks
-from .parser import HUB_OPTIONS, PROG, TINY, install_hint
+from .parser import HUB_OPTIONS, NEW_CHECKPOINT_BASE_RANK, PROG, TINY, install_hint
 
 CHECKPOINT_FLAGS = (*HUB_OPTIONS, "heads", "dim_head")
-TINY_RESOLUTION = 32  # the tiny UNet's latents are 4x4 at 32 px: a training step takes well under a second
+STAGE_FLAGS = {
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "learning_rate": "lr",
+    "caption_dropout": "caption_dropout",
+    "mixed_precision": "mixed_precision",
+    "seed": "seed",
+    "cache_latents": "cache_latents",
+}
+"""`StageConfig` fields -> `train`'s flags (argparse destinations); a flag not given keeps the library's default."""
 DIFFUSERS_FORMAT_NOTE = (
     "note: a --format diffusers file loads only in diffusers (pipe.load_lora_weights); ComfyUI, A1111, Forge and "
     "kohya sd-scripts apply nothing from it. Use --format kohya (the default) for every other tool."
@@ -263,25 +272,25 @@ def run_cache_features(args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _new_predictor(unet, args: argparse.Namespace, image_embed_dim: int):
-    """A new checkpoint for `unet`: the tiny default's sizes on `--base-model tiny`, the paper's otherwise."""
-    from ..model.predictor import HyperLoRAPredictor
+def _new_predictor(denoiser, args: argparse.Namespace, image_embed_dim: int | None):
+    """A new checkpoint for the base model's denoiser; the flags given override its sizes.
 
-    given = {
-        "num_basis": args.num_basis,
-        "id_rank": args.rank,
-        "base_rank": args.base_rank,
-        "image_embed_dim": image_embed_dim,
-    }
-    given = {name: value for name, value in given.items() if value is not None}
-    if args.base_model == TINY:
-        from ..testing.tiny_models import tiny_hyperlora_config
-
-        return HyperLoRAPredictor(tiny_hyperlora_config(unet, **{"base_rank": 4, **given}))
+    A UNet's sizes follow the UNet's (`training.fresh_predictor_config`: the release's for SDXL, smaller for
+    smaller UNets such as tiny's); a transformer (SD3, FLUX) gets the release's sizes (`HyperLoRAConfig`'s).
+    """
     from ..model.config import HyperLoRAConfig
+    from ..model.predictor import HyperLoRAPredictor
+    from ..model.targets import denoiser_layout
+    from ..training import fresh_predictor_config
 
-    defaults = {"num_basis": 128, "id_rank": 8, "base_rank": 4, "base_model": args.base_model}
-    return HyperLoRAPredictor(HyperLoRAConfig.from_denoiser(unet, **{**defaults, **given}))
+    sizes = {"base_rank": NEW_CHECKPOINT_BASE_RANK, **checks.new_checkpoint_sizes(args)}
+    if image_embed_dim is not None:
+        sizes["image_embed_dim"] = image_embed_dim
+    if args.base_model != TINY:
+        sizes["base_model"] = args.base_model  # recorded in the config: the pipeline the checkpoint was trained on
+    if denoiser_layout(denoiser).component == "unet":
+        return HyperLoRAPredictor(fresh_predictor_config(denoiser, **sizes))
+    return HyperLoRAPredictor(HyperLoRAConfig.from_denoiser(denoiser, **sizes))
 
 
 def _data_clip_width(dataset) -> int | None:
@@ -292,7 +301,7 @@ def _data_clip_width(dataset) -> int | None:
     return None
 
 
-def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_width: int | None) -> int:
+def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_width: int | None) -> int | None:
     """The CLIP width to train with, checked against the data before any model is loaded."""
     wanted = init_width if init_width is not None else args.image_embed_dim
     if wanted is not None and data_width is not None and wanted != data_width:
@@ -303,7 +312,7 @@ def _training_clip_width(args: argparse.Namespace, data_width: int | None, init_
             f"(`cache-features --image-encoder ...`), or pass --image-embed-dim {data_width} for a new checkpoint.",
             argument="image_embed_dim",
         )
-    return wanted if wanted is not None else (data_width if data_width is not None else 1024)
+    return wanted if wanted is not None else data_width  # None: the config's default
 
 
 def _check_feature_cache(args: argparse.Namespace) -> None:
@@ -320,7 +329,7 @@ def _check_feature_cache(args: argparse.Namespace) -> None:
 
 def _check_base_features(args: argparse.Namespace, dataset, predictor) -> None:
     """A checkpoint with a Base branch trains on face-blurred features in every stage: the data must hold them."""
-    base_rank = args.base_rank if args.base_rank is not None else 4
+    base_rank = args.base_rank if args.base_rank is not None else NEW_CHECKPOINT_BASE_RANK
     has_base = predictor.config.has_base if predictor is not None else base_rank > 0
     if has_base and not dataset.has_features.get("base_clip_hidden_states", False):
         if predictor is not None:
@@ -360,23 +369,28 @@ def _base_pipeline(args: argparse.Namespace):
     return DiffusionPipeline.from_pretrained(args.base_model, **absent)  # any UNet, SD3 or FLUX pipeline
 
 
+def _training_config(args: argparse.Namespace):
+    """The curriculum of the flags given, checked by the library (`TrainingConfig.validate`) before any model is
+    loaded; a flag not given keeps the library's default (`training.STAGE_DEFAULTS`)."""
+    from ..training import TrainingConfig, default_curriculum
+
+    given = {field: getattr(args, name) for field, name in STAGE_FLAGS.items()}
+    given = {field: value for field, value in given.items() if value is not None and value is not False}
+    stages = [stage for stage in default_curriculum(**given) if args.stages is None or stage.stage in args.stages]
+    return TrainingConfig(args.output_dir, stages=stages)
+
+
 def run_train(args: argparse.Namespace) -> str:
     checks.check_train_arguments(args)
     checks.check_tiny_options(args, args.init, "--init", HUB_OPTIONS)
     require_extra("accelerate", "train", "train")
     from ..io import load_predictor as load
-    from ..training import (
-        HyperLoRATrainingDataset,
-        TrainingConfig,
-        default_curriculum,
-        pipeline_denoiser,
-        train_curriculum,
-    )
+    from ..training import HyperLoRATrainingDataset, pipeline_denoiser, train_curriculum
 
     # Everything cheap is checked first (the flags, the data, the checkpoint's CLIP width); only then SDXL is loaded.
+    config = _training_config(args)
     _check_feature_cache(args)
-    resolution = args.resolution or (TINY_RESOLUTION if args.base_model == TINY else 1024)
-    dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=resolution)
+    dataset = HyperLoRATrainingDataset.from_folder(args.data, resolution=args.resolution)  # None: the base model's
     with checkpoint_source(args.init) if args.init else contextlib.nullcontext() as init:
         predictor = load(init, hub_options(args)) if init else None
     init_width = predictor.config.image_embed_dim if predictor is not None else None
@@ -385,18 +399,25 @@ def run_train(args: argparse.Namespace) -> str:
 
     pipe = _base_pipeline(args)
     predictor = predictor if predictor is not None else _new_predictor(pipeline_denoiser(pipe), args, width)
-    stages = default_curriculum(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        mixed_precision=args.mixed_precision,
-        cache_latents=args.cache_latents,
-        caption_dropout=args.caption_dropout,
-        seed=args.seed,
-    )
-    stages = [stage for stage in stages if args.stages is None or stage.stage in args.stages]
-    train_curriculum(pipe, predictor, dataset, TrainingConfig(args.output_dir, stages=stages))
-    return f"Trained stages {', '.join(s.stage for s in stages)}; predictors saved under {args.output_dir}"
+    existed = os.path.isdir(args.output_dir)
+    fresh = not existed or not any(os.scandir(args.output_dir))  # new or empty (else --overwrite was given)
+    try:
+        train_curriculum(pipe, predictor, dataset, config)
+    except BaseException:  # Ctrl-C or an error: the folders the run made and left empty go (files are kept)
+        if fresh:
+            _remove_empty_folders(args.output_dir, keep_root=existed)
+        raise
+    return f"Trained stages {', '.join(s.stage for s in config.stages)}; predictors saved under {args.output_dir}"
+
+
+def _remove_empty_folders(root: str, keep_root: bool) -> None:
+    """Remove the folders under `root` (and `root` unless `keep_root`) that hold no file: the same command then runs
+    again without --overwrite. Folders with a file (a saved checkpoint) stay."""
+    for folder, _, _ in sorted(os.walk(root), key=lambda entry: entry[0].count(os.sep), reverse=True):
+        if keep_root and os.path.samefile(folder, root):
+            continue
+        with contextlib.suppress(OSError):  # not empty
+            os.rmdir(folder)
 
 
 # ---------------------------------------------------------------------------------------------- demo

@@ -14,6 +14,20 @@ DTYPES = ("fp32", "fp16", "bf16")
 # The fields of `io.HubOptions`, as argparse destinations of `add_hub_options`.
 HUB_OPTIONS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
 TINY_HELP = f"`{TINY}`: the built-in tiny default (random weights, offline, seconds; see docs/cli.md)."
+# `train`'s defaults, shown in its --help, are `training.STAGE_DEFAULTS` (the flags default to None and only the
+# numbers given are passed on, so the library's defaults apply). Importing `training` takes seconds (torch,
+# diffusers), too slow for --help: these are the values shown, and tests/test_cli_train.py checks them against
+# `STAGE_DEFAULTS`.
+STAGE_HELP_DEFAULTS = {
+    "steps": 1000,
+    "batch_size": 1,
+    "learning_rate": 1e-4,
+    "caption_dropout": 0.0,
+    "mixed_precision": "no",
+    "seed": 0,
+}
+NEW_CHECKPOINT_BASE_RANK = 4
+"""`train`'s new checkpoints have a Base branch (the library's `HyperLoRAConfig` default is 0, the release's)."""
 
 
 def install_hint(extra: str) -> str:
@@ -233,6 +247,10 @@ def _add_cache_parser(commands: Any) -> None:
     _add_face_options(cache)
 
 
+def _stage_help(field: str, text: str) -> str:
+    return f"{text} (default: {STAGE_HELP_DEFAULTS[field]})."
+
+
 def _add_train_parser(commands: Any) -> None:
     train = _subparser(
         commands,
@@ -266,42 +284,69 @@ def _add_train_parser(commands: Any) -> None:
         help="Which stages to run, in curriculum order: base, id_clip, id_full (default: all; base is skipped "
         "without a Base branch).",
     )
-    train.add_argument("--steps", type=int, default=1000, help="Optimizer steps per stage (> 0).")
-    train.add_argument("--batch-size", type=int, default=1, help="Images per optimizer step and process (per GPU).")
+    train.add_argument("--steps", type=int, default=None, help=_stage_help("steps", "Optimizer steps per stage, > 0"))
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=_stage_help("batch_size", "Images per optimizer step and process (per GPU), > 0"),
+    )
     train.add_argument(
         "--cache-latents",
         action="store_true",
         help="Encode every image with the VAE once before each stage instead of every step (more CPU memory).",
     )
     train.add_argument(
-        "--caption-dropout", type=float, default=0.0, help="Probability of training a sample without its caption."
+        "--caption-dropout",
+        type=float,
+        default=None,
+        help=_stage_help("caption_dropout", "Probability of training a sample without its caption, in [0, 1]"),
     )
-    train.add_argument("--lr", type=float, default=1e-4, help="Learning rate (id_full uses half).")
+    train.add_argument(
+        "--lr", type=float, default=None, help=_stage_help("learning_rate", "Learning rate, > 0 (id_full uses half)")
+    )
     train.add_argument(
         "--resolution",
         type=int,
         default=None,
-        help="Training image size in pixels (default: the base model's, 1024 for SDXL, 32 for tiny).",
+        help="Training image size in pixels, a multiple of 8 (default: the base model's native size: 1024 for "
+        "SDXL, 64 for tiny).",
     )
     train.add_argument(
         "--mixed-precision",
         choices=("no", "fp16", "bf16"),
-        default="no",
-        help="accelerate's mixed precision: no (float32), fp16, or bf16 (on hardware that has it).",
+        default=None,
+        help=_stage_help(
+            "mixed_precision", "accelerate's mixed precision: no (float32), fp16, or bf16 (on hardware that has it)"
+        ),
     )
-    train.add_argument("--seed", type=int, default=0, help="Seeds data order, noise and timesteps (0 to 2**32-1).")
     train.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=_stage_help("seed", "Seeds data order, noise and timesteps (0 to 2**32-1)"),
+    )
+    new_checkpoint = train.add_argument_group(
+        "a new checkpoint (without --init): its sizes follow the base model (training.fresh_predictor_config)"
+    )
+    new_checkpoint.add_argument(
         "--image-embed-dim",
         type=int,
         default=None,
-        help="New checkpoints: CLIP width (default: read from DATA/features.safetensors; 1024 for ViT-L/14).",
+        help="CLIP width (default: read from DATA/features.safetensors; 1024 for ViT-L/14).",
     )
-    train.add_argument(
-        "--num-basis", type=int, default=None, help="New checkpoints: bases per LoRA matrix K (default: 128; tiny: 8)."
+    new_checkpoint.add_argument(
+        "--num-basis",
+        type=int,
+        default=None,
+        help="Bases per LoRA matrix K (default: by the base model's size: 128 for SDXL, 8 for tiny).",
     )
-    train.add_argument("--rank", type=int, default=None, help="New checkpoints: ID-LoRA rank (default: 8).")
-    train.add_argument(
-        "--base-rank", type=int, default=None, help="New checkpoints: Base-LoRA rank, 0 for no Base (default: 4)."
+    new_checkpoint.add_argument("--rank", type=int, default=None, help="ID-LoRA rank (default: 8).")
+    new_checkpoint.add_argument(
+        "--base-rank",
+        type=int,
+        default=None,
+        help=f"Base-LoRA rank, 0 for no Base branch (default: {NEW_CHECKPOINT_BASE_RANK}).",
     )
 
 
