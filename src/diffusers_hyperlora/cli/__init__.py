@@ -21,6 +21,7 @@ error line, quiet output, Ctrl-C). Every error it reports is a `HyperLoRAError`;
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import logging
 import os
@@ -100,12 +101,26 @@ def error_line(command: str, error: BaseException) -> str:
     return f"{PROG} {command}: error: {message}"
 
 
+def _transformers_logging() -> Any:
+    """transformers' logging module where transformers draws a "Loading weights" bar (>= 5), else None.
+
+    Before 5 there is no such bar, and importing `transformers.utils` also imports torch, which would make every
+    argument error slow.
+    """
+    try:
+        if int(importlib.metadata.version("transformers").split(".")[0]) < 5:
+            return None
+        from transformers.utils import logging as transformers_logging
+    except (ImportError, ValueError):
+        return None
+    return transformers_logging
+
+
 @contextlib.contextmanager
 def _no_transformers_progress_bar() -> Iterator[None]:
     """Hide transformers' "Loading weights" bar (our own tqdm bars stay); restore its setting afterwards."""
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:
+    transformers_logging = _transformers_logging()
+    if transformers_logging is None:
         yield
         return
     enabled = transformers_logging.is_progress_bar_enabled()
