@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_training import _snapshot, one_thread  # noqa: F401  (one_thread: the single-thread fixture)
 
 from diffusers_hyperlora import errors
@@ -268,6 +268,20 @@ def test_an_unreadable_image_stops_the_run_before_it_starts(pipe, tmp_path):
         dataset.item(0)  # an image damaged after the check: still our error, naming the file
 
 
+def test_a_predictor_or_dataset_of_another_type_is_refused(pipe, tmp_path):
+    with pytest.raises(errors.InvalidArgumentTypeError, match="predictor must be a HyperLoRAPredictor, got str"):
+        train_stage(pipe, "not a predictor", _data(), _stage(tmp_path / "run"))  # was AttributeError: .config
+    predictor = tiny_hyperlora_predictor(pipe.unet)
+    before = _snapshot(predictor)
+    with pytest.raises(errors.InvalidArgumentTypeError, match="dataset must be a HyperLoRATrainingDataset"):
+        train_stage(pipe, predictor, 3, _stage(tmp_path / "run"))  # was TypeError: object of type 'int' has no len()
+    with pytest.raises(TrainingDataError, match="dataset item 0 is a int, not a dict with 'caption'") as caught:
+        train_stage(pipe, predictor, [1, 2], _stage(tmp_path / "run"))  # was TypeError: not subscriptable
+    assert caught.value.argument == "dataset"
+    _assert_unchanged(predictor, before)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------- output folder
 def test_an_unwritable_output_dir_is_refused_before_zero_init_touches_weights(pipe, tmp_path):
     blocker = tmp_path / "a-file"
@@ -370,6 +384,14 @@ def _break_model(folder: Path) -> None:
     path.write_bytes(path.read_bytes()[:-64])
 
 
+def _nan_weights(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(path))
+
+
 def _rename(folder: Path) -> Path:
     return Path(shutil.move(folder, folder.with_name("my-checkpoint")))
 
@@ -393,6 +415,7 @@ def _mark_stage(stage: str):
         (None, "id_full", {}, "checkpoint of stage 'id_clip', not of stage 'id_full'"),
         (_mark_stage("id_full"), "id_full", {}, "optimizer.bin is for .* stage 'id_full' of this predictor trains"),
         (None, "id_clip", {"resampler_depth": 1}, "another architecture"),
+        (_nan_weights, "id_clip", {}, "model.safetensors holds NaN or infinite weights"),
     ],
     ids=[
         "truncated-model",
@@ -403,6 +426,7 @@ def _mark_stage(stage: str):
         "other-stage",
         "other-stage-optimizer",
         "other-architecture",
+        "nan-weights",  # resumed, then stopped at "the loss is nan" calling this checkpoint the last good one
     ],
 )
 def test_a_checkpoint_that_cannot_be_resumed_changes_nothing(

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..errors import ImageInputError, InvalidArgumentError, NoFaceDetectedError
+from ..errors import (
+    HyperLoRAWriteError,
+    ImageInputError,
+    InvalidArgumentError,
+    NoFaceDetectedError,
+    NonFiniteValueError,
+)
 from ..face.images import check_pixel_count
 from ..identities.identity import HyperLoRAIdentity
 from ..identities.inputs import split_identity_inputs
@@ -117,6 +123,13 @@ class GenerationSettings:
 
     def validate(self, defaults: DemoDefaults) -> None:
         """Raise `InvalidArgumentError` (with `argument=` the field) naming the first setting out of range."""
+        for label, name in (("Prompt", "prompt"), ("Negative prompt", "negative_prompt")):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgumentError(
+                    f"{label} must be text, got {type(getattr(self, name)).__name__}. Type it in its box "
+                    "(it may be empty).",
+                    argument=name,
+                )
         _whole_number(self.steps, "Steps", "steps", 1, MAX_STEPS, "Use the Steps slider.")
         low, high = defaults.min_size, defaults.max_size
         for label, name in (("Width", "width"), ("Height", "height")):
@@ -129,6 +142,18 @@ class GenerationSettings:
         _finite_number(self.id_weight, "ID weight", "id_weight")
         _finite_number(self.base_weight, "Base weight", "base_weight")
         _finite_number(self.slider_weight, "Slider weight", "slider_weight")
+
+
+def _blown_up(step: int, weights: Sequence[float]) -> NonFiniteValueError:
+    """The image turned NaN or infinite (it would come out black): the strongest weight is the likely cause."""
+    fields = [("ID weight", "id_weight"), ("Base weight", "base_weight"), ("Slider weight", "slider_weight")]
+    used = ", ".join(f"{label} {weight:g}" for (label, _), weight in zip(fields, weights))
+    strongest = max(range(len(weights)), key=lambda index: abs(weights[index]))
+    return NonFiniteValueError(
+        f"Step {step}: the image became NaN or infinite (it would be black) with {used}. Use weights from -2 to 2, "
+        "as the page's sliders do.",
+        argument=fields[strongest][1],
+    )
 
 
 def prompt_with_trigger_words(prompt: str, trigger_words: str) -> str:
@@ -158,8 +183,18 @@ class WorkFolder:
         self.path = Path(tempfile.mkdtemp(prefix=WORK_FOLDER_PREFIX, dir=parent)).resolve()
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
 
+    def check_open(self) -> None:
+        """Refuse to write once the folder was removed (`HyperLoRAWriteError`): nothing would remove it again."""
+        if self.removed:
+            raise HyperLoRAWriteError(
+                f"The demo's work folder {self.path} was removed (the engine was closed); nothing more is written "
+                "there. Make a new engine (DemoEngine.from_pretrained or DemoEngine.tiny_default).",
+                argument="folder",
+            )
+
     def new_folder(self, kind: str) -> Path:
         """A new empty folder `{kind}/{random}` inside the work folder."""
+        self.check_open()
         folder = self.path / kind / uuid.uuid4().hex
         folder.mkdir(parents=True)
         return folder
@@ -333,6 +368,7 @@ class DemoEngine:
     def new_file(self, name: str, folder: str | os.PathLike | None = None) -> Path:
         """A path for the download `name` in `folder` (default: a new folder of its own); `name` is reduced to a
         plain file name, so it never points outside the folder."""
+        self.work_folder.check_open()
         folder = Path(folder) if folder is not None else self.work_folder.new_folder("downloads")
         if not self.work_folder.contains(folder):
             raise InvalidArgumentError(
@@ -426,6 +462,9 @@ class DemoEngine:
             weights.append(settings.slider_weight)
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            latents = tensors.get("latents")
+            if latents is not None and not torch.isfinite(latents).all():
+                raise _blown_up(step + 1, weights)
             if on_step is not None:
                 on_step(step + 1, int(settings.steps))
             return tensors
