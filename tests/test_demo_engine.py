@@ -33,6 +33,7 @@ from diffusers_hyperlora.errors import (  # noqa: E402
     IdentityMismatchError,
     ImageInputError,
     InvalidArgumentError,
+    InvalidArgumentTypeError,
     NoFaceDetectedError,
     NonFiniteValueError,
 )
@@ -193,6 +194,22 @@ def test_a_weight_that_blows_the_image_up_is_an_error_not_a_black_image(engine, 
     assert caught.value.argument == "id_weight"
     image, _ = engine.generate(identities["astronaut"], BASE)  # the lock was released, the engine still works
     assert pixels(image).std() > 1.0
+
+
+def test_engine_calls_with_wrong_types_are_library_errors(engine, identities, photos):
+    """From Python, not the page: each was an AttributeError / TypeError from deep inside."""
+    calls = {
+        "identity": lambda: engine.save_identity(None),  # 'NoneType' object has no attribute 'save'
+        "settings": lambda: engine.generate(identities["astronaut"], None),  # ... no attribute 'validate'
+        "photos": lambda: engine.preview(None),  # 'NoneType' object is not iterable
+        "folder": lambda: engine.remove_folder(None),  # expected str, bytes or os.PathLike object
+    }
+    for argument, call in calls.items():
+        with pytest.raises(InvalidArgumentTypeError, match=f"{argument} must be") as caught:
+            call()
+        assert caught.value.argument == argument
+    with pytest.raises(InvalidArgumentError, match="Slider name None"):  # 'NoneType' object has no attribute 'strip'
+        engine.add_slider([photos["astronaut"]], [photos["moved"]], None)
 
 
 def test_largest_seed_is_accepted(engine, identities):

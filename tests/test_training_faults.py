@@ -208,6 +208,20 @@ class _Features:
         return HyperLoRAFeatures(embeds, clip, 1 - clip if with_base else None)
 
 
+def test_wrong_types_in_the_data_api_are_library_errors(tmp_path):
+    _write_dataset(tmp_path)
+    with pytest.raises(errors.InvalidArgumentTypeError, match="extractor returned a NoneType for a.png") as caught:
+        cache_features(tmp_path, lambda images, **options: None, progress=False)  # was AttributeError: id_embeds
+    assert caught.value.argument == "extractor"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "metadata.jsonl"]
+    with pytest.raises(errors.InvalidArgumentTypeError, match=r"records\[1\] is a int, not a TrainingRecord"):
+        HyperLoRATrainingDataset([_data().records[0], 1])  # was AttributeError: 'int' object has no attribute
+    for call, argument in ((read_metadata, "root"), (load_feature_cache, "path"), (cache_features, "root")):
+        with pytest.raises(errors.InvalidArgumentTypeError, match=f"{argument} must be a path") as caught:
+            call(None, *([_Features()] if call is cache_features else []))  # was TypeError from os.fspath
+        assert caught.value.argument == argument
+
+
 def test_a_truncated_feature_cache_is_refused_naming_the_file(tmp_path):
     _write_dataset(tmp_path)
     path = cache_features(tmp_path, _Features(), progress=False)
@@ -292,6 +306,12 @@ def test_an_unwritable_output_dir_is_refused_before_zero_init_touches_weights(pi
     with pytest.raises(HyperLoRAWriteError, match="output folder"):
         train_stage(pipe, predictor, _data(), config)
     _assert_unchanged(predictor, before)
+
+
+def test_an_output_dir_with_a_nul_byte_is_a_write_error(pipe, tmp_path):
+    predictor = tiny_hyperlora_predictor(pipe.unet)
+    with pytest.raises(HyperLoRAWriteError, match="output folder"):  # was ValueError: embedded null byte
+        train_stage(pipe, predictor, _data(), _stage(f"{tmp_path}/a\x00b"))
 
 
 @pytest.mark.parametrize("fails_at", ["model", "optimizer"])

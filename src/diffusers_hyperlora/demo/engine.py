@@ -36,6 +36,7 @@ from ..errors import (
     HyperLoRAWriteError,
     ImageInputError,
     InvalidArgumentError,
+    InvalidArgumentTypeError,
     NoFaceDetectedError,
     NonFiniteValueError,
 )
@@ -142,6 +143,11 @@ class GenerationSettings:
         _finite_number(self.id_weight, "ID weight", "id_weight")
         _finite_number(self.base_weight, "Base weight", "base_weight")
         _finite_number(self.slider_weight, "Slider weight", "slider_weight")
+
+
+def _require_type(value: Any, kind: type | tuple[type, ...], argument: str, expected: str) -> None:
+    if not isinstance(value, kind):
+        raise InvalidArgumentTypeError(f"{argument} must be {expected}, got {type(value).__name__}.", argument=argument)
 
 
 def _blown_up(step: int, weights: Sequence[float]) -> NonFiniteValueError:
@@ -361,6 +367,7 @@ class DemoEngine:
 
     def remove_folder(self, folder: str | os.PathLike) -> None:
         """Remove a folder made by `new_folder` (nothing outside the work folder is ever removed)."""
+        _require_type(folder, (str, os.PathLike), "folder", "a folder made by `new_folder`")
         folder = Path(folder)
         if folder.resolve() != self.workdir and self.work_folder.contains(folder):
             shutil.rmtree(folder, ignore_errors=True)
@@ -383,6 +390,11 @@ class DemoEngine:
     def _photos(self, inputs: Sequence[str | os.PathLike]) -> list[str]:
         """The photos among `inputs` (identity files apart), each refused early if it is not an image file or is
         larger than `MAX_PHOTO_PIXELS` (only its header is read)."""
+        if isinstance(inputs, (str, os.PathLike)) or not isinstance(inputs, Sequence):
+            raise InvalidArgumentTypeError(
+                f"photos must be a list of photo or identity file paths, got {type(inputs).__name__}.",
+                argument="photos",
+            )
         photos, _ = split_identity_inputs([os.fspath(value) for value in inputs])
         for photo in photos:
             name = Path(photo).name
@@ -445,6 +457,7 @@ class DemoEngine:
         on_step: Callable[[int, int], None] | None = None,
     ) -> tuple[Image.Image, str]:
         """Write `identity` (none: adapters off) and generate; returns the image and the prompt used."""
+        _require_type(settings, GenerationSettings, "settings", "a GenerationSettings")
         settings.validate(self.defaults)
         if settings.slider and settings.slider not in self.sliders:
             raise InvalidArgumentError(
@@ -486,6 +499,7 @@ class DemoEngine:
 
     def save_identity(self, identity: HyperLoRAIdentity, folder: str | os.PathLike | None = None) -> Path:
         """Write the identity to a downloadable `identity.safetensors` in `folder` (default: a new folder)."""
+        _require_type(identity, HyperLoRAIdentity, "identity", "an identity (`identity_from_inputs`)")
         path = self.new_file("identity.safetensors", folder)
         identity.save(path)
         return path
@@ -506,8 +520,8 @@ class DemoEngine:
 
     def add_slider(self, neutral: Sequence[str], edited: Sequence[str], name: str) -> str:
         """Build (or rebuild) the slider adapter `name` from neutral and edited photos / identity files."""
-        name = name.strip()
-        if not name.isidentifier():
+        name = name.strip() if isinstance(name, str) else name
+        if not isinstance(name, str) or not name.isidentifier():
             raise InvalidArgumentError(
                 f"Slider name {name!r}: use letters, digits and underscores, e.g. 'age' or 'smile'.", argument="name"
             )

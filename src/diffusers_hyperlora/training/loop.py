@@ -161,7 +161,7 @@ def _check_writable(output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
         raise _write_error(output_dir, error, "the output folder") from error
 
 
