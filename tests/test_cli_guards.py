@@ -142,6 +142,14 @@ def test_convert_tiny_writes_a_complete_checkpoint(tmp_path, capsys):
     assert code == 1 and "--dtype" in err, err
 
 
+def test_train_never_writes_into_its_dataset_folder(saved, capsys):
+    before = sorted(saved.iterdir())
+    argv = ["train", "--data", saved, "--base-model", "tiny", "--output-dir", saved, "--overwrite"]
+    code, _, err = _run(argv, capsys)  # was: trained, and wrote the runs' files among the dataset's
+    assert code == 1 and "--output-dir" in err and "is the dataset folder (--data) itself" in err, err
+    assert sorted(saved.iterdir()) == before
+
+
 def test_cache_features_keeps_existing_features(saved, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
@@ -174,6 +182,14 @@ def test_export_names_the_foreign_identity_among_several(saved, tmp_path, capsys
     out = tmp_path / "lora.safetensors"
     code, _, err = _run(["export", *files, "-o", out, "--model", saved / "model"], capsys)
     assert code == 1 and "foreign.safetensors" in err and "another HyperLoRA checkpoint" in err, err
+    assert not out.exists()
+
+
+def test_mix_names_the_foreign_identity_among_several(saved, tmp_path, capsys):
+    files = [saved / "alice.safetensors", saved / "bob.safetensors", saved / "foreign.safetensors"]
+    out = tmp_path / "blend.safetensors"
+    code, _, err = _run(["mix", *files, "-o", out], capsys)
+    assert code == 1 and "foreign.safetensors does not go with" in err and "another HyperLoRA checkpoint" in err, err
     assert not out.exists()
 
 

@@ -29,10 +29,13 @@ from diffusers_hyperlora import HyperLoRAIdentity  # noqa: E402
 from diffusers_hyperlora.demo import DemoEngine, GenerationSettings, prompt_with_trigger_words  # noqa: E402
 from diffusers_hyperlora.demo.engine import MAX_SEED, TINY_DEFAULTS, WorkFolder  # noqa: E402
 from diffusers_hyperlora.errors import (  # noqa: E402
+    HyperLoRAWriteError,
     IdentityMismatchError,
     ImageInputError,
     InvalidArgumentError,
+    InvalidArgumentTypeError,
     NoFaceDetectedError,
+    NonFiniteValueError,
 )
 from diffusers_hyperlora.testing.tiny_face import ASTRONAUT_FACE, draw_face_marker  # noqa: E402
 
@@ -171,6 +174,8 @@ def test_progress_reports_every_step(engine, identities):
         ({"id_weight": float("nan")}, "ID weight must be a finite number"),  # NaN gave an all-black image
         ({"base_weight": float("inf")}, "Base weight must be a finite number"),
         ({"slider_weight": float("-inf")}, "Slider weight must be a finite number"),
+        ({"prompt": None}, "Prompt must be text"),  # was AttributeError: 'NoneType' object has no attribute 'strip'
+        ({"negative_prompt": 5}, "Negative prompt must be text"),  # was diffusers' TypeError
     ],
     ids=lambda value: repr(value) if not isinstance(value, str) else "",
 )
@@ -180,6 +185,31 @@ def test_settings_out_of_range_change_nothing(engine, identities, change, messag
         engine.generate(identities["moved"], replace(BASE, **change))
     assert caught.value.argument == next(iter(change))  # the setting at fault, for front ends
     assert engine.pipe.hyperlora.identity is before
+
+
+def test_a_weight_that_blows_the_image_up_is_an_error_not_a_black_image(engine, identities):
+    """1e308 is finite but overflows the float32 LoRA update: the latents turn NaN, the image came out all black."""
+    with pytest.raises(NonFiniteValueError, match="Step 1: the image became NaN .* with ID weight 1e\\+308") as caught:
+        engine.generate(identities["astronaut"], replace(BASE, id_weight=1e308))
+    assert caught.value.argument == "id_weight"
+    image, _ = engine.generate(identities["astronaut"], BASE)  # the lock was released, the engine still works
+    assert pixels(image).std() > 1.0
+
+
+def test_engine_calls_with_wrong_types_are_library_errors(engine, identities, photos):
+    """From Python, not the page: each was an AttributeError / TypeError from deep inside."""
+    calls = {
+        "identity": lambda: engine.save_identity(None),  # 'NoneType' object has no attribute 'save'
+        "settings": lambda: engine.generate(identities["astronaut"], None),  # ... no attribute 'validate'
+        "photos": lambda: engine.preview(None),  # 'NoneType' object is not iterable
+        "folder": lambda: engine.remove_folder(None),  # expected str, bytes or os.PathLike object
+    }
+    for argument, call in calls.items():
+        with pytest.raises(InvalidArgumentTypeError, match=f"{argument} must be") as caught:
+            call()
+        assert caught.value.argument == argument
+    with pytest.raises(InvalidArgumentError, match="Slider name None"):  # 'NoneType' object has no attribute 'strip'
+        engine.add_slider([photos["astronaut"]], [photos["moved"]], None)
 
 
 def test_largest_seed_is_accepted(engine, identities):
@@ -617,6 +647,10 @@ def test_engine_close_removes_its_files(tmp_path, photos):
     download = engine.save_identity(identity)
     assert download.is_file() and engine.workdir in download.parents
     engine.close()
+    assert not list(tmp_path.iterdir())
+    for folder in (None, download.parent):  # a new folder, or the visitor's folder of before
+        with pytest.raises(HyperLoRAWriteError, match="was removed \\(the engine was closed\\)"):
+            engine.save_identity(identity, folder)  # wrote into a new work folder that nothing removed any more
     assert not list(tmp_path.iterdir())
 
 

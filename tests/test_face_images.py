@@ -113,6 +113,24 @@ def test_bad_files_raise_clear_errors(tmp_path):
         load_images([])
 
 
+def test_a_decompression_bomb_is_an_image_input_error(tmp_path):
+    """A 15000x15000 PNG (a few KB): PIL refuses it from its header with `DecompressionBombError`, which is not an
+    OSError and escaped `load_image` (the `identity` command printed a traceback)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    side = 15000
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageInputError, match="bomb.png.*too large to decode safely") as caught:
+        load_images([str(bomb)])
+    assert caught.value.argument == "images"
+
+
 def test_large_images_are_downscaled_and_tiny_ones_warned(caplog):
     big = np.zeros((3000, 1500, 3), np.uint8)
     assert load_image(big, max_side=1024).pixels.shape == (1024, 512, 3)

@@ -113,6 +113,10 @@ def test_prompt_count_must_match_identity_count(pipe, predictor):
     with pytest.raises(InvalidArgumentTypeError, match="one entry per prompt"):
         pipe.set_hyperlora_identities(_identity(predictor, 0))  # one identity, not a list
     assert pipe.hyperlora.identities is not None  # the failed calls changed nothing
+    before = pipe.hyperlora.identities
+    with pytest.raises(HyperLoRAError, match=r"entry 1 \(prompt 1\)"):  # was "Input image #0: got a NoneType"
+        pipe.set_hyperlora_identities([_identity(predictor, 0), None])
+    assert [id(identity) for identity in pipe.hyperlora.identities] == [id(identity) for identity in before]
 
 
 def test_identity_files_are_accepted_per_prompt(pipe, predictor, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_training import _snapshot, one_thread  # noqa: F401  (one_thread: the single-thread fixture)
 
 from diffusers_hyperlora import errors
@@ -208,6 +208,20 @@ class _Features:
         return HyperLoRAFeatures(embeds, clip, 1 - clip if with_base else None)
 
 
+def test_wrong_types_in_the_data_api_are_library_errors(tmp_path):
+    _write_dataset(tmp_path)
+    with pytest.raises(errors.InvalidArgumentTypeError, match="extractor returned a NoneType for a.png") as caught:
+        cache_features(tmp_path, lambda images, **options: None, progress=False)  # was AttributeError: id_embeds
+    assert caught.value.argument == "extractor"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "metadata.jsonl"]
+    with pytest.raises(errors.InvalidArgumentTypeError, match=r"records\[1\] is a int, not a TrainingRecord"):
+        HyperLoRATrainingDataset([_data().records[0], 1])  # was AttributeError: 'int' object has no attribute
+    for call, argument in ((read_metadata, "root"), (load_feature_cache, "path"), (cache_features, "root")):
+        with pytest.raises(errors.InvalidArgumentTypeError, match=f"{argument} must be a path") as caught:
+            call(None, *([_Features()] if call is cache_features else []))  # was TypeError from os.fspath
+        assert caught.value.argument == argument
+
+
 def test_a_truncated_feature_cache_is_refused_naming_the_file(tmp_path):
     _write_dataset(tmp_path)
     path = cache_features(tmp_path, _Features(), progress=False)
@@ -268,6 +282,20 @@ def test_an_unreadable_image_stops_the_run_before_it_starts(pipe, tmp_path):
         dataset.item(0)  # an image damaged after the check: still our error, naming the file
 
 
+def test_a_predictor_or_dataset_of_another_type_is_refused(pipe, tmp_path):
+    with pytest.raises(errors.InvalidArgumentTypeError, match="predictor must be a HyperLoRAPredictor, got str"):
+        train_stage(pipe, "not a predictor", _data(), _stage(tmp_path / "run"))  # was AttributeError: .config
+    predictor = tiny_hyperlora_predictor(pipe.unet)
+    before = _snapshot(predictor)
+    with pytest.raises(errors.InvalidArgumentTypeError, match="dataset must be a HyperLoRATrainingDataset"):
+        train_stage(pipe, predictor, 3, _stage(tmp_path / "run"))  # was TypeError: object of type 'int' has no len()
+    with pytest.raises(TrainingDataError, match="dataset item 0 is a int, not a dict with 'caption'") as caught:
+        train_stage(pipe, predictor, [1, 2], _stage(tmp_path / "run"))  # was TypeError: not subscriptable
+    assert caught.value.argument == "dataset"
+    _assert_unchanged(predictor, before)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------- output folder
 def test_an_unwritable_output_dir_is_refused_before_zero_init_touches_weights(pipe, tmp_path):
     blocker = tmp_path / "a-file"
@@ -278,6 +306,12 @@ def test_an_unwritable_output_dir_is_refused_before_zero_init_touches_weights(pi
     with pytest.raises(HyperLoRAWriteError, match="output folder"):
         train_stage(pipe, predictor, _data(), config)
     _assert_unchanged(predictor, before)
+
+
+def test_an_output_dir_with_a_nul_byte_is_a_write_error(pipe, tmp_path):
+    predictor = tiny_hyperlora_predictor(pipe.unet)
+    with pytest.raises(HyperLoRAWriteError, match="output folder"):  # was ValueError: embedded null byte
+        train_stage(pipe, predictor, _data(), _stage(f"{tmp_path}/a\x00b"))
 
 
 @pytest.mark.parametrize("fails_at", ["model", "optimizer"])
@@ -370,6 +404,14 @@ def _break_model(folder: Path) -> None:
     path.write_bytes(path.read_bytes()[:-64])
 
 
+def _nan_weights(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(path))
+
+
 def _rename(folder: Path) -> Path:
     return Path(shutil.move(folder, folder.with_name("my-checkpoint")))
 
@@ -393,6 +435,7 @@ def _mark_stage(stage: str):
         (None, "id_full", {}, "checkpoint of stage 'id_clip', not of stage 'id_full'"),
         (_mark_stage("id_full"), "id_full", {}, "optimizer.bin is for .* stage 'id_full' of this predictor trains"),
         (None, "id_clip", {"resampler_depth": 1}, "another architecture"),
+        (_nan_weights, "id_clip", {}, "model.safetensors holds NaN or infinite weights"),
     ],
     ids=[
         "truncated-model",
@@ -403,6 +446,7 @@ def _mark_stage(stage: str):
         "other-stage",
         "other-stage-optimizer",
         "other-architecture",
+        "nan-weights",  # resumed, then stopped at "the loss is nan" calling this checkpoint the last good one
     ],
 )
 def test_a_checkpoint_that_cannot_be_resumed_changes_nothing(

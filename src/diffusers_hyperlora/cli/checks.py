@@ -104,13 +104,15 @@ def check_output_file(path: str, inputs: Sequence[str], overwrite: bool, lora: b
         )
 
 
-def check_output_folder(path: str, overwrite: bool, flag: str, argument: str, source: str | None = None) -> None:
-    """An output folder: not a file, not the source, new or empty unless `--overwrite`."""
+def check_output_folder(
+    path: str, overwrite: bool, flag: str, argument: str, source: str | None = None, what: str = "the source checkpoint"
+) -> None:
+    """An output folder: not a file, not the source (`what`), new or empty unless `--overwrite`."""
     if os.path.isfile(path):
         raise InvalidArgumentError(f"{flag} {path} is a file, not a folder; pass a new folder.", argument=argument)
     if source is not None and os.path.isdir(source) and os.path.isdir(path) and os.path.samefile(source, path):
         raise InvalidArgumentError(
-            f"{flag} {path} is the source checkpoint itself; it is never overwritten. Pass another folder.",
+            f"{flag} {path} is {what} itself; it is never overwritten. Pass another folder.",
             argument=argument,
         )
     if os.path.isdir(path) and any(os.scandir(path)) and not overwrite:
@@ -213,7 +215,14 @@ def check_train_arguments(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(
             f"--data {args.data}: {kind}; pass the dataset folder that holds metadata.jsonl.", argument="data"
         )
-    check_output_folder(args.output_dir, args.overwrite, "--output-dir", "output_dir")
+    check_output_folder(
+        args.output_dir,
+        args.overwrite,
+        "--output-dir",
+        "output_dir",
+        source=args.data,
+        what="the dataset folder (--data)",
+    )
 
 
 def _check_new_checkpoint_sizes(args: argparse.Namespace) -> None:

@@ -192,6 +192,7 @@ def run_mix(args: argparse.Namespace) -> str:
     from ..identities.identity import HyperLoRAIdentity
 
     identities = [HyperLoRAIdentity.load(path) for path in args.identities]
+    _check_mixable(args.identities, identities)
     weights = args.weights if args.weights is not None else [1.0] * len(identities)
     if args.spherical:
         t = checks.spherical_fraction(weights)
@@ -200,6 +201,18 @@ def run_mix(args: argparse.Namespace) -> str:
         blend = HyperLoRAIdentity.mix(identities, weights)
     blend.save(args.output)
     return f"Saved the blend of {checks.plural(len(identities), 'identity', 'identities')} to {args.output}"
+
+
+def _check_mixable(paths: list[str], identities: list) -> None:
+    """Every identity of the first one's checkpoint, else `IdentityMismatchError` naming the file (one of several)."""
+    from ..errors import IdentityMismatchError
+
+    first = identities[0]
+    for path, identity in zip(paths[1:], identities[1:]):
+        try:
+            identity.check_compatible(first.checkpoint, first.probe, tuple(first.id_mean.shape))
+        except IdentityMismatchError as error:
+            raise IdentityMismatchError(f"{path} does not go with {paths[0]}: {error}", argument="identities") from None
 
 
 def run_convert(args: argparse.Namespace) -> str:

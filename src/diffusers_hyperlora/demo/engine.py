@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..errors import ImageInputError, InvalidArgumentError, NoFaceDetectedError
+from ..errors import (
+    HyperLoRAWriteError,
+    ImageInputError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    NoFaceDetectedError,
+    NonFiniteValueError,
+)
 from ..face.images import check_pixel_count
 from ..identities.identity import HyperLoRAIdentity
 from ..identities.inputs import split_identity_inputs
@@ -117,6 +124,13 @@ class GenerationSettings:
 
     def validate(self, defaults: DemoDefaults) -> None:
         """Raise `InvalidArgumentError` (with `argument=` the field) naming the first setting out of range."""
+        for label, name in (("Prompt", "prompt"), ("Negative prompt", "negative_prompt")):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgumentError(
+                    f"{label} must be text, got {type(getattr(self, name)).__name__}. Type it in its box "
+                    "(it may be empty).",
+                    argument=name,
+                )
         _whole_number(self.steps, "Steps", "steps", 1, MAX_STEPS, "Use the Steps slider.")
         low, high = defaults.min_size, defaults.max_size
         for label, name in (("Width", "width"), ("Height", "height")):
@@ -129,6 +143,23 @@ class GenerationSettings:
         _finite_number(self.id_weight, "ID weight", "id_weight")
         _finite_number(self.base_weight, "Base weight", "base_weight")
         _finite_number(self.slider_weight, "Slider weight", "slider_weight")
+
+
+def _require_type(value: Any, kind: type | tuple[type, ...], argument: str, expected: str) -> None:
+    if not isinstance(value, kind):
+        raise InvalidArgumentTypeError(f"{argument} must be {expected}, got {type(value).__name__}.", argument=argument)
+
+
+def _blown_up(step: int, weights: Sequence[float]) -> NonFiniteValueError:
+    """The image turned NaN or infinite (it would come out black): the strongest weight is the likely cause."""
+    fields = [("ID weight", "id_weight"), ("Base weight", "base_weight"), ("Slider weight", "slider_weight")]
+    used = ", ".join(f"{label} {weight:g}" for (label, _), weight in zip(fields, weights))
+    strongest = max(range(len(weights)), key=lambda index: abs(weights[index]))
+    return NonFiniteValueError(
+        f"Step {step}: the image became NaN or infinite (it would be black) with {used}. Use weights from -2 to 2, "
+        "as the page's sliders do.",
+        argument=fields[strongest][1],
+    )
 
 
 def prompt_with_trigger_words(prompt: str, trigger_words: str) -> str:
@@ -158,8 +189,18 @@ class WorkFolder:
         self.path = Path(tempfile.mkdtemp(prefix=WORK_FOLDER_PREFIX, dir=parent)).resolve()
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
 
+    def check_open(self) -> None:
+        """Refuse to write once the folder was removed (`HyperLoRAWriteError`): nothing would remove it again."""
+        if self.removed:
+            raise HyperLoRAWriteError(
+                f"The demo's work folder {self.path} was removed (the engine was closed); nothing more is written "
+                "there. Make a new engine (DemoEngine.from_pretrained or DemoEngine.tiny_default).",
+                argument="folder",
+            )
+
     def new_folder(self, kind: str) -> Path:
         """A new empty folder `{kind}/{random}` inside the work folder."""
+        self.check_open()
         folder = self.path / kind / uuid.uuid4().hex
         folder.mkdir(parents=True)
         return folder
@@ -326,6 +367,7 @@ class DemoEngine:
 
     def remove_folder(self, folder: str | os.PathLike) -> None:
         """Remove a folder made by `new_folder` (nothing outside the work folder is ever removed)."""
+        _require_type(folder, (str, os.PathLike), "folder", "a folder made by `new_folder`")
         folder = Path(folder)
         if folder.resolve() != self.workdir and self.work_folder.contains(folder):
             shutil.rmtree(folder, ignore_errors=True)
@@ -333,6 +375,7 @@ class DemoEngine:
     def new_file(self, name: str, folder: str | os.PathLike | None = None) -> Path:
         """A path for the download `name` in `folder` (default: a new folder of its own); `name` is reduced to a
         plain file name, so it never points outside the folder."""
+        self.work_folder.check_open()
         folder = Path(folder) if folder is not None else self.work_folder.new_folder("downloads")
         if not self.work_folder.contains(folder):
             raise InvalidArgumentError(
@@ -347,6 +390,11 @@ class DemoEngine:
     def _photos(self, inputs: Sequence[str | os.PathLike]) -> list[str]:
         """The photos among `inputs` (identity files apart), each refused early if it is not an image file or is
         larger than `MAX_PHOTO_PIXELS` (only its header is read)."""
+        if isinstance(inputs, (str, os.PathLike)) or not isinstance(inputs, Sequence):
+            raise InvalidArgumentTypeError(
+                f"photos must be a list of photo or identity file paths, got {type(inputs).__name__}.",
+                argument="photos",
+            )
         photos, _ = split_identity_inputs([os.fspath(value) for value in inputs])
         for photo in photos:
             name = Path(photo).name
@@ -409,6 +457,7 @@ class DemoEngine:
         on_step: Callable[[int, int], None] | None = None,
     ) -> tuple[Image.Image, str]:
         """Write `identity` (none: adapters off) and generate; returns the image and the prompt used."""
+        _require_type(settings, GenerationSettings, "settings", "a GenerationSettings")
         settings.validate(self.defaults)
         if settings.slider and settings.slider not in self.sliders:
             raise InvalidArgumentError(
@@ -426,6 +475,9 @@ class DemoEngine:
             weights.append(settings.slider_weight)
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            latents = tensors.get("latents")
+            if latents is not None and not torch.isfinite(latents).all():
+                raise _blown_up(step + 1, weights)
             if on_step is not None:
                 on_step(step + 1, int(settings.steps))
             return tensors
@@ -447,6 +499,7 @@ class DemoEngine:
 
     def save_identity(self, identity: HyperLoRAIdentity, folder: str | os.PathLike | None = None) -> Path:
         """Write the identity to a downloadable `identity.safetensors` in `folder` (default: a new folder)."""
+        _require_type(identity, HyperLoRAIdentity, "identity", "an identity (`identity_from_inputs`)")
         path = self.new_file("identity.safetensors", folder)
         identity.save(path)
         return path
@@ -467,8 +520,8 @@ class DemoEngine:
 
     def add_slider(self, neutral: Sequence[str], edited: Sequence[str], name: str) -> str:
         """Build (or rebuild) the slider adapter `name` from neutral and edited photos / identity files."""
-        name = name.strip()
-        if not name.isidentifier():
+        name = name.strip() if isinstance(name, str) else name
+        if not isinstance(name, str) or not name.isidentifier():
             raise InvalidArgumentError(
                 f"Slider name {name!r}: use letters, digits and underscores, e.g. 'age' or 'smile'.", argument="name"
             )

@@ -129,6 +129,12 @@ def _open(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image
+    except Image.DecompressionBombError as error:  # not an OSError: PIL refuses it from the header
+        raise ImageInputError(
+            f"Input image {str(path)!r} is too large to decode safely ({error}). Downscale it (a face needs about "
+            "1000 px) and try again.",
+            argument="images",
+        ) from error
     except (UnidentifiedImageError, OSError) as error:
         raise ImageInputError(
             f"Input image {str(path)!r} could not be read as an image ({error}). Pass a JPEG/PNG/WebP file, or "

@@ -37,6 +37,7 @@ from ..adapters.sliders import DEFAULT_SLIDER_NAME, DEFAULT_SLIDER_WEIGHT, Hyper
 from ..adapters.writes import IdentityServing
 from ..errors import (
     AdapterNameConflictError,
+    HyperLoRAError,
     HyperLoRANotLoadedError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
@@ -397,11 +398,17 @@ class HyperLoRAController:
                     argument="identities",
                 )
             _check_options_apply("set_hyperlora_identities", identities, kwargs)
-            resolved = [
-                self._as_identity(entry, "set_hyperlora_identities", kwargs, checked=True) for entry in identities
-            ]
+            resolved = [self._entry_identity(index, entry, kwargs) for index, entry in enumerate(identities)]
             self._write(loaded, resolved, per_sample=True)
             return resolved
+
+    def _entry_identity(self, index: int, entry: Any, kwargs: dict[str, Any]) -> HyperLoRAIdentity:
+        """Entry `index` of `set_identities` as an identity; an error names the entry (one of several)."""
+        try:
+            return self._as_identity(entry, "set_hyperlora_identities", kwargs, checked=True)
+        except HyperLoRAError as error:
+            error.args = (f"set_hyperlora_identities(): entry {index} (prompt {index}): {error}", *error.args[1:])
+            raise
 
     def _write(self, loaded: _Loaded, identities: list[HyperLoRAIdentity], per_sample: bool) -> None:
         """The one write path of both switches: validate every identity, re-attach the adapters if diffusers

@@ -41,7 +41,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import HyperLoRAError, NoFaceDetectedError, TrainingDataError
+from ..errors import HyperLoRAError, InvalidArgumentTypeError, NoFaceDetectedError, TrainingDataError
 from ..identities.features import FeatureExtractor
 from ..utils.atomic_files import atomic_path
 
@@ -105,10 +105,18 @@ def _checked_file(path: Path, number: int, root: Path, file: str) -> str:
     return file
 
 
+def _path(value: Any, argument: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidArgumentTypeError(
+            f"{argument} must be a path (str or os.PathLike), got {type(value).__name__}.", argument=argument
+        )
+    return Path(value)
+
+
 def read_metadata(root: str | os.PathLike) -> list[dict[str, str]]:
     """The rows of `root/metadata.jsonl`, checked: UTF-8; each row has string `file`, `person`, `caption`; every
     file exists inside `root` (absolute paths and `..` are refused)."""
-    root = Path(root)
+    root = _path(root, "root")
     path = root / METADATA_FILE
     if not path.is_file():
         raise TrainingDataError(
@@ -170,7 +178,7 @@ def cache_features(
     """
     from tqdm.auto import tqdm
 
-    root = Path(root)
+    root = _path(root, "root")
     rows = read_metadata(root)
     tensors: dict[str, torch.Tensor] = {}
     skipped = []
@@ -182,6 +190,12 @@ def cache_features(
         except NoFaceDetectedError:
             skipped.append(row["file"])
             continue
+        if not all(hasattr(features, kind) for kind in FEATURE_KINDS):
+            raise InvalidArgumentTypeError(
+                f"The extractor returned a {type(features).__name__} for {row['file']}, not HyperLoRAFeatures. Pass a "
+                "FeatureExtractor, e.g. `face.build_feature_extractor(predictor.config, ...)`.",
+                argument="extractor",
+            )
         for kind in FEATURE_KINDS:
             value = getattr(features, kind)
             if value is not None:
@@ -206,7 +220,7 @@ def _write_feature_cache(tensors: dict[str, torch.Tensor], output: Path, metadat
 def load_feature_cache(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     """`{file: {kind: tensor}}` from a file written by `cache_features`, checked: readable, every tensor finite,
     and every kind one width and one token count across the cache."""
-    path = Path(path)
+    path = _path(path, "path")
     if not path.is_file():
         raise TrainingDataError(
             f"Feature cache {path} not found. Compute it once with "
@@ -313,6 +327,13 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
                 f"num_references must be a positive integer, got {num_references!r}.", argument="num_references"
             )
         self.records = list(records)
+        for index, record in enumerate(self.records):
+            if not isinstance(record, TrainingRecord):
+                raise InvalidArgumentTypeError(
+                    f"records[{index}] is a {type(record).__name__}, not a TrainingRecord. Build records with "
+                    "`TrainingRecord(image, caption, person, ...)`, or read a folder with `from_folder`.",
+                    argument="records",
+                )
         self.resolution = resolution
         self.num_references = num_references
         for kind in FEATURE_KINDS:

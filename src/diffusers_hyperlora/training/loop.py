@@ -7,7 +7,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +17,14 @@ import torch
 from diffusers.utils import logging
 
 from ..adapters.peft_adapters import HyperLoRAAdapters, set_active_adapters
-from ..errors import HyperLoRAError, HyperLoRAWriteError, NonFiniteValueError, TrainingConfigError, TrainingDataError
+from ..errors import (
+    HyperLoRAError,
+    HyperLoRAWriteError,
+    InvalidArgumentTypeError,
+    NonFiniteValueError,
+    TrainingConfigError,
+    TrainingDataError,
+)
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_path
 from ..utils.compat import load_accelerate_state, quiet_peft_adapter_warnings
@@ -75,8 +82,21 @@ def _required_features(predictor: HyperLoRAPredictor, stage: str) -> list[str]:
 
 
 def _check_dataset(dataset: Any, predictor: HyperLoRAPredictor, stage: str) -> None:
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise InvalidArgumentTypeError(
+            f"dataset must be a HyperLoRATrainingDataset or a dataset of item dicts, got {type(dataset).__name__}.",
+            argument="dataset",
+        )
     if len(dataset) == 0:
         raise TrainingDataError("The training dataset is empty.")
+    if not hasattr(dataset, "item"):  # a plain dataset: its items must be dicts (see `training.data`)
+        first = dataset[0]
+        if not isinstance(first, Mapping) or "caption" not in first:
+            raise TrainingDataError(
+                f"dataset item 0 is a {type(first).__name__}, not a dict with 'caption', 'pixel_values' and the "
+                "features (see `diffusers_hyperlora.training.data`); use `HyperLoRATrainingDataset.from_folder`.",
+                argument="dataset",
+            )
     has = getattr(dataset, "has_features", None)
     if has is None:
         return
@@ -155,7 +175,7 @@ def _check_writable(output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
         raise _write_error(output_dir, error, "the output folder") from error
 
 
@@ -249,8 +269,14 @@ def _verify_weights(path: Path, predictor: HyperLoRAPredictor) -> None:
     try:
         with safe_open(str(path), framework="pt") as handle:
             found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            non_finite = [key for key in handle.keys() if not torch.isfinite(handle.get_tensor(key)).all()]
     except Exception as error:  # safetensors' own error type: a truncated or damaged file
         raise _resume_error(path.parent, f"{path.name} is damaged or incomplete ({error})") from error
+    if non_finite:
+        raise _resume_error(
+            path.parent,
+            f"{path.name} holds NaN or infinite weights ({len(non_finite)} tensors, e.g. {non_finite[0]!r})",
+        )
     if found != expected:
         differing = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
         raise _resume_error(
@@ -405,6 +431,12 @@ def _check_inputs(pipe: Any, predictor: HyperLoRAPredictor, dataset: Any, config
     if not isinstance(config, StageConfig):
         raise TrainingConfigError(f"config must be a StageConfig, got {type(config).__name__}.", argument="config")
     config.validate()
+    if not isinstance(predictor, HyperLoRAPredictor):
+        raise InvalidArgumentTypeError(
+            f"predictor must be a HyperLoRAPredictor, got {type(predictor).__name__}. Build one with "
+            "`HyperLoRAPredictor(fresh_predictor_config(pipe.unet))` or load one with `from_pretrained`.",
+            argument="predictor",
+        )
     check_stage(predictor, config.stage)
     if config.output_dir is None:
         raise TrainingConfigError(
