@@ -220,8 +220,9 @@ def sdxl_shapes(config: HyperLoRAConfig) -> dict[str, str]:
     }
 
 
-# The dataflow picture is drawn at the width the docs show it (about 800 px), so its text stays at 14-17 px on
-# the page: two columns (ID branch, Base branch) read top to bottom, rather than one long row.
+# The dataflow picture is drawn 820 px wide, close to the width the docs show it (Material's content column beside
+# both sidebars, about 690 px), so its 14-17 px text shows at about 12-14 px: two columns (ID branch, Base branch)
+# read top to bottom, rather than one long row whose text would shrink to a few pixels.
 FLOW_WIDTH = 820
 FLOW_BOX = (370, 100)  # width, height
 FLOW_GAP = 34  # between rows

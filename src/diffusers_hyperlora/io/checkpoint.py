@@ -237,8 +237,9 @@ def save_pretrained(
     Example:
         >>> import tempfile
         >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
-        >>> folder = save_pretrained(tiny_hyperlora_predictor(), tempfile.mkdtemp())
-        >>> sorted(p.name for p in folder.iterdir())
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     folder = save_pretrained(tiny_hyperlora_predictor(), tmp)
+        ...     sorted(p.name for p in folder.iterdir())
         ['README.md', 'config.json', 'model.safetensors']
     """
     _check_push_arguments(push_to_hub, repo_id, push_to_hub_kwargs)

@@ -299,8 +299,9 @@ def save_release_checkpoint(
     Example:
         >>> from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
         >>> import tempfile
-        >>> folder = save_release_checkpoint(tiny_hyperlora_predictor(), tempfile.mkdtemp(), dtype=torch.float16)
-        >>> sorted(p.name for p in folder.iterdir())[:2]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     folder = save_release_checkpoint(tiny_hyperlora_predictor(), tmp, dtype=torch.float16)
+        ...     sorted(p.name for p in folder.iterdir())[:2]
         ['hyper_lora_modules.json', 'hyper_lora_modules.safetensors']
     """
     dtype = parse_dtype(dtype)

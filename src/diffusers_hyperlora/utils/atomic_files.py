@@ -6,10 +6,11 @@ name the real destination, not the temporary file.
 
 Example:
     >>> import tempfile, pathlib
-    >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> with atomic_path(folder / "sub" / "note.txt") as tmp:
-    ...     _ = tmp.write_text("hello")
-    >>> (folder / "sub" / "note.txt").read_text()
+    >>> with tempfile.TemporaryDirectory() as name:
+    ...     folder = pathlib.Path(name)
+    ...     with atomic_path(folder / "sub" / "note.txt") as tmp:
+    ...         _ = tmp.write_text("hello")
+    ...     (folder / "sub" / "note.txt").read_text()
     'hello'
 """
 
