@@ -32,7 +32,14 @@ def _median_time(fn: Callable[[], object], repeats: int, device: torch.device) -
 
 
 def measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor_factory) -> Iterator:
-    """Yield `Row`s: face analysis + crops, ArcFace embedding normalisation, CLIP, resampler, mixing, write."""
+    """Yield `Row`s: face analysis + crops, ArcFace embedding normalisation, CLIP, resampler, mixing, write.
+
+    The tiny face models live in a temporary folder, removed when the rows are done (the sessions read it lazily)."""
+    with tempfile.TemporaryDirectory(prefix="hyperlora-bench-faces-") as temporary:
+        yield from _measure_photo_to_weights(pipe_factory, device, args, predictor_factory, temporary)
+
+
+def _measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor_factory, temporary: str) -> Iterator:
     from face_models import draw_face_marker, export_tiny_antelopev2  # tests/face_models.py
     from run import Row, ms  # benchmarks/run.py
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -42,7 +49,7 @@ def measure_photo_to_weights(pipe_factory, device: torch.device, args, predictor
     repeats = max(1, min(args.repeats, 3))
     pipe = pipe_factory()
     predictor = predictor_factory()
-    folder = export_tiny_antelopev2(tempfile.mkdtemp(prefix="hyperlora-bench-faces-"))
+    folder = export_tiny_antelopev2(temporary)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     analyzer = FaceAnalyzer.from_pretrained(folder, providers=providers)
     torch.manual_seed(0)
