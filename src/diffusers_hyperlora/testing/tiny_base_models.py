@@ -166,13 +166,16 @@ def tiny_sd15_components(seed: int = 0) -> dict:
     )
 
 
-def tiny_sd3_components(seed: int = 0) -> dict:
-    """The components of a tiny `StableDiffusion3Pipeline` (two CLIP text encoders, no T5, an MMDiT)."""
+def tiny_sd3_components(seed: int = 0, latent_channels: int = 4) -> dict:
+    """The components of a tiny `StableDiffusion3Pipeline` (two CLIP text encoders, no T5, an MMDiT).
+
+    `latent_channels=16` (the real SD3's) makes them fit `StableDiffusion3InpaintPipeline`, which needs 16."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG)
+    channels = dict(in_channels=latent_channels, out_channels=latent_channels)
+    transformer = SD3Transformer2DModel(**{**TINY_SD3_TRANSFORMER_CONFIG, **channels})
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
@@ -182,7 +185,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
         {
             "transformer": transformer,
             "scheduler": FlowMatchEulerDiscreteScheduler(),
-            "vae": _flow_vae(seed),
+            "vae": _flow_vae(seed, latent_channels=latent_channels),
             "text_encoder": text_encoder,
             "tokenizer": tokenizer,
             "text_encoder_2": text_encoder_2,
@@ -239,12 +242,12 @@ def tiny_sd15_pipeline(seed: int = 0, img2img: bool = False):
     return cls(**tiny_sd15_components(seed))
 
 
-def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False):
+def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False, latent_channels: int = 4):
     """A tiny `StableDiffusion3Pipeline` (or `StableDiffusion3Img2ImgPipeline`) on the CPU."""
     from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
     cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
-    return cls(**tiny_sd3_components(seed))
+    return cls(**tiny_sd3_components(seed, latent_channels=latent_channels))
 
 
 def tiny_flux_pipeline(seed: int = 0, img2img: bool = False):
