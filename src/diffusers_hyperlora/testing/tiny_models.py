@@ -67,7 +67,10 @@ def tiny_clip_tokenizer(folder: str | Path | None = None):
     vocab["<|endoftext|>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    # clean_up_tokenization_spaces as in the real CLIP tokenizers (transformers 4.45 warns when it is left unset)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, clean_up_tokenization_spaces=True
+    )
 
 
 def tiny_sdxl_components(seed: int = 0) -> dict:
