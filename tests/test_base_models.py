@@ -14,10 +14,14 @@ import pytest
 import torch
 from conftest import random_features
 from diffusers import EulerDiscreteScheduler, FluxTransformer2DModel
-from PIL import Image
 from safetensors import safe_open
 from training_helpers import Interrupt as _Interrupt
-from training_helpers import MeanColourFeatures, denoising_losses, distinct_people, flow_denoising_losses
+from training_helpers import (
+    colour_dataset,
+    denoising_losses,
+    distinct_people,
+    flow_denoising_losses,
+)
 from training_helpers import resume_config as _resume_config
 
 from diffusers_hyperlora import (
@@ -50,7 +54,6 @@ from diffusers_hyperlora.training import (
     HyperLoRATrainingModule,
     StageConfig,
     TrainingConfig,
-    cache_features,
     collate_examples,
     default_curriculum,
     default_resolution,
@@ -531,21 +534,10 @@ def test_flow_matching_training_learns_identities(name, one_thread, tmp_path):
     assert (own * 1.10 < none).all(), (own, none)
 
 
-def _colour_dataset(root):
-    root.mkdir()
-    rows = []
-    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
-        Image.new("RGB", (40, 40), colour).save(root / f"{i}.png")
-        rows.append({"file": f"{i}.png", "person": f"p{i % 2}", "caption": "a photo of a person"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cache_features(root, MeanColourFeatures(), progress=False)
-    return root
-
-
 def test_cli_train_takes_a_saved_pipeline_of_every_family(family, one_thread, tmp_path):
     """`train --base-model FOLDER` on a saved tiny SD 1.5, SD3 (saved without its T5: loaded without it) and FLUX
     pipeline: the new checkpoint targets the folder's denoiser and names the folder as its base model."""
-    data = _colour_dataset(tmp_path / "data")
+    data = colour_dataset(tmp_path / "data")
     pipe = FAMILIES[family][0]()
     pipe.save_pretrained(tmp_path / family)
     out = tmp_path / "run"
@@ -561,7 +553,7 @@ def test_cli_train_takes_a_saved_pipeline_of_every_family(family, one_thread, tm
 def test_cli_train_refuses_a_pipeline_whose_denoiser_it_cannot_train(tmp_path, capsys):
     """A pipeline folder whose model_index.json names a denoiser no family trains is refused by name, before any
     model is loaded."""
-    data = _colour_dataset(tmp_path / "data")
+    data = colour_dataset(tmp_path / "data")
     folder = tmp_path / "pixart"
     folder.mkdir()
     index = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from training_helpers import COLOURS, colour_dataset
 from training_helpers import MeanColourFeatures as _MeanColourFeatures
 
 from diffusers_hyperlora import HyperLoRAPredictor
@@ -20,14 +21,7 @@ def test_train_runs_the_requested_stages(tmp_path):
     pipe.save_pretrained(tmp_path / "sdxl")
     initial = tiny_hyperlora_predictor(pipe.unet, base_rank=4)
     initial.save_pretrained(tmp_path / "init")
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = []
-    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
-        Image.new("RGB", (40, 40), colour).save(data / f"{i}.png")
-        rows.append({"file": f"{i}.png", "person": f"p{i % 2}", "caption": "a photo of a person"})
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cache_features(data, _MeanColourFeatures(), progress=False)
+    data = colour_dataset(tmp_path / "data")
 
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), "--base-model", str(tmp_path / "sdxl"), "--output-dir", str(out)]
@@ -128,14 +122,7 @@ def test_train_new_checkpoint_sizes_follow_the_base_model(tmp_path):
 
     pipe = tiny_sdxl_pipeline()
     pipe.save_pretrained(tmp_path / "sdxl")
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = []
-    for i, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
-        Image.new("RGB", (40, 40), colour).save(data / f"{i}.png")
-        rows.append({"file": f"{i}.png", "person": f"p{i}", "caption": "a photo of a person"})
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cache_features(data, _MeanColourFeatures(), progress=False)
+    data = colour_dataset(tmp_path / "data", colours=COLOURS[:2])
 
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), "--base-model", str(tmp_path / "sdxl"), "--output-dir", str(out)]

@@ -160,50 +160,10 @@ def test_identity_from_another_checkpoint_is_refused(pipe, predictor):
         pipe.set_hyperlora_identity(_identity(different_arch))
 
 
-def _sd15_pipeline():
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from diffusers_hyperlora.testing.tiny_models import tiny_clip_tokenizer
-
-    tokenizer = tiny_clip_tokenizer()
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer)
-        )
-    )
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def test_unet_without_the_targets_names_the_first_mismatch(predictor):
-    pipe = _sd15_pipeline()
+    from diffusers_hyperlora.testing.tiny_base_models import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline()
     # SD 1.5-style UNets read 32/768-wide text states: the first cross-attention key projection differs.
     with pytest.raises(
         TargetMismatchError, match=r"'down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k' is 32 -> 64"

@@ -3,6 +3,8 @@ a stand-in face pipeline, an interruption for resume tests, and the data and mea
 
 from __future__ import annotations
 
+import json
+
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image
@@ -11,6 +13,7 @@ from diffusers_hyperlora import HyperLoRAFeatures
 from diffusers_hyperlora.training import (
     FrozenEncoders,
     StageConfig,
+    cache_features,
     collate_examples,
     diffusion_loss,
     diffusion_target,
@@ -36,6 +39,22 @@ class MeanColourFeatures:
         embeds = torch.nn.functional.normalize(colours.repeat(1, 171)[:, :512], dim=-1)
         clip = colours.repeat(1, 16)[:, None, :48].expand(-1, 17, -1).contiguous()
         return HyperLoRAFeatures(embeds, clip, clip * 0.5 if with_base else None, [str(i) for i in images])
+
+
+COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200))
+
+
+def colour_dataset(root, colours=COLOURS):
+    """A dataset folder of plain-coloured 40 px images, two people (image i is person `p{i % 2}`), with its
+    feature cache written by `MeanColourFeatures`."""
+    root.mkdir()
+    rows = []
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (40, 40), colour).save(root / f"{i}.png")
+        rows.append({"file": f"{i}.png", "person": f"p{i % 2}", "caption": "a photo of a person"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cache_features(root, MeanColourFeatures(), progress=False)
+    return root
 
 
 class Interrupt(Exception):

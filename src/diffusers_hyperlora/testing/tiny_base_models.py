@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny_models import tiny_clip_tokenizer
+from .tiny_models import tiny_clip_text_config, tiny_clip_tokenizer, tiny_unet_vae
 
 TINY_SD15_UNET_CONFIG = dict(
     block_out_channels=(32, 64),
@@ -53,24 +53,6 @@ TINY_FLUX_TRANSFORMER_CONFIG = dict(
     pooled_projection_dim=32,
     axes_dims_rope=[4, 4, 8],
 )
-
-
-def _clip_text_config(tokenizer, hidden_size: int = 32):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=hidden_size,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-        hidden_act="gelu",
-        projection_dim=hidden_size,
-    )
 
 
 def tiny_t5_tokenizer():
@@ -126,23 +108,16 @@ def _eval(components: dict) -> dict:
 
 def tiny_sd15_components(seed: int = 0) -> dict:
     """The components of a tiny `StableDiffusionPipeline` (SD 1.5 layout: one CLIP text encoder, a UNet)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_SD15_UNET_CONFIG)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
+    vae = tiny_unet_vae()
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -178,9 +153,9 @@ def tiny_sd3_components(seed: int = 0, latent_channels: int = 4) -> dict:
     transformer = SD3Transformer2DModel(**{**TINY_SD3_TRANSFORMER_CONFIG, **channels})
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
+    text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
     torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
     return _eval(
         {
             "transformer": transformer,
@@ -205,7 +180,7 @@ def tiny_flux_components(seed: int = 0) -> dict:
     transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
     tokenizer_2 = tiny_t5_tokenizer()
     t5_config = T5Config(
         vocab_size=len(tokenizer_2),

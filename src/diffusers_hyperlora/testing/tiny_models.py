@@ -73,37 +73,51 @@ def tiny_clip_tokenizer(folder: str | Path | None = None):
     )
 
 
-def tiny_sdxl_components(seed: int = 0) -> dict:
-    """The components of a tiny `StableDiffusionXLPipeline` (random weights, seeded)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def tiny_clip_text_config(tokenizer, hidden_size: int = 32, num_hidden_layers: int = 2):
+    """A tiny `CLIPTextConfig` for `tokenizer` (the text encoders of every tiny pipeline)."""
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=num_hidden_layers,
+        vocab_size=len(tokenizer),
+        hidden_act="gelu",
+        projection_dim=hidden_size,
+    )
+
+
+def tiny_unet_vae(**overrides):
+    """The tiny `AutoencoderKL` (4 latent channels, 2x downscaling) of the tiny UNet pipelines (SDXL, SD 1.5)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=[32, 64],
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         latent_channels=4,
-        sample_size=128,
+        **overrides,
     )
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """The components of a tiny `StableDiffusionXLPipeline` (random weights, seeded)."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    torch.manual_seed(seed)
+    vae = tiny_unet_vae(sample_size=128)
     tokenizer = tiny_clip_tokenizer()
-    text_config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=len(tokenizer),
-        hidden_act="gelu",
-        projection_dim=32,
-    )
+    text_config = tiny_clip_text_config(tokenizer, num_hidden_layers=5)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed)
