@@ -365,10 +365,11 @@ def _base_pipeline(args: argparse.Namespace):
         return tiny_sdxl_pipeline()
     from diffusers import DiffusionPipeline
 
+    from ..model.targets import DENOISER_COMPONENTS
     from ..training import TRAINING_FAMILIES, trainable_family
 
     components = DiffusionPipeline.load_config(args.base_model)  # model_index.json: nothing big is loaded yet
-    denoiser = next((components[name] for name in ("unet", "transformer") if name in components), None)
+    denoiser = next((components[name] for name in DENOISER_COMPONENTS if name in components), None)
     denoiser_class = denoiser[-1] if isinstance(denoiser, (list, tuple)) and denoiser else None
     if denoiser_class is None or trainable_family(denoiser_class) is None:
         raise TrainingConfigError(

@@ -83,6 +83,8 @@ DENOISER_LAYOUTS: dict[str, DenoiserLayout] = {
     "FluxTransformer2DModel": JOINT_TRANSFORMER_LAYOUT,  # FLUX.1
 }
 LAYOUTS_BY_COMPONENT: dict[str, DenoiserLayout] = {"unet": UNET_LAYOUT, "transformer": JOINT_TRANSFORMER_LAYOUT}
+DENOISER_COMPONENTS: tuple[str, ...] = tuple(LAYOUTS_BY_COMPONENT)
+"""The pipeline attributes a denoiser is found in, in lookup order (`unet`, then `transformer`)."""
 
 
 def has_denoiser_layout(denoiser: Any) -> bool:

@@ -51,25 +51,23 @@ from ..io.hub import HubOptions
 from ..io.lora_files import export_lora
 from ..model.config import HyperLoRAConfig
 from ..model.predictor import HyperLoRAPredictor
-from ..model.targets import DENOISER_LAYOUTS, has_denoiser_layout
+from ..model.targets import DENOISER_COMPONENTS, DENOISER_LAYOUTS, has_denoiser_layout
 from ..utils.compat import adapter_configs
 from .placement import Placement
 
 logger = logging.get_logger(__name__)
 
-DENOISER_NAMES = ("unet", "transformer")
-
-
 def find_denoiser(pipe: Any, name: str | None = None) -> torch.nn.Module:
     """The pipeline's denoiser: `name` if given, else its `unet` or its `transformer`. A transformer HyperLoRA has
     no targets for (`DENOISER_LAYOUTS`: SD3 and FLUX have) raises `UnsupportedPipelineError`."""
-    for candidate in (name,) if name else DENOISER_NAMES:
+    for candidate in (name,) if name else DENOISER_COMPONENTS:
         module = getattr(pipe, candidate, None)
         if module is not None:
             break
     else:
+        wanted = name or " or ".join(DENOISER_COMPONENTS)
         raise InvalidArgumentTypeError(
-            f"{pipe.__class__.__name__} has no denoiser {name or ' or '.join(DENOISER_NAMES)!r}; HyperLoRA needs a "
+            f"{pipe.__class__.__name__} has no denoiser {wanted!r}; HyperLoRA needs a "
             "diffusers pipeline with a UNet (SD 1.5, SDXL) or an SD3 / FLUX transformer.",
             argument="pipe",
         )

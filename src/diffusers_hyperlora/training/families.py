@@ -29,9 +29,8 @@ from typing import Any
 import torch
 
 from ..errors import TrainingConfigError
+from ..model.targets import DENOISER_COMPONENTS
 from ..utils.compat import flux_latent_image_ids, flux_pack_latents, flux_unpack_latents
-
-DENOISER_COMPONENTS = ("unet", "transformer")
 
 
 @dataclass
