@@ -46,6 +46,7 @@ from ..identities.inputs import split_identity_inputs
 from ..io.hub import HubOptions
 from ..io.lora_files import LORA_FORMATS, check_format
 from ..model.config import DEFAULT_BASE_MODEL
+from ..utils.checks import is_finite
 from ..utils.devices import device_and_dtype
 
 SIZE_STEP = 64
@@ -476,7 +477,7 @@ class DemoEngine:
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
             latents = tensors.get("latents")
-            if latents is not None and not torch.isfinite(latents).all():
+            if latents is not None and not is_finite(latents):
                 raise _blown_up(step + 1, weights)
             if on_step is not None:
                 on_step(step + 1, int(settings.steps))

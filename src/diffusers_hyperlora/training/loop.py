@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_path
+from ..utils.checks import is_finite
 from ..utils.compat import load_accelerate_state, quiet_peft_adapter_warnings
 from .conditioning import FrozenEncoders
 from .data import collate_examples
@@ -269,7 +270,7 @@ def _verify_weights(path: Path, predictor: HyperLoRAPredictor) -> None:
     try:
         with safe_open(str(path), framework="pt") as handle:
             found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-            non_finite = [key for key in handle.keys() if not torch.isfinite(handle.get_tensor(key)).all()]
+            non_finite = [key for key in handle.keys() if not is_finite(handle.get_tensor(key))]
     except Exception as error:  # safetensors' own error type: a truncated or damaged file
         raise _resume_error(path.parent, f"{path.name} is damaged or incomplete ({error})") from error
     if non_finite:
