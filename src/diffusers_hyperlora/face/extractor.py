@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class FaceInputs:
     id_embedding: np.ndarray | None = None
     base_image: Image.Image | None = None
     base_mask: Image.Image | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _mask_image(mask: np.ndarray) -> Image.Image:

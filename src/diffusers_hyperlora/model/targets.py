@@ -214,11 +214,6 @@ def module_path_from_kohya(name: str) -> str:
     return ".".join(parts)
 
 
-def kohya_from_module_path(path: str) -> str:
-    """`down_blocks.1.attentions.0.transformer_blocks.0.attn1` -> `lora_unet_down_blocks_1_..._attn1`."""
-    return KOHYA_UNET_PREFIX + path.replace(".", "_")
-
-
 def target_linears(targets: list[TargetModule]) -> list[TargetLinear]:
     """All LoRA'd linears of `targets`, module by module in the given (checkpoint) order."""
     return [linear for target in targets for linear in target.linears()]
