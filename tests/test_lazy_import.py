@@ -33,9 +33,10 @@ def test_pipeline_methods_are_installed_whichever_is_imported_first(diffusers_fi
     if diffusers_first:
         imports.reverse()
     code = "\n".join(imports) + (
-        "\nfrom diffusers import StableDiffusionPipeline\n"
+        "\nfrom diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline\n"
         "names = ('load_hyperlora', 'set_hyperlora_identity', 'hyperlora', 'add_hyperlora_slider')\n"
-        "print(all(hasattr(c, n) for c in (StableDiffusionXLPipeline, StableDiffusionPipeline) for n in names))"
+        "classes = (StableDiffusionXLPipeline, StableDiffusionPipeline, StableDiffusion3Pipeline, FluxPipeline)\n"
+        "print(all(hasattr(c, n) for c in classes for n in names))"
     )
     assert _python(code) == "True"
 

@@ -1,8 +1,9 @@
 """Install the pipeline methods when diffusers' LoRA loaders load, so `import diffusers_hyperlora` stays cheap.
 
-`import diffusers_hyperlora` promises `pipe.load_hyperlora(...)` on every SD / SDXL pipeline. Those methods live
-on diffusers' `StableDiffusionXLLoraLoaderMixin` / `StableDiffusionLoraLoaderMixin`, defined in
-`diffusers.loaders.lora_pipeline`, which every such pipeline class imports. Importing diffusers (and torch) just
+`import diffusers_hyperlora` promises `pipe.load_hyperlora(...)` on every SD, SDXL, SD3 and FLUX pipeline. Those
+methods live on diffusers' `StableDiffusionXLLoraLoaderMixin`, `StableDiffusionLoraLoaderMixin`,
+`SD3LoraLoaderMixin` and `FluxLoraLoaderMixin`, defined in `diffusers.loaders.lora_pipeline`, which every such
+pipeline class imports. Importing diffusers (and torch) just
 to set them would make every `import diffusers_hyperlora` (and the command line's `--help`) take seconds, so:
 
 - if that module is already imported, the methods are installed at once;
