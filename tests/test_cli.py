@@ -194,7 +194,6 @@ def test_model_options_reach_the_loader():
 
 
 def test_convert_the_official_tiny_release(official_tiny, tmp_path, capsys):
-    pytest.importorskip("diffusers_hyperlora.io.convert")
     out = tmp_path / "converted"
     code, stdout, _ = _run(["convert", official_tiny, out, "--dtype", "fp16", "--quiet"], capsys)
     assert code == 0 and "Converted" in stdout
@@ -202,5 +201,6 @@ def test_convert_the_official_tiny_release(official_tiny, tmp_path, capsys):
     reference = load_predictor(official_tiny)
     assert converted.dtype == torch.float16
     assert converted.checkpoint_hash == reference.checkpoint_hash
-    for (key, a), (_, b) in zip(sorted(converted.state_dict().items()), sorted(reference.state_dict().items())):
+    pairs = zip(sorted(converted.state_dict().items()), sorted(reference.state_dict().items()), strict=True)
+    for (key, a), (_, b) in pairs:
         torch.testing.assert_close(a.float(), b.to(torch.float16).float(), atol=0, rtol=0, msg=key)

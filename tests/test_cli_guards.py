@@ -85,7 +85,8 @@ def test_arguments_are_checked_before_heavy_imports(saved, tmp_path):
         [sys.executable, "-c", code, json.dumps(cases)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for (argv, status, err, torch_loaded, diffusers_loaded), (_, words) in zip(json.loads(done.stdout), cases):
+    results = json.loads(done.stdout)
+    for (argv, status, err, torch_loaded, diffusers_loaded), (_, words) in zip(results, cases, strict=True):
         assert status == 1 and words in err and err.count("\n") == 1, (argv, err)
         assert err.startswith(f"diffusers-hyperlora {argv[0]}: error: "), (argv, err)
         assert not torch_loaded and not diffusers_loaded, f"{argv} imported torch before its argument check"

@@ -36,7 +36,7 @@ def test_convert_release_gives_identical_predictions(official_tiny, tmp_path, dt
     for loaded in (load_predictor(out), HyperLoRAPredictor.from_pretrained(out)):
         assert loaded.dtype == want
         assert loaded.config == reference.config
-        for (key, a), b in zip(loaded.state_dict().items(), reference.state_dict().values()):
+        for (key, a), b in zip(loaded.state_dict().items(), reference.state_dict().values(), strict=True):
             assert torch.equal(a, b), key
         assert torch.equal(_identity(loaded).id_mean, _identity(reference).id_mean)
     with safe_open(out / "model.safetensors", framework="pt") as handle:
@@ -83,7 +83,8 @@ def test_convert_library_format_to_fp16(tmp_path):
     loaded = load_predictor(out)
     assert loaded.dtype == torch.float16
     reference = original.to(torch.float16)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+    pairs = zip(loaded.state_dict().values(), reference.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_convert_from_hub_cache(official_tiny, tmp_path, monkeypatch):

@@ -49,7 +49,6 @@ def test_config_json_round_trip():
     assert again.num_tokens == 8 * 24 and again.has_base
 
 
-@pytest.mark.skipif(not OFFICIAL_TINY.is_dir(), reason="shared fixtures missing")
 def test_state_dict_keys_match_the_release_files():
     predictor = tiny_hyperlora_predictor()
     ours = predictor.state_dict()

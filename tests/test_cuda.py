@@ -44,7 +44,7 @@ def _reference(predictor, identity) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _assert_live_factors(pipe, reference, rtol: float, atol: float) -> None:
     live = list(pipe.hyperlora.adapters.lora_parameters("id"))
     assert len(live) == len(reference)
-    for (a, b), (down, up) in zip(live, reference):
+    for (a, b), (down, up) in zip(live, reference, strict=True):
         assert a.device.type == "cuda"
         torch.testing.assert_close(a.double().cpu(), down, rtol=rtol, atol=atol)
         torch.testing.assert_close(b.double().cpu(), up, rtol=rtol, atol=atol)

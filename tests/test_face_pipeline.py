@@ -347,10 +347,10 @@ def test_photos_to_identity_to_unet_weights(pipe, face_pack, encoder, astronaut,
     expected = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
     torch.testing.assert_close(identity.id_mean, expected.id_mean, atol=1e-5, rtol=1e-4)
     written = state.adapters.lora_parameters("id")
-    for (down, up), (exp_down, exp_up) in zip(written, predictor.lora_weights(expected, "id")):
+    for (down, up), (exp_down, exp_up) in zip(written, predictor.lora_weights(expected, "id"), strict=True):
         torch.testing.assert_close(down.float(), exp_down.float(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(up.float(), exp_up.float(), atol=1e-5, rtol=1e-4)
-    assert any(not torch.equal(u, o) for (_, u), o in zip(written, before))
+    assert any(not torch.equal(u, o) for (_, u), o in zip(written, before, strict=True))
     other = pipe.set_hyperlora_identity(astronaut, face_index=0, remove_background=False)
     assert not torch.allclose(other.id_mean, identity.id_mean)
 

@@ -29,7 +29,7 @@ def _target_base_weights(pipe) -> dict[str, torch.Tensor]:
     adapters = pipe.hyperlora.adapters
     return {
         linear.module_path: layer.get_base_layer().weight.detach().clone()
-        for linear, layer in zip(adapters.config.linears, adapters.layers)
+        for linear, layer in zip(adapters.config.linears, adapters.layers, strict=True)
     }
 
 

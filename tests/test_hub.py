@@ -74,7 +74,7 @@ def test_release_from_cache_matches_local(hub_cache, official_tiny):
     cache, _ = hub_cache
     from_hub = load_predictor("org/hyperlora", subfolder=SUBFOLDER, cache_dir=cache)
     local = load_predictor(official_tiny)
-    for (key, a), b in zip(from_hub.state_dict().items(), local.state_dict().values()):
+    for (key, a), b in zip(from_hub.state_dict().items(), local.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
 
 

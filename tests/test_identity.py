@@ -68,7 +68,7 @@ def test_save_load_round_trip_is_exact_and_small(predictor, two_people, tmp_path
     # Only the float32 coefficients plus a header: the release (1120 x 128) gives ~0.6 MB.
     payload = identity.id_mean.numel() * 4
     assert payload < path.stat().st_size < payload + 4096
-    for (d0, u0), (d1, u1) in zip(predictor.lora_weights(identity), predictor.lora_weights(loaded)):
+    for (d0, u0), (d1, u1) in zip(predictor.lora_weights(identity), predictor.lora_weights(loaded), strict=True):
         assert torch.equal(d0, d1) and torch.equal(u0, u1)
 
 
@@ -160,7 +160,7 @@ def test_merging_saved_identities_equals_predicting_from_all_photos(predictor, t
     # A plain average of the two normalized identities is *not* the same thing (the counts 2 and 3 matter).
     naive = normalize_coefficients(a.id_coefficients + b.id_coefficients)
     assert (naive - together.id_coefficients).abs().max() > 1e-3
-    for (d0, u0), (d1, u1) in zip(predictor.lora_weights(merged), predictor.lora_weights(together)):
+    for (d0, u0), (d1, u1) in zip(predictor.lora_weights(merged), predictor.lora_weights(together), strict=True):
         assert torch.allclose(d0, d1, atol=1e-5) and torch.allclose(u0, u1, atol=1e-5)
 
 

@@ -59,7 +59,7 @@ def test_cached_switch_writes_bitwise_the_uncached_weights(pipe, predictor, dtyp
     assert cache.misses == 3 and cache.hits == 0
     for index in (1, 0, 2):  # back to people seen before: every switch is a hit, the mix is not run
         pipe.set_hyperlora_identity(people[index])
-        for (a, b), (ra, rb) in zip(pipe.hyperlora.adapters.lora_parameters("id"), uncached[index]):
+        for (a, b), (ra, rb) in zip(pipe.hyperlora.adapters.lora_parameters("id"), uncached[index], strict=True):
             assert torch.equal(a, ra) and torch.equal(b, rb)
     assert cache.hits == 3 and cache.misses == 3
     assert cache.nbytes == sum(factors_bytes(cache.get(key)) for key in list(cache._entries))

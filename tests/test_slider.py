@@ -50,7 +50,7 @@ def test_difference_factors_are_exact():
     g = torch.Generator().manual_seed(0)
     edited = [(torch.randn(3, 6, generator=g), torch.randn(5, 3, generator=g)) for _ in range(2)]
     neutral = [(torch.randn(3, 6, generator=g), torch.randn(5, 3, generator=g)) for _ in range(2)]
-    for (a, b), (de, ue), (dn, un) in zip(difference_factors(edited, neutral), edited, neutral):
+    for (a, b), (de, ue), (dn, un) in zip(difference_factors(edited, neutral), edited, neutral, strict=True):
         assert a.shape == (6, 6) and b.shape == (5, 6)
         torch.testing.assert_close(b @ a, ue @ de - un @ dn)
     with pytest.raises(ValueError, match="must match"):
@@ -65,7 +65,7 @@ def test_slider_update_per_layer_is_the_difference_of_id_loras(loaded, predictor
     assert "age" in loaded.unet.active_adapters() and "id" in loaded.unet.active_adapters()
     modules = dict(loaded.unet.named_modules())
     for linear, (dn, un), (de, ue) in zip(
-        predictor.config.linears, predictor.lora_weights(neutral), predictor.lora_weights(edited)
+        predictor.config.linears, predictor.lora_weights(neutral), predictor.lora_weights(edited), strict=True
     ):
         expected = 0.6 * 0.5 * (ue @ de - un @ dn)
         torch.testing.assert_close(_delta(modules[linear.module_path], "age"), expected, **TOLERANCE)
