@@ -126,7 +126,7 @@ class PerSampleLoRA:
     """Per-sample LoRA factors of one or two adapters, applied by forward hooks on their target layers.
 
     Args:
-        denoiser: the model carrying the adapters (the UNet).
+        denoiser: the model carrying the adapters (the UNet, or an SD3 / FLUX transformer).
         layers: the target PEFT layers, in the checkpoint's linear order.
         attached: called once per denoiser forward; whether the adapters are still on the denoiser. When diffusers
             removed them (`unload_lora_weights`, `delete_adapters`), the per-sample mode removes itself.

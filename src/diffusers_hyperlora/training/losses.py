@@ -2,13 +2,13 @@
 
 The denoiser is a UNet or an SD3 / FLUX transformer; how it is called is its family's (`families`).
 
-The predicted LoRA factors enter the UNet in place of the `lora_A` / `lora_B` weights of the PEFT adapters
+The predicted LoRA factors enter the denoiser in place of the `lora_A` / `lora_B` weights of the PEFT adapters
 registered by `HyperLoRAAdapters.attach` (`{module}.lora_A.{adapter}.weight`, `{module}.lora_B.{adapter}.weight`):
 through `torch.func.functional_call` (`lora_unet_prediction`) or `substituted_parameters` (`lora_denoising_loss`).
-Gradients flow from the loss through the UNet's LoRA branches into the basis banks and the resampler(s). The
-UNet's own weights are never written.
+Gradients flow from the loss through the denoiser's LoRA branches into the basis banks and the resampler(s). The
+denoiser's own weights are never written.
 
-Samples whose reference images are the same (equal `reference_key`) share one LoRA and one UNet call; every other
+Samples whose reference images are the same (equal `reference_key`) share one LoRA and one denoiser call; every other
 sample gets its own call (its own identity).
 """
 
@@ -93,7 +93,7 @@ def lora_parameters(
 ) -> dict[str, torch.Tensor]:
     """`{parameter name: tensor}` that puts the LoRA of `coefficients` `[num_tokens, K]` into a PEFT adapter.
 
-    Names are those of the PEFT layers on the UNet (`{module path}.lora_A.{adapter_name}.weight` for the
+    Names are those of the PEFT layers on the denoiser (`{module path}.lora_A.{adapter_name}.weight` for the
     down factor `[r, in]`, `lora_B` for the up factor `[out, r]`); the tensors keep their autograd history.
     """
     bank = predictor.bank(branch)
@@ -198,8 +198,8 @@ def lora_denoising_loss(
 
     `weights` `[B]` scale each sample's squared error (flow matching's loss weighting); `None`: plain MSE.
 
-    The frozen UNet runs one identity group at a time: its forward *and* backward (down to that group's factors)
-    happen while the group's LoRA is substituted into the UNet, which is what gradient checkpointing needs (it
+    The frozen denoiser runs one identity group at a time: its forward *and* backward (down to that group's factors)
+    happen while the group's LoRA is substituted into the denoiser, which is what gradient checkpointing needs (it
     recomputes the forward during the backward). The factors' gradients are then attached to the returned
     tensor: its value is the loss, and `accelerator.backward(loss)` carries those gradients into the predictor
     in one backward pass through the prepared (DDP / FSDP / DeepSpeed) module. With grad disabled it is the plain

@@ -26,7 +26,7 @@ class HyperLoRATrainingModule(nn.Module):
         predictor: the hypernetwork (registered as the submodule `predictor`, so checkpoints hold its weights
             under `predictor.*`).
         stage: `"base"`, `"id_clip"` or `"id_full"`.
-        adapter_names: `{"id": ..., "base": ...}`: the PEFT adapter names the factors are meant for on the UNet.
+        adapter_names: `{"id": ..., "base": ...}`: the PEFT adapter names the factors are meant for on the denoiser.
 
     `forward(batch)` returns one `{parameter name: tensor}` per identity group of the batch (groups as in
     `identity_groups(batch["reference_key"])`). The trained branch's tensors carry gradients; the frozen Base
@@ -49,7 +49,7 @@ class HyperLoRATrainingModule(nn.Module):
         self.adapter_names = dict(adapter_names)
 
     def branches(self) -> list[tuple[str, bool]]:
-        """`(branch, trained)` for the LoRAs this stage puts into the UNet."""
+        """`(branch, trained)` for the LoRAs this stage puts into the denoiser."""
         if self.stage == "base":
             return [("base", True)]
         return [("id", True)] + ([("base", False)] if self.predictor.config.has_base else [])
@@ -82,10 +82,10 @@ def hyperlora_unet_prediction(
     encoded: EncodedBatch,
     adapter_names: dict[str, str],
 ) -> torch.Tensor:
-    """The UNet's output for every sample with its predicted LoRA(s) substituted in (differentiable).
+    """The denoiser's output for every sample with its predicted LoRA(s) substituted in (differentiable).
 
     The training forward outside the loop (evaluation, tests): `HyperLoRATrainingModule` then
-    `lora_unet_prediction`. The adapters' weights and which are active are whatever the UNet's PEFT layers are set
+    `lora_unet_prediction`. The adapters' weights and which are active are whatever the denoiser's PEFT layers are set
     to (`train_stage` sets them per stage).
     """
     factors = HyperLoRATrainingModule(predictor, stage, adapter_names)(batch)

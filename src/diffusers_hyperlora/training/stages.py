@@ -154,11 +154,11 @@ class StageConfig:
             `losses.jsonl`, `stage_config.json`.
         save_every: `accelerator.save_state` every this many optimizer steps (0: never).
         resume_from_checkpoint: a `checkpoints/step-N` folder to continue from (`"latest"`: the newest).
-        id_weight, base_weight: adapter weights of the predicted LoRAs inside the UNet while training.
+        id_weight, base_weight: adapter weights of the predicted LoRAs inside the denoiser while training.
         num_references: images of the same person whose features predict a sample's LoRA (the sample's own
             image first, then others drawn anew each epoch, seeded); their coefficients are averaged as at inference.
         zero_init_id_attention: `id_full` only: zero `attn2.to_out` first (see the module docstring).
-        gradient_checkpointing: recompute the UNet's activations in the backward pass (less memory).
+        gradient_checkpointing: recompute the denoiser's activations in the backward pass (less memory).
         cache_latents: encode every image with the VAE once before the stage (its latent distribution; a fresh
             sample is still drawn every step), so neither the VAE nor the image files are used per step.
         cache_prompt_embeds: encode every distinct prompt with the text encoders once before the stage.
