@@ -99,7 +99,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_EXPORTS))
 
 
-# `import diffusers_hyperlora` installs pipe.load_hyperlora & co. on diffusers' SD / SDXL pipelines: now if
+# `import diffusers_hyperlora` installs pipe.load_hyperlora & co. on SD, SDXL, SD3 and FLUX pipelines: now if
 # diffusers' LoRA loaders are already imported, else the moment they are (see install.py).
 install_when_diffusers_loads()
 

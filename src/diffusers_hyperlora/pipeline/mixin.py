@@ -3,8 +3,8 @@
 Every function here is a thin delegate to the pipeline's `HyperLoRAController` (controller.py), which owns all
 HyperLoRA state; `pipe.hyperlora` returns it. `load_hyperlora(pipe, ...)` works on any pipeline *instance* whose
 denoiser has the checkpoint's target layers (every SDXL pipeline for the public release). `HyperLoRAMixin` offers
-the same as methods; importing `diffusers_hyperlora` installs them on diffusers' SDXL and SD LoRA loader mixins,
-so every such pipeline (text-to-image, img2img, inpaint, ControlNet, T2I-Adapter, ...) has them.
+the same as methods; importing `diffusers_hyperlora` installs them on diffusers' SDXL, SD, SD3 and FLUX LoRA
+loader mixins, so every such pipeline (text-to-image, img2img, inpaint, ControlNet, T2I-Adapter, ...) has them.
 
 Nothing is registered as a pipeline component: `pipe.save_pretrained` writes exactly what it wrote before.
 The predictor follows the pipeline lazily: it is moved to the pipeline's execution device and the denoiser's
