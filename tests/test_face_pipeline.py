@@ -362,6 +362,17 @@ def test_preview_on_the_pipeline_and_lazy_errors(pipe, tmp_path, astronaut, monk
         pipe.preview_hyperlora_inputs(astronaut)
 
 
+def test_preview_refuses_an_unknown_option_by_name(pipe, face_pack, astronaut):
+    """A typo in a face option is our TypeError naming it, on the preview as on a switch (not Python's own)."""
+    from diffusers_hyperlora import InvalidArgumentTypeError
+
+    pipe.load_hyperlora(tiny_hyperlora_predictor(), face_analyzer=str(face_pack))
+    with pytest.raises(InvalidArgumentTypeError, match=r"Unknown face-pipeline option\(s\) \['face_idx'\]") as caught:
+        pipe.preview_hyperlora_inputs(astronaut, face_idx=1)
+    assert caught.value.argument == "face_idx"
+    assert len(pipe.preview_hyperlora_inputs(astronaut, face_index=0)) == 1
+
+
 def test_missing_clip_encoder_error(pipe, face_pack, astronaut, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe.load_hyperlora(tiny_hyperlora_predictor(), image_encoder="nobody-xyz/no-clip", face_analyzer=str(face_pack))

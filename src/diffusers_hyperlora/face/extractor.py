@@ -8,6 +8,7 @@ Encoders are loaded on first use.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,26 @@ class FaceInputs:
     id_embedding: np.ndarray | None = None
     base_image: Image.Image | None = None
     base_mask: Image.Image | None = None
+
+
+def _check_options(options: Mapping[str, Any], allowed: Sequence[str] = OPTIONS) -> None:
+    """Refuse a face-pipeline option that does not exist (a typo would otherwise be a raw `TypeError`)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise InvalidArgumentTypeError(
+            f"Unknown face-pipeline option(s) {unknown}; valid: {', '.join(OPTIONS)}.", argument=unknown[0]
+        )
+
+
+def _known_options_only(method: Callable) -> Callable:
+    """`prepare_inputs` refuses unknown options with `InvalidArgumentTypeError`, as `__call__` does."""
+
+    @functools.wraps(method)
+    def checked(self: Any, images: Any, **options: Any) -> Any:
+        _check_options(options, (*OPTIONS, "with_base"))
+        return method(self, images, **options)
+
+    return checked
 
 
 def _mask_image(mask: np.ndarray) -> Image.Image:
@@ -213,6 +234,7 @@ class FaceFeatureExtractor:
             inputs.base_mask = _mask_image(blurred.mask)
         return inputs
 
+    @_known_options_only
     def prepare_inputs(
         self,
         images: Any,
@@ -270,11 +292,7 @@ class FaceFeatureExtractor:
         self, images: list[Any], *, device: torch.device, dtype: torch.dtype, with_base: bool, **options: Any
     ) -> HyperLoRAFeatures:
         """Photos -> `HyperLoRAFeatures` on `device` in `dtype` (options as in `prepare_inputs`)."""
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise InvalidArgumentTypeError(
-                f"Unknown face-pipeline option(s) {unknown}; valid: {', '.join(OPTIONS)}.", argument=unknown[0]
-            )
+        _check_options(options)
         prepared = self.prepare_inputs(images, with_base=with_base, **options)
         id_embeds = None
         if self.config.use_id_embeds:
