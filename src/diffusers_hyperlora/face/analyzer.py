@@ -5,7 +5,7 @@
 - `prepare(ctx_id, det_size=(s, s))`: set the detector's input size;
 - `get(image_bgr)`: the faces in a BGR uint8 `[H, W, 3]` image, each with `bbox` `(x0, y0, x1, y1)`,
   `landmark_2d_106` `[106, 2]` and `normed_embedding` `[512]` (attributes or mapping keys; `det_score` and
-  `kps` are used when present).
+  `kps`, when present, are kept in `DetectedFace.score` / `.keypoints` for you: the crops do not use them).
 
 So `insightface.app.FaceAnalysis` works as is, and so does any other detector adapted to it.
 """
