@@ -1,16 +1,17 @@
-"""Every internal of diffusers, PEFT, accelerate and torch that `diffusers_hyperlora.utils.compat` relies on still
-exists and behaves as that module assumes. A failure names the library and its installed version: after an
+"""Every internal of diffusers, PEFT, accelerate, torch and insightface that `diffusers_hyperlora.utils.compat` relies
+on still exists and behaves as that module assumes. A failure names the library and its installed version: after an
 upgrade, fix `utils/compat.py` (and only it)."""
 
 from __future__ import annotations
 
+import copy
+import importlib.metadata
 import inspect
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import accelerate
-import diffusers
 import peft
 import pytest
 import torch
@@ -18,12 +19,11 @@ from conftest import enable_group_offload
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
 from torch import nn
 
 from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_config
 from diffusers_hyperlora.utils import compat
-
-VERSIONS = {"diffusers": diffusers, "peft": peft, "torch": torch, "accelerate": accelerate}
 
 
 @contextmanager
@@ -32,7 +32,7 @@ def internal(library: str, what: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # noqa: BLE001 - an internal that changed may fail in any way
-        version = VERSIONS[library].__version__
+        version = importlib.metadata.version(library)
         pytest.fail(
             f"{library} {version}: the internal `{what}` that diffusers_hyperlora/utils/compat.py relies on changed "
             f"({type(error).__name__}: {error}). Update utils/compat.py for {library} {version}.",
@@ -279,3 +279,78 @@ def test_internal_reports_the_library_version():
     with pytest.raises(pytest.fail.Exception, match=f"peft {peft.__version__}: the internal `thing`"):
         with internal("peft", "thing"):
             raise AttributeError("gone")
+
+
+def test_save_pretrained_instance_override_and_state_dict_hooks(pipe, tmp_path):
+    """`hide_adapters_when_saving` relies on both: `pipe.save_pretrained` calls the instance's `save_pretrained`,
+    and `ModelMixin.save_pretrained` writes `state_dict()` (post-hooks applied)."""
+    unet = pipe.unet
+    dropped = next(iter(unet.state_dict()))
+    calls = []
+
+    def save(self, *args, **kwargs):
+        calls.append(self)
+
+        def hook(module, state_dict, prefix, local_metadata):
+            del state_dict[prefix + dropped]
+
+        handle = self.register_state_dict_post_hook(hook)
+        try:
+            return type(self).save_pretrained(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    compat.override_save_pretrained(unet, save)
+    with internal("diffusers", "DiffusionPipeline.save_pretrained -> component.save_pretrained -> state_dict()"):
+        pipe.save_pretrained(tmp_path / "pipe")
+        assert calls == [unet]
+        with safe_open(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+            keys = set(weights.keys())
+        assert dropped not in keys and keys == set(unet.state_dict()) - {dropped}
+        twin = copy.deepcopy(unet)
+        twin.save_pretrained(tmp_path / "twin")
+        assert calls == [unet, twin]
+    compat.restore_save_pretrained(unet)
+    compat.restore_save_pretrained(unet)  # nothing to undo: no error
+    unet.save_pretrained(tmp_path / "plain")
+    assert calls == [unet, twin]
+
+
+def test_vae_latent_distribution_sampling(pipe):
+    with internal("diffusers", "models.autoencoders.vae.DiagonalGaussianDistribution"):
+        vae = pipe.vae
+        pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        distribution = vae.encode(pixels).latent_dist
+        parameters = distribution.parameters
+        mean, logvar = parameters.chunk(2, dim=1)
+        sample = compat.sample_latent_distribution(parameters, torch.Generator().manual_seed(3))
+        assert torch.equal(sample, distribution.sample(torch.Generator().manual_seed(3)))
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(sample, mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise)
+        rows = compat.sample_latent_distribution(parameters, [torch.Generator().manual_seed(s) for s in (5, 6)])
+        for row, seed in enumerate((5, 6)):  # one generator per row, as the training loop passes them
+            noise = torch.randn((1, *mean.shape[1:]), generator=torch.Generator().manual_seed(seed))
+            expected = mean[row : row + 1] + distribution.std[row : row + 1] * noise
+            torch.testing.assert_close(rows[row : row + 1], expected)
+
+
+def test_insightface_loads_a_folder_without_downloading(tmp_path):
+    pytest.importorskip("insightface")
+    from diffusers_hyperlora.face.analyzer import FACE_TASKS
+    from diffusers_hyperlora.testing.tiny_face import export_tiny_antelopev2
+
+    pack = export_tiny_antelopev2(tmp_path / "home" / "pack")
+    cpu = ["CPUExecutionProvider"]
+    with internal("insightface", "FaceAnalysis(name=<absolute folder>, root=...) and its `models` dict"):
+        app = compat.insightface_app_from_folder(pack, cpu, FACE_TASKS)
+        assert compat.insightface_tasks(app) == set(FACE_TASKS)
+        assert sorted(path.name for path in (tmp_path / "home").iterdir()) == ["pack"]  # no `models/` download
+        only = compat.insightface_app_from_folder(pack, cpu, ["detection"])
+        assert compat.insightface_tasks(only) == {"detection"}
+    with internal("insightface", "FaceAnalysis's failure on a folder without a face detector"):
+        faceless = tmp_path / "home" / "no-detector"
+        faceless.mkdir()
+        for name in ("2d106det.onnx", "glintr100.onnx"):
+            shutil.copy(pack / name, faceless / name)
+        assert compat.insightface_app_from_folder(faceless, cpu, FACE_TASKS) is None
+    assert compat.insightface_tasks(object()) == set()

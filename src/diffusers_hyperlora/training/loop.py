@@ -28,7 +28,7 @@ from ..errors import (
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_path
 from ..utils.checks import is_finite
-from ..utils.compat import load_accelerate_state, quiet_peft_adapter_warnings
+from ..utils.compat import adapter_configs, load_accelerate_state, quiet_peft_adapter_warnings
 from .conditioning import FrozenEncoders
 from .data import collate_examples
 from .families import family_of, pipeline_denoiser
@@ -149,9 +149,10 @@ def _check_pipeline(pipe: Any) -> None:
             "This pipeline has a HyperLoRA loaded; call `pipe.unload_hyperlora()` before training on it.",
             argument="pipe",
         )
-    if getattr(denoiser, "peft_config", None):
+    adapters = sorted(adapter_configs(denoiser))
+    if adapters:
         raise TrainingConfigError(
-            f"The {family_of(denoiser).component} already carries adapters {sorted(denoiser.peft_config)}; fuse them "
+            f"The {family_of(denoiser).component} already carries adapters {adapters}; fuse them "
             "(`pipe.fuse_lora()` then `pipe.unload_lora_weights()`) or delete them before training HyperLoRA on it.",
             argument="pipe",
         )

@@ -1,4 +1,4 @@
-"""Every internal of diffusers, PEFT, accelerate and torch that HyperLoRA relies on, in one place.
+"""Every internal of diffusers, PEFT, accelerate, torch and insightface that HyperLoRA relies on, in one place.
 
 Each function below reaches something with no public equivalent (a private attribute, a private function, a
 behaviour no API promises). Keeping them here means an upgrade of one of those libraries breaks this file only;
@@ -13,6 +13,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -276,3 +277,63 @@ def flux_latent_image_ids(height: int, width: int, device: torch.device, dtype: 
     from diffusers import FluxPipeline
 
     return FluxPipeline._prepare_latent_image_ids(1, height, width, device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers saving
+def override_save_pretrained(model: nn.Module, save: Callable[..., Any]) -> None:
+    """Make `model.save_pretrained(...)` (also when `pipe.save_pretrained` saves the component) call `save`, bound
+    to the model; `restore_save_pretrained` undoes it.
+
+    No diffusers API changes what a component writes. `DiffusionPipeline.save_pretrained` looks each component's
+    `save_pretrained` up on the instance, so an instance attribute is the hook point, and `ModelMixin.save_pretrained`
+    takes the weights from `model.state_dict()`, so a state-dict post-hook registered by `save` applies to the file.
+    A bound method is rebound by `copy.deepcopy`.
+    """
+    model.__dict__["save_pretrained"] = types.MethodType(save, model)
+
+
+def restore_save_pretrained(model: nn.Module) -> None:
+    """Undo `override_save_pretrained` (the class's `save_pretrained` again); nothing when there is no override."""
+    model.__dict__.pop("save_pretrained", None)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers VAE
+def sample_latent_distribution(parameters: torch.Tensor, generator: Any = None) -> torch.Tensor:
+    """A sample of the VAE's diagonal Gaussian whose `[mean, logvar]` are stacked on dim 1 (what the encoder outputs
+    before `vae.encode(...).latent_dist`), with `generator` (one, or one per row).
+
+    diffusers' `DiagonalGaussianDistribution` lives in `diffusers.models.autoencoders.vae`, a module path it is not
+    exported from (it moved from `diffusers.models.vae` before); caching the moments and sampling them later has
+    no other API.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(parameters).sample(generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------- insightface
+def insightface_app_from_folder(folder: Path, providers: Sequence[Any], tasks: Sequence[str]) -> Any | None:
+    """insightface's `FaceAnalysis` over the ONNX files in `folder` (models of `tasks` only), or `None` when
+    insightface finds no face detector there.
+
+    insightface has no "load this folder" API: `FaceAnalysis(name, root)` reads `<root>/models/<name>` and
+    downloads it when missing. An absolute `name` makes that path `folder` itself (`os.path.join` drops what comes
+    before an absolute part; insightface >= 2 also reads a `name` that is a folder directly), so nothing is
+    downloaded. A folder without a detector fails insightface's `assert "detection" in self.models` (a
+    `KeyError` on `self.models["detection"]` under `python -O`), not an exception of its own.
+    """
+    from insightface.app import FaceAnalysis
+
+    folder = Path(folder)
+    try:
+        return FaceAnalysis(
+            name=str(folder), root=str(folder.parent), allowed_modules=list(tasks), providers=list(providers)
+        )
+    except (AssertionError, KeyError):
+        return None
+
+
+def insightface_tasks(app: Any) -> set[str]:
+    """The tasks (`"detection"`, `"landmark_2d_106"`, `"recognition"`, ...) a `FaceAnalysis` loaded models for: the
+    keys of its `models` dict (no public getter; `set()` for an object without one)."""
+    return set(getattr(app, "models", None) or {})
