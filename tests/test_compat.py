@@ -255,6 +255,24 @@ def test_accelerate_load_state_is_weights_only_and_restores_every_state(tmp_path
     assert optimizer.state_dict()["state"] == {}
 
 
+def test_accelerate_save_state_file_names(tmp_path):
+    from accelerate import Accelerator
+
+    with internal("accelerate", "the files Accelerator.save_state writes (model.safetensors, optimizer.bin, ...)"):
+        accelerator = Accelerator(cpu=True)
+        model = nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        accelerator.save_state(str(tmp_path))
+        names = {compat.ACCELERATE_MODEL_FILE, compat.ACCELERATE_OPTIMIZER_FILE, compat.ACCELERATE_SCHEDULER_FILE}
+        assert names <= {path.name for path in tmp_path.iterdir()}
+        with safe_open(tmp_path / compat.ACCELERATE_MODEL_FILE, "pt") as weights:
+            assert set(weights.keys()) == {"weight", "bias"}
+        assert "param_groups" in torch.load(tmp_path / compat.ACCELERATE_OPTIMIZER_FILE, weights_only=True)
+        assert "last_epoch" in torch.load(tmp_path / compat.ACCELERATE_SCHEDULER_FILE, weights_only=True)
+
+
 def test_torch_foreach_and_parameter_registry():
     with internal("torch", "torch._foreach_copy_ / torch._foreach_zero_"):
         destinations = [torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(4)]

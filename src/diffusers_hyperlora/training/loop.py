@@ -28,7 +28,14 @@ from ..errors import (
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_path
 from ..utils.checks import is_finite
-from ..utils.compat import adapter_configs, load_accelerate_state, quiet_peft_adapter_warnings
+from ..utils.compat import (
+    ACCELERATE_MODEL_FILE,
+    ACCELERATE_OPTIMIZER_FILE,
+    ACCELERATE_SCHEDULER_FILE,
+    adapter_configs,
+    load_accelerate_state,
+    quiet_peft_adapter_warnings,
+)
 from .conditioning import FrozenEncoders
 from .data import collate_examples
 from .families import family_of, pipeline_denoiser
@@ -57,7 +64,7 @@ STAGE_CONFIG_FILE = "stage_config.json"
 TRAINING_CONFIG_FILE = "training_config.json"
 CHECKPOINT_MARKER = "hyperlora_checkpoint.json"
 CHECKPOINT_FORMAT = "diffusers-hyperlora-training-checkpoint"
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")  # accelerate's save_state names
+CHECKPOINT_FILES = (ACCELERATE_MODEL_FILE, ACCELERATE_OPTIMIZER_FILE, ACCELERATE_SCHEDULER_FILE)
 
 
 @dataclass
@@ -236,19 +243,21 @@ def _verify_checkpoint(folder: Path, predictor: HyperLoRAPredictor, stage: str) 
     for name in CHECKPOINT_FILES:
         if not (folder / name).is_file():
             raise _resume_error(folder, f"{name} is missing (an incomplete or edited checkpoint)")
-    _verify_weights(folder / "model.safetensors", predictor)
-    optimizer = _load_plain(folder / "optimizer.bin")
+    _verify_weights(folder / ACCELERATE_MODEL_FILE, predictor)
+    optimizer = _load_plain(folder / ACCELERATE_OPTIMIZER_FILE)
     groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
-        raise _resume_error(folder, "optimizer.bin holds no optimizer state")
+        raise _resume_error(folder, f"{ACCELERATE_OPTIMIZER_FILE} holds no optimizer state")
     count = sum(len(g["params"]) for g in groups)
     expected = len(trainable_parameter_names(predictor, stage))
     if count != expected:
         raise _resume_error(
-            folder, f"optimizer.bin is for {count} trained tensors, stage {stage!r} of this predictor trains {expected}"
+            folder,
+            f"{ACCELERATE_OPTIMIZER_FILE} is for {count} trained tensors, stage {stage!r} of this predictor trains "
+            f"{expected}",
         )
-    if not isinstance(_load_plain(folder / "scheduler.bin"), dict):
-        raise _resume_error(folder, "scheduler.bin holds no learning-rate scheduler state")
+    if not isinstance(_load_plain(folder / ACCELERATE_SCHEDULER_FILE), dict):
+        raise _resume_error(folder, f"{ACCELERATE_SCHEDULER_FILE} holds no learning-rate scheduler state")
 
 
 def _read_marker(folder: Path) -> dict[str, Any]:

@@ -194,6 +194,14 @@ def remove_accelerate_hooks(pipe: Any) -> None:
             remove_hook_from_module(component, recurse=True)
 
 
+# `accelerator.save_state` of one prepared model, optimizer and scheduler writes them to these files (accelerate's
+# `SAFE_MODEL_NAME`, `OPTIMIZER_NAME` and `SCHEDULER_NAME` plus extensions; the folder layout is not documented). A
+# checkpoint is checked file by file before `load_state` touches anything.
+ACCELERATE_MODEL_FILE = "model.safetensors"
+ACCELERATE_OPTIMIZER_FILE = "optimizer.bin"
+ACCELERATE_SCHEDULER_FILE = "scheduler.bin"
+
+
 def load_accelerate_state(accelerator: Any, folder: str) -> None:
     """`accelerator.load_state(folder)`, every pickled file unpickled weights-only (tensors, plain containers and
     numpy arrays, never code).
