@@ -8,6 +8,8 @@ import copy
 import importlib.metadata
 import inspect
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -372,3 +374,31 @@ def test_insightface_loads_a_folder_without_downloading(tmp_path):
             shutil.copy(pack / name, faceless / name)
         assert compat.insightface_app_from_folder(faceless, cpu, FACE_TASKS) is None
     assert compat.insightface_tasks(object()) == set()
+
+
+def test_the_lora_loaders_module_defines_the_mixins_the_pipelines_use():
+    """`pipeline/install.py` installs the pipeline methods when this module loads: it must define the loader mixins
+    (not re-export them), and the pipelines must derive from them."""
+    import diffusers.loaders
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    names = ("StableDiffusionXLLoraLoaderMixin", "StableDiffusionLoraLoaderMixin", "SD3LoraLoaderMixin")
+    pipelines = (StableDiffusionXLPipeline, StableDiffusionPipeline, StableDiffusion3Pipeline, FluxPipeline)
+    with internal("diffusers", f"the module {compat.LORA_LOADERS_MODULE} that defines the LoRA loader mixins"):
+        module = importlib.import_module(compat.LORA_LOADERS_MODULE)
+        for name in (*names, "FluxLoraLoaderMixin"):
+            mixin = getattr(diffusers.loaders, name)
+            assert getattr(module, name) is mixin and mixin.__module__ == compat.LORA_LOADERS_MODULE, name
+        for pipeline in pipelines:
+            assert any(base.__module__ == compat.LORA_LOADERS_MODULE for base in pipeline.__mro__), pipeline
+
+
+def test_importing_compat_loads_only_the_standard_library():
+    """`import diffusers_hyperlora` reads `LORA_LOADERS_MODULE` from here and must stay light."""
+    code = (
+        "import sys\n"
+        "import diffusers_hyperlora.utils.compat\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'peft', 'accelerate', 'insightface') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -4,6 +4,9 @@ Each function below reaches something with no public equivalent (a private attri
 behaviour no API promises). Keeping them here means an upgrade of one of those libraries breaks this file only;
 `tests/test_compat.py` checks every one of them against the installed versions and names the library and its
 version when one changed. Callers elsewhere in the package use these names, never the internals themselves.
+
+Importing this module loads the standard library only (torch, PEFT and diffusers are imported by the functions that
+use them): `pipeline/install.py` reads `LORA_LOADERS_MODULE` during `import diffusers_hyperlora`, which stays light.
 """
 
 from __future__ import annotations
@@ -14,11 +17,18 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch import nn
+
+# ---------------------------------------------------------------------------------------------- diffusers modules
+# The module that defines diffusers' SD / SDXL LoRA loader mixins (exported by `diffusers.loaders`). Every such
+# pipeline class imports it, so the pipeline methods are installed when it loads; the module path is diffusers'
+# own layout (older releases named it `diffusers.loaders.lora`), not an API.
+LORA_LOADERS_MODULE = "diffusers.loaders.lora_pipeline"
 
 # ---------------------------------------------------------------------------------------------- state-dict layout
 # PEFT stores a wrapped layer's own weights under `<path>.base_layer.<name>` and an adapter's factors under
@@ -117,9 +127,11 @@ def remove_peft_wrappers(model: nn.Module) -> None:
     diffusers has no public "remove the empty PEFT wrappers" call; this is what its `unload_lora` does, including
     resetting the private `_hf_peft_config_loaded` flag so that a later `load_lora_weights` starts fresh.
     """
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     if not any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         return
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
     recurse_remove_peft_layers(model)
     if hasattr(model, "peft_config"):
@@ -134,6 +146,8 @@ def denoiser_call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch
     `UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)`: pipelines pass the conditioning
     by keyword, but the positional order (index 2) is diffusers' signature, not a documented contract.
     """
+    import torch
+
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
     prompts = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
     return sample, prompts if isinstance(prompts, torch.Tensor) else None
@@ -168,6 +182,8 @@ def calling_pipeline_guidance() -> bool | None:
 
 def execution_device(pipe: Any) -> torch.device | None:
     """Where the pipeline computes (accelerate offload hooks included): its `_execution_device`, no public name."""
+    import torch
+
     device = getattr(pipe, "_execution_device", None)
     return None if device is None else torch.device(device)
 
@@ -188,6 +204,7 @@ def remove_accelerate_hooks(pipe: Any) -> None:
     diffusers' own `load_lora_weights` does the same through its private `_func_optionally_disable_offloading`.
     """
     from accelerate.hooks import remove_hook_from_module
+    from torch import nn
 
     for component in pipe.components.values():
         if isinstance(component, nn.Module) and hasattr(component, "_hf_hook"):
@@ -212,6 +229,8 @@ def load_accelerate_state(accelerator: Any, folder: str) -> None:
     random states and fails on their missing "step" (KeyError). Those numpy types, which run no code, are allowed for
     the call (torch < 2.6 unpickles without restriction there, as accelerate < 1.2 always did).
     """
+    import torch
+
     if "load_kwargs" in inspect.signature(accelerator.load_state).parameters:
         accelerator.load_state(folder, load_kwargs={"weights_only": True})
         return
@@ -243,11 +262,15 @@ def group_offload_enabled(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------- torch
 def foreach_copy_(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """`destinations[i].copy_(sources[i])` for all `i` in a few kernels (torch's private `_foreach_copy_`)."""
+    import torch
+
     torch._foreach_copy_(destinations, sources)
 
 
 def foreach_zero_(tensors: list[torch.Tensor]) -> None:
     """Zero every tensor in a few kernels (torch's private `_foreach_zero_`)."""
+    import torch
+
     torch._foreach_zero_(tensors)
 
 
