@@ -241,17 +241,32 @@ def test_every_error_class_is_ours_and_a_builtin():
             assert any(base.__module__ == "builtins" and base is not Exception for base in cls.__mro__), cls
 
 
-def _argument_cases():
+def _argument_cases(tmp_path):
+    from types import SimpleNamespace
+
     import torch
 
-    from diffusers_hyperlora.face.analyzer import select_providers, to_detected_face
+    from diffusers_hyperlora.adapters.sliders import HyperLoRASlider, check_slider_weight
+    from diffusers_hyperlora.face.analyzer import resolve_face_models_dir, select_providers, to_detected_face
     from diffusers_hyperlora.face.crops import SquareCrop, base_crop_box
     from diffusers_hyperlora.identities.cache import check_budget
+    from diffusers_hyperlora.identities.identity import HyperLoRAIdentity
     from diffusers_hyperlora.identities.inputs import resolve_identity
+    from diffusers_hyperlora.io.hub import HubOptions
     from diffusers_hyperlora.io.lora_files import lora_rank
+    from diffusers_hyperlora.io.release import save_release_checkpoint
     from diffusers_hyperlora.model.config import HyperLoRAConfig
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
+    from diffusers_hyperlora.training.losses import diffusion_target
+    from diffusers_hyperlora.training.stages import check_stage
     from diffusers_hyperlora.utils.checks import parse_dtype
 
+    predictor = tiny_hyperlora_predictor()  # reads ArcFace (512) and CLIP (48 wide) features, no Base branch
+    arcface, clip = torch.randn(1, 512), torch.randn(1, 3, 48)
+    library_folder = tmp_path / "library"
+    predictor.save_pretrained(library_folder)
+    no_clip = SimpleNamespace(config=SimpleNamespace(has_base=True, use_image_embeds=False, use_id_embeds=False))
+    scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"))
     return [
         (lambda: HyperLoRAConfig(num_basis=0), "num_basis"),
         (lambda: HyperLoRAConfig(base_rank=-1), "base_rank"),
@@ -261,18 +276,37 @@ def _argument_cases():
         (lambda: base_crop_box(SquareCrop(5.0, 5.0, 2.0), (10, 10), (1.0, 0.0, 1.0, 1.0)), "base_crop_scale"),
         (lambda: select_providers(["CPUExecutionProvider"], False, ["CUDAExecutionProvider"]), "providers"),
         (lambda: to_detected_face({"kps": None}), "face_analyzer"),
+        (lambda: resolve_face_models_dir(tmp_path / "no-face-models"), "face_analyzer"),
         (lambda: check_budget(-1), "max_bytes"),
         (lambda: resolve_identity([], lambda photos: None), "inputs"),
+        (lambda: HyperLoRAIdentity.merge(["person.safetensors"]), "identities"),
         (lambda: lora_rank({"x": torch.zeros(1)}), "state_dict"),
         (lambda: parse_dtype("int8"), "dtype"),
+        (lambda: HubOptions.of(["main"]), "hub_options"),
+        (lambda: HubOptions.of({"revison": "main"}), "hub_options"),
+        (lambda: HyperLoRASlider(neutral="neutral.png", edited=None), "neutral"),
+        (lambda: check_slider_weight("strong"), "weight"),
+        (lambda: check_slider_weight(float("inf")), "weight"),
+        (lambda: predictor.predict(None, clip), "id_embeds"),
+        (lambda: predictor.predict(torch.randn(1, 7), clip), "id_embeds"),
+        (lambda: predictor.predict(torch.full((1, 512), float("nan")), clip), "id_embeds"),
+        (lambda: predictor.predict(arcface, None), "clip_hidden_states"),
+        (lambda: predictor.predict(arcface, torch.randn(1, 3, 7)), "clip_hidden_states"),
+        (lambda: predictor.predict(arcface, torch.randn(2, 3, 48)), "clip_hidden_states"),
+        (lambda: save_release_checkpoint(predictor, library_folder), "folder"),
+        (lambda: check_stage(predictor, "warmup"), "stage"),
+        (lambda: check_stage(predictor, "base"), "stage"),
+        (lambda: check_stage(no_clip, "id_clip"), "stage"),
+        (lambda: check_stage(no_clip, "id_full"), "stage"),
+        (lambda: diffusion_target(scheduler, clip, clip, torch.zeros(1)), "noise_scheduler"),
     ]
 
 
-def test_parameter_errors_name_their_argument():
+def test_parameter_errors_name_their_argument(tmp_path):
     """Front ends (CLI, demo) map `error.argument` to their own spelling of the input."""
     from diffusers_hyperlora.errors import HyperLoRAError
 
-    for call, argument in _argument_cases():
+    for call, argument in _argument_cases(tmp_path):
         with pytest.raises(HyperLoRAError) as caught:
             call()
         assert caught.value.argument == argument, (argument, str(caught.value))

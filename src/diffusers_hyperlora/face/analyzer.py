@@ -156,7 +156,8 @@ def resolve_face_models_dir(path: str | os.PathLike) -> Path:
         + ". Expected a folder with AntelopeV2's ONNX files (scrfd_10g_bnkps.onnx, 2d106det.onnx, glintr100.onnx), "
         "an `antelopev2` folder (also the nested `antelopev2/antelopev2` of the unpacked zip) or an insightface root "
         "(`<root>/models/antelopev2`). Fix: unpack antelopev2.zip there, or pass `face_analyzer=` a folder or "
-        "Hub repo that holds the files."
+        "Hub repo that holds the files.",
+        argument="face_analyzer",
     )
 
 
@@ -224,7 +225,8 @@ class FaceAnalyzer:
         except CheckpointNotFoundError as error:
             raise FaceModelsNotFoundError(
                 f"{error} Alternatively pass `face_analyzer=` a folder with AntelopeV2's .onnx files, an insightface "
-                "root or a FaceAnalysis object."
+                "root or a FaceAnalysis object.",
+                argument="face_analyzer",
             ) from error
         return cls(load_insightface_app(resolve_face_models_dir(folder), providers), det_thresh=det_thresh)
 
@@ -276,13 +278,15 @@ def load_insightface_app(folder: str | os.PathLike, providers: Sequence[Any] | N
     if app is None:
         raise FaceModelsNotFoundError(
             f"The face models in {str(folder)!r} have no face detector insightface recognizes (e.g. "
-            "scrfd_10g_bnkps.onnx). Use the complete AntelopeV2 pack."
+            "scrfd_10g_bnkps.onnx). Use the complete AntelopeV2 pack.",
+            argument="face_analyzer",
         )
     missing = [task for task in ("landmark_2d_106", "recognition") if task not in insightface_tasks(app)]
     if "landmark_2d_106" in missing:
         raise FaceModelsNotFoundError(
             f"The face models in {str(folder)!r} lack the 106-point landmark model (2d106det.onnx) that HyperLoRA's "
-            "crops need. Use the complete AntelopeV2 pack."
+            "crops need. Use the complete AntelopeV2 pack.",
+            argument="face_analyzer",
         )
     if missing:
         logger.warning(

@@ -339,5 +339,6 @@ def _refuse_library_checkpoint(folder: Path) -> None:
         raise InvalidArgumentError(
             f"{str(folder)!r} holds a HyperLoRA checkpoint in the library format ({CONFIG_NAME}), which would be "
             "loaded instead of the release-layout files written there. Write the release layout to another folder, "
-            f"or delete {CONFIG_NAME} and the model*.safetensors files first."
+            f"or delete {CONFIG_NAME} and the model*.safetensors files first.",
+            argument="folder",
         )

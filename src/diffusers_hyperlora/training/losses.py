@@ -127,7 +127,11 @@ def diffusion_target(
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     if prediction_type == "sample":
         return latents
-    raise TrainingConfigError(f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
+    raise TrainingConfigError(
+        f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}. Train with a "
+        "noise scheduler of one of these prediction types.",
+        argument="noise_scheduler",
+    )
 
 
 def lora_unet_prediction(
