@@ -254,7 +254,8 @@ class HyperLoRAAdapters:
         pairs = self._pairs(adapter_name)
         if len(pairs) != len(weights):
             raise InvalidArgumentError(
-                f"Expected {len(pairs)} (down, up) pairs for {adapter_name!r}, got {len(weights)}."
+                f"Expected {len(pairs)} (down, up) pairs for {adapter_name!r}, got {len(weights)}: pass one pair per "
+                "target linear of this checkpoint (`predictor.lora_weights(identity, branch)`)."
             )
 
         def update() -> None:
@@ -274,7 +275,10 @@ class HyperLoRAAdapters:
         """
         self._check_branch(branch)
         if len(groups) != len(mixed):
-            raise InvalidArgumentError(f"Expected factors for {len(groups)} shape groups, got {len(mixed)}.")
+            raise InvalidArgumentError(
+                f"Expected factors for {len(groups)} shape groups, got {len(mixed)}: pass what this checkpoint's "
+                "`BasisBank.mix` returns."
+            )
         destinations = self._group_destinations(branch, groups)
 
         def update() -> None:
@@ -327,7 +331,8 @@ class HyperLoRAAdapters:
         if not exists:
             if len(factors) != len(self._layers):
                 raise InvalidArgumentError(
-                    f"Expected slider factors for {len(self._layers)} linears, got {len(factors)}."
+                    f"Expected slider factors for {len(self._layers)} linears, got {len(factors)}: pass one pair per "
+                    "target linear of this checkpoint (`HyperLoRASlider.lora_weights(predictor)`)."
                 )
             paths = [linear.module_path for linear in self.config.linears]
             lora_config = LoraConfig(

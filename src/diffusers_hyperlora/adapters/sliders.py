@@ -41,7 +41,8 @@ def difference_factors(edited: LoraFactors, neutral: LoraFactors) -> list[tuple[
     """
     if len(edited) != len(neutral):
         raise InvalidArgumentError(
-            f"Edited and neutral LoRAs cover {len(edited)} and {len(neutral)} linears; they must match."
+            f"Edited and neutral LoRAs cover {len(edited)} and {len(neutral)} linears; they must match: predict "
+            "both with the same checkpoint."
         )
     return [
         (torch.cat([down_e, down_n], dim=0), torch.cat([up_e, -up_n], dim=1))

@@ -96,7 +96,10 @@ def _check_dataset(dataset: Any, predictor: HyperLoRAPredictor, stage: str) -> N
             argument="dataset",
         )
     if len(dataset) == 0:
-        raise TrainingDataError("The training dataset is empty.")
+        raise TrainingDataError(
+            "The training dataset is empty: give it at least one image (`HyperLoRATrainingDataset.from_folder`).",
+            argument="dataset",
+        )
     if not hasattr(dataset, "item"):  # a plain dataset: its items must be dicts (see `training.data`)
         first = dataset[0]
         if not isinstance(first, Mapping) or "caption" not in first:

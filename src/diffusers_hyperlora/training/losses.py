@@ -72,7 +72,10 @@ def stage_coefficients(
     def features(kind: str, sample: int) -> torch.Tensor | None:
         values = batch.get(kind)
         if values is None:
-            raise TrainingDataError(f"Stage {stage!r} needs `{kind}` for every sample, but the batch has none.")
+            raise TrainingDataError(
+                f"Stage {stage!r} needs `{kind}` for every sample, but the batch has none. Cache the features with "
+                "`cache_features(root, extractor)`, or give every record its `{kind}`."
+            )
         return torch.as_tensor(values[sample]).to(**cast)
 
     def per_image(sample: int) -> torch.Tensor:
