@@ -4,6 +4,7 @@ upgrade, fix `utils/compat.py` (and only it)."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib.metadata
 import inspect
@@ -13,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import peft
 import pytest
@@ -402,3 +404,96 @@ def test_importing_compat_loads_only_the_standard_library():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------- the one place
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusers_hyperlora"
+COMPAT = PACKAGE / "utils" / "compat.py"
+# Public-looking names of other libraries' internals that utils/compat.py wraps (attributes, functions, classes).
+INTERNAL_NAMES = {
+    "merged_adapters",  # PEFT LoraLayer bookkeeping
+    "disable_adapters",
+    "scaling",
+    "recurse_remove_peft_layers",  # diffusers.utils.peft_utils
+    "peft_config",  # set by diffusers' add_adapter
+    "DiagonalGaussianDistribution",  # diffusers.models.autoencoders.vae
+    "FaceAnalysis",  # insightface: loaded from a folder by compat
+    "filterwarnings",  # PEFT warnings filtered by their text
+    "f_locals",  # the calling pipeline's frame
+}
+
+
+def _private_reaches(path: Path) -> list[str]:
+    """`file:line: what` for each internal of another library that `path` reaches itself."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    stdlib_modules = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+        if alias.name.split(".")[0] in sys.stdlib_module_names
+    }
+    found = []
+
+    def flag(node: ast.AST, what: str) -> None:
+        found.append(f"{path.name}:{node.lineno}: {what}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            base = ast.unparse(node.value)
+            private = node.attr.startswith("_") and not node.attr.startswith("__")
+            ours = base in {"self", "cls", "super()"} or base in stdlib_modules
+            if private and not ours:
+                flag(node, ast.unparse(node))
+            elif node.attr in INTERNAL_NAMES:
+                flag(node, ast.unparse(node))
+        elif isinstance(node, ast.Name) and node.id in INTERNAL_NAMES:
+            flag(node, node.id)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module != "__future__":
+            parts = (node.module or "").split(".") + [alias.name for alias in node.names]
+            if any(part.startswith("_") for part in parts) or set(parts) & INTERNAL_NAMES:
+                flag(node, f"from {node.module} import {', '.join(alias.name for alias in node.names)}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in {"getattr", "hasattr", "setattr"}:
+            name = node.args[1] if len(node.args) > 1 else None
+            text = str(name.value) if isinstance(name, ast.Constant) else ""
+            if (text.startswith("_") and not text.startswith("__")) or text in INTERNAL_NAMES:
+                flag(node, ast.unparse(node))
+        elif isinstance(node, ast.Constant) and node.value == compat.LORA_LOADERS_MODULE:
+            flag(node, repr(node.value))
+    return sorted(found, key=lambda line: int(line.split(":")[1]))
+
+
+@pytest.mark.parametrize(
+    "relative", [p.relative_to(PACKAGE).as_posix() for p in sorted(PACKAGE.rglob("*.py")) if p != COMPAT]
+)
+def test_only_compat_reaches_other_libraries_internals(relative):
+    found = _private_reaches(PACKAGE / relative)
+    assert not found, "move these into diffusers_hyperlora/utils/compat.py (with a test here):\n" + "\n".join(found)
+
+
+def test_the_internals_scan_finds_what_it_should(tmp_path):
+    source = tmp_path / "sample.py"
+    source.write_text(
+        "import argparse\n"
+        "from diffusers.hooks.group_offloading import _is_group_offload_enabled\n"  # 2
+        "from diffusers.utils.peft_utils import recurse_remove_peft_layers\n"  # 3
+        "def f(self, pipe, layer):\n"
+        "    pipe._execution_device\n"  # 5
+        "    getattr(pipe.unet, '_hf_hook', None)\n"  # 6
+        "    layer.merged_adapters.clear()\n"  # 7
+        "    layer.scaling['id']\n"  # 8
+        "    self._ours, super()._hook(), argparse._ActionsContainer, pipe.__class__\n"
+        "    return 'diffusers.loaders.lora_pipeline'\n"  # 10
+        "def g(unet):\n"
+        "    return getattr(unet, 'peft_config', None), getattr(unet, 'config', None)\n"  # 12
+    )
+    assert _private_reaches(source) == [
+        "sample.py:2: from diffusers.hooks.group_offloading import _is_group_offload_enabled",
+        "sample.py:3: from diffusers.utils.peft_utils import recurse_remove_peft_layers",
+        "sample.py:5: pipe._execution_device",
+        "sample.py:6: getattr(pipe.unet, '_hf_hook', None)",
+        "sample.py:7: layer.merged_adapters",
+        "sample.py:8: layer.scaling",
+        "sample.py:10: 'diffusers.loaders.lora_pipeline'",
+        "sample.py:12: getattr(unet, 'peft_config', None)",
+    ]
