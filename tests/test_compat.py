@@ -497,3 +497,28 @@ def test_the_internals_scan_finds_what_it_should(tmp_path):
         "sample.py:10: 'diffusers.loaders.lora_pipeline'",
         "sample.py:12: getattr(unet, 'peft_config', None)",
     ]
+
+
+def test_flux_latent_packing():
+    with internal("diffusers", "FluxPipeline._pack_latents / _unpack_latents / _prepare_latent_image_ids"):
+        latents = torch.randn(2, 4, 6, 8)
+        packed = compat.flux_pack_latents(latents)
+        assert packed.shape == (2, 3 * 4, 4 * 4)
+        for row, column, i, j in ((0, 0, 0, 0), (2, 3, 1, 1), (1, 2, 0, 1)):
+            patch = packed[:, row * 4 + column].view(2, 4, 2, 2)  # [B, C, 2, 2]: channel-major 2x2 patches
+            assert torch.equal(patch[:, :, i, j], latents[:, :, 2 * row + i, 2 * column + j])
+        assert torch.equal(compat.flux_unpack_latents(packed, 6, 8), latents)
+        ids = compat.flux_latent_image_ids(3, 4, torch.device("cpu"), torch.float32)
+        rows, columns = torch.meshgrid(torch.arange(3.0), torch.arange(4.0), indexing="ij")
+        assert torch.equal(ids, torch.stack([torch.zeros(3, 4), rows, columns], dim=-1).reshape(12, 3))
+
+
+def test_every_compat_name_is_checked_here():
+    """Each function and constant of utils/compat.py is exercised by a test of this file."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    functions = [n for n, v in vars(compat).items() if callable(v) and getattr(v, "__module__", "") == compat.__name__]
+    constants = [n for n, v in vars(compat).items() if n.isupper() and isinstance(v, str | tuple)]
+    names = [name for name in functions + constants if not name.startswith("_")]
+    assert len(names) > 30
+    unchecked = [name for name in names if f"compat.{name}" not in source]
+    assert not unchecked, f"add a test of {unchecked} to tests/test_compat.py"
