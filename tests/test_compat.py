@@ -522,3 +522,25 @@ def test_every_compat_name_is_checked_here():
     assert len(names) > 30
     unchecked = [name for name in names if f"compat.{name}" not in source]
     assert not unchecked, f"add a test of {unchecked} to tests/test_compat.py"
+
+
+def test_pipeline_repeats_each_prompt_for_its_images(pipe):
+    """Per-sample identities give the rows `prompts x num_images_per_prompt` in order (`batch_rows`): diffusers
+    repeats each prompt's embeddings for its images next to each other, in each guidance half."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append(compat.denoiser_call_inputs(args, kwargs)[1])
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        options = dict(num_inference_steps=1, height=64, width=64, output_type="latent", num_images_per_prompt=2)
+        pipe(["a", "b"], guidance_scale=5.0, generator=torch.Generator().manual_seed(0), **options)
+    finally:
+        handle.remove()
+    with internal("diffusers", "encode_prompt's repeat of each prompt for num_images_per_prompt"):
+        (prompts,) = calls
+        assert prompts.shape[0] == 8  # [uncond a, uncond a, uncond b, uncond b, a, a, b, b]
+        conditional = prompts[4:]
+        assert torch.equal(conditional[0], conditional[1]) and torch.equal(conditional[2], conditional[3])
+        assert not torch.equal(conditional[1], conditional[2])
