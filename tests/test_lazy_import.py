@@ -85,5 +85,7 @@ def test_a_lazy_name_loads_its_module_on_first_use_only():
         "diffusers_hyperlora.errors",
         "diffusers_hyperlora.pipeline",
         "diffusers_hyperlora.pipeline.install",
+        "diffusers_hyperlora.utils",
+        "diffusers_hyperlora.utils.compat",  # names diffusers' LoRA loaders module; standard library only
     }, f"`import diffusers_hyperlora` loads more than the errors and the installer: {sorted(loaded)}"
     assert after == "(True, True)"

@@ -304,6 +304,17 @@ def test_train_stage_errors(pipe, tmp_path):
         train_stage(pipe, no_base, dataset, StageConfig("id_clip", steps=1, output_dir=str(tmp_path)))
 
 
+def test_train_stage_refuses_a_denoiser_that_carries_other_adapters(pipe, tmp_path):
+    from peft import LoraConfig
+
+    dataset = tiny_training_dataset(num_people=1, images_per_person=1, with_base=False)
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="style")
+    predictor = tiny_hyperlora_predictor(pipe.unet)
+    with pytest.raises(TrainingConfigError, match=r"already carries adapters \['style'\]") as caught:
+        train_stage(pipe, predictor, dataset, StageConfig("id_clip", output_dir=str(tmp_path)))
+    assert caught.value.argument == "pipe" and not any(tmp_path.iterdir())
+
+
 def test_diffusion_targets():
     latents, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     timesteps = torch.tensor([10, 900])

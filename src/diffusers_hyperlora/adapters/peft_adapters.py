@@ -147,14 +147,19 @@ class HyperLoRAAdapters:
         """
         check_targets(denoiser, config.linears)
         if id_name == base_name:
-            raise AdapterNameConflictError(f"The ID and Base adapters need different names, got {id_name!r} twice.")
+            raise AdapterNameConflictError(
+                f"The ID and Base adapters need different names, got {id_name!r} twice: pass another "
+                "`base_adapter_name`.",
+                argument="base_adapter_name",
+            )
         existing = set(adapter_configs(denoiser)) - set(replacing)
         for name in (id_name, base_name):
             if name in existing:
                 raise AdapterNameConflictError(
                     f"The {denoiser.__class__.__name__} already has an adapter named {name!r}. Delete it "
                     f"(`pipe.delete_adapters({name!r})`) or load HyperLoRA under other names, e.g. "
-                    "`load_hyperlora(..., id_adapter_name='hyper_id', base_adapter_name='hyper_base')`."
+                    "`load_hyperlora(..., id_adapter_name='hyper_id', base_adapter_name='hyper_base')`.",
+                    argument="id_adapter_name" if name == id_name else "base_adapter_name",
                 )
 
     @classmethod
@@ -216,7 +221,8 @@ class HyperLoRAAdapters:
     def _check_branch(self, branch: str) -> None:
         if branch == "base" and not self.config.has_base:
             raise InvalidArgumentError(
-                "This checkpoint has no Base branch; its 'base' adapter is a zero placeholder: write branch 'id'."
+                "This checkpoint has no Base branch; its 'base' adapter is a zero placeholder: write branch 'id'.",
+                argument="branch",
             )
 
     def _group_destinations(self, branch: str, groups: list[BankGroup]) -> list[tuple[list[nn.Parameter], ...]]:
@@ -248,7 +254,8 @@ class HyperLoRAAdapters:
         pairs = self._pairs(adapter_name)
         if len(pairs) != len(weights):
             raise InvalidArgumentError(
-                f"Expected {len(pairs)} (down, up) pairs for {adapter_name!r}, got {len(weights)}."
+                f"Expected {len(pairs)} (down, up) pairs for {adapter_name!r}, got {len(weights)}: pass one pair per "
+                "target linear of this checkpoint (`predictor.lora_weights(identity, branch)`)."
             )
 
         def update() -> None:
@@ -268,7 +275,10 @@ class HyperLoRAAdapters:
         """
         self._check_branch(branch)
         if len(groups) != len(mixed):
-            raise InvalidArgumentError(f"Expected factors for {len(groups)} shape groups, got {len(mixed)}.")
+            raise InvalidArgumentError(
+                f"Expected factors for {len(groups)} shape groups, got {len(mixed)}: pass what this checkpoint's "
+                "`BasisBank.mix` returns."
+            )
         destinations = self._group_destinations(branch, groups)
 
         def update() -> None:
@@ -315,12 +325,14 @@ class HyperLoRAAdapters:
         if exists and not replace:
             raise AdapterNameConflictError(
                 f"The {self.denoiser.__class__.__name__} already has an adapter named {name!r}. Pick another "
-                f"slider name (`adapter_name=...`) or delete that adapter first (`pipe.delete_adapters({name!r})`)."
+                f"slider name (`adapter_name=...`) or delete that adapter first (`pipe.delete_adapters({name!r})`).",
+                argument="adapter_name",
             )
         if not exists:
             if len(factors) != len(self._layers):
                 raise InvalidArgumentError(
-                    f"Expected slider factors for {len(self._layers)} linears, got {len(factors)}."
+                    f"Expected slider factors for {len(self._layers)} linears, got {len(factors)}: pass one pair per "
+                    "target linear of this checkpoint (`HyperLoRASlider.lora_weights(predictor)`)."
                 )
             paths = [linear.module_path for linear in self.config.linears]
             lora_config = LoraConfig(

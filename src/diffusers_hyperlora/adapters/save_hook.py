@@ -13,14 +13,19 @@ Export a predicted LoRA with `pipe.hyperlora.export_lora(...)` instead.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Collection
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..utils.compat import ADAPTER_CONTAINERS, BASE_LAYER_KEY, layer_adapter_names
+from ..utils.compat import (
+    ADAPTER_CONTAINERS,
+    BASE_LAYER_KEY,
+    layer_adapter_names,
+    override_save_pretrained,
+    restore_save_pretrained,
+)
 
 _MARK = "_hyperlora_adapter_names"
 
@@ -65,8 +70,8 @@ class _Unhide:
         self.denoiser = denoiser
 
     def remove(self) -> None:
-        for name in ("save_pretrained", _MARK):
-            self.denoiser.__dict__.pop(name, None)
+        restore_save_pretrained(self.denoiser)
+        self.denoiser.__dict__.pop(_MARK, None)
 
 
 def hide_adapters_when_saving(denoiser: nn.Module, adapter_names: Callable[[], Collection[str]]) -> _Unhide:
@@ -77,5 +82,5 @@ def hide_adapters_when_saving(denoiser: nn.Module, adapter_names: Callable[[], C
     bound method of this instance, so a `copy.deepcopy` of the denoiser saves itself.
     """
     denoiser.__dict__[_MARK] = adapter_names
-    denoiser.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_without_adapters, denoiser)
+    override_save_pretrained(denoiser, _save_pretrained_without_adapters)
     return _Unhide(denoiser)

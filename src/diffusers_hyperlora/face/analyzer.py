@@ -29,6 +29,7 @@ from ..errors import (
     MissingDependencyError,
 )
 from ..io.hub import HubOptions, Location, resolve_location
+from ..utils.compat import insightface_app_from_folder, insightface_tasks
 from .crops import box_area
 
 logger = logging.get_logger(__name__)
@@ -155,7 +156,8 @@ def resolve_face_models_dir(path: str | os.PathLike) -> Path:
         + ". Expected a folder with AntelopeV2's ONNX files (scrfd_10g_bnkps.onnx, 2d106det.onnx, glintr100.onnx), "
         "an `antelopev2` folder (also the nested `antelopev2/antelopev2` of the unpacked zip) or an insightface root "
         "(`<root>/models/antelopev2`). Fix: unpack antelopev2.zip there, or pass `face_analyzer=` a folder or "
-        "Hub repo that holds the files."
+        "Hub repo that holds the files.",
+        argument="face_analyzer",
     )
 
 
@@ -223,7 +225,8 @@ class FaceAnalyzer:
         except CheckpointNotFoundError as error:
             raise FaceModelsNotFoundError(
                 f"{error} Alternatively pass `face_analyzer=` a folder with AntelopeV2's .onnx files, an insightface "
-                "root or a FaceAnalysis object."
+                "root or a FaceAnalysis object.",
+                argument="face_analyzer",
             ) from error
         return cls(load_insightface_app(resolve_face_models_dir(folder), providers), det_thresh=det_thresh)
 
@@ -260,8 +263,8 @@ class FaceAnalyzer:
 def load_insightface_app(folder: str | os.PathLike, providers: Sequence[Any] | None = None) -> Any:
     """`insightface.app.FaceAnalysis` over the ONNX files of `folder` (detection, 2d106 landmarks, recognition)."""
     try:
+        import insightface.app  # noqa: F401 - loaded by utils.compat.insightface_app_from_folder
         import onnxruntime
-        from insightface.app import FaceAnalysis
     except ImportError as error:
         raise MissingDependencyError(
             "Reading faces from photos needs insightface and onnxruntime: `pip install 'diffusers-hyperlora[face]'` "
@@ -271,20 +274,19 @@ def load_insightface_app(folder: str | os.PathLike, providers: Sequence[Any] | N
     folder = Path(folder).resolve()
     chosen = select_providers(onnxruntime.get_available_providers(), _gpu_available(), providers)
     logger.info(f"Loading face models from {folder} with {chosen}.")
-    try:
-        app = FaceAnalysis(
-            name=str(folder), root=str(folder.parent), allowed_modules=list(FACE_TASKS), providers=chosen
-        )
-    except AssertionError as error:  # insightface asserts that a detector was found
+    app = insightface_app_from_folder(folder, chosen, FACE_TASKS)
+    if app is None:
         raise FaceModelsNotFoundError(
             f"The face models in {str(folder)!r} have no face detector insightface recognizes (e.g. "
-            "scrfd_10g_bnkps.onnx). Use the complete AntelopeV2 pack."
-        ) from error
-    missing = [task for task in ("landmark_2d_106", "recognition") if task not in getattr(app, "models", {})]
+            "scrfd_10g_bnkps.onnx). Use the complete AntelopeV2 pack.",
+            argument="face_analyzer",
+        )
+    missing = [task for task in ("landmark_2d_106", "recognition") if task not in insightface_tasks(app)]
     if "landmark_2d_106" in missing:
         raise FaceModelsNotFoundError(
             f"The face models in {str(folder)!r} lack the 106-point landmark model (2d106det.onnx) that HyperLoRA's "
-            "crops need. Use the complete AntelopeV2 pack."
+            "crops need. Use the complete AntelopeV2 pack.",
+            argument="face_analyzer",
         )
     if missing:
         logger.warning(

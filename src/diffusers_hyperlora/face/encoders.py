@@ -109,7 +109,8 @@ class CLIPImageEncoder:
             raise FeatureShapeError(
                 f"The CLIP image encoder is {self.hidden_size} wide but {what} reads {expected}-wide CLIP features "
                 "(HyperLoRAConfig.image_embed_dim). Pass `image_encoder=` the encoder the checkpoint was trained "
-                "with (the release: openai/clip-vit-large-patch14, 1024 wide)."
+                "with (the release: openai/clip-vit-large-patch14, 1024 wide).",
+                argument="image_encoder",
             )
 
     def pixel_values(self, images: list[Any]) -> torch.Tensor:

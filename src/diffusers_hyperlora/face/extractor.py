@@ -145,7 +145,9 @@ class FaceFeatureExtractor:
     def image_encoder(self) -> CLIPImageEncoder:
         """The CLIP encoder (loaded now if it was not yet)."""
         if self._image_encoder is None:
-            raise FaceModelsNotFoundError("No CLIP image encoder was given: pass `image_encoder=` to load_hyperlora.")
+            raise FaceModelsNotFoundError(
+                "No CLIP image encoder was given: pass `image_encoder=` to load_hyperlora.", argument="image_encoder"
+            )
         if not isinstance(self._image_encoder, CLIPImageEncoder):
             self._image_encoder = self._image_encoder()
             self._image_encoder.check_width(self.config.image_embed_dim)
@@ -178,7 +180,8 @@ class FaceFeatureExtractor:
         if face.landmarks is None or face.landmarks.shape[0] < 106:
             raise FaceModelsNotFoundError(
                 "The face analyzer gave no 106-point landmarks (`landmark_2d_106`), which the HyperLoRA crops need. "
-                "Use AntelopeV2 with its 2d106det.onnx, or make your analyzer's faces carry `landmark_2d_106`."
+                "Use AntelopeV2 with its 2d106det.onnx, or make your analyzer's faces carry `landmark_2d_106`.",
+                argument="face_analyzer",
             )
         return face
 
@@ -300,7 +303,8 @@ class FaceFeatureExtractor:
             if missing:
                 raise FaceModelsNotFoundError(
                     f"No ArcFace embedding for {', '.join(missing)}: the face analyzer has no recognition model. Use "
-                    "AntelopeV2 with glintr100.onnx, or an analyzer whose faces carry `normed_embedding`."
+                    "AntelopeV2 with glintr100.onnx, or an analyzer whose faces carry `normed_embedding`.",
+                    argument="face_analyzer",
                 )
             for p in prepared:
                 check_embedding(p.id_embedding, p.source)

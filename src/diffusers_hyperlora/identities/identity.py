@@ -140,7 +140,8 @@ def _check_same_checkpoint(identities: Sequence[HyperLoRAIdentity], what: str) -
         if not isinstance(other, HyperLoRAIdentity):
             raise InvalidArgumentTypeError(
                 f"HyperLoRAIdentity.{what}() takes HyperLoRAIdentity objects; item {index} is a "
-                f"{type(other).__name__}. Load saved ones with `HyperLoRAIdentity.load(path)`."
+                f"{type(other).__name__}. Load saved ones with `HyperLoRAIdentity.load(path)`.",
+                argument="identities",
             )
     first = identities[0]
     for other in identities[1:]:

@@ -72,13 +72,16 @@ class HubOptions:
         """`HubOptions` from an instance, a mapping of its fields, or keyword arguments (the keywords win)."""
         if not isinstance(options, (HubOptions, Mapping, type(None))):
             raise InvalidArgumentTypeError(
-                f"Hub options must be a HubOptions or a dict of its fields, got {type(options).__name__} {options!r}."
+                f"Hub options must be a HubOptions or a dict of its fields, got {type(options).__name__} {options!r}.",
+                argument="hub_options",
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         given = dataclasses.asdict(options) if isinstance(options, HubOptions) else dict(options or {})
         unknown = sorted((set(given) | set(overrides)) - fields)
         if unknown:
-            raise InvalidArgumentTypeError(f"Unknown Hub option(s) {unknown}; valid: {', '.join(sorted(fields))}.")
+            raise InvalidArgumentTypeError(
+                f"Unknown Hub option(s) {unknown}; valid: {', '.join(sorted(fields))}.", argument="hub_options"
+            )
         return cls(**{**given, **overrides})
 
     @property

@@ -80,7 +80,10 @@ def targets_from_modules_json(modules: Mapping[str, Mapping]) -> list[TargetModu
             )
         targets.append(TargetModule(name, int(entry["hidden_size"]), cross))
     if not targets:
-        raise CheckpointFormatError(f"{RELEASE_MODULES_JSON} lists no modules.")
+        raise CheckpointFormatError(
+            f"{RELEASE_MODULES_JSON} lists no modules; the file is damaged or incomplete: download or write the "
+            "release folder again."
+        )
     return targets
 
 
@@ -147,12 +150,18 @@ def config_from_release(
 
     latents = _shape(resampler_shapes, "latents", RESAMPLER_FILE)
     if len(latents) != 3 or latents[0] != 1:
-        raise CheckpointFormatError(f"{RESAMPLER_FILE}: 'latents' must be [1, queries, width], got {latents}.")
+        raise CheckpointFormatError(
+            f"{RESAMPLER_FILE}: 'latents' must be [1, queries, width], got {latents}; the file is damaged or not a "
+            "HyperLoRA resampler: download or write the release folder again."
+        )
     _, num_queries, dim = latents
     layer_ids = {int(m.group(1)) for k in resampler_shapes if (m := re.match(r"layers\.(\d+)\.", k))}
     depth = len(layer_ids)
     if depth == 0 or layer_ids != set(range(depth)):
-        raise CheckpointFormatError(f"{RESAMPLER_FILE}: expected layers 0..n-1, found layers {sorted(layer_ids)}.")
+        raise CheckpointFormatError(
+            f"{RESAMPLER_FILE}: expected layers 0..n-1, found layers {sorted(layer_ids)}; the file is damaged or "
+            "not a HyperLoRA resampler: download or write the release folder again."
+        )
     ff_inner = _shape(resampler_shapes, "layers.0.ff.net.0.proj.weight", RESAMPLER_FILE)[0]
     inner = _shape(resampler_shapes, "layers.0.attn1.to_q.weight", RESAMPLER_FILE)[0]
     use_id = "proj_in.weight" in resampler_shapes
@@ -160,7 +169,7 @@ def config_from_release(
     if not (use_id or use_image):
         raise CheckpointFormatError(
             f"{RESAMPLER_FILE} has neither 'proj_in.weight' (ArcFace condition) nor 'proj_in_2.weight' (CLIP "
-            "condition); a HyperLoRA resampler reads at least one."
+            "condition); a HyperLoRA resampler reads at least one. Download or write the release folder again."
         )
     image_embed_dim = resampler_shapes["proj_in.weight" if use_id else "proj_in_2.weight"][1]
     heads, dim_head = resolve_heads(inner, heads, dim_head)
@@ -169,7 +178,8 @@ def config_from_release(
     if use_id:
         if projector_shapes is None:
             raise CheckpointFormatError(
-                f"The resampler reads ArcFace tokens (it has proj_in) but there is no {PROJECTOR_FILE}."
+                f"The resampler reads ArcFace tokens (it has proj_in) but there is no {PROJECTOR_FILE}: put the "
+                "release's id_projector.safetensors in the folder (download it again)."
             )
         rows, id_embed_dim = _shape(projector_shapes, "0.weight", PROJECTOR_FILE)
         num_id_tokens = rows // image_embed_dim
@@ -339,5 +349,6 @@ def _refuse_library_checkpoint(folder: Path) -> None:
         raise InvalidArgumentError(
             f"{str(folder)!r} holds a HyperLoRA checkpoint in the library format ({CONFIG_NAME}), which would be "
             "loaded instead of the release-layout files written there. Write the release layout to another folder, "
-            f"or delete {CONFIG_NAME} and the model*.safetensors files first."
+            f"or delete {CONFIG_NAME} and the model*.safetensors files first.",
+            argument="folder",
         )

@@ -55,7 +55,10 @@ def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
             dtypes = {key: part.get_dtype() for key, part in slices.items()}
             shapes = {key: list(part.get_shape()) for key, part in slices.items()}
     except Exception as error:  # safetensors raises its own SafetensorError, or OSError
-        raise CheckpointFormatError(f"{path} is not a readable .safetensors file: {error}") from error
+        raise CheckpointFormatError(
+            f"{path} is not a readable .safetensors file: {error}. The file is damaged or incomplete: download or "
+            "save the checkpoint again."
+        ) from error
     other = next((key for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES), None)
     if other is not None:
         raise CheckpointFormatError(

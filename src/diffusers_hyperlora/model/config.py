@@ -227,7 +227,10 @@ class HyperLoRAConfig:
         try:
             return cls.from_dict(dict(raw))
         except (TypeError, ValueError) as error:
-            raise CheckpointFormatError(f"{where} is not a valid HyperLoRAConfig: {error}") from error
+            raise CheckpointFormatError(
+                f"{where} is not a valid HyperLoRAConfig: {error}. Fix that field, or download or save the checkpoint "
+                "again."
+            ) from error
 
 
 def read_config_json(path: str | os.PathLike) -> Mapping | None:

@@ -104,7 +104,8 @@ class HyperLoRAPredictor(nn.Module):
         if config.use_id_embeds:
             if id_embeds is None:
                 raise FeatureShapeError(
-                    "This checkpoint reads ArcFace embeddings: pass `id_embeds` of shape [B, 512] or [B, 1, 512]."
+                    "This checkpoint reads ArcFace embeddings: pass `id_embeds` of shape [B, 512] or [B, 1, 512].",
+                    argument="id_embeds",
                 )
             id_embeds = torch.as_tensor(id_embeds)
             if id_embeds.ndim == 3 and id_embeds.shape[1] == 1:
@@ -112,13 +113,14 @@ class HyperLoRAPredictor(nn.Module):
             if id_embeds.ndim != 2 or id_embeds.shape[1] != config.id_embed_dim:
                 raise FeatureShapeError(
                     f"`id_embeds` must have shape [B, {config.id_embed_dim}] or [B, 1, {config.id_embed_dim}] "
-                    f"(normed ArcFace embeddings, one per image), got {list(id_embeds.shape)}."
+                    f"(normed ArcFace embeddings, one per image), got {list(id_embeds.shape)}.",
+                    argument="id_embeds",
                 )
         if config.use_image_embeds:
             clip_hidden_states = _check_clip(clip_hidden_states, config.image_embed_dim, "clip_hidden_states")
         fix = "check the images and the encoders (a NaN usually comes from a damaged file or a 16-bit overflow)"
-        require_finite(id_embeds, "`id_embeds`", fix)
-        require_finite(clip_hidden_states, "`clip_hidden_states`", fix)
+        require_finite(id_embeds, "`id_embeds`", fix, argument="id_embeds")
+        require_finite(clip_hidden_states, "`clip_hidden_states`", fix, argument="clip_hidden_states")
         if (
             id_embeds is not None
             and clip_hidden_states is not None
@@ -126,7 +128,8 @@ class HyperLoRAPredictor(nn.Module):
         ):
             raise FeatureShapeError(
                 f"`id_embeds` ({id_embeds.shape[0]} images) and `clip_hidden_states` ({clip_hidden_states.shape[0]} "
-                "images) must describe the same images: give both the same batch size."
+                "images) must describe the same images: give both the same batch size.",
+                argument="clip_hidden_states",
             )
         return id_embeds, clip_hidden_states
 
@@ -143,7 +146,8 @@ class HyperLoRAPredictor(nn.Module):
     def forward_base(self, base_clip_hidden_states: torch.Tensor) -> torch.Tensor:
         """Per-image Base coefficients `[B, num_tokens, K]` from CLIP features of the face-blurred images."""
         states = _check_clip(base_clip_hidden_states, self.config.image_embed_dim, "base_clip_hidden_states")
-        require_finite(states, "`base_clip_hidden_states`", "check the images and the CLIP encoder")
+        fix = "check the images and the CLIP encoder"
+        require_finite(states, "`base_clip_hidden_states`", fix, argument="base_clip_hidden_states")
         return self.base_resampler(None, states.to(device=self.device, dtype=self.dtype))
 
     @torch.no_grad()
@@ -345,12 +349,14 @@ def _check_clip(states: torch.Tensor | None, width: int, name: str) -> torch.Ten
     if states is None:
         raise FeatureShapeError(
             f"This checkpoint reads CLIP image features: pass `{name}` of shape [B, T, {width}] "
-            "(CLIP vision hidden_states[-2])."
+            "(CLIP vision hidden_states[-2]).",
+            argument=name,
         )
     states = torch.as_tensor(states)
     if states.ndim != 3 or states.shape[-1] != width:
         raise FeatureShapeError(
             f"`{name}` must have shape [B, T, {width}] (CLIP vision hidden_states[-2] of each image), "
-            f"got {list(states.shape)}."
+            f"got {list(states.shape)}.",
+            argument=name,
         )
     return states

@@ -563,7 +563,8 @@ class HyperLoRAController:
                 raise AdapterNameConflictError(
                     f"add_hyperlora_slider(): {adapter_name!r} is one of HyperLoRA's own adapters "
                     f"({sorted(loaded.adapters.names.values())}); give the slider another name, e.g. "
-                    "`adapter_name='slider'`."
+                    "`adapter_name='slider'`.",
+                    argument="adapter_name",
                 )
             slider = HyperLoRASlider(
                 neutral=self._slider_side(neutral, "neutral", kwargs, (neutral, edited)),
@@ -607,7 +608,8 @@ class HyperLoRAController:
             if adapter_name not in loaded.sliders:
                 raise InvalidArgumentError(
                     f"remove_hyperlora_slider(): no HyperLoRA slider named {adapter_name!r} on this pipeline "
-                    f"(sliders: {sorted(loaded.sliders) or 'none'}). Use the name given to `add_hyperlora_slider`."
+                    f"(sliders: {sorted(loaded.sliders) or 'none'}). Use the name given to `add_hyperlora_slider`.",
+                    argument="adapter_name",
                 )
             loaded.adapters.remove_adapters([adapter_name])
             del loaded.sliders[adapter_name]

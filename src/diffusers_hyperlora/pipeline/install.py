@@ -10,7 +10,7 @@ to set them would make every `import diffusers_hyperlora` (and the command line'
 - otherwise a one-shot import hook (the standard `sys.meta_path` finder protocol) installs them right after the
   module has run, before any pipeline class can use it.
 
-Standard library only; nothing heavy is imported here.
+Standard library only; nothing heavy is imported here (`utils/compat.py`, which names the module, is light too).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-LORA_LOADERS_MODULE = "diffusers.loaders.lora_pipeline"
+from ..utils.compat import LORA_LOADERS_MODULE
 
 
 def install_now() -> None:

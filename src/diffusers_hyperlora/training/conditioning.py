@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ..utils.compat import sample_latent_distribution
 from .data import collate_examples
 from .families import family_of, pipeline_denoiser
 from .losses import EncodedBatch, prompt_with_trigger
@@ -113,7 +113,7 @@ class FrozenEncoders:
         captions = ["" if drop else caption for drop, caption in zip(dropped, batch["caption"])]
         embeds, pooled = self._prompt_embeddings([prompt_with_trigger(c, self.trigger_words) for c in captions])
         parameters = self._latent_parameters(batch)
-        latents = self._scaled(DiagonalGaussianDistribution(parameters).sample(generator=generators))
+        latents = self._scaled(sample_latent_distribution(parameters, generators))
         pooled = pooled.to(device=self.device, dtype=self.dtype)
         added = None
         if self.family.has_size_condition(self.denoiser):

@@ -139,10 +139,16 @@ def read_metadata(root: str | os.PathLike) -> list[dict[str, str]]:
         file = _checked_file(path, number, root, row["file"])
         rows.append({"file": file, "person": row["person"], "caption": row["caption"]})
     if not rows:
-        raise TrainingDataError(f"{path} lists no images.")
+        raise TrainingDataError(
+            f"{path} lists no images. Write one JSON object per image and line "
+            '(`{"file": "alice/001.jpg", "person": "alice", "caption": "a photo of ..."}`).'
+        )
     files = [r["file"] for r in rows]
     if len(set(files)) != len(files):
-        raise TrainingDataError(f"{path} lists an image more than once.")
+        twice = sorted({file for file in files if files.count(file) > 1})
+        raise TrainingDataError(
+            f"{path} lists an image more than once ({', '.join(map(str, twice[:5]))}); keep one line per image."
+        )
     return rows
 
 
@@ -203,7 +209,10 @@ def cache_features(
     if skipped:
         logger.warning(f"No face found in {len(skipped)} image(s), left out of training: {', '.join(skipped[:10])}")
     if not tensors:
-        raise TrainingDataError(f"No face was found in any image of {root}: nothing to train on.")
+        raise TrainingDataError(
+            f"No face was found in any image of {root}: nothing to train on. Use photos where one face is clearly "
+            "visible, or check the face models."
+        )
     output = Path(output) if output is not None else root / FEATURES_FILE
     metadata = {"format": FEATURES_FORMAT, "skipped": json.dumps(skipped)}
     _write_feature_cache(tensors, output, metadata)
@@ -243,11 +252,17 @@ def _read_feature_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     result: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as handle:
         if (handle.metadata() or {}).get("format") != FEATURES_FORMAT:
-            raise TrainingDataError(f"{path} is not a feature cache written by `cache_features`.")
+            raise TrainingDataError(
+                f"{path} is not a feature cache written by `cache_features`. Delete it and compute it again "
+                "(`cache_features(root, extractor)`)."
+            )
         for key in handle.keys():
             file, _, kind = key.rpartition("::")
             if kind not in FEATURE_KINDS:
-                raise TrainingDataError(f"{path}: unexpected key {key!r}.")
+                raise TrainingDataError(
+                    f"{path}: unexpected key {key!r} (keys are `<file>::<kind>`, kinds {', '.join(FEATURE_KINDS)}). "
+                    "The file is damaged or edited: delete it and compute it again (`cache_features`)."
+                )
             tensor = handle.get_tensor(key)
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise TrainingDataError(
@@ -317,7 +332,10 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
         self, records: Sequence[TrainingRecord], resolution: int | None = None, num_references: int = 1
     ) -> None:
         if not records:
-            raise TrainingDataError("A training dataset needs at least one record.")
+            raise TrainingDataError(
+                "A training dataset needs at least one record: pass a non-empty list of `TrainingRecord`s.",
+                argument="records",
+            )
         if resolution is not None and not _positive_int(resolution):
             raise TrainingDataError(
                 f"resolution must be a positive integer, got {resolution!r}.", argument="resolution"
@@ -377,7 +395,10 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
         if missing:
             logger.warning(f"{len(missing)} image(s) have no cached features (no face?), skipped: {missing[:10]}")
         if not records:
-            raise TrainingDataError(f"No image of {root} has cached features.")
+            raise TrainingDataError(
+                f"No image of {root} has cached features. Compute them with `cache_features(root, extractor)` "
+                "(images without a detected face are left out)."
+            )
         return cls(records, resolution=resolution, num_references=num_references)
 
     @property
@@ -475,7 +496,10 @@ def _check_records(records: list[TrainingRecord]) -> None:
 
 def _verified(path: Path, index: int) -> None:
     if not path.is_file():
-        raise TrainingDataError(f"training image {index}: file {path} not found.")
+        raise TrainingDataError(
+            f"training image {index}: file {path} not found. Restore it, or remove its record (its line in "
+            "metadata.jsonl)."
+        )
     try:
         with Image.open(path) as opened:
             opened.verify()
@@ -494,7 +518,9 @@ def _load_pixels(image: Any, index: int) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise TrainingDataError(f"{name}: file {path} not found.")
+            raise TrainingDataError(
+                f"{name}: file {path} not found. Restore it, or remove its record (its line in metadata.jsonl)."
+            )
         try:
             with Image.open(path) as opened:
                 return pil_to_rgb(opened, name)

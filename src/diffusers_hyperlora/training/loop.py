@@ -28,7 +28,14 @@ from ..errors import (
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_path
 from ..utils.checks import is_finite
-from ..utils.compat import load_accelerate_state, quiet_peft_adapter_warnings
+from ..utils.compat import (
+    ACCELERATE_MODEL_FILE,
+    ACCELERATE_OPTIMIZER_FILE,
+    ACCELERATE_SCHEDULER_FILE,
+    adapter_configs,
+    load_accelerate_state,
+    quiet_peft_adapter_warnings,
+)
 from .conditioning import FrozenEncoders
 from .data import collate_examples
 from .families import family_of, pipeline_denoiser
@@ -57,7 +64,7 @@ STAGE_CONFIG_FILE = "stage_config.json"
 TRAINING_CONFIG_FILE = "training_config.json"
 CHECKPOINT_MARKER = "hyperlora_checkpoint.json"
 CHECKPOINT_FORMAT = "diffusers-hyperlora-training-checkpoint"
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")  # accelerate's save_state names
+CHECKPOINT_FILES = (ACCELERATE_MODEL_FILE, ACCELERATE_OPTIMIZER_FILE, ACCELERATE_SCHEDULER_FILE)
 
 
 @dataclass
@@ -89,7 +96,10 @@ def _check_dataset(dataset: Any, predictor: HyperLoRAPredictor, stage: str) -> N
             argument="dataset",
         )
     if len(dataset) == 0:
-        raise TrainingDataError("The training dataset is empty.")
+        raise TrainingDataError(
+            "The training dataset is empty: give it at least one image (`HyperLoRATrainingDataset.from_folder`).",
+            argument="dataset",
+        )
     if not hasattr(dataset, "item"):  # a plain dataset: its items must be dicts (see `training.data`)
         first = dataset[0]
         if not isinstance(first, Mapping) or "caption" not in first:
@@ -149,9 +159,10 @@ def _check_pipeline(pipe: Any) -> None:
             "This pipeline has a HyperLoRA loaded; call `pipe.unload_hyperlora()` before training on it.",
             argument="pipe",
         )
-    if getattr(denoiser, "peft_config", None):
+    adapters = sorted(adapter_configs(denoiser))
+    if adapters:
         raise TrainingConfigError(
-            f"The {family_of(denoiser).component} already carries adapters {sorted(denoiser.peft_config)}; fuse them "
+            f"The {family_of(denoiser).component} already carries adapters {adapters}; fuse them "
             "(`pipe.fuse_lora()` then `pipe.unload_lora_weights()`) or delete them before training HyperLoRA on it.",
             argument="pipe",
         )
@@ -235,19 +246,21 @@ def _verify_checkpoint(folder: Path, predictor: HyperLoRAPredictor, stage: str) 
     for name in CHECKPOINT_FILES:
         if not (folder / name).is_file():
             raise _resume_error(folder, f"{name} is missing (an incomplete or edited checkpoint)")
-    _verify_weights(folder / "model.safetensors", predictor)
-    optimizer = _load_plain(folder / "optimizer.bin")
+    _verify_weights(folder / ACCELERATE_MODEL_FILE, predictor)
+    optimizer = _load_plain(folder / ACCELERATE_OPTIMIZER_FILE)
     groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
-        raise _resume_error(folder, "optimizer.bin holds no optimizer state")
+        raise _resume_error(folder, f"{ACCELERATE_OPTIMIZER_FILE} holds no optimizer state")
     count = sum(len(g["params"]) for g in groups)
     expected = len(trainable_parameter_names(predictor, stage))
     if count != expected:
         raise _resume_error(
-            folder, f"optimizer.bin is for {count} trained tensors, stage {stage!r} of this predictor trains {expected}"
+            folder,
+            f"{ACCELERATE_OPTIMIZER_FILE} is for {count} trained tensors, stage {stage!r} of this predictor trains "
+            f"{expected}",
         )
-    if not isinstance(_load_plain(folder / "scheduler.bin"), dict):
-        raise _resume_error(folder, "scheduler.bin holds no learning-rate scheduler state")
+    if not isinstance(_load_plain(folder / ACCELERATE_SCHEDULER_FILE), dict):
+        raise _resume_error(folder, f"{ACCELERATE_SCHEDULER_FILE} holds no learning-rate scheduler state")
 
 
 def _read_marker(folder: Path) -> dict[str, Any]:

@@ -72,7 +72,10 @@ def stage_coefficients(
     def features(kind: str, sample: int) -> torch.Tensor | None:
         values = batch.get(kind)
         if values is None:
-            raise TrainingDataError(f"Stage {stage!r} needs `{kind}` for every sample, but the batch has none.")
+            raise TrainingDataError(
+                f"Stage {stage!r} needs `{kind}` for every sample, but the batch has none. Cache the features with "
+                "`cache_features(root, extractor)`, or give every record its `{kind}`."
+            )
         return torch.as_tensor(values[sample]).to(**cast)
 
     def per_image(sample: int) -> torch.Tensor:
@@ -127,7 +130,11 @@ def diffusion_target(
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     if prediction_type == "sample":
         return latents
-    raise TrainingConfigError(f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
+    raise TrainingConfigError(
+        f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}. Train with a "
+        "noise scheduler of one of these prediction types.",
+        argument="noise_scheduler",
+    )
 
 
 def lora_unet_prediction(

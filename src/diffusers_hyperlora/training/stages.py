@@ -114,17 +114,28 @@ def freeze_for_stage(predictor: HyperLoRAPredictor, stage: str) -> list[nn.Param
 def check_stage(predictor: HyperLoRAPredictor, stage: str) -> None:
     """Raise `TrainingConfigError` when `stage` is unknown or the predictor cannot run it."""
     if stage not in STAGES:
-        raise TrainingConfigError(f"Unknown training stage {stage!r}; the stages are {', '.join(STAGES)}.")
+        raise TrainingConfigError(
+            f"Unknown training stage {stage!r}; the stages are {', '.join(STAGES)}.", argument="stage"
+        )
     config = predictor.config
     if stage == "base" and not config.has_base:
         raise TrainingConfigError(
             "Stage 'base' trains the Base branch, but this predictor has none (base_rank=0). Build it with "
-            "`HyperLoRAConfig(base_rank=id_rank // 2, ...)` or skip the stage."
+            "`HyperLoRAConfig(base_rank=id_rank // 2, ...)` or skip the stage.",
+            argument="stage",
         )
     if stage == "id_clip" and not config.use_image_embeds:
-        raise TrainingConfigError("Stage 'id_clip' trains on CLIP features, but this predictor has no CLIP condition.")
+        raise TrainingConfigError(
+            "Stage 'id_clip' trains on CLIP features, but this predictor has no CLIP condition. Build it with "
+            "`HyperLoRAConfig(use_image_embeds=True, ...)` or skip the stage.",
+            argument="stage",
+        )
     if stage == "id_full" and not config.use_id_embeds:
-        raise TrainingConfigError("Stage 'id_full' adds the ArcFace condition, but this predictor has none.")
+        raise TrainingConfigError(
+            "Stage 'id_full' adds the ArcFace condition, but this predictor has none. Build it with "
+            "`HyperLoRAConfig(use_id_embeds=True, ...)` or skip the stage.",
+            argument="stage",
+        )
 
 
 @torch.no_grad()

@@ -35,8 +35,9 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return count_non_finite(tensor) == 0
 
 
-def require_finite(tensor: torch.Tensor | None, what: str, fix: str) -> None:
-    """Raise `NonFiniteValueError` naming `what` when `tensor` holds NaN or infinite values."""
+def require_finite(tensor: torch.Tensor | None, what: str, fix: str, argument: str | None = None) -> None:
+    """Raise `NonFiniteValueError` naming `what` (and `argument`, the parameter at fault) when `tensor` holds NaN or
+    infinite values."""
     if tensor is None:
         return
     tensor = torch.as_tensor(tensor)
@@ -44,7 +45,9 @@ def require_finite(tensor: torch.Tensor | None, what: str, fix: str) -> None:
         return
     bad = count_non_finite(tensor)
     if bad:
-        raise NonFiniteValueError(f"{what} holds {bad} NaN/infinite value(s) of {tensor.numel()}; {fix}.")
+        raise NonFiniteValueError(
+            f"{what} holds {bad} NaN/infinite value(s) of {tensor.numel()}; {fix}.", argument=argument
+        )
 
 
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:

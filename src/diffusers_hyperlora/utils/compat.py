@@ -1,9 +1,12 @@
-"""Every internal of diffusers, PEFT, accelerate and torch that HyperLoRA relies on, in one place.
+"""Every internal of diffusers, PEFT, accelerate, torch and insightface that HyperLoRA relies on, in one place.
 
 Each function below reaches something with no public equivalent (a private attribute, a private function, a
 behaviour no API promises). Keeping them here means an upgrade of one of those libraries breaks this file only;
 `tests/test_compat.py` checks every one of them against the installed versions and names the library and its
 version when one changed. Callers elsewhere in the package use these names, never the internals themselves.
+
+Importing this module loads the standard library only (torch, PEFT and diffusers are imported by the functions that
+use them): `pipeline/install.py` reads `LORA_LOADERS_MODULE` during `import diffusers_hyperlora`, which stays light.
 """
 
 from __future__ import annotations
@@ -13,11 +16,19 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch import nn
+
+# ---------------------------------------------------------------------------------------------- diffusers modules
+# The module that defines diffusers' SD / SDXL LoRA loader mixins (exported by `diffusers.loaders`). Every such
+# pipeline class imports it, so the pipeline methods are installed when it loads; the module path is diffusers'
+# own layout (older releases named it `diffusers.loaders.lora`), not an API.
+LORA_LOADERS_MODULE = "diffusers.loaders.lora_pipeline"
 
 # ---------------------------------------------------------------------------------------------- state-dict layout
 # PEFT stores a wrapped layer's own weights under `<path>.base_layer.<name>` and an adapter's factors under
@@ -116,9 +127,11 @@ def remove_peft_wrappers(model: nn.Module) -> None:
     diffusers has no public "remove the empty PEFT wrappers" call; this is what its `unload_lora` does, including
     resetting the private `_hf_peft_config_loaded` flag so that a later `load_lora_weights` starts fresh.
     """
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     if not any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         return
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
     recurse_remove_peft_layers(model)
     if hasattr(model, "peft_config"):
@@ -133,6 +146,8 @@ def denoiser_call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch
     `UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)`: pipelines pass the conditioning
     by keyword, but the positional order (index 2) is diffusers' signature, not a documented contract.
     """
+    import torch
+
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
     prompts = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
     return sample, prompts if isinstance(prompts, torch.Tensor) else None
@@ -167,6 +182,8 @@ def calling_pipeline_guidance() -> bool | None:
 
 def execution_device(pipe: Any) -> torch.device | None:
     """Where the pipeline computes (accelerate offload hooks included): its `_execution_device`, no public name."""
+    import torch
+
     device = getattr(pipe, "_execution_device", None)
     return None if device is None else torch.device(device)
 
@@ -187,10 +204,19 @@ def remove_accelerate_hooks(pipe: Any) -> None:
     diffusers' own `load_lora_weights` does the same through its private `_func_optionally_disable_offloading`.
     """
     from accelerate.hooks import remove_hook_from_module
+    from torch import nn
 
     for component in pipe.components.values():
         if isinstance(component, nn.Module) and hasattr(component, "_hf_hook"):
             remove_hook_from_module(component, recurse=True)
+
+
+# `accelerator.save_state` of one prepared model, optimizer and scheduler writes them to these files (accelerate's
+# `SAFE_MODEL_NAME`, `OPTIMIZER_NAME` and `SCHEDULER_NAME` plus extensions; the folder layout is not documented). A
+# checkpoint is checked file by file before `load_state` touches anything.
+ACCELERATE_MODEL_FILE = "model.safetensors"
+ACCELERATE_OPTIMIZER_FILE = "optimizer.bin"
+ACCELERATE_SCHEDULER_FILE = "scheduler.bin"
 
 
 def load_accelerate_state(accelerator: Any, folder: str) -> None:
@@ -203,6 +229,8 @@ def load_accelerate_state(accelerator: Any, folder: str) -> None:
     random states and fails on their missing "step" (KeyError). Those numpy types, which run no code, are allowed for
     the call (torch < 2.6 unpickles without restriction there, as accelerate < 1.2 always did).
     """
+    import torch
+
     if "load_kwargs" in inspect.signature(accelerator.load_state).parameters:
         accelerator.load_state(folder, load_kwargs={"weights_only": True})
         return
@@ -234,11 +262,15 @@ def group_offload_enabled(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------- torch
 def foreach_copy_(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """`destinations[i].copy_(sources[i])` for all `i` in a few kernels (torch's private `_foreach_copy_`)."""
+    import torch
+
     torch._foreach_copy_(destinations, sources)
 
 
 def foreach_zero_(tensors: list[torch.Tensor]) -> None:
     """Zero every tensor in a few kernels (torch's private `_foreach_zero_`)."""
+    import torch
+
     torch._foreach_zero_(tensors)
 
 
@@ -276,3 +308,63 @@ def flux_latent_image_ids(height: int, width: int, device: torch.device, dtype: 
     from diffusers import FluxPipeline
 
     return FluxPipeline._prepare_latent_image_ids(1, height, width, device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers saving
+def override_save_pretrained(model: nn.Module, save: Callable[..., Any]) -> None:
+    """Make `model.save_pretrained(...)` (also when `pipe.save_pretrained` saves the component) call `save`, bound
+    to the model; `restore_save_pretrained` undoes it.
+
+    No diffusers API changes what a component writes. `DiffusionPipeline.save_pretrained` looks each component's
+    `save_pretrained` up on the instance, so an instance attribute is the hook point, and `ModelMixin.save_pretrained`
+    takes the weights from `model.state_dict()`, so a state-dict post-hook registered by `save` applies to the file.
+    A bound method is rebound by `copy.deepcopy`.
+    """
+    model.__dict__["save_pretrained"] = types.MethodType(save, model)
+
+
+def restore_save_pretrained(model: nn.Module) -> None:
+    """Undo `override_save_pretrained` (the class's `save_pretrained` again); nothing when there is no override."""
+    model.__dict__.pop("save_pretrained", None)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers VAE
+def sample_latent_distribution(parameters: torch.Tensor, generator: Any = None) -> torch.Tensor:
+    """A sample of the VAE's diagonal Gaussian whose `[mean, logvar]` are stacked on dim 1 (what the encoder outputs
+    before `vae.encode(...).latent_dist`), with `generator` (one, or one per row).
+
+    diffusers' `DiagonalGaussianDistribution` lives in `diffusers.models.autoencoders.vae`, a module path it is not
+    exported from (it moved from `diffusers.models.vae` before); caching the moments and sampling them later has
+    no other API.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(parameters).sample(generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------- insightface
+def insightface_app_from_folder(folder: Path, providers: Sequence[Any], tasks: Sequence[str]) -> Any | None:
+    """insightface's `FaceAnalysis` over the ONNX files in `folder` (models of `tasks` only), or `None` when
+    insightface finds no face detector there.
+
+    insightface has no "load this folder" API: `FaceAnalysis(name, root)` reads `<root>/models/<name>` and
+    downloads it when missing. An absolute `name` makes that path `folder` itself (`os.path.join` drops what comes
+    before an absolute part; insightface >= 2 also reads a `name` that is a folder directly), so nothing is
+    downloaded. A folder without a detector fails insightface's `assert "detection" in self.models` (a
+    `KeyError` on `self.models["detection"]` under `python -O`), not an exception of its own.
+    """
+    from insightface.app import FaceAnalysis
+
+    folder = Path(folder)
+    try:
+        return FaceAnalysis(
+            name=str(folder), root=str(folder.parent), allowed_modules=list(tasks), providers=list(providers)
+        )
+    except (AssertionError, KeyError):
+        return None
+
+
+def insightface_tasks(app: Any) -> set[str]:
+    """The tasks (`"detection"`, `"landmark_2d_106"`, `"recognition"`, ...) a `FaceAnalysis` loaded models for: the
+    keys of its `models` dict (no public getter; `set()` for an object without one)."""
+    return set(getattr(app, "models", None) or {})
