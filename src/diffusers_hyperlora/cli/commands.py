@@ -194,11 +194,7 @@ def run_mix(args: argparse.Namespace) -> str:
     identities = [HyperLoRAIdentity.load(path) for path in args.identities]
     _check_mixable(args.identities, identities)
     weights = args.weights if args.weights is not None else [1.0] * len(identities)
-    if args.spherical:
-        t = checks.spherical_fraction(weights)
-        blend = HyperLoRAIdentity.interpolate(identities[0], identities[1], t, spherical=True)
-    else:
-        blend = HyperLoRAIdentity.mix(identities, weights)
+    blend = HyperLoRAIdentity.mix(identities, weights, spherical=args.spherical)  # the library checks the weights
     blend.save(args.output)
     return f"Saved the blend of {checks.plural(len(identities), 'identity', 'identities')} to {args.output}"
 
