@@ -168,6 +168,29 @@ def test_base_branch_predicts_its_own_coefficients():
     assert no_base.base_mean is None
 
 
+@pytest.mark.parametrize("base_rank", [0, 4])
+def test_predict_photos_runs_the_extractor_on_the_predictor_and_predicts(base_rank):
+    """The one photos -> identity step (controller and CLI): the extractor gets the predictor's device, dtype and
+    Base need and the options; its features give the same identity as `predict`."""
+    from diffusers_hyperlora import HyperLoRAFeatures
+
+    predictor = tiny_hyperlora_predictor(base_rank=base_rank)
+    embeds, clip = random_features(batch=2)
+    calls = []
+
+    def extractor(images, *, device, dtype, with_base, **options):
+        calls.append((images, device, dtype, with_base, options))
+        return HyperLoRAFeatures(embeds, clip, clip * 0.5 if with_base else None, [f"{i}.jpg" for i in images])
+
+    identity = predictor.predict_photos(("a", "b"), extractor, detector_threshold=0.3)
+    assert calls == [(["a", "b"], predictor.device, predictor.dtype, base_rank > 0, {"detector_threshold": 0.3})]
+    expected = predictor.predict(embeds, clip, clip * 0.5 if base_rank else None)
+    torch.testing.assert_close(identity.id_mean, expected.id_mean, rtol=0, atol=0)
+    assert (identity.base_mean is None) is (base_rank == 0) and identity.sources == ["a.jpg", "b.jpg"]
+    if base_rank:
+        torch.testing.assert_close(identity.base_mean, expected.base_mean, rtol=0, atol=0)
+
+
 def test_merge_equals_predicting_from_all_images(predictor):
     embeds, clip = random_features(batch=5)
     together = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)

@@ -107,18 +107,7 @@ def photo_predictor(predictor, model: str, args: argparse.Namespace) -> Callable
     """`photos -> identity`, building the face pipeline once, on first use."""
     extractor = functools.cache(lambda: feature_extractor(predictor, model, args))
 
-    def predict(photos: list[str]):
-        features = extractor()(
-            photos, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base
-        )
-        return predictor.predict(
-            id_embeds=features.id_embeds,
-            clip_hidden_states=features.clip_hidden_states,
-            base_clip_hidden_states=features.base_clip_hidden_states,
-            sources=features.sources,
-        )
-
-    return predict
+    return lambda photos: predictor.predict_photos(photos, extractor())
 
 
 def resolve_identity(inputs: list[str], predict: Callable, predictor):

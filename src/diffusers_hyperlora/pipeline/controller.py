@@ -334,12 +334,7 @@ class HyperLoRAController:
 
     def _predict_photos(self, loaded: _Loaded, photos: list[Any], kwargs: dict[str, Any]) -> HyperLoRAIdentity:
         with self._computing(loaded) as predictor:
-            features = self._extractor(loaded)(
-                photos, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base, **kwargs
-            )
-            return predictor.predict(
-                features.id_embeds, features.clip_hidden_states, features.base_clip_hidden_states, features.sources
-            )
+            return predictor.predict_photos(photos, self._extractor(loaded), **kwargs)
 
     def _extractor(self, loaded: _Loaded) -> FeatureExtractor:
         if loaded.feature_extractor is None:
