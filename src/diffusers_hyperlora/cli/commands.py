@@ -76,18 +76,14 @@ def resolve_device(name: str | None):
 
 
 def load_predictor(model: str, args: argparse.Namespace):
-    """The checkpoint's predictor on `--device`; on a CPU its small networks in float32."""
+    """The checkpoint's predictor on `--device`, placed as the library places a predictor without a pipeline
+    (`pipeline.placement.place_alone`: on a CPU its small networks in float32)."""
     from ..io import load_predictor as load
+    from ..pipeline.placement import place_alone
 
     device = resolve_device(args.device)
     predictor = load(model, hub_options(args), heads=args.heads, dim_head=args.dim_head)
-    if device.type == "cpu":
-        # 16-bit matmuls are slow (or missing) on CPUs: run the small networks in float32; the banks already
-        # accumulate in float32 whatever their storage dtype, so they keep theirs (half the memory).
-        for name, module in predictor.named_children():
-            if not name.endswith("bank") and module is not None:
-                module.float()
-    return predictor.to(device).eval()
+    return place_alone(predictor, device).eval()
 
 
 def feature_extractor(predictor, model: str, args: argparse.Namespace):
