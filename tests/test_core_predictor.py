@@ -82,25 +82,31 @@ def test_id_embeds_accept_both_documented_shapes(predictor):
 
 
 @pytest.mark.parametrize(
-    "id_shape, clip_shape, match",
+    "id_shape, clip_shape, match, argument",
     [
-        ((2, 511), (2, 17, 48), r"id_embeds.*\[B, 512\]"),
-        ((2, 2, 512), (2, 17, 48), r"id_embeds"),
-        ((2, 512), (2, 17, 32), r"clip_hidden_states.*\[B, T, 48\]"),
-        ((2, 512), (17, 48), r"clip_hidden_states"),
-        ((3, 512), (2, 17, 48), r"same batch size"),
+        ((2, 511), (2, 17, 48), r"id_embeds.*\[B, 512\]", "id_embeds"),
+        ((2, 2, 512), (2, 17, 48), r"id_embeds", "id_embeds"),
+        ((2, 512), (2, 17, 32), r"clip_hidden_states.*\[B, T, 48\]", "clip_hidden_states"),
+        ((2, 512), (17, 48), r"clip_hidden_states", "clip_hidden_states"),
+        ((3, 512), (2, 17, 48), r"same batch size", None),  # neither argument alone is at fault
     ],
 )
-def test_wrong_feature_shapes_raise(predictor, id_shape, clip_shape, match):
-    with pytest.raises(FeatureShapeError, match=match):
+def test_wrong_feature_shapes_raise(predictor, id_shape, clip_shape, match, argument):
+    with pytest.raises(FeatureShapeError, match=match) as caught:
         predictor.predict(id_embeds=torch.randn(id_shape), clip_hidden_states=torch.randn(clip_shape))
+    assert caught.value.argument == argument
 
 
 def test_missing_features_raise(predictor):
-    with pytest.raises(FeatureShapeError, match="id_embeds"):
+    with pytest.raises(FeatureShapeError, match="id_embeds") as caught:
         predictor.predict(clip_hidden_states=torch.randn(1, 17, 48))
-    with pytest.raises(FeatureShapeError, match="clip_hidden_states"):
+    assert caught.value.argument == "id_embeds"
+    with pytest.raises(FeatureShapeError, match="clip_hidden_states") as caught:
         predictor.predict(id_embeds=torch.randn(1, 512))
+    assert caught.value.argument == "clip_hidden_states"
+    with pytest.raises(FeatureShapeError, match="base_clip_hidden_states") as caught:
+        tiny_hyperlora_predictor(base_rank=4).forward_base(torch.randn(1, 48))
+    assert caught.value.argument == "base_clip_hidden_states"
     with pytest.raises(ValueError):  # also a plain ValueError for generic handlers
         predictor.predict(id_embeds=torch.randn(1, 3))
 

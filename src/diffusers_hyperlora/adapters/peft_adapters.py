@@ -147,14 +147,17 @@ class HyperLoRAAdapters:
         """
         check_targets(denoiser, config.linears)
         if id_name == base_name:
-            raise AdapterNameConflictError(f"The ID and Base adapters need different names, got {id_name!r} twice.")
+            raise AdapterNameConflictError(
+                f"The ID and Base adapters need different names, got {id_name!r} twice.", argument="base_adapter_name"
+            )
         existing = set(adapter_configs(denoiser)) - set(replacing)
         for name in (id_name, base_name):
             if name in existing:
                 raise AdapterNameConflictError(
                     f"The {denoiser.__class__.__name__} already has an adapter named {name!r}. Delete it "
                     f"(`pipe.delete_adapters({name!r})`) or load HyperLoRA under other names, e.g. "
-                    "`load_hyperlora(..., id_adapter_name='hyper_id', base_adapter_name='hyper_base')`."
+                    "`load_hyperlora(..., id_adapter_name='hyper_id', base_adapter_name='hyper_base')`.",
+                    argument="id_adapter_name" if name == id_name else "base_adapter_name",
                 )
 
     @classmethod
@@ -315,7 +318,8 @@ class HyperLoRAAdapters:
         if exists and not replace:
             raise AdapterNameConflictError(
                 f"The {self.denoiser.__class__.__name__} already has an adapter named {name!r}. Pick another "
-                f"slider name (`adapter_name=...`) or delete that adapter first (`pipe.delete_adapters({name!r})`)."
+                f"slider name (`adapter_name=...`) or delete that adapter first (`pipe.delete_adapters({name!r})`).",
+                argument="adapter_name",
             )
         if not exists:
             if len(factors) != len(self._layers):

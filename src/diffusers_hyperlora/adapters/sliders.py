@@ -86,7 +86,8 @@ class HyperLoRASlider:
             if not isinstance(value, HyperLoRAIdentity):
                 raise InvalidArgumentTypeError(
                     f"HyperLoRASlider.{side} must be a HyperLoRAIdentity, got {type(value).__name__}. Predict it with "
-                    "`pipe.predict_hyperlora_identity(images)` or load it with `HyperLoRAIdentity.load(path)`."
+                    "`pipe.predict_hyperlora_identity(images)` or load it with `HyperLoRAIdentity.load(path)`.",
+                    argument=side,
                 )
 
     def lora_weights(self, predictor: Any, device: torch.device | str | None = None) -> list[tuple[torch.Tensor, ...]]:
@@ -103,10 +104,12 @@ def check_slider_weight(weight: Any) -> float:
     except (TypeError, ValueError) as error:
         raise InvalidArgumentTypeError(
             f"add_hyperlora_slider(): `weight` must be a number (the adapter weight, e.g. 0.7, negative to move the "
-            f"other way), got {weight!r}."
+            f"other way), got {weight!r}.",
+            argument="weight",
         ) from error
     if not math.isfinite(value):
         raise InvalidArgumentError(
-            f"add_hyperlora_slider(): `weight` must be a finite number, got {value}; e.g. weight=0.7 (or -0.7)."
+            f"add_hyperlora_slider(): `weight` must be a finite number, got {value}; e.g. weight=0.7 (or -0.7).",
+            argument="weight",
         )
     return value

@@ -80,7 +80,8 @@ class IdentityServing:
         identities = list(identities)
         if not identities:
             raise IdentityCountError(
-                "set_hyperlora_identities() got no identities: pass at least one identity (one per prompt)."
+                "set_hyperlora_identities() got no identities: pass at least one identity (one per prompt).",
+                argument="identities",
             )
         for identity in identities:
             self.predictor.check_identity(identity)

@@ -105,7 +105,8 @@ class HyperLoRAPredictor(nn.Module):
         if config.use_id_embeds:
             if id_embeds is None:
                 raise FeatureShapeError(
-                    "This checkpoint reads ArcFace embeddings: pass `id_embeds` of shape [B, 512] or [B, 1, 512]."
+                    "This checkpoint reads ArcFace embeddings: pass `id_embeds` of shape [B, 512] or [B, 1, 512].",
+                    argument="id_embeds",
                 )
             id_embeds = torch.as_tensor(id_embeds)
             if id_embeds.ndim == 3 and id_embeds.shape[1] == 1:
@@ -113,7 +114,8 @@ class HyperLoRAPredictor(nn.Module):
             if id_embeds.ndim != 2 or id_embeds.shape[1] != config.id_embed_dim:
                 raise FeatureShapeError(
                     f"`id_embeds` must have shape [B, {config.id_embed_dim}] or [B, 1, {config.id_embed_dim}] "
-                    f"(normed ArcFace embeddings, one per image), got {list(id_embeds.shape)}."
+                    f"(normed ArcFace embeddings, one per image), got {list(id_embeds.shape)}.",
+                    argument="id_embeds",
                 )
         if config.use_image_embeds:
             clip_hidden_states = _check_clip(clip_hidden_states, config.image_embed_dim, "clip_hidden_states")
@@ -361,12 +363,14 @@ def _check_clip(states: torch.Tensor | None, width: int, name: str) -> torch.Ten
     if states is None:
         raise FeatureShapeError(
             f"This checkpoint reads CLIP image features: pass `{name}` of shape [B, T, {width}] "
-            "(CLIP vision hidden_states[-2])."
+            "(CLIP vision hidden_states[-2]).",
+            argument=name,
         )
     states = torch.as_tensor(states)
     if states.ndim != 3 or states.shape[-1] != width:
         raise FeatureShapeError(
             f"`{name}` must have shape [B, T, {width}] (CLIP vision hidden_states[-2] of each image), "
-            f"got {list(states.shape)}."
+            f"got {list(states.shape)}.",
+            argument=name,
         )
     return states

@@ -57,6 +57,7 @@ from .placement import Placement
 
 logger = logging.get_logger(__name__)
 
+
 def find_denoiser(pipe: Any, name: str | None = None) -> torch.nn.Module:
     """The pipeline's denoiser: `name` if given, else its `unet` or its `transformer`. A transformer HyperLoRA has
     no targets for (`DENOISER_LAYOUTS`: SD3 and FLUX have) raises `UnsupportedPipelineError`."""
@@ -85,7 +86,9 @@ def as_image_list(images: Any, caller: str) -> list[Any]:
     """One image or a list of images -> a non-empty list (`caller` names the user's call in the error)."""
     if isinstance(images, (list, tuple)):
         if not images:
-            raise InvalidArgumentError(f"{caller}() got an empty list: pass one image or a list of images.")
+            raise InvalidArgumentError(
+                f"{caller}() got an empty list: pass one image or a list of images.", argument="images"
+            )
         return list(images)
     return [images]
 
@@ -360,7 +363,8 @@ class HyperLoRAController:
             if prepare is None:
                 raise InvalidArgumentTypeError(
                     f"The pipeline's feature extractor ({type(extractor).__name__}) cannot show its inputs: only the "
-                    "built-in face pipeline (diffusers_hyperlora.face) has `prepare_inputs`."
+                    "built-in face pipeline (diffusers_hyperlora.face) has `prepare_inputs`.",
+                    argument="feature_extractor",
                 )
             return prepare(images, with_base=loaded.predictor.config.has_base, **kwargs)
 
@@ -558,7 +562,8 @@ class HyperLoRAController:
                 raise AdapterNameConflictError(
                     f"add_hyperlora_slider(): {adapter_name!r} is one of HyperLoRA's own adapters "
                     f"({sorted(loaded.adapters.names.values())}); give the slider another name, e.g. "
-                    "`adapter_name='slider'`."
+                    "`adapter_name='slider'`.",
+                    argument="adapter_name",
                 )
             slider = HyperLoRASlider(
                 neutral=self._slider_side(neutral, "neutral", kwargs, (neutral, edited)),
@@ -602,7 +607,8 @@ class HyperLoRAController:
             if adapter_name not in loaded.sliders:
                 raise InvalidArgumentError(
                     f"remove_hyperlora_slider(): no HyperLoRA slider named {adapter_name!r} on this pipeline "
-                    f"(sliders: {sorted(loaded.sliders) or 'none'}). Use the name given to `add_hyperlora_slider`."
+                    f"(sliders: {sorted(loaded.sliders) or 'none'}). Use the name given to `add_hyperlora_slider`.",
+                    argument="adapter_name",
                 )
             loaded.adapters.remove_adapters([adapter_name])
             del loaded.sliders[adapter_name]
