@@ -422,10 +422,9 @@ def run_demo(args: argparse.Namespace) -> None:
     require_extra("gradio", "demo", "demo")
     from ..demo import DemoEngine, launch_demo
 
-    # The tiny default runs on the CPU unless --device says otherwise (as `DemoEngine.tiny_default`): the same
-    # images on every machine. A device is refused here, in --device's words, before any model is built.
-    wanted = "cpu" if args.device is None and args.checkpoint is None else args.device
-    device = str(resolve_device(wanted))
+    # A device given is refused here, in --device's words, before any model is built. Without one, each engine
+    # keeps its own default: the tiny default the CPU (the same images on every machine), a checkpoint the GPU.
+    device = None if args.device is None else str(resolve_device(args.device))
     if args.checkpoint is None:
         given = checks.given_flags(args, (*HUB_OPTIONS, "base_model", "image_encoder", "face_models"))
         if given:
@@ -434,7 +433,7 @@ def run_demo(args: argparse.Namespace) -> None:
                 "Pass a CHECKPOINT (Hub repo id or local folder), or drop them.",
                 argument="checkpoint",
             )
-        engine = DemoEngine.tiny_default(device=device)
+        engine = DemoEngine.tiny_default() if device is None else DemoEngine.tiny_default(device=device)
     else:
         engine = DemoEngine.from_pretrained(
             args.checkpoint,
