@@ -267,14 +267,11 @@ def run_cache_features(args: argparse.Namespace) -> str:
 
 # ---------------------------------------------------------------------------------------------- train
 def _new_predictor(denoiser, args: argparse.Namespace, image_embed_dim: int | None):
-    """A new checkpoint for the base model's denoiser; the flags given override its sizes.
-
-    A UNet's sizes follow the UNet's (`training.fresh_predictor_config`: the release's for SDXL, smaller for
-    smaller UNets such as tiny's); a transformer (SD3, FLUX) gets the release's sizes (`HyperLoRAConfig`'s).
+    """A new checkpoint for the base model's denoiser (`training.fresh_predictor_config`: a UNet's sizes follow the
+    UNet's, the release's for SDXL and smaller for smaller UNets such as tiny's; a transformer (SD3, FLUX) gets the
+    release's); the flags given override its sizes.
     """
-    from ..model.config import HyperLoRAConfig
     from ..model.predictor import HyperLoRAPredictor
-    from ..model.targets import denoiser_layout
     from ..training import fresh_predictor_config
 
     sizes = {"base_rank": NEW_CHECKPOINT_BASE_RANK, **checks.new_checkpoint_sizes(args)}
@@ -282,9 +279,7 @@ def _new_predictor(denoiser, args: argparse.Namespace, image_embed_dim: int | No
         sizes["image_embed_dim"] = image_embed_dim
     if args.base_model != TINY:
         sizes["base_model"] = args.base_model  # recorded in the config: the pipeline the checkpoint was trained on
-    if denoiser_layout(denoiser).component == "unet":
-        return HyperLoRAPredictor(fresh_predictor_config(denoiser, **sizes))
-    return HyperLoRAPredictor(HyperLoRAConfig.from_denoiser(denoiser, **sizes))
+    return HyperLoRAPredictor(fresh_predictor_config(denoiser, **sizes))
 
 
 def _data_clip_width(dataset) -> int | None:
