@@ -39,7 +39,6 @@ INTERRUPTED = 130  # the shell's exit status for Ctrl-C (128 + SIGINT)
 # `HyperLoRAError.argument` (the Python parameter, or the argparse destination) -> the flag that sets it here.
 FLAGS = {
     "weights": "--weights",
-    "t": "--weights",
     "spherical": "--spherical",
     "device": "--device",
     "dtype": "--dtype",
