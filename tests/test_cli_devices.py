@@ -102,3 +102,21 @@ def test_a_bad_port_is_refused_in_the_callers_words(port):
             check_port(port, label)
         assert caught.value.argument == "port"
     assert check_port(1) == 1 and check_port(65535, "--port") == 65535
+
+
+def test_the_cli_predictor_on_a_cpu_runs_its_small_networks_in_float32_and_keeps_its_banks(tmp_path):
+    """`export`/`identity` load the predictor alone (`placement.place_alone`): on a CPU the projector and
+    resamplers run in float32, the banks keep the checkpoint's 16-bit storage (they accumulate in float32)."""
+    from diffusers_hyperlora.cli import build_parser, commands
+    from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
+
+    model = str(tmp_path / "model")
+    tiny_hyperlora_predictor(base_rank=4).to(torch.float16).save_pretrained(model)
+    args = build_parser().parse_args(["export", "me.safetensors", "-o", "lora.safetensors", "--model", model])
+    args.device = "cpu"  # whatever this machine has
+    predictor = commands.load_predictor(model, args)
+    small = [predictor.id_projector, predictor.resampler, predictor.base_resampler]
+    assert {p.dtype for module in small for p in module.parameters()} == {torch.float32}
+    banks = [predictor.id_bank, predictor.base_bank]
+    assert {p.dtype for bank in banks for p in bank.parameters()} == {torch.float16}
+    assert {p.device.type for p in predictor.parameters()} == {"cpu"} and not predictor.training

@@ -178,6 +178,17 @@ def test_non_finite_weights_are_refused_with_and_without_spherical(saved, tmp_pa
     assert code == 1 and "--weights" in err and not out.exists(), err
 
 
+def test_spherical_and_plain_mix_refuse_weights_with_one_error(saved, tmp_path, capsys):
+    """`--spherical` is `HyperLoRAIdentity.mix(..., spherical=True)`: the library's one weight check, one message."""
+    out = tmp_path / "x.safetensors"
+    argv = ["mix", saved / "alice.safetensors", saved / "bob.safetensors", "--weights", "1", "-2", "-o", out]
+    plain = _run(argv, capsys)
+    spherical = _run([*argv, "--spherical"], capsys)
+    assert plain[0] == spherical[0] == 1 and not out.exists()
+    assert "--weights: " in plain[2] and "positive sum" in plain[2], plain[2]
+    assert spherical[2] == plain[2]
+
+
 def test_export_names_the_foreign_identity_among_several(saved, tmp_path, capsys):
     files = [saved / "alice.safetensors", saved / "foreign.safetensors"]
     out = tmp_path / "lora.safetensors"

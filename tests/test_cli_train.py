@@ -187,3 +187,15 @@ def test_a_new_checkpoint_for_a_transformer_gets_the_release_sizes():
     assert (config.num_basis, config.id_rank, config.base_rank, config.image_embed_dim) == (2, 2, 0, 48)
     assert (config.resampler_dim, config.num_id_tokens) == (expected.resampler_dim, expected.num_id_tokens)
     assert config.base_model == "sd3"
+
+
+def test_fresh_predictor_config_is_the_one_rule_for_every_denoiser():
+    """`train`'s new checkpoint and a Python user's `fresh_predictor_config` agree: a transformer gets the release's
+    sizes on its attention modules (`HyperLoRAConfig.from_denoiser`), with the overrides given."""
+    from diffusers_hyperlora.model.config import HyperLoRAConfig
+    from diffusers_hyperlora.testing.tiny_base_models import tiny_flux_components
+    from diffusers_hyperlora.training import fresh_predictor_config
+
+    transformer = tiny_flux_components()["transformer"]
+    config = fresh_predictor_config(transformer, num_basis=2, image_embed_dim=48)
+    assert config == HyperLoRAConfig.from_denoiser(transformer, num_basis=2, image_embed_dim=48)

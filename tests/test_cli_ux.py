@@ -53,6 +53,23 @@ def test_every_flag_of_the_table_exists():
     assert set(cli.FLAGS.values()) <= known, set(cli.FLAGS.values()) - known
 
 
+def test_the_parsers_choices_are_the_librarys():
+    """The parser copies a few of the library's choices (their modules import torch, too slow for --help): each copy
+    is the library's own."""
+    from diffusers_hyperlora.cli import parser
+    from diffusers_hyperlora.io.lora_files import LORA_FORMATS
+    from diffusers_hyperlora.model.config import DEFAULT_BASE_MODEL
+    from diffusers_hyperlora.training import STAGES
+    from diffusers_hyperlora.training.stages import MIXED_PRECISION
+    from diffusers_hyperlora.utils.checks import parse_dtype
+
+    assert parser.LORA_FORMATS == LORA_FORMATS and parser.STAGES == STAGES
+    assert parser.MIXED_PRECISION == MIXED_PRECISION
+    assert [parse_dtype(name) for name in parser.DTYPES] == [torch.float32, torch.float16, torch.bfloat16]
+    text = cli.build_parser()._subparsers._group_actions[0].choices["demo"].format_help()
+    assert DEFAULT_BASE_MODEL in " ".join(text.split()).replace("- ", "-")
+
+
 def test_missing_face_models_error_suggests_the_flag(saved, tmp_path, capsys, monkeypatch):
     pytest.importorskip("insightface")
     from PIL import Image

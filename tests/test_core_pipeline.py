@@ -134,8 +134,12 @@ def test_user_loras_keep_working_beside_hyperlora(pipe, predictor):
 
 def test_adapter_name_clash_is_a_clear_error(pipe, predictor):
     pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="id")
-    with pytest.raises(AdapterNameConflictError, match="already has an adapter named 'id'"):
+    with pytest.raises(AdapterNameConflictError, match="already has an adapter named 'id'") as caught:
         pipe.load_hyperlora(predictor)
+    assert caught.value.argument == "id_adapter_name"
+    with pytest.raises(AdapterNameConflictError, match="different names") as caught:
+        pipe.load_hyperlora(predictor, id_adapter_name="same", base_adapter_name="same")
+    assert caught.value.argument == "base_adapter_name"
     pipe.load_hyperlora(predictor, id_adapter_name="hyper_id", base_adapter_name="hyper_base")
     pipe.set_adapters(["hyper_id", "hyper_base"], [0.8, 0.0])
 
@@ -328,8 +332,12 @@ def test_images_go_through_the_injected_feature_extractor(pipe, predictor):
     embeds, clip = random_features(batch=2, seed=11)
     expected = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
     assert torch.equal(identity.id_mean, expected.id_mean) and identity.sources == ["image0", "image1"]
-    with pytest.raises(ValueError, match="empty list"):
+    with pytest.raises(ValueError, match="empty list") as caught:
         pipe.set_hyperlora_identity([])
+    assert caught.value.argument == "images"
+    with pytest.raises(TypeError, match="cannot show its inputs") as caught:  # a plug-in has no prepare_inputs
+        pipe.preview_hyperlora_inputs(single)
+    assert caught.value.argument == "feature_extractor"
 
 
 def test_features_path_never_loads_the_encoders(pipe, predictor):

@@ -81,25 +81,31 @@ def test_id_embeds_accept_both_documented_shapes(predictor):
 
 
 @pytest.mark.parametrize(
-    "id_shape, clip_shape, match",
+    "id_shape, clip_shape, match, argument",
     [
-        ((2, 511), (2, 17, 48), r"id_embeds.*\[B, 512\]"),
-        ((2, 2, 512), (2, 17, 48), r"id_embeds"),
-        ((2, 512), (2, 17, 32), r"clip_hidden_states.*\[B, T, 48\]"),
-        ((2, 512), (17, 48), r"clip_hidden_states"),
-        ((3, 512), (2, 17, 48), r"same batch size"),
+        ((2, 511), (2, 17, 48), r"id_embeds.*\[B, 512\]", "id_embeds"),
+        ((2, 2, 512), (2, 17, 48), r"id_embeds", "id_embeds"),
+        ((2, 512), (2, 17, 32), r"clip_hidden_states.*\[B, T, 48\]", "clip_hidden_states"),
+        ((2, 512), (17, 48), r"clip_hidden_states", "clip_hidden_states"),
+        ((3, 512), (2, 17, 48), r"same batch size", None),  # neither argument alone is at fault
     ],
 )
-def test_wrong_feature_shapes_raise(predictor, id_shape, clip_shape, match):
-    with pytest.raises(FeatureShapeError, match=match):
+def test_wrong_feature_shapes_raise(predictor, id_shape, clip_shape, match, argument):
+    with pytest.raises(FeatureShapeError, match=match) as caught:
         predictor.predict(id_embeds=torch.randn(id_shape), clip_hidden_states=torch.randn(clip_shape))
+    assert caught.value.argument == argument
 
 
 def test_missing_features_raise(predictor):
-    with pytest.raises(FeatureShapeError, match="id_embeds"):
+    with pytest.raises(FeatureShapeError, match="id_embeds") as caught:
         predictor.predict(clip_hidden_states=torch.randn(1, 17, 48))
-    with pytest.raises(FeatureShapeError, match="clip_hidden_states"):
+    assert caught.value.argument == "id_embeds"
+    with pytest.raises(FeatureShapeError, match="clip_hidden_states") as caught:
         predictor.predict(id_embeds=torch.randn(1, 512))
+    assert caught.value.argument == "clip_hidden_states"
+    with pytest.raises(FeatureShapeError, match="base_clip_hidden_states") as caught:
+        tiny_hyperlora_predictor(base_rank=4).forward_base(torch.randn(1, 48))
+    assert caught.value.argument == "base_clip_hidden_states"
     with pytest.raises(ValueError):  # also a plain ValueError for generic handlers
         predictor.predict(id_embeds=torch.randn(1, 3))
 
@@ -165,6 +171,29 @@ def test_base_branch_predicts_its_own_coefficients():
     assert downs_ups[0][0].shape == (4, 64)
     no_base = predictor.predict(id_embeds=embeds, clip_hidden_states=clip)
     assert no_base.base_mean is None
+
+
+@pytest.mark.parametrize("base_rank", [0, 4])
+def test_predict_photos_runs_the_extractor_on_the_predictor_and_predicts(base_rank):
+    """The one photos -> identity step (controller and CLI): the extractor gets the predictor's device, dtype and
+    Base need and the options; its features give the same identity as `predict`."""
+    from diffusers_hyperlora import HyperLoRAFeatures
+
+    predictor = tiny_hyperlora_predictor(base_rank=base_rank)
+    embeds, clip = random_features(batch=2)
+    calls = []
+
+    def extractor(images, *, device, dtype, with_base, **options):
+        calls.append((images, device, dtype, with_base, options))
+        return HyperLoRAFeatures(embeds, clip, clip * 0.5 if with_base else None, [f"{i}.jpg" for i in images])
+
+    identity = predictor.predict_photos(("a", "b"), extractor, detector_threshold=0.3)
+    assert calls == [(["a", "b"], predictor.device, predictor.dtype, base_rank > 0, {"detector_threshold": 0.3})]
+    expected = predictor.predict(embeds, clip, clip * 0.5 if base_rank else None)
+    torch.testing.assert_close(identity.id_mean, expected.id_mean, rtol=0, atol=0)
+    assert (identity.base_mean is None) is (base_rank == 0) and identity.sources == ["a.jpg", "b.jpg"]
+    if base_rank:
+        torch.testing.assert_close(identity.base_mean, expected.base_mean, rtol=0, atol=0)
 
 
 def test_merge_equals_predicting_from_all_images(predictor):

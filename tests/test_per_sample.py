@@ -108,8 +108,9 @@ def test_prompt_count_must_match_identity_count(pipe, predictor):
     with pytest.raises(IdentityCountError, match="one identity per\\s+prompt") as error:
         _run(pipe, PROMPTS[:3], [0, 1, 2])
     assert isinstance(error.value, HyperLoRAError) and isinstance(error.value, ValueError)
-    with pytest.raises(IdentityCountError, match="at least one"):
+    with pytest.raises(IdentityCountError, match="at least one") as caught:
         pipe.set_hyperlora_identities([])
+    assert caught.value.argument == "identities"
     with pytest.raises(InvalidArgumentTypeError, match="one entry per prompt"):
         pipe.set_hyperlora_identities(_identity(predictor, 0))  # one identity, not a list
     assert pipe.hyperlora.identities is not None  # the failed calls changed nothing

@@ -143,25 +143,33 @@ def test_unload_removes_sliders_and_restores_the_unet(predictor, people):
     pipe.add_hyperlora_slider(people[0], people[2], adapter_name="smile")
     pipe.remove_hyperlora_slider("smile")
     assert "smile" not in pipe.unet.peft_config and "age" in pipe.unet.peft_config
-    with pytest.raises(ValueError, match="no HyperLoRA slider named 'smile'"):
+    with pytest.raises(ValueError, match="no HyperLoRA slider named 'smile'") as caught:
         pipe.remove_hyperlora_slider("smile")
+    assert caught.value.argument == "adapter_name"
     pipe.unload_hyperlora()
     assert not getattr(pipe.unet, "peft_config", None)
     torch.testing.assert_close(unet_output(pipe.unet), original, atol=0, rtol=0)
 
 
 def test_slider_name_conflicts_and_bad_inputs(loaded, people, predictor):
-    with pytest.raises(AdapterNameConflictError, match="HyperLoRA's own adapters"):
+    with pytest.raises(AdapterNameConflictError, match="HyperLoRA's own adapters") as caught:
         loaded.add_hyperlora_slider(people[0], people[1], adapter_name="id")
+    assert caught.value.argument == "adapter_name"
     loaded.add_hyperlora_slider(people[0], people[1], adapter_name="mine")
     loaded.remove_hyperlora_slider("mine")
     from peft import LoraConfig
 
     loaded.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="users_lora")
-    with pytest.raises(AdapterNameConflictError, match="already has an adapter named 'users_lora'"):
+    with pytest.raises(AdapterNameConflictError, match="already has an adapter named 'users_lora'") as caught:
         loaded.add_hyperlora_slider(people[0], people[1], adapter_name="users_lora")
-    with pytest.raises(TypeError, match="HyperLoRASlider.edited must be a HyperLoRAIdentity"):
+    assert caught.value.argument == "adapter_name"
+    with pytest.raises(TypeError, match="HyperLoRASlider.edited must be a HyperLoRAIdentity") as caught:
         HyperLoRASlider(people[0], "me.jpg")
+    assert caught.value.argument == "edited"
+    for weight, error in (("strong", TypeError), (float("nan"), ValueError)):
+        with pytest.raises(error, match="`weight` must be a") as caught:
+            loaded.add_hyperlora_slider(people[0], people[1], adapter_name="mine", weight=weight)
+        assert caught.value.argument == "weight"
     other = tiny_hyperlora_predictor(seed=4).predict(*random_features(batch=1, seed=0))
     with pytest.raises(Exception, match="another HyperLoRA checkpoint"):
         loaded.add_hyperlora_slider(people[0], other)

@@ -21,7 +21,6 @@ error line, quiet output, Ctrl-C). Every error it reports is a `HyperLoRAError`;
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import io
 import logging
 import os
@@ -31,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import HyperLoRAError
+from ..utils.quiet import no_transformers_progress_bar
 from .parser import HUB_OPTIONS, PROG, TINY, build_parser
 
 THIRD_PARTY_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "accelerate", "peft", "insightface")
@@ -39,7 +39,6 @@ INTERRUPTED = 130  # the shell's exit status for Ctrl-C (128 + SIGINT)
 # `HyperLoRAError.argument` (the Python parameter, or the argparse destination) -> the flag that sets it here.
 FLAGS = {
     "weights": "--weights",
-    "t": "--weights",
     "spherical": "--spherical",
     "device": "--device",
     "dtype": "--dtype",
@@ -101,37 +100,6 @@ def error_line(command: str, error: BaseException) -> str:
     return f"{PROG} {command}: error: {message}"
 
 
-def _transformers_logging() -> Any:
-    """transformers' logging module where transformers draws a "Loading weights" bar (>= 5), else None.
-
-    Before 5 there is no such bar, and importing `transformers.utils` also imports torch, which would make every
-    argument error slow.
-    """
-    try:
-        if int(importlib.metadata.version("transformers").split(".")[0]) < 5:
-            return None
-        from transformers.utils import logging as transformers_logging
-    except (ImportError, ValueError):
-        return None
-    return transformers_logging
-
-
-@contextlib.contextmanager
-def _no_transformers_progress_bar() -> Iterator[None]:
-    """Hide transformers' "Loading weights" bar (our own tqdm bars stay); restore its setting afterwards."""
-    transformers_logging = _transformers_logging()
-    if transformers_logging is None:
-        yield
-        return
-    enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            transformers_logging.enable_progress_bar()
-
-
 @contextlib.contextmanager
 def third_party_output(verbose: bool, keep_stdout: bool = False) -> Iterator[None]:
     """Hide other libraries' warnings, log messages below errors and prints (e.g. insightface's model list).
@@ -149,7 +117,7 @@ def third_party_output(verbose: bool, keep_stdout: bool = False) -> Iterator[Non
     environment = {name: os.environ.get(name) for name in VERBOSITY_VARIABLES}
     os.environ.update({name: "error" for name in VERBOSITY_VARIABLES})
     try:
-        with warnings.catch_warnings(), _no_transformers_progress_bar():
+        with warnings.catch_warnings(), no_transformers_progress_bar():
             warnings.simplefilter("ignore")
             with contextlib.nullcontext() if keep_stdout else contextlib.redirect_stdout(io.StringIO()):
                 yield

@@ -7,7 +7,6 @@ destination of the flag at fault, so the error line names the flag.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Sequence
 
@@ -149,26 +148,6 @@ def check_mix_weights(args: argparse.Namespace) -> None:
             "weight each.",
             argument="weights",
         )
-
-
-def spherical_fraction(weights: Sequence[float]) -> float:
-    """`t = w2 / (w1 + w2)` of `mix --spherical`, scaled first so that huge finite weights do not overflow.
-
-    Non-finite weights give NaN, which `HyperLoRAIdentity.interpolate` refuses as plain `mix` refuses them.
-    """
-    first, second = weights
-    scale = max(abs(first), abs(second))
-    if not math.isfinite(scale):
-        return math.nan
-    if scale == 0:
-        return math.nan
-    first, second = first / scale, second / scale
-    total = first + second
-    if total <= 0:
-        raise InvalidArgumentError(
-            f"--weights must have a positive sum, got {list(weights)}; e.g. --weights 0.5 0.5.", argument="weights"
-        )
-    return second / total
 
 
 def _require(condition: bool, flag: str, value: object, expected: str, argument: str) -> None:

@@ -76,18 +76,14 @@ def resolve_device(name: str | None):
 
 
 def load_predictor(model: str, args: argparse.Namespace):
-    """The checkpoint's predictor on `--device`; on a CPU its small networks in float32."""
+    """The checkpoint's predictor on `--device`, placed as the library places a predictor without a pipeline
+    (`pipeline.placement.place_alone`: on a CPU its small networks in float32)."""
     from ..io import load_predictor as load
+    from ..pipeline.placement import place_alone
 
     device = resolve_device(args.device)
     predictor = load(model, hub_options(args), heads=args.heads, dim_head=args.dim_head)
-    if device.type == "cpu":
-        # 16-bit matmuls are slow (or missing) on CPUs: run the small networks in float32; the banks already
-        # accumulate in float32 whatever their storage dtype, so they keep theirs (half the memory).
-        for name, module in predictor.named_children():
-            if not name.endswith("bank") and module is not None:
-                module.float()
-    return predictor.to(device).eval()
+    return place_alone(predictor, device).eval()
 
 
 def feature_extractor(predictor, model: str, args: argparse.Namespace):
@@ -107,18 +103,7 @@ def photo_predictor(predictor, model: str, args: argparse.Namespace) -> Callable
     """`photos -> identity`, building the face pipeline once, on first use."""
     extractor = functools.cache(lambda: feature_extractor(predictor, model, args))
 
-    def predict(photos: list[str]):
-        features = extractor()(
-            photos, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base
-        )
-        return predictor.predict(
-            id_embeds=features.id_embeds,
-            clip_hidden_states=features.clip_hidden_states,
-            base_clip_hidden_states=features.base_clip_hidden_states,
-            sources=features.sources,
-        )
-
-    return predict
+    return lambda photos: predictor.predict_photos(photos, extractor())
 
 
 def resolve_identity(inputs: list[str], predict: Callable, predictor):
@@ -194,11 +179,7 @@ def run_mix(args: argparse.Namespace) -> str:
     identities = [HyperLoRAIdentity.load(path) for path in args.identities]
     _check_mixable(args.identities, identities)
     weights = args.weights if args.weights is not None else [1.0] * len(identities)
-    if args.spherical:
-        t = checks.spherical_fraction(weights)
-        blend = HyperLoRAIdentity.interpolate(identities[0], identities[1], t, spherical=True)
-    else:
-        blend = HyperLoRAIdentity.mix(identities, weights)
+    blend = HyperLoRAIdentity.mix(identities, weights, spherical=args.spherical)  # the library checks the weights
     blend.save(args.output)
     return f"Saved the blend of {checks.plural(len(identities), 'identity', 'identities')} to {args.output}"
 
@@ -286,14 +267,11 @@ def run_cache_features(args: argparse.Namespace) -> str:
 
 # ---------------------------------------------------------------------------------------------- train
 def _new_predictor(denoiser, args: argparse.Namespace, image_embed_dim: int | None):
-    """A new checkpoint for the base model's denoiser; the flags given override its sizes.
-
-    A UNet's sizes follow the UNet's (`training.fresh_predictor_config`: the release's for SDXL, smaller for
-    smaller UNets such as tiny's); a transformer (SD3, FLUX) gets the release's sizes (`HyperLoRAConfig`'s).
+    """A new checkpoint for the base model's denoiser (`training.fresh_predictor_config`: a UNet's sizes follow the
+    UNet's, the release's for SDXL and smaller for smaller UNets such as tiny's; a transformer (SD3, FLUX) gets the
+    release's); the flags given override its sizes.
     """
-    from ..model.config import HyperLoRAConfig
     from ..model.predictor import HyperLoRAPredictor
-    from ..model.targets import denoiser_layout
     from ..training import fresh_predictor_config
 
     sizes = {"base_rank": NEW_CHECKPOINT_BASE_RANK, **checks.new_checkpoint_sizes(args)}
@@ -301,9 +279,7 @@ def _new_predictor(denoiser, args: argparse.Namespace, image_embed_dim: int | No
         sizes["image_embed_dim"] = image_embed_dim
     if args.base_model != TINY:
         sizes["base_model"] = args.base_model  # recorded in the config: the pipeline the checkpoint was trained on
-    if denoiser_layout(denoiser).component == "unet":
-        return HyperLoRAPredictor(fresh_predictor_config(denoiser, **sizes))
-    return HyperLoRAPredictor(HyperLoRAConfig.from_denoiser(denoiser, **sizes))
+    return HyperLoRAPredictor(fresh_predictor_config(denoiser, **sizes))
 
 
 def _data_clip_width(dataset) -> int | None:
@@ -441,10 +417,9 @@ def run_demo(args: argparse.Namespace) -> None:
     require_extra("gradio", "demo", "demo")
     from ..demo import DemoEngine, launch_demo
 
-    # The tiny default runs on the CPU unless --device says otherwise (as `DemoEngine.tiny_default`): the same
-    # images on every machine. A device is refused here, in --device's words, before any model is built.
-    wanted = "cpu" if args.device is None and args.checkpoint is None else args.device
-    device = str(resolve_device(wanted))
+    # A device given is refused here, in --device's words, before any model is built. Without one, each engine
+    # keeps its own default: the tiny default the CPU (the same images on every machine), a checkpoint the GPU.
+    device = None if args.device is None else str(resolve_device(args.device))
     if args.checkpoint is None:
         given = checks.given_flags(args, (*HUB_OPTIONS, "base_model", "image_encoder", "face_models"))
         if given:
@@ -453,7 +428,7 @@ def run_demo(args: argparse.Namespace) -> None:
                 "Pass a CHECKPOINT (Hub repo id or local folder), or drop them.",
                 argument="checkpoint",
             )
-        engine = DemoEngine.tiny_default(device=device)
+        engine = DemoEngine.tiny_default() if device is None else DemoEngine.tiny_default(device=device)
     else:
         engine = DemoEngine.from_pretrained(
             args.checkpoint,

@@ -8,9 +8,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..model.config import DEFAULT_BASE_MODEL  # no torch: the config module is light
+
 PROG = "diffusers-hyperlora"
 TINY = "tiny"  # the built-in tiny default, as a value of --model / --init / --base-model / convert's SRC
+# The library's choices, copied because the modules that define them import torch (too slow for --help);
+# tests/test_cli_ux.py checks each against the library: `utils.checks.parse_dtype`, `io.lora_files.LORA_FORMATS`,
+# `training.STAGES` and `training.stages.MIXED_PRECISION`.
 DTYPES = ("fp32", "fp16", "bf16")
+LORA_FORMATS = ("kohya", "diffusers")
+STAGES = ("base", "id_clip", "id_full")
+MIXED_PRECISION = ("no", "fp16", "bf16")
 # The fields of `io.HubOptions`, as argparse destinations of `add_hub_options`.
 HUB_OPTIONS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
 TINY_HELP = f"`{TINY}`: the built-in tiny default (random weights, offline, seconds; see docs/cli.md)."
@@ -113,8 +121,8 @@ def _add_lora_options(parser: argparse.ArgumentParser, default_scale: str) -> No
     _add_output(parser, "LoRA file")
     parser.add_argument(
         "--format",
-        choices=("kohya", "diffusers"),
-        default="kohya",
+        choices=LORA_FORMATS,
+        default=LORA_FORMATS[0],
         help="kohya: the reference generator's keys; loads in ComfyUI, A1111, Forge, kohya sd-scripts "
         "and diffusers. diffusers: the layout pipe.load_lora_weights reads natively; diffusers only.",
     )
@@ -278,10 +286,10 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument(
         "--stages",
         nargs="+",
-        choices=("base", "id_clip", "id_full"),
+        choices=STAGES,
         default=None,
         metavar="STAGE",
-        help="Which stages to run, in curriculum order: base, id_clip, id_full (default: all; base is skipped "
+        help=f"Which stages to run, in curriculum order: {', '.join(STAGES)} (default: all; base is skipped "
         "without a Base branch).",
     )
     train.add_argument("--steps", type=int, default=None, help=_stage_help("steps", "Optimizer steps per stage, > 0"))
@@ -314,7 +322,7 @@ def _add_train_parser(commands: Any) -> None:
     )
     train.add_argument(
         "--mixed-precision",
-        choices=("no", "fp16", "bf16"),
+        choices=MIXED_PRECISION,
         default=None,
         help=_stage_help(
             "mixed_precision", "accelerate's mixed precision: no (float32), fp16, or bf16 (on hardware that has it)"
@@ -376,7 +384,7 @@ def _add_demo_parser(commands: Any) -> None:
     demo.add_argument(
         "--base-model",
         default=None,
-        help="SDXL pipeline: repo id or folder (default with a CHECKPOINT: stabilityai/stable-diffusion-xl-base-1.0).",
+        help=f"SDXL pipeline: repo id or folder (default with a CHECKPOINT: {DEFAULT_BASE_MODEL}).",
     )
     demo.add_argument(
         "--device",

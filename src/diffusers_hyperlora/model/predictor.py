@@ -24,6 +24,7 @@ from ..errors import (
     InvalidArgumentTypeError,
     NonFiniteValueError,
 )
+from ..identities.features import FeatureExtractor
 from ..identities.identity import HyperLoRAIdentity
 from ..utils.checks import first_non_finite, require_finite
 from .bank import BasisBank
@@ -181,6 +182,21 @@ class HyperLoRAPredictor(nn.Module):
             checkpoint=self.checkpoint_hash,
             probe=self.probe,
             sources=list(sources or []),
+        )
+
+    def predict_photos(
+        self, photos: Sequence[Any], feature_extractor: FeatureExtractor, **options: Any
+    ) -> HyperLoRAIdentity:
+        """Predict one identity from photos of a person, through `feature_extractor` (`face.FaceFeatureExtractor`
+        or your own): features on this predictor's device and dtype, with the face-blurred (Base) features when
+        this checkpoint has a Base branch. `options` go to the extractor. The one photos -> identity step of
+        `pipe.predict_hyperlora_identity` and the command line.
+        """
+        features = feature_extractor(
+            list(photos), device=self.device, dtype=self.dtype, with_base=self.config.has_base, **options
+        )
+        return self.predict(
+            features.id_embeds, features.clip_hidden_states, features.base_clip_hidden_states, features.sources
         )
 
     # ------------------------------------------------------------------ validation

@@ -57,6 +57,7 @@ from .placement import Placement
 
 logger = logging.get_logger(__name__)
 
+
 def find_denoiser(pipe: Any, name: str | None = None) -> torch.nn.Module:
     """The pipeline's denoiser: `name` if given, else its `unet` or its `transformer`. A transformer HyperLoRA has
     no targets for (`DENOISER_LAYOUTS`: SD3 and FLUX have) raises `UnsupportedPipelineError`."""
@@ -85,7 +86,9 @@ def as_image_list(images: Any, caller: str) -> list[Any]:
     """One image or a list of images -> a non-empty list (`caller` names the user's call in the error)."""
     if isinstance(images, (list, tuple)):
         if not images:
-            raise InvalidArgumentError(f"{caller}() got an empty list: pass one image or a list of images.")
+            raise InvalidArgumentError(
+                f"{caller}() got an empty list: pass one image or a list of images.", argument="images"
+            )
         return list(images)
     return [images]
 
@@ -334,12 +337,7 @@ class HyperLoRAController:
 
     def _predict_photos(self, loaded: _Loaded, photos: list[Any], kwargs: dict[str, Any]) -> HyperLoRAIdentity:
         with self._computing(loaded) as predictor:
-            features = self._extractor(loaded)(
-                photos, device=predictor.device, dtype=predictor.dtype, with_base=predictor.config.has_base, **kwargs
-            )
-            return predictor.predict(
-                features.id_embeds, features.clip_hidden_states, features.base_clip_hidden_states, features.sources
-            )
+            return predictor.predict_photos(photos, self._extractor(loaded), **kwargs)
 
     def _extractor(self, loaded: _Loaded) -> FeatureExtractor:
         if loaded.feature_extractor is None:
@@ -365,7 +363,8 @@ class HyperLoRAController:
             if prepare is None:
                 raise InvalidArgumentTypeError(
                     f"The pipeline's feature extractor ({type(extractor).__name__}) cannot show its inputs: only the "
-                    "built-in face pipeline (diffusers_hyperlora.face) has `prepare_inputs`."
+                    "built-in face pipeline (diffusers_hyperlora.face) has `prepare_inputs`.",
+                    argument="feature_extractor",
                 )
             return prepare(images, with_base=loaded.predictor.config.has_base, **kwargs)
 

@@ -10,6 +10,9 @@ it. `Placement` follows the pipeline instead:
   offload hooks lifted, and the offload is enabled again afterwards (`lifted`);
 - diffusers' group offloading (`enable_group_offload`) keeps its own copies of the weights, which an in-place
   write would miss: it is refused with `UnsupportedPipelineError` (`check_supported`).
+
+Without a pipeline (the command line predicts and exports with the predictor alone), `place_alone` puts it on a
+device.
 """
 
 from __future__ import annotations
@@ -99,6 +102,17 @@ class Placement:
             yield True
         finally:
             self.pipe.enable_sequential_cpu_offload(device=device)
+
+
+def place_alone(predictor: nn.Module, device: torch.device) -> nn.Module:
+    """The predictor on `device` without a pipeline, in its own dtype, except on a CPU: there its small networks
+    run in float32 (16-bit matmuls are slow, or missing, on CPUs), and the basis banks keep their dtype, since they
+    accumulate in float32 whatever their storage dtype (half the memory)."""
+    if device.type == "cpu":
+        for name, module in predictor.named_children():
+            if name not in BANK_MODULES and module is not None:
+                module.float()
+    return predictor.to(device)
 
 
 def keep_on_cpu(bank: nn.Module, dtype: torch.dtype, pin: bool) -> None:

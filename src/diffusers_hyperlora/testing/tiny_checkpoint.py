@@ -19,17 +19,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..utils.quiet import no_transformers_progress_bar
 from .tiny_face import draw_face_marker, export_tiny_antelopev2, tiny_clip_encoder
 from .tiny_models import tiny_hyperlora_predictor
 
@@ -55,19 +54,6 @@ def tiny_example_photo(path: str | os.PathLike) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _no_transformers_progress_bar() -> Iterator[None]:
-    from transformers.utils import logging as transformers_logging
-
-    enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            transformers_logging.enable_progress_bar()
-
-
 def save_tiny_checkpoint(folder: str | os.PathLike, unet: Any = None, seed: int = 0) -> Path:
     """Write the built-in tiny default (predictor, CLIP encoder, face models) as a checkpoint folder; returns it.
 
@@ -87,7 +73,7 @@ def save_tiny_checkpoint(folder: str | os.PathLike, unet: Any = None, seed: int 
     )
     predictor.save_pretrained(folder)
     encoder = tiny_clip_encoder(hidden_size=predictor.config.image_embed_dim, seed=seed)
-    with _no_transformers_progress_bar():  # a bar for one tiny file is noise
+    with no_transformers_progress_bar():  # a bar for one tiny file is noise
         encoder.model.save_pretrained(folder / IMAGE_ENCODER_FOLDER, safe_serialization=True)
     encoder.processor.save_pretrained(folder / IMAGE_ENCODER_FOLDER)
     export_tiny_antelopev2(folder / FACE_MODELS_FOLDER, seed=seed)

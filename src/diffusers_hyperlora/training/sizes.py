@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import TrainingConfigError
 from ..model.config import HyperLoRAConfig
-from ..model.targets import targets_from_unet
+from ..model.targets import denoiser_layout, targets_from_unet
 from .families import pipeline_denoiser
 
 SDXL_CROSS_ATTENTION_DIM = 2048
@@ -43,8 +43,13 @@ def predictor_sizes(unet: Any) -> dict[str, int]:
 
 
 def fresh_predictor_config(unet: Any, **overrides: Any) -> HyperLoRAConfig:
-    """A `HyperLoRAConfig` targeting `unet` with `predictor_sizes(unet)`; `overrides` set any field
-    (e.g. `image_embed_dim=` the CLIP width of the cached features, `base_rank=4`, `num_basis=`)."""
+    """A `HyperLoRAConfig` targeting the denoiser `unet` with `predictor_sizes(unet)`; `overrides` set any field
+    (e.g. `image_embed_dim=` the CLIP width of the cached features, `base_rank=4`, `num_basis=`).
+
+    A transformer (SD3, FLUX) gets the release's sizes (`HyperLoRAConfig`'s defaults) on its attention modules
+    (`HyperLoRAConfig.from_denoiser`)."""
+    if denoiser_layout(unet).component != "unet":
+        return HyperLoRAConfig.from_denoiser(unet, **overrides)
     values: dict[str, Any] = {"targets": targets_from_unet(unet), **predictor_sizes(unet)}
     values.update(overrides)
     return HyperLoRAConfig(**values)
