@@ -130,8 +130,7 @@ class HyperLoRAPredictor(nn.Module):
             raise FeatureShapeError(
                 f"`id_embeds` ({id_embeds.shape[0]} images) and `clip_hidden_states` ({clip_hidden_states.shape[0]} "
                 "images) must describe the same images: give both the same batch size.",
-                argument="clip_hidden_states",
-            )
+            )  # no `argument=`: neither input alone is at fault
         return id_embeds, clip_hidden_states
 
     def forward(
