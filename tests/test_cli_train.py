@@ -70,6 +70,8 @@ def _dataset_without_features(root):
         ("--seed", str(2**64), "StageConfig.seed must be an integer >= 0 and at most 4294967295"),
         ("--num-basis", "0", "HyperLoRAConfig.num_basis must be a positive integer, got 0"),
         ("--image-embed-dim", "0", "HyperLoRAConfig.image_embed_dim must be a positive integer, got 0"),
+        ("--resolution", "36", "resolution must be a positive multiple of 8 (the VAE's downscaling), got 36"),
+        ("--resolution", "0", "resolution must be a positive multiple of 8 (the VAE's downscaling), got 0"),
     ],
 )
 def test_train_numbers_are_checked_by_the_library_before_anything_is_loaded(tmp_path, capsys, flag, value, words):

@@ -373,6 +373,23 @@ def test_preview_refuses_an_unknown_option_by_name(pipe, face_pack, astronaut):
     assert len(pipe.preview_hyperlora_inputs(astronaut, face_index=0)) == 1
 
 
+@pytest.mark.parametrize("option, value", [("with_base", False), ("device", "cpu"), ("dtype", torch.float16)])
+def test_options_the_checkpoint_sets_are_refused_by_name(pipe, face_pack, astronaut, option, value):
+    """`with_base=` / `device=` / `dtype=` are the loaded checkpoint's to set: a clear error naming the option, on the
+    preview and on a switch (not Python's "got multiple values" TypeError), and nothing changes."""
+    from diffusers_hyperlora import InvalidArgumentError
+
+    pipe.load_hyperlora(tiny_hyperlora_predictor(), face_analyzer=str(face_pack))
+    before = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
+    for call in (pipe.preview_hyperlora_inputs, pipe.set_hyperlora_identity, pipe.predict_hyperlora_identity):
+        words = rf"{option}= cannot be passed .*the loaded checkpoint sets"
+        with pytest.raises(InvalidArgumentError, match=words) as caught:
+            call(astronaut, **{option: value})
+        assert caught.value.argument == option
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_missing_clip_encoder_error(pipe, face_pack, astronaut, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe.load_hyperlora(tiny_hyperlora_predictor(), image_encoder="nobody-xyz/no-clip", face_analyzer=str(face_pack))

@@ -257,6 +257,15 @@ def test_non_finite_features_in_memory_are_refused():
     assert caught.value.argument == "clip_hidden_states"
 
 
+@pytest.mark.parametrize("resolution", [36, 0, -8, 32.0, True, "64"])
+def test_a_resolution_the_vae_cannot_encode_is_refused(resolution):
+    """Training sizes are positive multiple of 8 (`check_resolution`, which `train --resolution` uses too)."""
+    with pytest.raises(TrainingDataError, match="positive multiple of 8") as caught:
+        HyperLoRATrainingDataset(_data().records, resolution=resolution)
+    assert caught.value.argument == "resolution"
+    assert isinstance(caught.value, ValueError)
+
+
 def test_features_of_another_width_are_refused_before_training(pipe, tmp_path):
     predictor = tiny_hyperlora_predictor(pipe.unet)  # reads 48-wide CLIP features
     before = _snapshot(predictor)

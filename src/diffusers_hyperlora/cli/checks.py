@@ -150,11 +150,6 @@ def check_mix_weights(args: argparse.Namespace) -> None:
         )
 
 
-def _require(condition: bool, flag: str, value: object, expected: str, argument: str) -> None:
-    if not condition:
-        raise InvalidArgumentError(f"{flag} {value}: must be {expected}.", argument=argument)
-
-
 NEW_CHECKPOINT_FLAGS = {
     "num_basis": "num_basis",
     "rank": "id_rank",
@@ -174,13 +169,10 @@ def new_checkpoint_sizes(args: argparse.Namespace) -> dict[str, int]:
 def check_train_arguments(args: argparse.Namespace) -> None:
     """`train`'s folders, Hub flags and new-checkpoint sizes, before anything heavy is imported.
 
-    The stage numbers (`--steps`, `--lr`, ...) are checked by the library itself (`TrainingConfig.validate`), before
-    any model is loaded; the sizes by `HyperLoRAConfig` (a light import), here.
+    The stage numbers (`--steps`, `--lr`, ...) and `--resolution` are checked by the library itself
+    (`TrainingConfig.validate`, `training.check_resolution`), before any model is loaded; the sizes by
+    `HyperLoRAConfig` (a light import), here.
     """
-    if args.resolution is not None:
-        resolution = args.resolution
-        _require(resolution > 0 and resolution % 8 == 0, "--resolution", resolution, "a positive multiple of 8",
-                 "resolution")  # fmt: skip
     given = given_flags(args, HUB_OPTIONS)
     if given and not args.init:
         raise InvalidArgumentError(

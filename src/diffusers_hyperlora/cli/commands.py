@@ -12,12 +12,12 @@ import contextlib
 import functools
 import importlib
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import InvalidArgumentError, MissingDependencyError, TrainingConfigError, TrainingDataError
+from ..utils.atomic_files import atomic_folder
 from . import checks
 from .parser import HUB_OPTIONS, NEW_CHECKPOINT_BASE_RANK, PROG, TINY, install_hint
 
@@ -201,7 +201,8 @@ def run_convert(args: argparse.Namespace) -> str:
     checks.check_tiny_options(args, args.src, "SRC", tiny_flags)
     checks.check_output_folder(args.dst, args.overwrite, "DST", "dst", source=args.src)
     if args.src == TINY:
-        _write_new_folder(args.dst, _save_tiny)
+        with atomic_folder(args.dst) as temporary:
+            _save_tiny(str(temporary))
         return f"Wrote the built-in tiny default to {args.dst} (use it as --model {args.dst})"
     from ..io.convert import convert_checkpoint
     from ..utils.checks import parse_dtype
@@ -224,19 +225,6 @@ def _save_tiny(folder: str) -> None:
     from ..testing.tiny_checkpoint import save_tiny_checkpoint
 
     save_tiny_checkpoint(folder)
-
-
-def _write_new_folder(path: str, write: Callable[[str], None]) -> None:
-    """Write a folder under a temporary name beside `path`, then move it into place (replacing an old one)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(temporary, path)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def run_cache_features(args: argparse.Namespace) -> str:
@@ -360,10 +348,12 @@ def _base_pipeline(args: argparse.Namespace):
 
 
 def _training_config(args: argparse.Namespace):
-    """The curriculum of the flags given, checked by the library (`TrainingConfig.validate`) before any model is
-    loaded; a flag not given keeps the library's default (`training.STAGE_DEFAULTS`)."""
-    from ..training import TrainingConfig, default_curriculum
+    """The curriculum of the flags given (and `--resolution`), checked by the library (`TrainingConfig.validate`,
+    `check_resolution`) before any model is loaded; a flag not given keeps the library's default
+    (`training.STAGE_DEFAULTS`)."""
+    from ..training import TrainingConfig, check_resolution, default_curriculum
 
+    check_resolution(args.resolution)
     given = {field: getattr(args, name) for field, name in STAGE_FLAGS.items()}
     given = {field: value for field, value in given.items() if value is not None and value is not False}
     stages = [stage for stage in default_curriculum(**given) if args.stages is None or stage.stage in args.stages]

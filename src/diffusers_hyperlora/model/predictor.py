@@ -191,6 +191,7 @@ class HyperLoRAPredictor(nn.Module):
         this checkpoint has a Base branch. `options` go to the extractor. The one photos -> identity step of
         `pipe.predict_hyperlora_identity` and the command line.
         """
+        refuse_checkpoint_options(options, "the feature extractor's")
         features = feature_extractor(
             list(photos), device=self.device, dtype=self.dtype, with_base=self.config.has_base, **options
         )
@@ -375,3 +376,20 @@ def _check_clip(states: torch.Tensor | None, width: int, name: str) -> torch.Ten
             argument=name,
         )
     return states
+
+
+CHECKPOINT_OPTIONS = ("device", "dtype", "with_base")
+"""Feature-extractor options the loaded checkpoint sets itself (its device, its dtype, whether it has a Base branch)."""
+
+
+def refuse_checkpoint_options(options: dict[str, Any], what: str) -> None:
+    """Refuse `device=`, `dtype=` or `with_base=` among a call's options: the checkpoint sets them (a second value
+    would be Python's raw "multiple values" `TypeError`)."""
+    given = [name for name in CHECKPOINT_OPTIONS if name in options]
+    if given:
+        raise InvalidArgumentError(
+            f"{', '.join(f'{name}=' for name in given)} cannot be passed as {what} option: the loaded checkpoint "
+            "sets it (its device and dtype, and whether it has a Base branch). Drop it; move the pipeline with "
+            "`pipe.to(...)` to change the device or dtype.",
+            argument=given[0],
+        )

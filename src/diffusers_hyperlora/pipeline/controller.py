@@ -50,7 +50,7 @@ from ..identities.inputs import is_identity_input, resolve_identity
 from ..io.hub import HubOptions
 from ..io.lora_files import export_lora
 from ..model.config import HyperLoRAConfig
-from ..model.predictor import HyperLoRAPredictor
+from ..model.predictor import HyperLoRAPredictor, refuse_checkpoint_options
 from ..model.targets import DENOISER_COMPONENTS, DENOISER_LAYOUTS, has_denoiser_layout
 from ..utils.compat import adapter_configs
 from .placement import Placement
@@ -366,6 +366,7 @@ class HyperLoRAController:
                     "built-in face pipeline (diffusers_hyperlora.face) has `prepare_inputs`.",
                     argument="feature_extractor",
                 )
+            refuse_checkpoint_options(kwargs, "a preview")
             return prepare(images, with_base=loaded.predictor.config.has_base, **kwargs)
 
     # ------------------------------------------------------------------ switching identities

@@ -48,6 +48,8 @@ from ..utils.atomic_files import atomic_path
 logger = logging.get_logger(__name__)
 
 METADATA_FILE = "metadata.jsonl"
+RESOLUTION_MULTIPLE = 8
+"""Training sizes are multiples of this (the VAE's downscaling factor in every supported base model)."""
 FEATURES_FILE = "features.safetensors"
 FEATURES_FORMAT = "diffusers-hyperlora-training-features"
 FEATURE_KINDS = ("id_embeds", "clip_hidden_states", "base_clip_hidden_states")
@@ -336,10 +338,7 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
                 "A training dataset needs at least one record: pass a non-empty list of `TrainingRecord`s.",
                 argument="records",
             )
-        if resolution is not None and not _positive_int(resolution):
-            raise TrainingDataError(
-                f"resolution must be a positive integer, got {resolution!r}.", argument="resolution"
-            )
+        check_resolution(resolution)
         if not _positive_int(num_references):
             raise TrainingDataError(
                 f"num_references must be a positive integer, got {num_references!r}.", argument="num_references"
@@ -470,6 +469,19 @@ class HyperLoRATrainingDataset(torch.utils.data.Dataset):
             for kind in FEATURE_KINDS
             if getattr(first, kind) is not None
         }
+
+
+def check_resolution(resolution: int | None) -> None:
+    """Refuse a training size that is not a positive multiple of `RESOLUTION_MULTIPLE` (`None`, the base model's
+    native size, passes): the VAE of every supported base model downscales by 8, so other sizes cannot be encoded
+    into whole latents. `HyperLoRATrainingDataset` and `train --resolution` both check with this."""
+    if resolution is None or (_positive_int(resolution) and resolution % RESOLUTION_MULTIPLE == 0):
+        return
+    raise TrainingDataError(
+        f"resolution must be a positive multiple of {RESOLUTION_MULTIPLE} (the VAE's downscaling), got "
+        f"{resolution!r}: pass e.g. 1024 for SDXL, 512 for SD 1.5, or None for the base model's own size.",
+        argument="resolution",
+    )
 
 
 def _positive_int(value: Any) -> bool:

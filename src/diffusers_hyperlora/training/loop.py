@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from ..errors import (
     TrainingDataError,
 )
 from ..model.predictor import HyperLoRAPredictor
-from ..utils.atomic_files import atomic_path
+from ..utils.atomic_files import atomic_folder, atomic_path
 from ..utils.checks import is_finite
 from ..utils.compat import (
     ACCELERATE_MODEL_FILE,
@@ -711,25 +710,18 @@ def _save_checkpoint(run: _Run) -> None:
         accelerator.save_state(shared[0])
         accelerator.wait_for_everyone()
         return
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    replaced = destination.with_name(f".{destination.name}.replaced")
-    broadcast_object_list([str(temporary)])
     try:
-        accelerator.save_state(str(temporary))
-        _write_marker(run, temporary)
-        accelerator.wait_for_everyone()
-        if destination.exists():  # a re-run over an old checkpoint: a folder cannot be renamed over a folder
-            os.replace(destination, replaced)
-        os.replace(temporary, destination)
+        with atomic_folder(destination) as temporary:  # a re-run over an old checkpoint replaces it
+            broadcast_object_list([str(temporary)])
+            accelerator.save_state(str(temporary))
+            _write_marker(run, temporary)
+            accelerator.wait_for_everyone()
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
         raise _write_error(destination, error, "the checkpoint") from error
     except Exception as error:
         if type(error).__name__ != "SafetensorError":
             raise
         raise _write_error(destination, error, "the checkpoint") from error
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _load_checkpoint(run: _Run, folder: Path) -> None:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ..errors import HyperLoRAWriteError
 
-__all__ = ["atomic_path", "atomic_write_files"]
+__all__ = ["atomic_folder", "atomic_path", "atomic_write_files"]
 
 
 def _temporary_name(destination: Path) -> Path:
@@ -68,6 +69,31 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
         if isinstance(error, HyperLoRAWriteError) or not _is_write_failure(error):
             raise
         raise _write_error(destination, error) from error
+
+
+@contextlib.contextmanager
+def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new, empty temporary folder next to `destination`; on success it takes `destination`'s place (an old
+    folder there is moved aside first and removed once the new one is in place), else it is deleted and
+    `destination` is left as it was. Errors pass through unchanged: the caller words them."""
+    destination = Path(destination)
+    _make_parent(destination)
+    temporary = _temporary_name(destination)
+    replaced = destination.with_name(f".{destination.name}.{os.getpid()}.replaced")
+    shutil.rmtree(temporary, ignore_errors=True)  # a leftover of a killed process with the same pid
+    temporary.mkdir()
+    try:
+        yield temporary
+        if destination.exists():  # a folder cannot be renamed over a folder
+            os.replace(destination, replaced)
+        os.replace(temporary, destination)
+    except BaseException:
+        if replaced.exists() and not destination.exists():
+            os.replace(replaced, destination)
+        raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def atomic_write_files(folder: str | os.PathLike, writers: Mapping[str, Callable[[Path], object]]) -> Path:
