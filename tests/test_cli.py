@@ -145,10 +145,11 @@ def test_errors_are_reported_not_raised(setup, tmp_path, capsys):
     assert code == 1 and "error" in err
 
     code, _, err = _run(["mix", alice, alice_old, "--weights", "1", "-o", out], capsys)
-    assert code == 1 and "give one weight each" in err
-    assert "mix: error: 2 identities but 1 --weights" in err and "mix: mix:" not in err, err
+    assert code == 1 and "give one weight per identity" in err
+    assert "mix: error: --weights: HyperLoRAIdentity.mix() got 2 identities but 1 weight:" in err, err
+    assert "mix: mix:" not in err, err
     code, _, err = _run(["mix", alice, "--weights", "1", "2", "-o", out], capsys)
-    assert code == 1 and "1 identity but 2 --weights" in err, err
+    assert code == 1 and "got 1 identity but 2 weights" in err, err
 
     code, _, err = _run(["export", alice, "-o", out, "--model", root / "model", "--branch", "base"], capsys)
     assert code == 1 and "error: --branch: " in err, err

@@ -42,8 +42,6 @@ def _run(argv, capsys):
 
 # ------------------------------------------------------------------------------------ before heavy imports
 LIGHT_CASES = [
-    (["mix", "{a}", "{b}", "--weights", "1", "-o", "x.safetensors"], "2 identities but 1 --weights"),
-    (["mix", "{a}", "{b}", "{a}", "--spherical", "-o", "x.safetensors"], "exactly two identities"),
     *[
         (["export", "{a}", "-o", "x.safetensors", "--model", "m", "--device", device], f"--device '{device}'")
         for device in ("tpu", "meta", "xpu", "nonsense", "cuda:x")
@@ -187,6 +185,28 @@ def test_spherical_and_plain_mix_refuse_weights_with_one_error(saved, tmp_path, 
     assert plain[0] == spherical[0] == 1 and not out.exists()
     assert "--weights: " in plain[2] and "positive sum" in plain[2], plain[2]
     assert spherical[2] == plain[2]
+
+
+@pytest.mark.parametrize(
+    ("names", "options", "words"),
+    [
+        (["alice", "bob"], ["--weights", "1"], "--weights: HyperLoRAIdentity.mix() got 2 identities but 1 weight: "),
+        (["alice"], ["--weights", "1", "2"], "--weights: HyperLoRAIdentity.mix() got 1 identity but 2 weights: "),
+        (
+            ["alice", "bob", "alice"],
+            ["--spherical"],
+            "--spherical: HyperLoRAIdentity.mix(spherical=True) blends exactly",
+        ),
+    ],
+)
+def test_mix_weight_count_and_spherical_are_the_librarys_checks_naming_the_flag(
+    saved, tmp_path, capsys, names, options, words
+):
+    """The library's own checks (no copy in the CLI): its `argument` names the flag, one line, nothing written."""
+    out = tmp_path / "x.safetensors"
+    code, _, err = _run(["mix", *(saved / f"{name}.safetensors" for name in names), *options, "-o", out], capsys)
+    assert code == 1 and f"diffusers-hyperlora mix: error: {words}" in err and not out.exists(), err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_export_names_the_foreign_identity_among_several(saved, tmp_path, capsys):

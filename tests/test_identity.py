@@ -285,7 +285,20 @@ def test_spherical_mix_is_interpolate_at_the_weight_ratio_and_takes_two(two_peop
     assert torch.equal(blend.id_mean, HyperLoRAIdentity.interpolate(a, b, 0.75, spherical=True).id_mean)
     with pytest.raises(InvalidArgumentError, match="exactly two identities") as caught:
         HyperLoRAIdentity.mix([a, b, _predict(predictor, 1, seed=7)], [1, 1, 1], spherical=True)
-    assert caught.value.argument == "identities"
+    assert caught.value.argument == "spherical"  # the fix: drop spherical=True
+
+
+@pytest.mark.parametrize("other", [{"seed": 3}, {"seed": 0, "num_basis": 4}])  # other weights, other shape
+def test_mix_says_which_identity_is_of_another_checkpoint(two_people, other):
+    """`IdentityMismatchError.index` is the foreign one, so front ends can name their own input (the CLI's file)."""
+    a, b = two_people
+    foreign = _predict(tiny_hyperlora_predictor(**other), 1, seed=0)
+    with pytest.raises(
+        IdentityMismatchError, match=r"mix\(\): identities\[2\] does not go with identities\[0\]"
+    ) as caught:
+        HyperLoRAIdentity.mix([a, b, foreign], [1, 1, 1])
+    assert caught.value.index == 2 and caught.value.argument == "identities"
+    assert isinstance(caught.value.__cause__, IdentityMismatchError)  # the reason alone
 
 
 def test_normalize_mix_weights():

@@ -135,21 +135,6 @@ def check_tiny_options(args: argparse.Namespace, value: str | None, flag: str, n
         )
 
 
-def check_mix_weights(args: argparse.Namespace) -> None:
-    """One weight per identity; `--spherical` blends two (the values themselves are checked by the library)."""
-    if args.spherical and len(args.identities) != 2:
-        raise InvalidArgumentError(
-            f"mix --spherical blends exactly two identities, got {len(args.identities)}; drop --spherical to mix more.",
-            argument="spherical",
-        )
-    if args.weights is not None and len(args.weights) != len(args.identities):
-        raise InvalidArgumentError(
-            f"{plural(len(args.identities), 'identity', 'identities')} but {len(args.weights)} --weights; give one "
-            "weight each.",
-            argument="weights",
-        )
-
-
 NEW_CHECKPOINT_FLAGS = {
     "num_basis": "num_basis",
     "rank": "id_rank",

@@ -16,7 +16,13 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import InvalidArgumentError, MissingDependencyError, TrainingConfigError, TrainingDataError
+from ..errors import (
+    IdentityMismatchError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    TrainingConfigError,
+    TrainingDataError,
+)
 from ..utils.atomic_files import atomic_folder
 from . import checks
 from .parser import HUB_OPTIONS, NEW_CHECKPOINT_BASE_RANK, PROG, TINY, install_hint
@@ -171,29 +177,24 @@ def run_slider(args: argparse.Namespace) -> str:
 
 def run_mix(args: argparse.Namespace) -> str:
     checks.check_inputs(args.identities, "IDENTITY")
-    checks.check_mix_weights(args)
     checks.check_output_file(args.output, args.identities, args.overwrite)
     checks.check_identity_files_only(args.identities, "mix")
     from ..identities.identity import HyperLoRAIdentity
 
     identities = [HyperLoRAIdentity.load(path) for path in args.identities]
-    _check_mixable(args.identities, identities)
     weights = args.weights if args.weights is not None else [1.0] * len(identities)
-    blend = HyperLoRAIdentity.mix(identities, weights, spherical=args.spherical)  # the library checks the weights
+    try:  # the library checks the weights, --spherical's two identities and that they share a checkpoint
+        blend = HyperLoRAIdentity.mix(identities, weights, spherical=args.spherical)
+    except IdentityMismatchError as error:
+        index = getattr(error, "index", None)
+        if index is None:
+            raise
+        paths, reason = args.identities, error.__cause__ or error  # the library's reason, without its indices
+        raise IdentityMismatchError(
+            f"{paths[index]} does not go with {paths[0]}: {reason}", argument="identities"
+        ) from None
     blend.save(args.output)
     return f"Saved the blend of {checks.plural(len(identities), 'identity', 'identities')} to {args.output}"
-
-
-def _check_mixable(paths: list[str], identities: list) -> None:
-    """Every identity of the first one's checkpoint, else `IdentityMismatchError` naming the file (one of several)."""
-    from ..errors import IdentityMismatchError
-
-    first = identities[0]
-    for path, identity in zip(paths[1:], identities[1:]):
-        try:
-            identity.check_compatible(first.checkpoint, first.probe, tuple(first.id_mean.shape))
-        except IdentityMismatchError as error:
-            raise IdentityMismatchError(f"{path} does not go with {paths[0]}: {error}", argument="identities") from None
 
 
 def run_convert(args: argparse.Namespace) -> str:

@@ -99,7 +99,8 @@ def normalize_mix_weights(weights: Sequence[float], count: int, caller: str = "H
         ) from error
     if len(values) != count:
         raise InvalidArgumentError(
-            f"{caller}() got {count} identities but {len(values)} weights: give one weight per identity.",
+            f"{caller}() got {count} {'identity' if count == 1 else 'identities'} but {len(values)} "
+            f"{'weight' if len(values) == 1 else 'weights'}: give one weight per identity.",
             argument="weights",
         )
     largest = max((abs(w) for w in values), default=0.0)
@@ -144,13 +145,21 @@ def _check_same_checkpoint(identities: Sequence[HyperLoRAIdentity], what: str) -
                 argument="identities",
             )
     first = identities[0]
-    for other in identities[1:]:
-        other.check_compatible(first.checkpoint, first.probe)
-        if other.id_mean.shape != first.id_mean.shape:
-            raise IdentityMismatchError(
-                f"{what}(): identities have coefficient shapes {list(first.id_mean.shape)} and "
-                f"{list(other.id_mean.shape)}; they come from different checkpoints. Predict them with one checkpoint."
+    for index, other in enumerate(identities[1:], start=1):
+        try:
+            other.check_compatible(first.checkpoint, first.probe)
+            if other.id_mean.shape != first.id_mean.shape:
+                raise IdentityMismatchError(
+                    f"Its coefficients have shape {list(other.id_mean.shape)}, the first's {list(first.id_mean.shape)}"
+                    ": they come from different checkpoints. Predict them with one checkpoint."
+                )
+        except IdentityMismatchError as error:
+            foreign = IdentityMismatchError(
+                f"HyperLoRAIdentity.{what}(): identities[{index}] does not go with identities[0]: {error}",
+                argument="identities",
             )
+            foreign.index = index  # which one, so front ends can name their own input (the CLI: the file)
+            raise foreign from error  # the reason alone, for front ends that word the first part themselves
 
 
 @dataclass
@@ -287,6 +296,8 @@ class HyperLoRAIdentity:
         weight subtracts a person (identity arithmetic). Each person counts with its weight whatever its number of
         photos: to pool photos of *one* person, use `merge` instead. `spherical=True` (two identities only) is
         `interpolate(a, b, t, spherical=True)` at `t = w_b / (w_a + w_b)`, with the same checks on the weights.
+        Identities of another checkpoint than `identities[0]`'s raise `IdentityMismatchError`, whose `index` says
+        which one.
 
         Example:
             >>> blend = HyperLoRAIdentity.mix([alice, bob, carol], [0.5, 0.3, 0.2])  # doctest: +SKIP
@@ -300,7 +311,7 @@ class HyperLoRAIdentity:
                 raise InvalidArgumentError(
                     f"HyperLoRAIdentity.mix(spherical=True) blends exactly two identities, got {len(identities)}: "
                     "drop spherical=True to blend more.",
-                    argument="identities",
+                    argument="spherical",
                 )
             return cls.interpolate(identities[0], identities[1], weights[1], spherical=True)
         first = identities[0]
