@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "tools"))
 
-from import_graph import PACKAGE, layers, read_import_graph  # noqa: E402
+from import_graph import PACKAGE, layers, read_import_graph, read_module_graph  # noqa: E402
 
 # Bottom to top; a part may import only from parts on lower layers (docs/architecture.md, "The layers").
 EXPECTED_LAYERS = {
@@ -63,6 +63,37 @@ def test_all_imports_flow_one_way_with_the_documented_exception(graph):
     assert upward == UPWARD_AT_CALL_TIME, f"imports going up a layer: {sorted(upward - UPWARD_AT_CALL_TIME)}"
     assert not UPWARD_AT_CALL_TIME & graph.edges(("import_time",))
     assert layers(graph.parts, edges - UPWARD_AT_CALL_TIME) == EXPECTED_LAYERS, "the layering changed: update docs"
+
+
+def test_modules_have_no_import_cycle_even_through_imports_inside_functions():
+    """Between modules (two of one subpackage too), imports inside functions count: only the predictor's documented
+    call-time entries into `io` may close a loop (`io` builds predictors)."""
+    graph = read_module_graph()
+    into_io = {(a, b) for a, b in graph.edges(("call_time",)) if a == "model.predictor" and b.split(".")[0] == "io"}
+    assert into_io and not into_io & graph.edges(("import_time",))
+    layers(graph.parts, graph.edges() - into_io)  # raises `ValueError: import cycle: ...` naming the modules
+
+
+def test_the_module_reader_sees_a_cycle_inside_a_subpackage_through_a_function(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "a").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a" / "__init__.py").write_text("from .first import f\n")
+    (package / "a" / "first.py").write_text("def f():\n    from .second import g\n")
+    (package / "a" / "second.py").write_text("from . import first\nfrom .. import b\ng = 1\n")
+    (package / "b.py").write_text("from .a.first import f\n")
+    graph = read_module_graph(package)
+    assert graph.parts == ["a", "a.first", "a.second", "b"]
+    assert graph.edges(("import_time",)) == {
+        ("a", "a.first"),
+        ("a.second", "a.first"),
+        ("a.second", "b"),
+        ("b", "a.first"),
+    }
+    assert graph.edges(("call_time",)) == {("a.first", "a.second")}
+    assert not read_import_graph(package).edges(("call_time",))  # the graph between parts drops it (inside `a`)
+    with pytest.raises(ValueError, match="import cycle: .*a.first -> a.second"):
+        layers(graph.parts, graph.edges())
 
 
 def test_the_predictor_reaches_io_only_from_its_documented_entries_and_knows_no_adapters():

@@ -257,7 +257,7 @@ def _argument_cases(tmp_path):
     from diffusers_hyperlora.io.release import save_release_checkpoint
     from diffusers_hyperlora.model.config import HyperLoRAConfig
     from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
-    from diffusers_hyperlora.training.losses import diffusion_target
+    from diffusers_hyperlora.training.families import diffusion_target
     from diffusers_hyperlora.training.stages import check_stage
     from diffusers_hyperlora.utils.checks import parse_dtype
 

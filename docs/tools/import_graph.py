@@ -82,6 +82,42 @@ def read_import_graph(root: Path = PACKAGE) -> ImportGraph:
     return graph
 
 
+def module_name(path: Path, root: Path = PACKAGE) -> str:
+    """`training/losses.py` -> `training.losses`, `training/__init__.py` -> `training` (the facade: `__init__`)."""
+    dotted = list(path.relative_to(root).with_suffix("").parts)
+    if dotted[-1] == "__init__" and len(dotted) > 1:
+        dotted.pop()
+    return ".".join(dotted)
+
+
+def _module_targets(path: Path, node: ast.ImportFrom, root: Path) -> list[str]:
+    """The modules a relative import reaches, seen from `path` (`from . import x` reaches the submodule `x`)."""
+    folder = list(path.relative_to(root).parts[:-1])
+    dotted = folder[: len(folder) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+    named = [dotted + [alias.name] for alias in node.names]
+    submodules = [d for d in named if root.joinpath(*d).with_suffix(".py").exists() or root.joinpath(*d).is_dir()]
+    targets = [".".join(d) for d in submodules]
+    if len(submodules) < len(named):  # names defined by the module (or package) itself
+        targets.append(".".join(dotted) or FACADE)
+    return targets
+
+
+def read_module_graph(root: Path = PACKAGE) -> ImportGraph:
+    """The graph between modules (`training.losses`, `io.hub`, ...), both kinds of edges; cycles hide in it that
+    the graph between parts cannot show (two modules of one subpackage importing each other, one at call time)."""
+    files = sorted(root.rglob("*.py"))
+    graph = ImportGraph(sorted({module_name(path, root) for path in files} - {FACADE}))
+    for path in files:
+        source = module_name(path, root)
+        if source == FACADE:
+            continue
+        for node, at_import_time in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            for target in _module_targets(path, node, root):
+                if target not in (source, FACADE):
+                    (graph.import_time if at_import_time else graph.call_time)[source].add(target)
+    return graph
+
+
 def layers(nodes: list[str], edges: set[tuple[str, str]]) -> dict[str, int]:
     """Longest-path layering: a part with no dependency is layer 0, any other is one above its highest dependency.
 

@@ -32,6 +32,7 @@ from .families import (
     Noised,
     SD3Family,
     UNetFamily,
+    diffusion_target,
     family_of,
     pipeline_denoiser,
     trainable_family,
@@ -40,7 +41,6 @@ from .loop import StepLog, train_curriculum, train_stage
 from .losses import (
     EncodedBatch,
     diffusion_loss,
-    diffusion_target,
     identity_groups,
     lora_denoising_loss,
     lora_parameters,

@@ -32,6 +32,8 @@ from ..errors import TrainingConfigError
 from ..model.targets import DENOISER_COMPONENTS
 from ..utils.compat import flux_latent_image_ids, flux_pack_latents, flux_unpack_latents
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
 
 @dataclass
 class Noised:
@@ -62,6 +64,24 @@ class DenoiserFamily:
         return output[0]
 
 
+def diffusion_target(
+    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet should predict under the scheduler's `prediction_type`."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise TrainingConfigError(
+        f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}. Train with a "
+        "noise scheduler of one of these prediction types.",
+        argument="noise_scheduler",
+    )
+
+
 @dataclass(frozen=True)
 class UNetFamily(DenoiserFamily):
     """SD 1.5 / 2.x / SDXL: a `UNet2DConditionModel` trained with DDPM noise."""
@@ -90,8 +110,6 @@ class UNetFamily(DenoiserFamily):
 
     def add_noise(self, scheduler: Any, latents: torch.Tensor, generators: list[torch.Generator]) -> Noised:
         """Per sample: its noise, then a timestep uniform over the scheduler's training steps."""
-        from .losses import diffusion_target
-
         noise = _noise_like(latents, generators)
         steps = scheduler.config.num_train_timesteps
         timesteps = torch.stack([torch.randint(0, steps, (), generator=g) for g in generators]).to(noise.device)

@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..errors import TrainingConfigError, TrainingDataError
+from ..errors import TrainingDataError
 from ..identities.identity import normalize_coefficients
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.compat import lora_parameter_name, put_parameter, take_parameter
 from .families import family_of
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def prompt_with_trigger(caption: str, trigger_words: str) -> str:
@@ -117,24 +115,6 @@ class EncodedBatch:
     prompt_embeds: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None
     pooled_prompt_embeds: torch.Tensor | None = None
-
-
-def diffusion_target(
-    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet should predict under the scheduler's `prediction_type`."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents
-    raise TrainingConfigError(
-        f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}. Train with a "
-        "noise scheduler of one of these prediction types.",
-        argument="noise_scheduler",
-    )
 
 
 def lora_unet_prediction(
