@@ -96,6 +96,18 @@ def test_the_module_reader_sees_a_cycle_inside_a_subpackage_through_a_function(t
         layers(graph.parts, graph.edges())
 
 
+def test_no_module_imports_another_ones_private_names():
+    """A name starting with `_` is its module's own: another module that needs it needs a public name."""
+    private = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            ours = isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGE.name))
+            if ours:
+                names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                private += [f"{path.relative_to(PACKAGE)}:{node.lineno} {name}" for name in names]
+    assert not private, f"private names imported across modules: {private}"
+
+
 def test_the_predictor_reaches_io_only_from_its_documented_entries_and_knows_no_adapters():
     tree = ast.parse((PACKAGE / "model" / "predictor.py").read_text(encoding="utf-8"))
     entries = set()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +31,16 @@ def _run(argv, capsys):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_python_dash_m_runs_the_public_main_and_exits_with_its_status(tmp_path):
+    """`python -m diffusers_hyperlora.cli` is `sys.exit(main())`, the console script's entry (pyproject)."""
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "diffusers_hyperlora.cli", "mix", "missing.safetensors", "-o", "x.safetensors"]
+    done = subprocess.run(argv, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("diffusers-hyperlora mix: error: "), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.safetensors").exists(), done.stderr
 
 
 def test_errors_name_the_flag_of_their_argument():

@@ -27,7 +27,6 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from ..errors import HyperLoRAError
 from ..utils.quiet import no_transformers_progress_bar
@@ -155,7 +154,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if message:
         print(message)
     return 0
-
-
-def _entry_point(argv: Any = None) -> None:  # pragma: no cover - `python -m diffusers_hyperlora.cli`
-    sys.exit(main(argv))
