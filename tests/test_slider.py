@@ -6,7 +6,12 @@ import pytest
 import torch
 from conftest import random_features, unet_output
 
-from diffusers_hyperlora import AdapterNameConflictError, HyperLoRAFeatures, HyperLoRANotLoadedError
+from diffusers_hyperlora import (
+    AdapterNameConflictError,
+    HyperLoRAFeatures,
+    HyperLoRANotLoadedError,
+    IdentityMismatchError,
+)
 from diffusers_hyperlora.adapters.sliders import HyperLoRASlider, difference_factors
 from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
@@ -171,7 +176,7 @@ def test_slider_name_conflicts_and_bad_inputs(loaded, people, predictor):
             loaded.add_hyperlora_slider(people[0], people[1], adapter_name="mine", weight=weight)
         assert caught.value.argument == "weight"
     other = tiny_hyperlora_predictor(seed=4).predict(*random_features(batch=1, seed=0))
-    with pytest.raises(Exception, match="another HyperLoRA checkpoint"):
+    with pytest.raises(IdentityMismatchError, match="another HyperLoRA checkpoint"):
         loaded.add_hyperlora_slider(people[0], other)
     with pytest.raises(HyperLoRANotLoadedError):
         tiny_sdxl_pipeline().add_hyperlora_slider(people[0], people[1])

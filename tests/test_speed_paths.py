@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffusers_hyperlora.errors import InvalidArgumentError
 from diffusers_hyperlora.identities.identity import HyperLoRAIdentity
 from diffusers_hyperlora.model.bank import BasisBank, mix_bases
 
@@ -57,8 +58,9 @@ def test_bank_mix_order_matches_per_linear_einsum(predictor):
 
 def test_bank_rejects_wrong_coefficient_shape(predictor):
     bank: BasisBank = predictor.id_bank
-    with pytest.raises(ValueError, match="coefficients of shape"):
+    with pytest.raises(InvalidArgumentError, match="coefficients of shape") as caught:
         bank.mix(torch.zeros(bank.num_linears, 3, bank.num_basis))
+    assert caught.value.argument == "coefficients"
 
 
 def test_switch_writes_reference_factors_into_live_adapters(pipe, predictor):
