@@ -285,3 +285,37 @@ def test_a_bad_device_is_refused_by_name_and_moves_nothing(predictor, device):
         assert caught.value.argument == "device"
     assert predictor.device.type == "cpu" and predictor.dtype == torch.float32
     assert predictor.lora_weights(identity, device="cpu")[0][0].device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "argument"),
+    [
+        ({"config": None}, InvalidArgumentTypeError, "config"),
+        ({"config": "org/hyperlora"}, InvalidArgumentTypeError, "config"),
+        ({"device": "gpu9"}, InvalidArgumentError, "device"),
+        ({"dtype": "float8"}, InvalidArgumentError, "dtype"),
+    ],
+)
+def test_building_a_predictor_checks_config_device_and_dtype(kwargs, error, argument):
+    with pytest.raises(error) as caught:
+        HyperLoRAPredictor(**{"config": tiny_hyperlora_config(), **kwargs})
+    assert caught.value.argument == argument
+
+
+def test_a_predictor_dtype_may_be_a_name():
+    assert HyperLoRAPredictor(tiny_hyperlora_config(), dtype="bf16").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda p, tmp: p.save_pretrained(None), "save_directory"),
+        (lambda p, tmp: p.save_pretrained(tmp / "out", model_card_kwargs="mit"), "model_card_kwargs"),
+        (lambda p, tmp: p.export_lora(p.predict(*random_features(batch=1)), 5), "path"),
+    ],
+    ids=["no-folder", "card-kwargs", "export-path"],
+)
+def test_file_arguments_of_the_wrong_type_are_refused_by_name(predictor, tmp_path, call, argument):
+    with pytest.raises(InvalidArgumentTypeError) as caught:
+        call(predictor, tmp_path)
+    assert caught.value.argument == argument and not (tmp_path / "out").exists()

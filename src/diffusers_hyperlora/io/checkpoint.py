@@ -21,7 +21,7 @@ import torch
 from diffusers.utils import logging
 from huggingface_hub import HfApi, ModelCard
 
-from ..errors import CheckpointFormatError, InvalidArgumentError
+from ..errors import CheckpointFormatError, InvalidArgumentError, InvalidArgumentTypeError
 from ..model.config import CONFIG_NAME, FORMAT_VERSION, HyperLoRAConfig, read_config_json
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_write_files
@@ -236,6 +236,7 @@ def save_pretrained(
         ['README.md', 'config.json', 'model.safetensors']
     """
     _check_push_arguments(push_to_hub, repo_id, push_to_hub_kwargs)
+    _check_save_arguments(folder, model_card_kwargs)
     state = predictor.state_dict()
     has_card = Path(folder, CARD_NAME).exists()  # an existing card may have been edited: keep it
     card = None if has_card else hyperlora_model_card(predictor.config, **(model_card_kwargs or {}))
@@ -250,6 +251,22 @@ def save_pretrained(
             **push_to_hub_kwargs,
         )
     return folder
+
+
+def _check_save_arguments(folder: Any, model_card_kwargs: Any) -> None:
+    """Refuse a folder that is not a path and card keywords that are not a mapping, before anything is written."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InvalidArgumentTypeError(
+            f"save_pretrained() writes into a folder: pass its path (str or Path), got a {type(folder).__name__} "
+            f"{folder!r}; e.g. predictor.save_pretrained('my-hyperlora').",
+            argument="save_directory",
+        )
+    if model_card_kwargs is not None and not isinstance(model_card_kwargs, Mapping):
+        raise InvalidArgumentTypeError(
+            f"model_card_kwargs must be a dict of model card fields (e.g. {{'license': 'mit'}}), got a "
+            f"{type(model_card_kwargs).__name__} {model_card_kwargs!r}.",
+            argument="model_card_kwargs",
+        )
 
 
 def _check_push_arguments(push: bool, repo_id: str | None, kwargs: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from ..errors import (
 )
 from ..identities.features import FeatureExtractor
 from ..identities.identity import HyperLoRAIdentity
-from ..utils.checks import first_non_finite, require_finite
+from ..utils.checks import first_non_finite, parse_dtype, require_finite
 from ..utils.devices import parse_device
 from .bank import BasisBank
 from .config import HyperLoRAConfig
@@ -61,6 +61,14 @@ class HyperLoRAPredictor(nn.Module):
         super().__init__()
         if isinstance(config, dict):
             config = HyperLoRAConfig.from_dict(config)
+        if not isinstance(config, HyperLoRAConfig):
+            raise InvalidArgumentTypeError(
+                f"HyperLoRAPredictor() takes a HyperLoRAConfig (or its dict), got a {type(config).__name__}. Load a "
+                "checkpoint with `HyperLoRAPredictor.from_pretrained(path)`, or build `HyperLoRAConfig(...)` first.",
+                argument="config",
+            )
+        device = None if device is None else parse_device(device)
+        dtype = parse_dtype(dtype)
         self.config = config
         factory = {"device": device, "dtype": dtype}
         with torch.device(device) if device is not None else nullcontext():
