@@ -433,16 +433,17 @@ class HyperLoRAIdentity:
 
 def _fraction(t: Any) -> float:
     """`t` as a float, refusing what is not one number (a string, a list, a tensor of several values)."""
-    try:
-        if isinstance(t, (str, bytes)):
-            raise TypeError(type(t).__name__)
-        return float(t)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise InvalidArgumentTypeError(
-            f"HyperLoRAIdentity.interpolate() needs t as one number (0 = a, 1 = b, 0.5 = halfway), got a "
-            f"{type(t).__name__} {t!r}.",
-            argument="t",
-        ) from error
+    why = "not a number"
+    if not isinstance(t, (str, bytes)):
+        try:
+            return float(t)
+        except (TypeError, ValueError, RuntimeError) as error:
+            why = str(error)
+    raise InvalidArgumentTypeError(
+        f"HyperLoRAIdentity.interpolate() needs t as one number (0 = a, 1 = b, 0.5 = halfway), got a "
+        f"{type(t).__name__} {t!r} ({why}).",
+        argument="t",
+    )
 
 
 def _file_path(path: Any, what: str) -> str:
