@@ -10,6 +10,7 @@ from conftest import OFFICIAL_TINY, random_features
 from safetensors import safe_open
 
 from diffusers_hyperlora import FeatureShapeError, HyperLoRAConfig, HyperLoRAIdentity, HyperLoRAPredictor
+from diffusers_hyperlora.errors import InvalidArgumentError, InvalidArgumentTypeError
 from diffusers_hyperlora.identities.identity import normalize_coefficients
 from diffusers_hyperlora.model.bank import group_linears, mix_bases
 from diffusers_hyperlora.model.targets import TargetModule, module_path_from_kohya
@@ -204,3 +205,117 @@ def test_merge_equals_predicting_from_all_images(predictor):
     merged = HyperLoRAIdentity.merge([a, b])
     assert merged.num_images == 5
     torch.testing.assert_close(merged.id_coefficients, together.id_coefficients, rtol=1e-5, atol=1e-6)
+
+
+def test_features_may_be_lists_or_arrays_and_other_types_are_refused_by_name(predictor):
+    embeds, clip = random_features(batch=2)
+    expected = predictor.predict(embeds, clip)
+    for given in ((embeds.tolist(), clip), (embeds, clip.tolist()), (embeds.numpy(), clip.numpy())):
+        torch.testing.assert_close(predictor.predict(*given).id_mean, expected.id_mean, rtol=0, atol=0)
+    assert predictor.predict(embeds.tolist(), clip).num_images == 2
+    for given, argument in (
+        ((list(embeds), clip), "id_embeds"),  # a list of per-image tensors: torch.stack it
+        (("me.jpg", clip), "id_embeds"),
+        ((embeds, [c for c in clip]), "clip_hidden_states"),
+        ((embeds, {"clip": clip}), "clip_hidden_states"),
+    ):
+        with pytest.raises(InvalidArgumentTypeError, match=rf"`{argument}` must be a torch tensor") as caught:
+            predictor.predict(*given)
+        assert caught.value.argument == argument and isinstance(caught.value, TypeError)
+
+
+@pytest.mark.parametrize("empty", ["id_embeds", "clip_hidden_states", "base_clip_hidden_states"])
+def test_features_of_no_image_are_refused_by_name(empty):
+    predictor = tiny_hyperlora_predictor(base_rank=4)
+    features = dict(zip(("id_embeds", "clip_hidden_states"), random_features(batch=1)))
+    features["base_clip_hidden_states"] = features["clip_hidden_states"]
+    features[empty] = features[empty][:0]
+    if empty != "base_clip_hidden_states":  # both ID inputs empty: the batch sizes agree, the batch is empty
+        features = {
+            **features,
+            "id_embeds": features["id_embeds"][:0],
+            "clip_hidden_states": features["clip_hidden_states"][:0],
+        }
+    with pytest.raises(FeatureShapeError, match="batch size 0") as caught:
+        predictor.predict(**features)
+    assert caught.value.argument in ("id_embeds", empty)
+
+
+def test_base_features_for_a_checkpoint_without_base_branch_are_refused_not_dropped(predictor):
+    embeds, clip = random_features(batch=1)
+    with pytest.raises(InvalidArgumentError, match="no Base branch") as caught:
+        predictor.predict(embeds, clip, base_clip_hidden_states=clip)
+    assert caught.value.argument == "base_clip_hidden_states"
+
+
+def test_predict_photos_drops_base_features_an_extractor_gives_a_checkpoint_without_base(predictor):
+    from diffusers_hyperlora import HyperLoRAFeatures
+
+    embeds, clip = random_features(batch=1)
+    always_base = lambda images, **options: HyperLoRAFeatures(embeds, clip, clip, list(images))  # noqa: E731
+    identity = predictor.predict_photos(["a.jpg"], always_base)
+    assert identity.base_mean is None and torch.equal(identity.id_mean, predictor.predict(embeds, clip).id_mean)
+
+
+@pytest.mark.parametrize(
+    ("photos", "extractor", "argument"),
+    [(["a.jpg"], None, "feature_extractor"), (["a.jpg"], "face", "feature_extractor"), ("a.jpg", print, "photos")],
+)
+def test_predict_photos_refuses_a_wrong_extractor_or_a_single_photo(predictor, photos, extractor, argument):
+    with pytest.raises(InvalidArgumentTypeError, match=f"`{argument}` must be") as caught:
+        predictor.predict_photos(photos, extractor)
+    assert caught.value.argument == argument
+
+
+def test_sources_must_be_a_list_of_names(predictor):
+    with pytest.raises(InvalidArgumentTypeError, match=r"pass \['me.jpg'\]") as caught:
+        predictor.predict(*random_features(batch=1), sources="me.jpg")
+    assert caught.value.argument == "sources"
+
+
+@pytest.mark.parametrize("device", ["gpu9", "cuda:x", 2.5])
+def test_a_bad_device_is_refused_by_name_and_moves_nothing(predictor, device):
+    identity = predictor.predict(*random_features(batch=1))
+    with pytest.raises(InvalidArgumentError, match=r"device must be a torch device") as caught:
+        predictor.lora_weights(identity, device=device)
+    assert caught.value.argument == "device"
+    for move in (lambda: predictor.to(device), lambda: predictor.to(device=device, dtype=torch.float16)):
+        with pytest.raises(InvalidArgumentError, match=r"device must be a torch device") as caught:
+            move()
+        assert caught.value.argument == "device"
+    assert predictor.device.type == "cpu" and predictor.dtype == torch.float32
+    assert predictor.lora_weights(identity, device="cpu")[0][0].device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "argument"),
+    [
+        ({"config": None}, InvalidArgumentTypeError, "config"),
+        ({"config": "org/hyperlora"}, InvalidArgumentTypeError, "config"),
+        ({"device": "gpu9"}, InvalidArgumentError, "device"),
+        ({"dtype": "float8"}, InvalidArgumentError, "dtype"),
+    ],
+)
+def test_building_a_predictor_checks_config_device_and_dtype(kwargs, error, argument):
+    with pytest.raises(error) as caught:
+        HyperLoRAPredictor(**{"config": tiny_hyperlora_config(), **kwargs})
+    assert caught.value.argument == argument
+
+
+def test_a_predictor_dtype_may_be_a_name():
+    assert HyperLoRAPredictor(tiny_hyperlora_config(), dtype="bf16").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda p, tmp: p.save_pretrained(None), "save_directory"),
+        (lambda p, tmp: p.save_pretrained(tmp / "out", model_card_kwargs="mit"), "model_card_kwargs"),
+        (lambda p, tmp: p.export_lora(p.predict(*random_features(batch=1)), 5), "path"),
+    ],
+    ids=["no-folder", "card-kwargs", "export-path"],
+)
+def test_file_arguments_of_the_wrong_type_are_refused_by_name(predictor, tmp_path, call, argument):
+    with pytest.raises(InvalidArgumentTypeError) as caught:
+        call(predictor, tmp_path)
+    assert caught.value.argument == argument and not (tmp_path / "out").exists()

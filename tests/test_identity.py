@@ -207,9 +207,7 @@ def test_mix_of_three_matches_the_formula_and_only_ratios_matter(predictor, two_
     c = _predict(predictor, 1, seed=7)
     mixed = HyperLoRAIdentity.mix([a, b, c], [2.0, 1.0, 1.0])
     scaled = HyperLoRAIdentity.mix([a, b, c], [0.5, 0.25, 0.25])
-    expected = normalize_coefficients(
-        0.5 * a.id_coefficients + 0.25 * b.id_coefficients + 0.25 * c.id_coefficients
-    )
+    expected = normalize_coefficients(0.5 * a.id_coefficients + 0.25 * b.id_coefficients + 0.25 * c.id_coefficients)
     assert torch.allclose(mixed.id_coefficients, expected, atol=1e-6)
     assert torch.allclose(scaled.id_coefficients, expected, atol=1e-6)
     # Every coefficient vector the bank sees stays unit length.
@@ -340,3 +338,57 @@ def test_load_checks_against_a_pipelines_hyperlora(pipe, two_people, tmp_path):
         HyperLoRAIdentity.load(path, predictor=pipe.hyperlora)
     with pytest.raises(InvalidArgumentTypeError, match="HyperLoRAPredictor or `pipe.hyperlora`"):
         HyperLoRAIdentity.load(path, predictor="org/hyperlora")
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("t", ["x", "0.5", None, [0.5], torch.tensor([0.1, 0.2])], ids=repr)
+def test_interpolate_refuses_a_t_that_is_not_one_number(two_people, spherical, t):
+    with pytest.raises(InvalidArgumentTypeError, match="needs t as one number") as caught:
+        HyperLoRAIdentity.interpolate(*two_people, t, spherical=spherical)
+    assert caught.value.argument == "t" and isinstance(caught.value, TypeError)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("t", [math.nan, -math.inf, math.inf])
+def test_interpolate_refuses_a_t_that_is_not_finite(two_people, spherical, t):
+    with pytest.raises(InvalidArgumentError, match="needs a finite t") as caught:
+        HyperLoRAIdentity.interpolate(*two_people, t, spherical=spherical)
+    assert caught.value.argument == "t"
+
+
+def test_interpolate_takes_numpy_and_tensor_scalars(two_people):
+    import numpy as np
+
+    expected = HyperLoRAIdentity.interpolate(*two_people, 0.25).id_mean
+    for t in (np.float32(0.25), torch.tensor(0.25), 1 / 4):
+        assert torch.equal(HyperLoRAIdentity.interpolate(*two_people, t).id_mean, expected)
+
+
+@pytest.mark.parametrize("combine", ["merge", "mix"])
+@pytest.mark.parametrize("given", [None, 3, "a.safetensors", "identity"])
+def test_merge_and_mix_want_a_list_of_identities(two_people, combine, given):
+    identities = two_people[0] if given == "identity" else given
+    args = (identities,) if combine == "merge" else (identities, [1.0, 1.0])
+    with pytest.raises(
+        InvalidArgumentTypeError, match=rf"takes a list of HyperLoRAIdentity .*\.{combine}\(\[a, b\]"
+    ) as c:
+        getattr(HyperLoRAIdentity, combine)(*args)
+    assert c.value.argument == "identities"
+    assert getattr(HyperLoRAIdentity, combine)(*((tuple(two_people),) + args[1:])).num_images == 5  # a tuple is fine
+
+
+@pytest.mark.parametrize("path", [None, 3, ["me.safetensors"]], ids=["none", "int", "list"])
+def test_save_and_load_want_a_path(two_people, path):
+    for call, what in ((lambda: two_people[0].save(path), "save"), (lambda: HyperLoRAIdentity.load(path), "load")):
+        with pytest.raises(InvalidArgumentTypeError, match=rf"{what}\(\) takes the path of a .safetensors") as caught:
+            call()
+        assert caught.value.argument == "path"
+
+
+@pytest.mark.parametrize("device", ["gpu9", "cuda:x", 2.5, None])
+def test_identity_to_a_bad_device_is_refused_by_name(two_people, device):
+    with pytest.raises(InvalidArgumentError, match="device must be a torch device") as caught:
+        two_people[0].to(device)
+    assert caught.value.argument == "device"
+    moved = two_people[0].to(torch.device("cpu"))
+    assert moved.id_mean.device.type == "cpu" and torch.equal(moved.id_mean, two_people[0].id_mean)

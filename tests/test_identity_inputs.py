@@ -8,6 +8,7 @@ from conftest import random_features
 from PIL import Image
 
 from diffusers_hyperlora import HyperLoRAFeatures, HyperLoRAIdentity, IdentityMismatchError
+from diffusers_hyperlora.errors import InvalidArgumentTypeError
 from diffusers_hyperlora.identities.inputs import resolve_identity, split_identity_inputs
 from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor
 
@@ -74,3 +75,13 @@ def test_a_file_of_another_checkpoint_changes_nothing(loaded):
 def test_resolve_identity_needs_something():
     with pytest.raises(ValueError, match="No photos and no identities"):
         resolve_identity([], lambda photos: None)
+
+
+@pytest.mark.parametrize("inputs", ["me.safetensors", None, "identity"])
+def test_resolve_identity_wants_a_list(inputs):
+    predictor = tiny_hyperlora_predictor()
+    identity = predictor.predict(*random_features(batch=1))
+    calls = []
+    with pytest.raises(InvalidArgumentTypeError, match=r"takes a list of photos.*`\[value\]`") as caught:
+        resolve_identity(identity if inputs == "identity" else inputs, calls.append)
+    assert caught.value.argument == "inputs" and calls == []

@@ -281,3 +281,30 @@ def test_a_checkpoint_file_instead_of_its_folder_is_named(saved):
     with pytest.raises(CheckpointNotFoundError, match="is a file; a folder or a Hub repo id") as error:
         load_predictor(root / "single" / "model.safetensors")
     assert str(root / "single") in str(error.value) and "Hub repo '" not in str(error.value)
+
+
+@pytest.mark.parametrize("size", ["lots", "1GiB", "0MB", 0, -1, 1.5, True], ids=repr)
+def test_a_bad_max_shard_size_is_refused_before_anything_is_written(tmp_path, size):
+    predictor = tiny_hyperlora_predictor()
+    with pytest.raises(InvalidArgumentError, match=r"max_shard_size must be .* like '500MB'") as caught:
+        predictor.save_pretrained(tmp_path / "out", max_shard_size=size)
+    assert caught.value.argument == "max_shard_size" and not (tmp_path / "out").exists()
+    with pytest.raises(InvalidArgumentError, match="max_shard_size") as caught:
+        convert_checkpoint(tmp_path / "no-such-source", tmp_path / "converted", max_shard_size=size)
+    assert caught.value.argument == "max_shard_size"
+
+
+@pytest.mark.parametrize("size", ["500KB", " 0.2 mb ", 100_000])
+def test_max_shard_size_takes_bytes_and_hub_size_strings(tmp_path, size):
+    predictor = tiny_hyperlora_predictor()
+    folder = predictor.save_pretrained(tmp_path / "out", max_shard_size=size)
+    assert (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    assert torch.equal(load_predictor(folder).probe, predictor.probe)
+
+
+def test_a_device_this_machine_lacks_is_an_argument_error(saved):
+    if torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(InvalidArgumentError, match=r"cuda:7") as caught:
+        load_predictor(saved[1] / "single", device="cuda:7")
+    assert caught.value.argument == "device"

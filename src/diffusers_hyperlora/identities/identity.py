@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..utils.atomic_files import atomic_path
 from ..utils.checks import count_non_finite, require_finite
+from ..utils.devices import parse_device
 
 logger = logging.get_logger(__name__)
 
@@ -129,6 +130,17 @@ def _all_have_base(identities: Sequence[HyperLoRAIdentity], operation: str) -> b
             "branch does so by default) to keep the Base part."
         )
     return all(with_base)
+
+
+def _identity_list(identities: Any, what: str) -> list[HyperLoRAIdentity]:
+    """`identities` as a list, refusing one identity or a non-list (Python's "not iterable" otherwise)."""
+    if isinstance(identities, (HyperLoRAIdentity, str, bytes, os.PathLike)) or not isinstance(identities, Iterable):
+        raise InvalidArgumentTypeError(
+            f"HyperLoRAIdentity.{what}() takes a list of HyperLoRAIdentity objects, got a {type(identities).__name__}: "
+            f"put them in a list, e.g. HyperLoRAIdentity.{what}([a, b]" + (", [0.5, 0.5])." if what == "mix" else ")."),
+            argument="identities",
+        )
+    return list(identities)
 
 
 def _check_same_checkpoint(identities: Sequence[HyperLoRAIdentity], what: str) -> None:
@@ -271,6 +283,7 @@ class HyperLoRAIdentity:
             >>> sets = [HyperLoRAIdentity.load(p) for p in ("a.safetensors", "b.safetensors")]  # doctest: +SKIP
             >>> person = HyperLoRAIdentity.merge(sets)  # doctest: +SKIP
         """
+        identities = _identity_list(identities, "merge")
         _check_same_checkpoint(identities, "merge")
         if any(i.kind != "photos" for i in identities):
             logger.warning(
@@ -303,7 +316,7 @@ class HyperLoRAIdentity:
             >>> blend = HyperLoRAIdentity.mix([alice, bob, carol], [0.5, 0.3, 0.2])  # doctest: +SKIP
             >>> halfway = HyperLoRAIdentity.mix([alice, bob], [1, 1], spherical=True)  # doctest: +SKIP
         """
-        identities = list(identities)
+        identities = _identity_list(identities, "mix")
         _check_same_checkpoint(identities, "mix")
         weights = normalize_mix_weights(weights, len(identities))
         if spherical:
@@ -342,7 +355,7 @@ class HyperLoRAIdentity:
         Example:
             >>> halfway = HyperLoRAIdentity.interpolate(alice, bob, 0.5)  # doctest: +SKIP
         """
-        t = float(t)
+        t = _fraction(t)
         if not math.isfinite(t):
             raise InvalidArgumentError(
                 f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.", argument="t"
@@ -371,6 +384,7 @@ class HyperLoRAIdentity:
         """
         from safetensors.torch import save_file
 
+        path = _file_path(path, "save")
         self.check_finite()
         tensors = {"id_mean": self.id_mean.detach().float().cpu().contiguous()}
         if self.base_mean is not None:
@@ -402,8 +416,9 @@ class HyperLoRAIdentity:
             >>> identity = HyperLoRAIdentity.load("me.safetensors")  # doctest: +SKIP
             >>> pipe.set_hyperlora_identity(identity)  # doctest: +SKIP
         """
-        tensors, metadata = _read_identity_file(os.fspath(path))
-        identity = identity_from_tensors(tensors, metadata, os.fspath(path))
+        path = _file_path(path, "load")
+        tensors, metadata = _read_identity_file(path)
+        identity = identity_from_tensors(tensors, metadata, path)
         if predictor is not None:
             predictor = getattr(predictor, "predictor", predictor)  # `pipe.hyperlora` stands for its predictor
             if not hasattr(predictor, "checkpoint_hash"):
@@ -415,15 +430,42 @@ class HyperLoRAIdentity:
             try:
                 identity.check_compatible(predictor.checkpoint_hash, predictor.probe)
             except IdentityMismatchError as error:  # name the file: it may be one of several
-                raise IdentityMismatchError(f"{os.fspath(path)}: {error}", argument=error.argument) from None
+                raise IdentityMismatchError(f"{path}: {error}", argument=error.argument) from None
         return identity
 
     def to(self, device: torch.device | str) -> HyperLoRAIdentity:
-        """A copy with the coefficient tensors on `device`."""
+        """A copy with the coefficient tensors on `device` (a `torch.device` or a name: "cpu", "cuda:1", ...)."""
+        device = parse_device(device)
         base = None if self.base_mean is None else self.base_mean.to(device)
         return HyperLoRAIdentity(
             self.id_mean.to(device), self.num_images, base, self.checkpoint, self.probe, list(self.sources), self.kind
         )
+
+
+def _fraction(t: Any) -> float:
+    """`t` as a float, refusing what is not one number (a string, a list, a tensor of several values)."""
+    why = "not a number"
+    if not isinstance(t, (str, bytes)):
+        try:
+            return float(t)
+        except (TypeError, ValueError, RuntimeError) as error:
+            why = str(error)
+    raise InvalidArgumentTypeError(
+        f"HyperLoRAIdentity.interpolate() needs t as one number (0 = a, 1 = b, 0.5 = halfway), got a "
+        f"{type(t).__name__} {t!r} ({why}).",
+        argument="t",
+    )
+
+
+def _file_path(path: Any, what: str) -> str:
+    """`path` as a string, refusing what is not a path (`None`, a number) with the file to give."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentTypeError(
+            f"HyperLoRAIdentity.{what}() takes the path of a .safetensors file (str or Path), got a "
+            f'{type(path).__name__} {path!r}; e.g. "person.safetensors".',
+            argument="path",
+        )
+    return os.fspath(path)
 
 
 def _read_identity_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,10 +8,10 @@ pools everything exactly (`HyperLoRAIdentity.merge`), as if the saved identities
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from .identity import HyperLoRAIdentity
 
 IDENTITY_FILE_SUFFIX = ".safetensors"
@@ -64,6 +64,12 @@ def resolve_identity(
         >>> resolve_identity([saved, "new1.jpg", "new2.jpg"], predict).num_images
         3
     """
+    if isinstance(inputs, (str, bytes, os.PathLike, HyperLoRAIdentity)) or not isinstance(inputs, Iterable):
+        raise InvalidArgumentTypeError(
+            f"resolve_identity() takes a list of photos, identity files and identities, got a {type(inputs).__name__}: "
+            "put a single one in a list, `[value]`.",
+            argument="inputs",
+        )
     photos, saved = split_identity_inputs(inputs)
     identities = [
         value if isinstance(value, HyperLoRAIdentity) else HyperLoRAIdentity.load(value, predictor=predictor)

@@ -21,21 +21,22 @@ import torch
 from diffusers.utils import logging
 from huggingface_hub import HfApi, ModelCard
 
-from ..errors import CheckpointFormatError, InvalidArgumentError
+from ..errors import CheckpointFormatError, InvalidArgumentError, InvalidArgumentTypeError
 from ..model.config import CONFIG_NAME, FORMAT_VERSION, HyperLoRAConfig, read_config_json
 from ..model.predictor import HyperLoRAPredictor
 from ..utils.atomic_files import atomic_write_files
 from ..utils.checks import parse_dtype
+from ..utils.devices import parse_device
 from .hub import HubOptions, Location
 from .model_card import hyperlora_model_card
 from .release import RELEASE_MODULES_JSON, RELEASE_WEIGHTS, read_release
 from .weights import (
-    MAX_SHARD_SIZE,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     Checkpoint,
     Sources,
     build_predictor,
+    check_max_shard_size,
     check_shapes,
     meta_shapes,
     read_safetensors_shapes,
@@ -98,14 +99,6 @@ def _check_depth(config: HyperLoRAConfig, shapes: Mapping[str, Any], location: L
             f"hold {len(stored)} resampler layers. The files of a checkpoint must belong together: download or save "
             "them again as one set."
         )
-
-
-def _parse_device(device: torch.device | str) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        message = f"device must be a torch device or a name like 'cpu' or 'cuda:0', got {device!r}."
-        raise InvalidArgumentError(message, argument="device") from error
 
 
 def _weight_files(location: Location, folder: Path) -> list[str]:
@@ -184,7 +177,7 @@ def load_predictor(
     if options.force_download and options.offline:
         logger.warning("force_download=True is ignored: downloads are off (HF_HUB_OFFLINE or local_files_only).")
     location = Location.of(pretrained_model_name_or_path, options)
-    device = _parse_device(device)
+    device = parse_device(device)
     checkpoint = read_checkpoint(location, heads=heads, dim_head=dim_head)
     return build_predictor(checkpoint.config, checkpoint.sources, torch_dtype or checkpoint.dtype, device)
 
@@ -208,7 +201,7 @@ def write_checkpoint(
         "hyperlora_format_version": str(FORMAT_VERSION),
         "hyperlora_architecture": config.architecture_hash(),
     }
-    writers = weight_writers(tensors, read, metadata, max_shard_size or MAX_SHARD_SIZE)
+    writers = weight_writers(tensors, read, metadata, check_max_shard_size(max_shard_size))
     text = json.dumps(config.to_json_dict(), indent=2)
     writers[CONFIG_NAME] = lambda path: path.write_text(text, encoding="utf-8")
     if card is not None:
@@ -243,6 +236,7 @@ def save_pretrained(
         ['README.md', 'config.json', 'model.safetensors']
     """
     _check_push_arguments(push_to_hub, repo_id, push_to_hub_kwargs)
+    _check_save_arguments(folder, model_card_kwargs)
     state = predictor.state_dict()
     has_card = Path(folder, CARD_NAME).exists()  # an existing card may have been edited: keep it
     card = None if has_card else hyperlora_model_card(predictor.config, **(model_card_kwargs or {}))
@@ -257,6 +251,22 @@ def save_pretrained(
             **push_to_hub_kwargs,
         )
     return folder
+
+
+def _check_save_arguments(folder: Any, model_card_kwargs: Any) -> None:
+    """Refuse a folder that is not a path and card keywords that are not a mapping, before anything is written."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InvalidArgumentTypeError(
+            f"save_pretrained() writes into a folder: pass its path (str or Path), got a {type(folder).__name__} "
+            f"{folder!r}; e.g. predictor.save_pretrained('my-hyperlora').",
+            argument="save_directory",
+        )
+    if model_card_kwargs is not None and not isinstance(model_card_kwargs, Mapping):
+        raise InvalidArgumentTypeError(
+            f"model_card_kwargs must be a dict of model card fields (e.g. {{'license': 'mit'}}), got a "
+            f"{type(model_card_kwargs).__name__} {model_card_kwargs!r}.",
+            argument="model_card_kwargs",
+        )
 
 
 def _check_push_arguments(push: bool, repo_id: str | None, kwargs: dict[str, Any]) -> None:
@@ -308,6 +318,7 @@ def push_predictor_to_hub(
     Example:
         >>> push_predictor_to_hub(predictor, "me/my-hyperlora", private=True)  # doctest: +SKIP
     """
+    check_max_shard_size(max_shard_size)  # before the repo is created
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
     card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}

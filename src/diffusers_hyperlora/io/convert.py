@@ -24,7 +24,7 @@ from ..utils.checks import parse_dtype
 from .checkpoint import read_checkpoint, write_checkpoint
 from .hub import HubOptions, Location
 from .model_card import hyperlora_model_card
-from .weights import MAX_SHARD_SIZE, read_tensors
+from .weights import MAX_SHARD_SIZE, check_max_shard_size, read_tensors
 
 
 def convert_checkpoint(
@@ -70,6 +70,7 @@ def convert_checkpoint(
         PosixPath('hyperlora-fidelity-fp16')
     """
     dtype = parse_dtype(dtype)
+    check_max_shard_size(max_shard_size)  # before the source is read
     location = Location.of(src, HubOptions.of(hub_options, **hub_kwargs))
     dst = Path(dst)
     if location.is_local and dst.resolve() == location.local_dir.resolve():

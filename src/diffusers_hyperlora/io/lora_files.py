@@ -78,6 +78,12 @@ def export_lora(
     config = predictor.config
     format = check_format_for(config, format)
     dtype = check_dtype(dtype)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentTypeError(
+            f"export_lora() writes to `path`, a file name (str or Path) like 'me.safetensors', got a "
+            f"{type(path).__name__} {path!r}; leave it out for the state dict alone.",
+            argument="path",
+        )
     if branch == "base" and not config.has_base:
         raise InvalidArgumentError(
             "This checkpoint has no Base branch (the public release distilled it into the ID LoRA): export "

@@ -22,7 +22,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, InvalidArgumentError
 from ..model.config import HyperLoRAConfig
 from ..model.predictor import HyperLoRAPredictor
 
@@ -33,6 +33,33 @@ _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetens
 MAP_WINDOW = 256 * 2**20
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors names of the dtypes a checkpoint may store
 MAX_SHARD_SIZE = "1GB"  # keeps converting the 3 GB release within ~1 GB of memory (docs/performance.md)
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]B)\s*", re.IGNORECASE)  # huggingface_hub's size strings
+
+
+def check_max_shard_size(max_shard_size: int | str | None) -> int | str:
+    """`max_shard_size` (`None`: the default, `MAX_SHARD_SIZE`) if it is a size: a whole number of bytes above 0, or a
+    string like `"500MB"` or `"1.5GB"` (units KB, MB, GB, TB, as huggingface_hub reads them); else
+    `InvalidArgumentError(argument="max_shard_size")`, checked before anything is written.
+
+    >>> check_max_shard_size(None), check_max_shard_size("500mb"), check_max_shard_size(2**20)
+    ('1GB', '500mb', 1048576)
+    """
+    if max_shard_size is None:
+        return MAX_SHARD_SIZE
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        if max_shard_size > 0:
+            return max_shard_size
+    elif isinstance(max_shard_size, str):
+        match = _SIZE.fullmatch(max_shard_size)
+        if match and float(match.group(1)) > 0:
+            return max_shard_size
+    raise InvalidArgumentError(
+        f"max_shard_size must be a number of bytes above 0 or a size like '500MB' or '1.5GB' (units KB, MB, GB, TB), "
+        f"got {max_shard_size!r}. Leave it out for the default ({MAX_SHARD_SIZE}).",
+        argument="max_shard_size",
+    )
+
 
 # predictor key -> (file path, stored name), or (file path, [stored names]) for a stack of them along a new dim 0
 Sources = Mapping[str, tuple[str, str | Sequence[str]]]

@@ -8,13 +8,12 @@ builds predictors and so sits above this module; docs/architecture.md).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.utils import logging
 from torch import nn
 
 from ..errors import (
@@ -26,12 +25,11 @@ from ..errors import (
 )
 from ..identities.features import FeatureExtractor
 from ..identities.identity import HyperLoRAIdentity
-from ..utils.checks import first_non_finite, require_finite
+from ..utils.checks import first_non_finite, parse_dtype, require_finite
+from ..utils.devices import parse_device
 from .bank import BasisBank
 from .config import HyperLoRAConfig
 from .resampler import IDProjector, PerceiverResampler
-
-logger = logging.get_logger(__name__)
 
 
 class HyperLoRAPredictor(nn.Module):
@@ -63,6 +61,14 @@ class HyperLoRAPredictor(nn.Module):
         super().__init__()
         if isinstance(config, dict):
             config = HyperLoRAConfig.from_dict(config)
+        if not isinstance(config, HyperLoRAConfig):
+            raise InvalidArgumentTypeError(
+                f"HyperLoRAPredictor() takes a HyperLoRAConfig (or its dict), got a {type(config).__name__}. Load a "
+                "checkpoint with `HyperLoRAPredictor.from_pretrained(path)`, or build `HyperLoRAConfig(...)` first.",
+                argument="config",
+            )
+        device = None if device is None else parse_device(device)
+        dtype = parse_dtype(dtype)
         self.config = config
         factory = {"device": device, "dtype": dtype}
         with torch.device(device) if device is not None else nullcontext():
@@ -97,6 +103,15 @@ class HyperLoRAPredictor(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.resampler.latents.dtype
 
+    def to(self, *args: Any, **kwargs: Any) -> HyperLoRAPredictor:
+        """`nn.Module.to`, with a device name checked first (`InvalidArgumentError` for one torch or this machine
+        lacks, the module unchanged)."""
+        positional = args[0] if args and not isinstance(args[0], (torch.dtype, torch.Tensor)) else None
+        device = kwargs.get("device", positional)
+        if device is not None:
+            parse_device(device)
+        return super().to(*args, **kwargs)
+
     # ------------------------------------------------------------------ prediction
     def _check_features(
         self, id_embeds: torch.Tensor | None, clip_hidden_states: torch.Tensor | None
@@ -108,7 +123,7 @@ class HyperLoRAPredictor(nn.Module):
                     "This checkpoint reads ArcFace embeddings: pass `id_embeds` of shape [B, 512] or [B, 1, 512].",
                     argument="id_embeds",
                 )
-            id_embeds = torch.as_tensor(id_embeds)
+            id_embeds = _as_tensor(id_embeds, "id_embeds", f"[B, {config.id_embed_dim}]")
             if id_embeds.ndim == 3 and id_embeds.shape[1] == 1:
                 id_embeds = id_embeds[:, 0]
             if id_embeds.ndim != 2 or id_embeds.shape[1] != config.id_embed_dim:
@@ -117,6 +132,7 @@ class HyperLoRAPredictor(nn.Module):
                     f"(normed ArcFace embeddings, one per image), got {list(id_embeds.shape)}.",
                     argument="id_embeds",
                 )
+            _check_batch(id_embeds, "id_embeds")
         if config.use_image_embeds:
             clip_hidden_states = _check_clip(clip_hidden_states, config.image_embed_dim, "clip_hidden_states")
         fix = "check the images and the encoders (a NaN usually comes from a damaged file or a 16-bit overflow)"
@@ -137,7 +153,9 @@ class HyperLoRAPredictor(nn.Module):
         self, id_embeds: torch.Tensor | None = None, clip_hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Per-image ID coefficients `[B, num_tokens, K]`, before averaging and normalization."""
-        id_embeds, clip_hidden_states = self._check_features(id_embeds, clip_hidden_states)
+        return self._id_coefficients(*self._check_features(id_embeds, clip_hidden_states))
+
+    def _id_coefficients(self, id_embeds: torch.Tensor | None, clip_hidden_states: torch.Tensor | None) -> torch.Tensor:
         cast = {"device": self.device, "dtype": self.dtype}
         id_tokens = self.id_projector(id_embeds.to(**cast)) if self.id_projector is not None else None
         image_tokens = clip_hidden_states.to(**cast) if clip_hidden_states is not None else None
@@ -165,15 +183,29 @@ class HyperLoRAPredictor(nn.Module):
             clip_hidden_states: CLIP vision `hidden_states[-2]` of the face crops, `[B, T, E]`.
             base_clip_hidden_states: the same for the face-blurred images (checkpoints with a Base branch).
             sources: names of the images, kept in the identity.
+
+        Raises:
+            FeatureShapeError: features of the wrong shape; `InvalidArgumentTypeError`: features that are not tensors;
+            `InvalidArgumentError`: `base_clip_hidden_states` for a checkpoint without a Base branch.
         """
-        id_mean = self(id_embeds, clip_hidden_states).float().mean(0)
-        num_images = (id_embeds if id_embeds is not None else clip_hidden_states).shape[0]
+        if base_clip_hidden_states is not None and self.base_resampler is None:
+            raise InvalidArgumentError(
+                "`base_clip_hidden_states` was given, but this checkpoint has no Base branch to read it (the public "
+                "release has none): leave it out. The identity is then the ID branch's alone.",
+                argument="base_clip_hidden_states",
+            )
+        if isinstance(sources, (str, os.PathLike)):
+            raise InvalidArgumentTypeError(
+                f"`sources` must be a list of image names, one per image, got the single {type(sources).__name__} "
+                f"{os.fspath(sources)!r}: pass [{os.fspath(sources)!r}].",
+                argument="sources",
+            )
+        id_embeds, clip_hidden_states = self._check_features(id_embeds, clip_hidden_states)
         base_mean = None
         if base_clip_hidden_states is not None:
-            if self.base_resampler is None:
-                logger.warning("`base_clip_hidden_states` ignored: this checkpoint has no Base branch.")
-            else:
-                base_mean = self.forward_base(base_clip_hidden_states).float().mean(0)
+            base_mean = self.forward_base(base_clip_hidden_states).float().mean(0)
+        id_mean = self._id_coefficients(id_embeds, clip_hidden_states).float().mean(0)
+        num_images = (id_embeds if id_embeds is not None else clip_hidden_states).shape[0]
         return HyperLoRAIdentity(
             id_mean=id_mean.cpu(),
             num_images=num_images,
@@ -192,12 +224,25 @@ class HyperLoRAPredictor(nn.Module):
         `pipe.predict_hyperlora_identity` and the command line.
         """
         refuse_checkpoint_options(options, "the feature extractor's")
+        if not callable(feature_extractor):
+            raise InvalidArgumentTypeError(
+                f"`feature_extractor` must be callable (a `face.FaceFeatureExtractor` or your own `FeatureExtractor`), "
+                f"got {type(feature_extractor).__name__}: an object called as `extractor(images, *, device, dtype, "
+                "with_base)` (docs/api.md, `FeatureExtractor`), or `pipe.predict_hyperlora_identity(photos)`, which "
+                "builds the face pipeline.",
+                argument="feature_extractor",
+            )
+        if isinstance(photos, (str, bytes, os.PathLike)) or not isinstance(photos, Iterable):
+            raise InvalidArgumentTypeError(
+                f"`photos` must be a list of photos (paths, PIL images, arrays), got a {type(photos).__name__}: "
+                "put a single photo in a list, `[photo]`.",
+                argument="photos",
+            )
         features = feature_extractor(
             list(photos), device=self.device, dtype=self.dtype, with_base=self.config.has_base, **options
         )
-        return self.predict(
-            features.id_embeds, features.clip_hidden_states, features.base_clip_hidden_states, features.sources
-        )
+        base = features.base_clip_hidden_states if self.config.has_base else None  # an extractor may give it anyway
+        return self.predict(features.id_embeds, features.clip_hidden_states, base, features.sources)
 
     # ------------------------------------------------------------------ validation
     def check_identity(self, identity: HyperLoRAIdentity) -> None:
@@ -250,7 +295,9 @@ class HyperLoRAPredictor(nn.Module):
     def lora_weights(
         self, identity: HyperLoRAIdentity, branch: str = "id", device: torch.device | str | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`(down [r, in], up [out, r])` float32 for every target linear (checkpoint order) of one branch."""
+        """`(down [r, in], up [out, r])` float32 for every target linear (checkpoint order) of one branch, on `device`
+        (default: the predictor's)."""
+        device = self.device if device is None else parse_device(device)
         self.check_identity(identity)
         coefficients = identity.coefficients(branch)
         if coefficients is None:
@@ -259,7 +306,6 @@ class HyperLoRAPredictor(nn.Module):
                 "use branch='id'.",
                 argument="branch",
             )
-        device = self.device if device is None else device
         return self.bank(branch).lora_weights(self.split_coefficients(coefficients.to(device)))
 
     # ------------------------------------------------------------------ files (diffusers_hyperlora.io does the work)
@@ -368,14 +414,39 @@ def _check_clip(states: torch.Tensor | None, width: int, name: str) -> torch.Ten
             "(CLIP vision hidden_states[-2]).",
             argument=name,
         )
-    states = torch.as_tensor(states)
+    states = _as_tensor(states, name, f"[B, T, {width}]")
     if states.ndim != 3 or states.shape[-1] != width:
         raise FeatureShapeError(
             f"`{name}` must have shape [B, T, {width}] (CLIP vision hidden_states[-2] of each image), "
             f"got {list(states.shape)}.",
             argument=name,
         )
+    _check_batch(states, name)
     return states
+
+
+def _as_tensor(value: Any, name: str, shape: str) -> torch.Tensor:
+    """`value` as a tensor (a tensor, a numpy array or nested lists of numbers), else `InvalidArgumentTypeError`."""
+    if isinstance(value, torch.Tensor):
+        return value
+    why = "not numbers"
+    if not isinstance(value, (str, bytes)):
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            why = str(error)
+    raise InvalidArgumentTypeError(
+        f"`{name}` must be a torch tensor of shape {shape} (or an array of numbers of that shape), got a "
+        f"{type(value).__name__} ({why}). Stack per-image tensors with `torch.stack([...])`.",
+        argument=name,
+    )
+
+
+def _check_batch(features: torch.Tensor, name: str) -> None:
+    if features.shape[0] == 0:
+        raise FeatureShapeError(
+            f"`{name}` holds no image (batch size 0): pass the features of at least one image.", argument=name
+        )
 
 
 CHECKPOINT_OPTIONS = ("device", "dtype", "with_base")

@@ -106,3 +106,19 @@ def check_port(port: Any, label: str = "Port") -> int:
             f"{label} must be a whole number from 1 to {MAX_PORT} (e.g. 7860), got {port!r}.", argument="port"
         )
     return port
+
+
+def parse_device(device: Any, label: str = "device") -> torch.device:
+    """`device` (a `torch.device` or a name torch reads: "cpu", "cuda:1", ...) as a `torch.device` this machine has,
+    else `InvalidArgumentError(argument="device")`: the library's methods that take a device check it here, before
+    anything moves."""
+    import torch
+
+    try:
+        chosen = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InvalidArgumentError(
+            f"{label} must be a torch device or a name like 'cpu' or 'cuda:0', got {device!r}.", argument="device"
+        ) from error
+    _check_available(chosen, str(device), label)
+    return chosen
