@@ -256,6 +256,77 @@ def test_a_failed_load_keeps_the_old_hyperlora_and_identity(loaded, predictor):
     torch.testing.assert_close(unet_output(loaded.unet), reference)
 
 
+def _unet_state(pipe) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in pipe.unet.state_dict().items()}
+
+
+def _same_state(pipe, state: dict[str, torch.Tensor]) -> bool:
+    now = pipe.unet.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[key], state[key]) for key in state)
+
+
+BAD_LOAD_OPTIONS = [
+    (dict(id_weight="x"), InvalidArgumentTypeError, "id_weight"),
+    (dict(id_weight=True), InvalidArgumentTypeError, "id_weight"),
+    (dict(id_weight=NAN), InvalidArgumentError, "id_weight"),
+    (dict(base_weight=float("inf")), InvalidArgumentError, "base_weight"),
+    (dict(id_adapter_name=3), InvalidArgumentTypeError, "id_adapter_name"),
+    (dict(base_adapter_name=None), InvalidArgumentTypeError, "base_adapter_name"),
+    (dict(base_adapter_name=""), InvalidArgumentError, "base_adapter_name"),
+    (dict(id_adapter_name="hyper.id"), InvalidArgumentError, "id_adapter_name"),
+    (dict(id_adapter_name="mine", base_adapter_name="mine"), AdapterNameConflictError, "base_adapter_name"),
+    (dict(torch_dtype="int8"), InvalidArgumentError, "torch_dtype"),
+    (dict(torch_dtype=3), InvalidArgumentTypeError, "torch_dtype"),
+    (dict(heads=0), InvalidArgumentError, "heads"),
+    (dict(dim_head="64"), InvalidArgumentTypeError, "dim_head"),
+    (dict(feature_extractor="arcface"), InvalidArgumentTypeError, "feature_extractor"),
+    (dict(offload_bank="yes"), InvalidArgumentTypeError, "offload_bank"),
+]
+
+
+@pytest.mark.parametrize("options, error, argument", BAD_LOAD_OPTIONS, ids=[a for *_, a in BAD_LOAD_OPTIONS])
+def test_a_bad_load_option_is_refused_before_anything_changes(loaded, tmp_path, options, error, argument):
+    folder = tmp_path / "ckpt"
+    tiny_hyperlora_predictor(seed=5).save_pretrained(folder)
+    before, state, configs = _snapshot(loaded), _unet_state(loaded), sorted(loaded.unet.peft_config)
+    with pytest.raises(error) as caught:
+        loaded.load_hyperlora(str(folder), **options)
+    assert caught.value.argument == argument and argument in str(caught.value)
+    assert _unchanged(loaded, before) and _same_state(loaded, state) and sorted(loaded.unet.peft_config) == configs
+    loaded.load_hyperlora(str(folder))  # the next good load works
+    assert sorted(loaded.unet.peft_config) == ["base", "id"] and loaded.hyperlora.source == str(folder)
+
+
+def test_a_checkpoint_of_the_wrong_type_is_refused(loaded):
+    before = _snapshot(loaded)
+    with pytest.raises(InvalidArgumentTypeError, match="HyperLoRAPredictor") as caught:
+        loaded.load_hyperlora(5)
+    assert caught.value.argument == "pretrained_model_name_or_path" and _unchanged(loaded, before)
+
+
+FILE_ONLY_OPTIONS = [
+    dict(torch_dtype=torch.float16),
+    dict(heads=0),
+    dict(dim_head=64),
+    dict(subfolder="sdxl"),
+    dict(revision="v2"),
+    dict(token="hf_x"),
+    dict(cache_dir="cache"),
+    dict(local_files_only=True),
+    dict(force_download=True),
+]
+
+
+@pytest.mark.parametrize("option", FILE_ONLY_OPTIONS, ids=[next(iter(o)) for o in FILE_ONLY_OPTIONS])
+def test_options_that_read_files_are_refused_with_a_predictor_object(loaded, option):
+    other = tiny_hyperlora_predictor(seed=6)
+    before = _snapshot(loaded)
+    with pytest.raises(InvalidArgumentError, match="only apply when reading a checkpoint's files") as caught:
+        loaded.load_hyperlora(other, **option)
+    assert caught.value.argument == next(iter(option)) and _unchanged(loaded, before)
+    assert other.dtype == torch.float32
+
+
 def test_reloading_replaces_cleanly(loaded):
     other = tiny_hyperlora_predictor(seed=4)
     loaded.load_hyperlora(other)

@@ -25,12 +25,13 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from diffusers.utils import logging
 
+from ..adapters.checks import check_adapter_name, check_adapter_weight
 from ..adapters.peft_adapters import HyperLoRAAdapters
 from ..adapters.save_hook import hide_adapters_when_saving
 from ..adapters.sliders import DEFAULT_SLIDER_NAME, DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, check_slider_weight
@@ -52,10 +53,13 @@ from ..io.lora_files import export_lora
 from ..model.config import HyperLoRAConfig
 from ..model.predictor import HyperLoRAPredictor, refuse_checkpoint_options
 from ..model.targets import DENOISER_COMPONENTS, DENOISER_LAYOUTS, has_denoiser_layout
+from ..utils.checks import parse_dtype
 from ..utils.compat import adapter_configs
 from .placement import Placement
 
 logger = logging.get_logger(__name__)
+
+_LOAD = "load_hyperlora()"
 
 
 def find_denoiser(pipe: Any, name: str | None = None) -> torch.nn.Module:
@@ -114,6 +118,62 @@ class LoadOptions:
     @property
     def adapter_names(self) -> tuple[str, str]:
         return self.id_adapter_name, self.base_adapter_name
+
+    def checked(self, checkpoint: Any) -> LoadOptions:
+        """These options with the weights as floats, or the `HyperLoRAError` of the first bad one (named by
+        `argument=`). Checked before a load changes anything; the Hub options checked themselves already."""
+        if not isinstance(checkpoint, (str, os.PathLike, HyperLoRAPredictor)):
+            raise InvalidArgumentTypeError(
+                f"{_LOAD}: `pretrained_model_name_or_path` must be a Hub repo id, a local folder or a "
+                f"HyperLoRAPredictor, got {type(checkpoint).__name__}.",
+                argument="pretrained_model_name_or_path",
+            )
+        if isinstance(checkpoint, HyperLoRAPredictor):
+            self._refuse_file_options()
+        try:
+            parse_dtype(self.torch_dtype)
+        except HyperLoRAError as error:
+            raise type(error)(f"{_LOAD}: `torch_dtype`: {error}", argument="torch_dtype") from error
+        for name in ("heads", "dim_head"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise (InvalidArgumentError if isinstance(value, int) else InvalidArgumentTypeError)(
+                    f"{_LOAD}: `{name}` must be a positive int (the release's resampler uses heads=12, dim_head=64) "
+                    f"or None, got {value!r}.",
+                    argument=name,
+                )
+        if self.feature_extractor is not None and not callable(self.feature_extractor):
+            raise InvalidArgumentTypeError(
+                f"{_LOAD}: `feature_extractor` must be a FeatureExtractor (a callable: images -> features) or None, "
+                f"got {type(self.feature_extractor).__name__}.",
+                argument="feature_extractor",
+            )
+        if not isinstance(self.offload_bank, bool):
+            raise InvalidArgumentTypeError(
+                f"{_LOAD}: `offload_bank` must be True or False, got {self.offload_bank!r}.", argument="offload_bank"
+            )
+        for name, example in (("id_adapter_name", "'hyper_id'"), ("base_adapter_name", "'hyper_base'")):
+            check_adapter_name(getattr(self, name), _LOAD, name, example)
+        weights = {
+            name: None if getattr(self, name) is None else check_adapter_weight(getattr(self, name), _LOAD, name)
+            for name in ("id_weight", "base_weight")
+        }
+        return replace(self, **weights)
+
+    def _refuse_file_options(self) -> None:
+        """Refuse by name the options that only apply when reading a checkpoint's files (not to a predictor)."""
+        default_hub = HubOptions()
+        given = [
+            f.name for f in fields(HubOptions) if getattr(self.hub_options, f.name) != getattr(default_hub, f.name)
+        ]
+        given += [name for name in ("torch_dtype", "heads", "dim_head") if getattr(self, name) is not None]
+        if given:
+            raise InvalidArgumentError(
+                f"{_LOAD}: {', '.join(f'`{name}`' for name in given)} only apply when reading a checkpoint's files; "
+                "a HyperLoRAPredictor passed in is used as it is. Drop them, or convert the predictor first "
+                "(`predictor.to(dtype)`), or pass the checkpoint's repo id / folder instead.",
+                argument=given[0],
+            )
 
 
 class _Loaded:
@@ -232,6 +292,7 @@ class HyperLoRAController:
     def load(self, pretrained_model_name_or_path: str | os.PathLike | HyperLoRAPredictor, options: LoadOptions) -> None:
         """Load a checkpoint transactionally: resolve, read and check it against the denoiser, then replace the
         HyperLoRA that was there. Any error leaves the old one (and its identity) in place."""
+        options = options.checked(pretrained_model_name_or_path)
         with self.lock:
             denoiser = self._denoiser()
             self._placement.check_supported()
@@ -559,11 +620,12 @@ class HyperLoRAController:
         with self.lock:
             loaded = self._require("pipe.add_hyperlora_slider()")
             weight = check_slider_weight(weight)
+            check_adapter_name(adapter_name, "add_hyperlora_slider()", "adapter_name", repr(DEFAULT_SLIDER_NAME))
             if adapter_name in loaded.adapters.names.values():
                 raise AdapterNameConflictError(
                     f"add_hyperlora_slider(): {adapter_name!r} is one of HyperLoRA's own adapters "
                     f"({sorted(loaded.adapters.names.values())}); give the slider another name, e.g. "
-                    "`adapter_name='slider'`.",
+                    f"`adapter_name={DEFAULT_SLIDER_NAME!r}`.",
                     argument="adapter_name",
                 )
             slider = HyperLoRASlider(
