@@ -327,6 +327,63 @@ def test_options_that_read_files_are_refused_with_a_predictor_object(loaded, opt
     assert other.dtype == torch.float32
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_load_that_fails_midway_of_attach_puts_the_old_hyperlora_back(loaded, predictor, monkeypatch, fused):
+    import diffusers_hyperlora.adapters.peft_adapters as peft_adapters
+
+    loaded.add_hyperlora_slider(_identity(predictor, 2), _identity(predictor, 3), adapter_name="age", weight=-0.6)
+    loaded.set_adapters(["id", "base", "age"], [0.65, 0.3, -0.45])
+    if fused:
+        loaded.fuse_lora(adapter_names=["id", "age"])
+    before, state, reference = _snapshot(loaded), _unet_state(loaded), unet_output(loaded.unet)
+    sliders, configs = loaded.hyperlora.sliders, sorted(loaded.unet.peft_config)
+    add_adapter, calls = peft_adapters.add_adapter, []
+
+    def fail_on_the_second_adapter(denoiser, config, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        add_adapter(denoiser, config, name)
+
+    monkeypatch.setattr(peft_adapters, "add_adapter", fail_on_the_second_adapter)
+    with pytest.raises(RuntimeError, match="simulated"):
+        loaded.load_hyperlora(tiny_hyperlora_predictor(seed=7))
+    assert calls[:2] == ["id", "base"]  # it failed with the new "id" adapter on the UNet
+    assert _unchanged(loaded, before) and _same_state(loaded, state) and sorted(loaded.unet.peft_config) == configs
+    assert loaded.hyperlora.sliders == sliders and loaded.hyperlora.identity is before[2]
+    torch.testing.assert_close(unet_output(loaded.unet), reference, rtol=0, atol=0)
+    monkeypatch.undo()
+    if fused:
+        loaded.unfuse_lora()
+    loaded.load_hyperlora(tiny_hyperlora_predictor(seed=7))  # the next load works
+    assert sorted(loaded.unet.peft_config) == ["base", "id"] and loaded.hyperlora.sliders == {}
+
+
+def test_a_first_load_that_fails_midway_leaves_the_unet_as_it_was(pipe, predictor, monkeypatch):
+    import diffusers_hyperlora.adapters.peft_adapters as peft_adapters
+
+    state, reference = _unet_state(pipe), unet_output(pipe.unet)
+    add_adapter = peft_adapters.add_adapter
+
+    def fail_on_base(denoiser, config, name):
+        if name == "base":
+            raise RuntimeError("out of memory (simulated)")
+        add_adapter(denoiser, config, name)
+
+    monkeypatch.setattr(peft_adapters, "add_adapter", fail_on_base)
+    with pytest.raises(RuntimeError, match="simulated"):
+        pipe.load_hyperlora(predictor)
+    assert (
+        _same_state(pipe, state)
+        and not getattr(pipe.unet, "peft_config", None)
+        and pipe.hyperlora.adapter_names() == []
+    )
+    torch.testing.assert_close(unet_output(pipe.unet), reference, rtol=0, atol=0)
+    monkeypatch.undo()
+    pipe.load_hyperlora(predictor)
+    assert sorted(pipe.unet.peft_config) == ["base", "id"]
+
+
 def test_reloading_replaces_cleanly(loaded):
     other = tiny_hyperlora_predictor(seed=4)
     loaded.load_hyperlora(other)

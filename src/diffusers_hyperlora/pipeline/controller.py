@@ -32,7 +32,7 @@ import torch
 from diffusers.utils import logging
 
 from ..adapters.checks import check_adapter_name, check_adapter_weight
-from ..adapters.peft_adapters import HyperLoRAAdapters
+from ..adapters.peft_adapters import AdapterSnapshot, HyperLoRAAdapters
 from ..adapters.save_hook import hide_adapters_when_saving
 from ..adapters.sliders import DEFAULT_SLIDER_NAME, DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, check_slider_weight
 from ..adapters.writes import IdentityServing
@@ -300,13 +300,32 @@ class HyperLoRAController:
             predictor.check_weights_finite()
             names = options.adapter_names
             HyperLoRAAdapters.check_attachable(denoiser, predictor.config, *names, replacing=self.adapter_names())
+            old = self._loaded
+            snapshot = None if old is None else old.adapters.snapshot(list(old.sliders))
             self.unload()
-            adapters = HyperLoRAAdapters.attach(
-                denoiser, predictor.config, *names, id_weight=options.id_weight, base_weight=options.base_weight
-            )
+            try:
+                adapters = HyperLoRAAdapters.attach(
+                    denoiser, predictor.config, *names, id_weight=options.id_weight, base_weight=options.base_weight
+                )
+            except BaseException:
+                self._put_back(old, snapshot, denoiser)
+                raise
             loaded = _Loaded(predictor.eval().requires_grad_(False), adapters, source, options)
-            loaded.save_hook = hide_adapters_when_saving(denoiser, self.adapter_names_of(loaded))
-            self._loaded = loaded
+            self._install(loaded, denoiser)
+
+    def _install(self, loaded: _Loaded, denoiser: torch.nn.Module) -> None:
+        loaded.save_hook = hide_adapters_when_saving(denoiser, self.adapter_names_of(loaded))
+        self._loaded = loaded
+
+    def _put_back(self, old: _Loaded | None, snapshot: AdapterSnapshot | None, denoiser: torch.nn.Module) -> None:
+        """Roll back a load that failed after `unload`: the old HyperLoRA, its adapters (bitwise), sliders and
+        identity come back. Adapters that diffusers had removed stay removed (`_ensure_attached` re-attaches)."""
+        if old is None:
+            return
+        if snapshot is not None:
+            old.adapters = snapshot.restore(denoiser)
+        old.serving = None
+        self._install(old, denoiser)
 
     @staticmethod
     def _read(
