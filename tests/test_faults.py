@@ -280,6 +280,8 @@ BAD_LOAD_OPTIONS = [
     (dict(heads=0), InvalidArgumentError, "heads"),
     (dict(dim_head="64"), InvalidArgumentTypeError, "dim_head"),
     (dict(feature_extractor="arcface"), InvalidArgumentTypeError, "feature_extractor"),
+    (dict(image_encoder=5), InvalidArgumentTypeError, "image_encoder"),
+    (dict(face_analyzer=""), InvalidArgumentError, "face_analyzer"),
     (dict(offload_bank="yes"), InvalidArgumentTypeError, "offload_bank"),
 ]
 

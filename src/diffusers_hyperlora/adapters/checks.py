@@ -12,14 +12,14 @@ def check_adapter_weight(weight: Any, caller: str, argument: str, example: str =
     """`weight` as a float: `InvalidArgumentTypeError` for a non-number (or a bool), `InvalidArgumentError` for
     NaN/inf. `caller` and `argument` name the call and the parameter in the message and on the error."""
     try:
-        if isinstance(weight, bool):
-            raise TypeError("a bool is not an adapter weight")
-        value = float(weight)
-    except (TypeError, ValueError) as error:
+        value = None if isinstance(weight, bool) else float(weight)  # float(True) would be 1.0
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
         raise InvalidArgumentTypeError(
             f"{caller}: `{argument}` must be a number (an adapter weight, e.g. {argument}={example}), got {weight!r}.",
             argument=argument,
-        ) from error
+        )
     if not math.isfinite(value):
         raise InvalidArgumentError(
             f"{caller}: `{argument}` must be a finite number, got {value}; e.g. {argument}={example}.",

@@ -130,6 +130,21 @@ class LoadOptions:
             )
         if isinstance(checkpoint, HyperLoRAPredictor):
             self._refuse_file_options()
+        self._check_file_options()
+        self._check_face_options()
+        if not isinstance(self.offload_bank, bool):
+            raise InvalidArgumentTypeError(
+                f"{_LOAD}: `offload_bank` must be True or False, got {self.offload_bank!r}.", argument="offload_bank"
+            )
+        for name, example in (("id_adapter_name", "'hyper_id'"), ("base_adapter_name", "'hyper_base'")):
+            check_adapter_name(getattr(self, name), _LOAD, name, example)
+        weights = {
+            name: None if getattr(self, name) is None else check_adapter_weight(getattr(self, name), _LOAD, name)
+            for name in ("id_weight", "base_weight")
+        }
+        return replace(self, **weights)
+
+    def _check_file_options(self) -> None:
         try:
             parse_dtype(self.torch_dtype)
         except HyperLoRAError as error:
@@ -142,23 +157,23 @@ class LoadOptions:
                     f"or None, got {value!r}.",
                     argument=name,
                 )
+
+    def _check_face_options(self) -> None:
+        for name in ("image_encoder", "face_analyzer"):
+            value = getattr(self, name)
+            empty = isinstance(value, str) and not value.strip()
+            if empty or isinstance(value, (bool, int, float, complex, bytes)):
+                raise (InvalidArgumentError if empty else InvalidArgumentTypeError)(
+                    f"{_LOAD}: `{name}` must be None (what the checkpoint names), a Hub repo id or local folder, or a "
+                    f"ready model, got {value!r}.",
+                    argument=name,
+                )
         if self.feature_extractor is not None and not callable(self.feature_extractor):
             raise InvalidArgumentTypeError(
                 f"{_LOAD}: `feature_extractor` must be a FeatureExtractor (a callable: images -> features) or None, "
                 f"got {type(self.feature_extractor).__name__}.",
                 argument="feature_extractor",
             )
-        if not isinstance(self.offload_bank, bool):
-            raise InvalidArgumentTypeError(
-                f"{_LOAD}: `offload_bank` must be True or False, got {self.offload_bank!r}.", argument="offload_bank"
-            )
-        for name, example in (("id_adapter_name", "'hyper_id'"), ("base_adapter_name", "'hyper_base'")):
-            check_adapter_name(getattr(self, name), _LOAD, name, example)
-        weights = {
-            name: None if getattr(self, name) is None else check_adapter_weight(getattr(self, name), _LOAD, name)
-            for name in ("id_weight", "base_weight")
-        }
-        return replace(self, **weights)
 
     def _refuse_file_options(self) -> None:
         """Refuse by name the options that only apply when reading a checkpoint's files (not to a predictor)."""
