@@ -256,6 +256,136 @@ def test_a_failed_load_keeps_the_old_hyperlora_and_identity(loaded, predictor):
     torch.testing.assert_close(unet_output(loaded.unet), reference)
 
 
+def _unet_state(pipe) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in pipe.unet.state_dict().items()}
+
+
+def _same_state(pipe, state: dict[str, torch.Tensor]) -> bool:
+    now = pipe.unet.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[key], state[key]) for key in state)
+
+
+BAD_LOAD_OPTIONS = [
+    (dict(id_weight="x"), InvalidArgumentTypeError, "id_weight"),
+    (dict(id_weight=True), InvalidArgumentTypeError, "id_weight"),
+    (dict(id_weight=NAN), InvalidArgumentError, "id_weight"),
+    (dict(base_weight=float("inf")), InvalidArgumentError, "base_weight"),
+    (dict(id_adapter_name=3), InvalidArgumentTypeError, "id_adapter_name"),
+    (dict(base_adapter_name=None), InvalidArgumentTypeError, "base_adapter_name"),
+    (dict(base_adapter_name=""), InvalidArgumentError, "base_adapter_name"),
+    (dict(id_adapter_name="hyper.id"), InvalidArgumentError, "id_adapter_name"),
+    (dict(id_adapter_name="mine", base_adapter_name="mine"), AdapterNameConflictError, "base_adapter_name"),
+    (dict(torch_dtype="int8"), InvalidArgumentError, "torch_dtype"),
+    (dict(torch_dtype=3), InvalidArgumentTypeError, "torch_dtype"),
+    (dict(heads=0), InvalidArgumentError, "heads"),
+    (dict(dim_head="64"), InvalidArgumentTypeError, "dim_head"),
+    (dict(feature_extractor="arcface"), InvalidArgumentTypeError, "feature_extractor"),
+    (dict(image_encoder=5), InvalidArgumentTypeError, "image_encoder"),
+    (dict(face_analyzer=""), InvalidArgumentError, "face_analyzer"),
+    (dict(offload_bank="yes"), InvalidArgumentTypeError, "offload_bank"),
+]
+
+
+@pytest.mark.parametrize("options, error, argument", BAD_LOAD_OPTIONS, ids=[a for *_, a in BAD_LOAD_OPTIONS])
+def test_a_bad_load_option_is_refused_before_anything_changes(loaded, tmp_path, options, error, argument):
+    folder = tmp_path / "ckpt"
+    tiny_hyperlora_predictor(seed=5).save_pretrained(folder)
+    before, state, configs = _snapshot(loaded), _unet_state(loaded), sorted(loaded.unet.peft_config)
+    with pytest.raises(error) as caught:
+        loaded.load_hyperlora(str(folder), **options)
+    assert caught.value.argument == argument and argument in str(caught.value)
+    assert _unchanged(loaded, before) and _same_state(loaded, state) and sorted(loaded.unet.peft_config) == configs
+    loaded.load_hyperlora(str(folder))  # the next good load works
+    assert sorted(loaded.unet.peft_config) == ["base", "id"] and loaded.hyperlora.source == str(folder)
+
+
+def test_a_checkpoint_of_the_wrong_type_is_refused(loaded):
+    before = _snapshot(loaded)
+    with pytest.raises(InvalidArgumentTypeError, match="HyperLoRAPredictor") as caught:
+        loaded.load_hyperlora(5)
+    assert caught.value.argument == "pretrained_model_name_or_path" and _unchanged(loaded, before)
+
+
+FILE_ONLY_OPTIONS = [
+    dict(torch_dtype=torch.float16),
+    dict(heads=0),
+    dict(dim_head=64),
+    dict(subfolder="sdxl"),
+    dict(revision="v2"),
+    dict(token="hf_x"),
+    dict(cache_dir="cache"),
+    dict(local_files_only=True),
+    dict(force_download=True),
+]
+
+
+@pytest.mark.parametrize("option", FILE_ONLY_OPTIONS, ids=[next(iter(o)) for o in FILE_ONLY_OPTIONS])
+def test_options_that_read_files_are_refused_with_a_predictor_object(loaded, option):
+    other = tiny_hyperlora_predictor(seed=6)
+    before = _snapshot(loaded)
+    with pytest.raises(InvalidArgumentError, match="only apply when reading a checkpoint's files") as caught:
+        loaded.load_hyperlora(other, **option)
+    assert caught.value.argument == next(iter(option)) and _unchanged(loaded, before)
+    assert other.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_load_that_fails_midway_of_attach_puts_the_old_hyperlora_back(loaded, predictor, monkeypatch, fused):
+    import diffusers_hyperlora.adapters.peft_adapters as peft_adapters
+
+    loaded.add_hyperlora_slider(_identity(predictor, 2), _identity(predictor, 3), adapter_name="age", weight=-0.6)
+    loaded.set_adapters(["id", "base", "age"], [0.65, 0.3, -0.45])
+    if fused:
+        loaded.fuse_lora(adapter_names=["id", "age"])
+    before, state, reference = _snapshot(loaded), _unet_state(loaded), unet_output(loaded.unet)
+    sliders, configs = loaded.hyperlora.sliders, sorted(loaded.unet.peft_config)
+    add_adapter, calls = peft_adapters.add_adapter, []
+
+    def fail_on_the_second_adapter(denoiser, config, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        add_adapter(denoiser, config, name)
+
+    monkeypatch.setattr(peft_adapters, "add_adapter", fail_on_the_second_adapter)
+    with pytest.raises(RuntimeError, match="simulated"):
+        loaded.load_hyperlora(tiny_hyperlora_predictor(seed=7))
+    assert calls[:2] == ["id", "base"]  # it failed with the new "id" adapter on the UNet
+    assert _unchanged(loaded, before) and _same_state(loaded, state) and sorted(loaded.unet.peft_config) == configs
+    assert loaded.hyperlora.sliders == sliders and loaded.hyperlora.identity is before[2]
+    torch.testing.assert_close(unet_output(loaded.unet), reference, rtol=0, atol=0)
+    monkeypatch.undo()
+    if fused:
+        loaded.unfuse_lora()
+    loaded.load_hyperlora(tiny_hyperlora_predictor(seed=7))  # the next load works
+    assert sorted(loaded.unet.peft_config) == ["base", "id"] and loaded.hyperlora.sliders == {}
+
+
+def test_a_first_load_that_fails_midway_leaves_the_unet_as_it_was(pipe, predictor, monkeypatch):
+    import diffusers_hyperlora.adapters.peft_adapters as peft_adapters
+
+    state, reference = _unet_state(pipe), unet_output(pipe.unet)
+    add_adapter = peft_adapters.add_adapter
+
+    def fail_on_base(denoiser, config, name):
+        if name == "base":
+            raise RuntimeError("out of memory (simulated)")
+        add_adapter(denoiser, config, name)
+
+    monkeypatch.setattr(peft_adapters, "add_adapter", fail_on_base)
+    with pytest.raises(RuntimeError, match="simulated"):
+        pipe.load_hyperlora(predictor)
+    assert (
+        _same_state(pipe, state)
+        and not getattr(pipe.unet, "peft_config", None)
+        and pipe.hyperlora.adapter_names() == []
+    )
+    torch.testing.assert_close(unet_output(pipe.unet), reference, rtol=0, atol=0)
+    monkeypatch.undo()
+    pipe.load_hyperlora(predictor)
+    assert sorted(pipe.unet.peft_config) == ["base", "id"]
+
+
 def test_reloading_replaces_cleanly(loaded):
     other = tiny_hyperlora_predictor(seed=4)
     loaded.load_hyperlora(other)

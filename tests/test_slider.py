@@ -11,8 +11,10 @@ from diffusers_hyperlora import (
     HyperLoRAFeatures,
     HyperLoRANotLoadedError,
     IdentityMismatchError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
 )
-from diffusers_hyperlora.adapters.sliders import HyperLoRASlider, difference_factors
+from diffusers_hyperlora.adapters.sliders import DEFAULT_SLIDER_NAME, HyperLoRASlider, difference_factors
 from diffusers_hyperlora.testing.tiny_models import tiny_hyperlora_predictor, tiny_sdxl_pipeline
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
@@ -180,6 +182,28 @@ def test_slider_name_conflicts_and_bad_inputs(loaded, people, predictor):
         loaded.add_hyperlora_slider(people[0], other)
     with pytest.raises(HyperLoRANotLoadedError):
         tiny_sdxl_pipeline().add_hyperlora_slider(people[0], people[1])
+
+
+@pytest.mark.parametrize(
+    "name, error",
+    [
+        (5, InvalidArgumentTypeError),
+        (None, InvalidArgumentTypeError),
+        ("", InvalidArgumentError),
+        ("a.b", InvalidArgumentError),
+    ],
+)
+def test_a_bad_slider_name_is_refused_before_anything_changes(loaded, people, name, error):
+    loaded.add_hyperlora_slider(people[0], people[1])  # the default name
+    before = {key: value.clone() for key, value in loaded.unet.state_dict().items()}
+    active = loaded.get_active_adapters()
+    with pytest.raises(error, match="adapter_name") as caught:
+        loaded.add_hyperlora_slider(people[0], people[2], adapter_name=name)
+    assert caught.value.argument == "adapter_name"
+    after = loaded.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
+    assert loaded.get_active_adapters() == active and list(loaded.hyperlora.sliders) == [DEFAULT_SLIDER_NAME]
+    loaded.add_hyperlora_slider(people[0], people[2], adapter_name="age")  # the next good call works
 
 
 def test_sliders_stay_out_of_the_saved_unet(predictor, people, tmp_path):

@@ -16,6 +16,7 @@ through the same code. While the adapters are fused, writes go through the exact
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers.utils import logging
@@ -29,6 +30,7 @@ from ..model.config import HyperLoRAConfig
 from ..model.targets import TargetLinear
 from ..utils.compat import (
     adapter_configs,
+    adapter_scale,
     foreach_copy_,
     foreach_zero_,
     lora_factors,
@@ -36,6 +38,7 @@ from ..utils.compat import (
     peft_unmerge,
     quiet_peft_adapter_warnings,
     remove_peft_wrappers,
+    set_adapter_scale,
 )
 from .exact_merge import install_exact_merge, restore_base_weights
 from .sliders import slider_alpha, slider_rank
@@ -175,6 +178,23 @@ class HyperLoRAAdapters:
         """Validate the denoiser, register both adapters once, activate them beside the user's own adapters."""
         cls.check_attachable(denoiser, config, id_name, base_name)
         previously_active = active_adapters(denoiser)
+        try:
+            return cls._attach(denoiser, config, id_name, base_name, previously_active, id_weight, base_weight)
+        except BaseException:
+            remove_partial_adapters(denoiser, [id_name, base_name], previously_active)
+            raise
+
+    @classmethod
+    def _attach(
+        cls,
+        denoiser: nn.Module,
+        config: HyperLoRAConfig,
+        id_name: str,
+        base_name: str,
+        previously_active: list[str],
+        id_weight: float | None,
+        base_weight: float | None,
+    ) -> HyperLoRAAdapters:
         paths = [linear.module_path for linear in config.linears]
         add_adapter(
             denoiser, LoraConfig(r=config.id_rank, lora_alpha=config.alpha("id"), target_modules=paths), id_name
@@ -193,6 +213,26 @@ class HyperLoRAAdapters:
         adapters.clear("id")
         adapters.clear("base")
         return adapters
+
+    def snapshot(self, slider_names: Sequence[str]) -> AdapterSnapshot | None:
+        """What `AdapterSnapshot.restore` needs to put these adapters (and the named sliders) back bitwise after
+        they are detached: references to their factors (kept alive by the snapshot), the active adapters, every
+        layer's scales and what was fused. `None` when they are not attached (nothing to put back)."""
+        if not self.is_attached():
+            return None
+        ours = [*self.names.values(), *slider_names]
+        layers = [(path, m) for path, m in self.denoiser.named_modules() if isinstance(m, BaseTunerLayer)]
+        return AdapterSnapshot(
+            config=self.config,
+            names=dict(self.names),
+            factors={name: self._pairs(name) for name in ours},
+            active=active_adapters(self.denoiser),
+            scales={
+                path: {name: adapter_scale(layer, name) for name in ours if lora_factors(layer, name) is not None}
+                for path, layer in layers
+            },
+            merged={path: [n for n in merged_adapter_names(layer) if n in ours] for path, layer in layers},
+        )
 
     @property
     def layers(self) -> list[BaseTunerLayer]:
@@ -370,6 +410,48 @@ class HyperLoRAAdapters:
             self.denoiser.delete_adapters(present)
         if not adapter_configs(self.denoiser):
             remove_peft_wrappers(self.denoiser)
+
+
+def remove_partial_adapters(denoiser: nn.Module, names: Collection[str], active: list[str]) -> None:
+    """Undo a failed `attach`: delete the named adapters it added, re-activate `active`, and remove the PEFT
+    wrappers when no adapter is left (as `detach` does)."""
+    present = [name for name in names if name in adapter_configs(denoiser)]
+    if present:
+        denoiser.delete_adapters(present)
+    if not adapter_configs(denoiser):
+        remove_peft_wrappers(denoiser)
+    elif active:
+        set_active_adapters(denoiser, [name for name in active if name in adapter_configs(denoiser)], {})
+
+
+@dataclass
+class AdapterSnapshot:
+    """Detached HyperLoRA adapters, ready to be put back bitwise (`HyperLoRAAdapters.snapshot`): used to roll back
+    a load that failed after the old adapters were removed."""
+
+    config: HyperLoRAConfig
+    names: dict[str, str]
+    factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]  # by adapter name: ID, Base, then the sliders
+    active: list[str]
+    scales: dict[str, dict[str, float]]  # by layer path: adapter name -> PEFT scale
+    merged: dict[str, list[str]]  # by layer path: our adapters that were fused there
+
+    @torch.no_grad()
+    def restore(self, denoiser: nn.Module) -> HyperLoRAAdapters:
+        """Attach the adapters again with the same factors, sliders, active set, scales and fused state."""
+        adapters = HyperLoRAAdapters.attach(denoiser, self.config, self.names["id"], self.names["base"])
+        for name, factors in self.factors.items():
+            if name in self.names.values():
+                adapters._write_factors(name, factors)
+            else:
+                adapters.put_slider(name, factors, weight=1.0)  # the scale is put back below
+        set_active_adapters(denoiser, self.active, {})
+        for path, module in denoiser.named_modules():
+            for name, scale in self.scales.get(path, {}).items():
+                set_adapter_scale(module, name, scale)
+            if self.merged.get(path):
+                module.merge(adapter_names=self.merged[path])
+        return adapters
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ ID and Base adapters (`HyperLoRAAdapters.put_slider` / `remove_adapters` in `pef
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from ..identities.identity import HyperLoRAIdentity
 from ..model.config import HyperLoRAConfig
+from .checks import check_adapter_weight
 
 DEFAULT_SLIDER_NAME = "slider"
 DEFAULT_SLIDER_WEIGHT = 0.7  # the reference slider workflows use +-0.7
@@ -100,17 +100,4 @@ class HyperLoRASlider:
 
 def check_slider_weight(weight: Any) -> float:
     """`weight` as a float, or `InvalidArgumentTypeError` / `InvalidArgumentError` for a non-number or NaN/inf."""
-    try:
-        value = float(weight)
-    except (TypeError, ValueError) as error:
-        raise InvalidArgumentTypeError(
-            f"add_hyperlora_slider(): `weight` must be a number (the adapter weight, e.g. 0.7, negative to move the "
-            f"other way), got {weight!r}.",
-            argument="weight",
-        ) from error
-    if not math.isfinite(value):
-        raise InvalidArgumentError(
-            f"add_hyperlora_slider(): `weight` must be a finite number, got {value}; e.g. weight=0.7 (or -0.7).",
-            argument="weight",
-        )
-    return value
+    return check_adapter_weight(weight, "add_hyperlora_slider()", "weight", example="0.7 (or -0.7)")

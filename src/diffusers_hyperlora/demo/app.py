@@ -22,6 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 
 import gradio as gr  # noqa: E402
 
+from ..adapters.sliders import DEFAULT_SLIDER_NAME  # noqa: E402
 from ..errors import HyperLoRAError, InvalidArgumentError  # noqa: E402
 from ..utils.devices import check_port  # noqa: E402
 from .engine import LORA_FORMATS, MAX_STEPS, SIZE_STEP, DemoEngine, GenerationSettings  # noqa: E402
@@ -255,7 +256,7 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                         type="filepath",
                         elem_id="slider-edited",
                     )
-                    slider_name = gr.Textbox(value="slider", label="Slider name", elem_id="slider-name")
+                    slider_name = gr.Textbox(value=DEFAULT_SLIDER_NAME, label="Slider name", elem_id="slider-name")
                     with gr.Row():
                         slider_button = gr.Button("Build slider", elem_id="slider-button")
                         slider_export = gr.Button("Export the chosen slider", elem_id="slider-export-button")

@@ -25,13 +25,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from diffusers.utils import logging
 
-from ..adapters.peft_adapters import HyperLoRAAdapters
+from ..adapters.checks import check_adapter_name, check_adapter_weight
+from ..adapters.peft_adapters import AdapterSnapshot, HyperLoRAAdapters
 from ..adapters.save_hook import hide_adapters_when_saving
 from ..adapters.sliders import DEFAULT_SLIDER_NAME, DEFAULT_SLIDER_WEIGHT, HyperLoRASlider, check_slider_weight
 from ..adapters.writes import IdentityServing
@@ -52,10 +53,13 @@ from ..io.lora_files import export_lora
 from ..model.config import HyperLoRAConfig
 from ..model.predictor import HyperLoRAPredictor, refuse_checkpoint_options
 from ..model.targets import DENOISER_COMPONENTS, DENOISER_LAYOUTS, has_denoiser_layout
+from ..utils.checks import parse_dtype
 from ..utils.compat import adapter_configs
 from .placement import Placement
 
 logger = logging.get_logger(__name__)
+
+_LOAD = "load_hyperlora()"
 
 
 def find_denoiser(pipe: Any, name: str | None = None) -> torch.nn.Module:
@@ -114,6 +118,77 @@ class LoadOptions:
     @property
     def adapter_names(self) -> tuple[str, str]:
         return self.id_adapter_name, self.base_adapter_name
+
+    def checked(self, checkpoint: Any) -> LoadOptions:
+        """These options with the weights as floats, or the `HyperLoRAError` of the first bad one (named by
+        `argument=`). Checked before a load changes anything; the Hub options checked themselves already."""
+        if not isinstance(checkpoint, (str, os.PathLike, HyperLoRAPredictor)):
+            raise InvalidArgumentTypeError(
+                f"{_LOAD}: `pretrained_model_name_or_path` must be a Hub repo id, a local folder or a "
+                f"HyperLoRAPredictor, got {type(checkpoint).__name__}.",
+                argument="pretrained_model_name_or_path",
+            )
+        if isinstance(checkpoint, HyperLoRAPredictor):
+            self._refuse_file_options()
+        self._check_file_options()
+        self._check_face_options()
+        if not isinstance(self.offload_bank, bool):
+            raise InvalidArgumentTypeError(
+                f"{_LOAD}: `offload_bank` must be True or False, got {self.offload_bank!r}.", argument="offload_bank"
+            )
+        for name, example in (("id_adapter_name", "'hyper_id'"), ("base_adapter_name", "'hyper_base'")):
+            check_adapter_name(getattr(self, name), _LOAD, name, example)
+        weights = {
+            name: None if getattr(self, name) is None else check_adapter_weight(getattr(self, name), _LOAD, name)
+            for name in ("id_weight", "base_weight")
+        }
+        return replace(self, **weights)
+
+    def _check_file_options(self) -> None:
+        try:
+            parse_dtype(self.torch_dtype)
+        except HyperLoRAError as error:
+            raise type(error)(f"{_LOAD}: `torch_dtype`: {error}", argument="torch_dtype") from error
+        for name in ("heads", "dim_head"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise (InvalidArgumentError if isinstance(value, int) else InvalidArgumentTypeError)(
+                    f"{_LOAD}: `{name}` must be a positive int (the release's resampler uses heads=12, dim_head=64) "
+                    f"or None, got {value!r}.",
+                    argument=name,
+                )
+
+    def _check_face_options(self) -> None:
+        for name in ("image_encoder", "face_analyzer"):
+            value = getattr(self, name)
+            empty = isinstance(value, str) and not value.strip()
+            if empty or isinstance(value, (bool, int, float, complex, bytes)):
+                raise (InvalidArgumentError if empty else InvalidArgumentTypeError)(
+                    f"{_LOAD}: `{name}` must be None (what the checkpoint names), a Hub repo id or local folder, or a "
+                    f"ready model, got {value!r}.",
+                    argument=name,
+                )
+        if self.feature_extractor is not None and not callable(self.feature_extractor):
+            raise InvalidArgumentTypeError(
+                f"{_LOAD}: `feature_extractor` must be a FeatureExtractor (a callable: images -> features) or None, "
+                f"got {type(self.feature_extractor).__name__}.",
+                argument="feature_extractor",
+            )
+
+    def _refuse_file_options(self) -> None:
+        """Refuse by name the options that only apply when reading a checkpoint's files (not to a predictor)."""
+        default_hub = HubOptions()
+        given = [
+            f.name for f in fields(HubOptions) if getattr(self.hub_options, f.name) != getattr(default_hub, f.name)
+        ]
+        given += [name for name in ("torch_dtype", "heads", "dim_head") if getattr(self, name) is not None]
+        if given:
+            raise InvalidArgumentError(
+                f"{_LOAD}: {', '.join(f'`{name}`' for name in given)} only apply when reading a checkpoint's files; "
+                "a HyperLoRAPredictor passed in is used as it is. Drop them, or convert the predictor first "
+                "(`predictor.to(dtype)`), or pass the checkpoint's repo id / folder instead.",
+                argument=given[0],
+            )
 
 
 class _Loaded:
@@ -232,6 +307,7 @@ class HyperLoRAController:
     def load(self, pretrained_model_name_or_path: str | os.PathLike | HyperLoRAPredictor, options: LoadOptions) -> None:
         """Load a checkpoint transactionally: resolve, read and check it against the denoiser, then replace the
         HyperLoRA that was there. Any error leaves the old one (and its identity) in place."""
+        options = options.checked(pretrained_model_name_or_path)
         with self.lock:
             denoiser = self._denoiser()
             self._placement.check_supported()
@@ -239,13 +315,32 @@ class HyperLoRAController:
             predictor.check_weights_finite()
             names = options.adapter_names
             HyperLoRAAdapters.check_attachable(denoiser, predictor.config, *names, replacing=self.adapter_names())
+            old = self._loaded
+            snapshot = None if old is None else old.adapters.snapshot(list(old.sliders))
             self.unload()
-            adapters = HyperLoRAAdapters.attach(
-                denoiser, predictor.config, *names, id_weight=options.id_weight, base_weight=options.base_weight
-            )
+            try:
+                adapters = HyperLoRAAdapters.attach(
+                    denoiser, predictor.config, *names, id_weight=options.id_weight, base_weight=options.base_weight
+                )
+            except BaseException:
+                self._put_back(old, snapshot, denoiser)
+                raise
             loaded = _Loaded(predictor.eval().requires_grad_(False), adapters, source, options)
-            loaded.save_hook = hide_adapters_when_saving(denoiser, self.adapter_names_of(loaded))
-            self._loaded = loaded
+            self._install(loaded, denoiser)
+
+    def _install(self, loaded: _Loaded, denoiser: torch.nn.Module) -> None:
+        loaded.save_hook = hide_adapters_when_saving(denoiser, self.adapter_names_of(loaded))
+        self._loaded = loaded
+
+    def _put_back(self, old: _Loaded | None, snapshot: AdapterSnapshot | None, denoiser: torch.nn.Module) -> None:
+        """Roll back a load that failed after `unload`: the old HyperLoRA, its adapters (bitwise), sliders and
+        identity come back. Adapters that diffusers had removed stay removed (`_ensure_attached` re-attaches)."""
+        if old is None:
+            return
+        if snapshot is not None:
+            old.adapters = snapshot.restore(denoiser)
+        old.serving = None
+        self._install(old, denoiser)
 
     @staticmethod
     def _read(
@@ -559,11 +654,12 @@ class HyperLoRAController:
         with self.lock:
             loaded = self._require("pipe.add_hyperlora_slider()")
             weight = check_slider_weight(weight)
+            check_adapter_name(adapter_name, "add_hyperlora_slider()", "adapter_name", repr(DEFAULT_SLIDER_NAME))
             if adapter_name in loaded.adapters.names.values():
                 raise AdapterNameConflictError(
                     f"add_hyperlora_slider(): {adapter_name!r} is one of HyperLoRA's own adapters "
                     f"({sorted(loaded.adapters.names.values())}); give the slider another name, e.g. "
-                    "`adapter_name='slider'`.",
+                    f"`adapter_name={DEFAULT_SLIDER_NAME!r}`.",
                     argument="adapter_name",
                 )
             slider = HyperLoRASlider(

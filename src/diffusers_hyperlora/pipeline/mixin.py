@@ -63,22 +63,25 @@ def load_hyperlora(
 ) -> Any:
     """Load a HyperLoRA checkpoint into a pipeline and register its `"id"` / `"base"` adapters.
 
-    The load is transactional: the checkpoint is resolved, read, scanned for NaN/inf and checked against the
-    denoiser before the HyperLoRA already loaded (if any) is replaced; an error leaves that one in place.
+    The load is transactional: every option is checked, the checkpoint resolved, read, scanned for NaN/inf and
+    checked against the denoiser before the HyperLoRA already loaded (if any) is replaced; an error leaves that one
+    in place (a failure while attaching the new adapters puts the old ones back).
 
     Args:
         pipe: a diffusers pipeline instance (any SDXL pipeline for the public release).
         pretrained_model_name_or_path: a Hub repo id, a local folder (library format or the release's layout),
             or a ready `HyperLoRAPredictor`.
         subfolder, revision, token, cache_dir, local_files_only, force_download: Hub options, as in diffusers.
-        torch_dtype: dtype of the predictor (default: the denoiser's dtype).
+        torch_dtype: dtype of the predictor read from files (default: the denoiser's dtype).
         heads, dim_head: resampler attention layout of release-layout checkpoints (default 12 x 64).
+            The Hub options, `torch_dtype`, `heads` and `dim_head` only apply when files are read: with a
+            `HyperLoRAPredictor` they are refused by name (it is used as it is; `predictor.to(dtype)` first).
         image_encoder: CLIP vision encoder: a repo id, a local folder or a ready model (default: what the
             checkpoint names). Loaded lazily, on the first call that needs it.
         face_analyzer: AntelopeV2 face models: a repo id / folder / insightface root, or a ready object.
         feature_extractor: any `FeatureExtractor` that replaces the face pipeline entirely.
         id_adapter_name, base_adapter_name: names of the two PEFT adapters.
-        id_weight, base_weight: initial adapter weights (default: the checkpoint's, 0.8 for ID).
+        id_weight, base_weight: initial adapter weights, finite numbers (default: the checkpoint's, 0.8 for ID).
         offload_bank: keep the basis banks (about 3 GB in 16-bit for the release) in CPU memory and stream them
             to the GPU in chunks on each identity switch, instead of moving them to the execution device.
 

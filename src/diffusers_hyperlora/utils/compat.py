@@ -81,6 +81,11 @@ def adapter_scale(layer: BaseTunerLayer, adapter_name: str) -> float:
     return layer.scaling[adapter_name]
 
 
+def set_adapter_scale(layer: BaseTunerLayer, adapter_name: str, scale: float) -> None:
+    """Put back a scale read with `adapter_scale`, bitwise (PEFT's `set_scale` takes a weight and recomputes it)."""
+    layer.scaling[adapter_name] = scale
+
+
 def peft_merge(layer: BaseTunerLayer, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
     """PEFT's own `merge` of the layer's class, bypassing a per-instance override (`override_merge`)."""
     type(layer).merge(
