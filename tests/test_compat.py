@@ -85,6 +85,10 @@ def test_peft_forward_flags_and_scaling(pipe):
         assert compat.adapter_scale(layer, "x") == 2.0  # lora_alpha / r
         layer.set_scale("x", 0.5)
         assert compat.adapter_scale(layer, "x") == 2.0 * 0.5
+        compat.set_adapter_scale(layer, "x", 0.3)  # put back exactly, and the forward pass uses it
+        assert compat.adapter_scale(layer, "x") == 0.3
+        torch.testing.assert_close(layer(x), layer.get_base_layer()(x) + 0.3 * (x @ down.T @ up.T))
+        compat.set_adapter_scale(layer, "x", 2.0 * 0.5)
         assert compat.adapter_runs_in_forward(layer, "x")
         # What the per-sample hooks add is exactly what PEFT's forward adds: base + scale * B A x.
         expected = layer.get_base_layer()(x) + compat.adapter_scale(layer, "x") * (x @ down.T @ up.T)

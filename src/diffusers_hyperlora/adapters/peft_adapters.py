@@ -287,10 +287,11 @@ class HyperLoRAAdapters:
     def write(self, branch: str, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy `(down [r, in], up [out, r])` factors, one per target linear, into the adapter in place."""
         self._check_branch(branch)
-        self._write_factors(self.names[branch], weights)
+        self.write_factors(self.names[branch], weights)
 
-    def _write_factors(self, adapter_name: str, weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy one `(A, B)` pair per target linear into adapter `adapter_name` (merged layers are re-merged)."""
+    def write_factors(self, adapter_name: str, weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy one `(A, B)` pair per target linear into adapter `adapter_name` (merged layers are re-merged): `write`
+        by adapter name, for any of this object's adapters (a Base placeholder or a slider too)."""
         pairs = self._pairs(adapter_name)
         if len(pairs) != len(weights):
             raise InvalidArgumentError(
@@ -381,7 +382,7 @@ class HyperLoRAAdapters:
             previously_active = active_adapters(self.denoiser)
             add_adapter(self.denoiser, lora_config, name)
             set_active_adapters(self.denoiser, previously_active, {})  # activated below, beside these
-        self._write_factors(name, factors)
+        self.write_factors(name, factors)
         activate_adapter(self.denoiser, name, weight)
 
     def remove_adapters(self, names: Collection[str]) -> None:
@@ -441,8 +442,8 @@ class AdapterSnapshot:
         """Attach the adapters again with the same factors, sliders, active set, scales and fused state."""
         adapters = HyperLoRAAdapters.attach(denoiser, self.config, self.names["id"], self.names["base"])
         for name, factors in self.factors.items():
-            if name in self.names.values():
-                adapters._write_factors(name, factors)
+            if name in self.names.values():  # ID and Base (a zero placeholder too) as they were
+                adapters.write_factors(name, factors)
             else:
                 adapters.put_slider(name, factors, weight=1.0)  # the scale is put back below
         set_active_adapters(denoiser, self.active, {})
