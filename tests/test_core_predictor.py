@@ -258,6 +258,36 @@ def test_predict_photos_drops_base_features_an_extractor_gives_a_checkpoint_with
 
 
 @pytest.mark.parametrize(
+    ("overrides", "unread"),
+    [(dict(use_id_embeds=False), "id_embeds"), (dict(use_image_embeds=False), "clip_hidden_states")],
+)
+def test_a_feature_the_checkpoint_does_not_read_is_refused_not_ignored(overrides, unread):
+    """`predict` refuses it by name; `predict_photos` leaves out what an extractor gives anyway."""
+    from diffusers_hyperlora import HyperLoRAFeatures
+
+    predictor = tiny_hyperlora_predictor(**overrides)
+    embeds, clip = random_features(batch=2)
+    given = {"id_embeds": embeds, "clip_hidden_states": clip}
+    with pytest.raises(InvalidArgumentError, match=f"`{unread}` was given, but this checkpoint does not read") as e:
+        predictor.predict(**given)
+    assert e.value.argument == unread
+    read = {name: value for name, value in given.items() if name != unread}
+    every_feature = lambda images, **options: HyperLoRAFeatures(embeds, clip, None, list(images))  # noqa: E731
+    identity = predictor.predict_photos(["a.jpg", "b.jpg"], every_feature)
+    assert torch.equal(identity.id_mean, predictor.predict(**read).id_mean)
+
+
+@pytest.mark.parametrize("spherical", ["no", 1, None])
+def test_mix_and_interpolate_take_spherical_as_a_bool_only(predictor, spherical):
+    a, b = (predictor.predict(*random_features(batch=1, seed=seed)) for seed in (1, 2))
+    for call in (lambda: HyperLoRAIdentity.mix([a, b], [1, 1], spherical=spherical),
+                 lambda: HyperLoRAIdentity.interpolate(a, b, 0.5, spherical=spherical)):  # fmt: skip
+        with pytest.raises(InvalidArgumentTypeError, match="needs spherical=True or False") as caught:
+            call()
+        assert caught.value.argument == "spherical"
+
+
+@pytest.mark.parametrize(
     ("photos", "extractor", "argument"),
     [(["a.jpg"], None, "feature_extractor"), (["a.jpg"], "face", "feature_extractor"), ("a.jpg", print, "photos")],
 )

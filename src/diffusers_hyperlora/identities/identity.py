@@ -319,6 +319,7 @@ class HyperLoRAIdentity:
         identities = _identity_list(identities, "mix")
         _check_same_checkpoint(identities, "mix")
         weights = normalize_mix_weights(weights, len(identities))
+        _check_spherical(spherical, "mix")
         if spherical:
             if len(identities) != 2:
                 raise InvalidArgumentError(
@@ -360,6 +361,7 @@ class HyperLoRAIdentity:
             raise InvalidArgumentError(
                 f"HyperLoRAIdentity.interpolate() needs a finite t (0 = a, 1 = b), got {t}.", argument="t"
             )
+        _check_spherical(spherical, "interpolate")
         if not spherical:
             return cls.mix([a, b], [1.0 - t, t])
         _check_same_checkpoint([a, b], "interpolate")
@@ -439,6 +441,16 @@ class HyperLoRAIdentity:
         base = None if self.base_mean is None else self.base_mean.to(device)
         return HyperLoRAIdentity(
             self.id_mean.to(device), self.num_images, base, self.checkpoint, self.probe, list(self.sources), self.kind
+        )
+
+
+def _check_spherical(spherical: Any, caller: str) -> None:
+    """`spherical` is a bool: a string such as "no" would otherwise count as true."""
+    if not isinstance(spherical, bool):
+        raise InvalidArgumentTypeError(
+            f"HyperLoRAIdentity.{caller}() needs spherical=True or False, got the {type(spherical).__name__} "
+            f"{spherical!r}.",
+            argument="spherical",
         )
 
 

@@ -168,6 +168,20 @@ class HyperLoRAPredictor(nn.Module):
         require_finite(states, "`base_clip_hidden_states`", fix, argument="base_clip_hidden_states")
         return self.base_resampler(None, states.to(device=self.device, dtype=self.dtype))
 
+    def _refuse_unread_features(self, id_embeds: Any, clip_hidden_states: Any) -> None:
+        """A feature this checkpoint has no input for would be ignored without a word: refuse it by name."""
+        unread = {
+            "id_embeds": (id_embeds, self.config.use_id_embeds, "ArcFace embeddings"),
+            "clip_hidden_states": (clip_hidden_states, self.config.use_image_embeds, "CLIP features"),
+        }
+        for name, (value, read, what) in unread.items():
+            if value is not None and not read:
+                raise InvalidArgumentError(
+                    f"`{name}` was given, but this checkpoint does not read {what} (its config has no input for "
+                    f"them): leave `{name}` out.",
+                    argument=name,
+                )
+
     @torch.no_grad()
     def predict(
         self,
@@ -186,8 +200,10 @@ class HyperLoRAPredictor(nn.Module):
 
         Raises:
             FeatureShapeError: features of the wrong shape; `InvalidArgumentTypeError`: features that are not tensors;
-            `InvalidArgumentError`: `base_clip_hidden_states` for a checkpoint without a Base branch.
+            `InvalidArgumentError`: a feature this checkpoint does not read (`id_embeds` for a CLIP-only one,
+            `clip_hidden_states` for an ArcFace-only one, `base_clip_hidden_states` without a Base branch).
         """
+        self._refuse_unread_features(id_embeds, clip_hidden_states)
         if base_clip_hidden_states is not None and self.base_resampler is None:
             raise InvalidArgumentError(
                 "`base_clip_hidden_states` was given, but this checkpoint has no Base branch to read it (the public "
@@ -241,8 +257,11 @@ class HyperLoRAPredictor(nn.Module):
         features = feature_extractor(
             list(photos), device=self.device, dtype=self.dtype, with_base=self.config.has_base, **options
         )
-        base = features.base_clip_hidden_states if self.config.has_base else None  # an extractor may give it anyway
-        return self.predict(features.id_embeds, features.clip_hidden_states, base, features.sources)
+        config = self.config  # an extractor may give features this checkpoint does not read: they are left out
+        id_embeds = features.id_embeds if config.use_id_embeds else None
+        clip_hidden_states = features.clip_hidden_states if config.use_image_embeds else None
+        base = features.base_clip_hidden_states if config.has_base else None
+        return self.predict(id_embeds, clip_hidden_states, base, features.sources)
 
     # ------------------------------------------------------------------ validation
     def check_identity(self, identity: HyperLoRAIdentity) -> None:
