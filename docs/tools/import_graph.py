@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,20 +67,29 @@ def _targets(path: Path, node: ast.ImportFrom, root: Path) -> list[str]:
     return [alias.name for alias in node.names]  # `from .. import errors`
 
 
-def read_import_graph(root: Path = PACKAGE) -> ImportGraph:
-    """The parts of the package and the import edges between them (self-edges dropped)."""
+def _read_graph(
+    root: Path,
+    node_of: Callable[[Path, Path], str],
+    targets_of: Callable[[Path, ast.ImportFrom, Path], list[str]],
+) -> ImportGraph:
+    """The graph whose nodes are `node_of(file)` (the facade left out), with an edge for every import a file makes
+    (`targets_of`), at import time or at call time; self-edges dropped."""
     files = sorted(root.rglob("*.py"))
-    parts = sorted({part_of(path, root) for path in files} - {FACADE})
-    graph = ImportGraph(parts)
+    graph = ImportGraph(sorted({node_of(path, root) for path in files} - {FACADE}))
     for path in files:
-        source = part_of(path, root)
+        source = node_of(path, root)
         if source == FACADE:
             continue
         for node, at_import_time in _imports(ast.parse(path.read_text(encoding="utf-8"))):
-            for target in _targets(path, node, root):
-                if target != source and target != FACADE:
+            for target in targets_of(path, node, root):
+                if target not in (source, FACADE):
                     (graph.import_time if at_import_time else graph.call_time)[source].add(target)
     return graph
+
+
+def read_import_graph(root: Path = PACKAGE) -> ImportGraph:
+    """The parts of the package and the import edges between them (self-edges dropped)."""
+    return _read_graph(root, part_of, _targets)
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -105,17 +115,7 @@ def _module_targets(path: Path, node: ast.ImportFrom, root: Path) -> list[str]:
 def read_module_graph(root: Path = PACKAGE) -> ImportGraph:
     """The graph between modules (`training.losses`, `io.hub`, ...), both kinds of edges; cycles hide in it that
     the graph between parts cannot show (two modules of one subpackage importing each other, one at call time)."""
-    files = sorted(root.rglob("*.py"))
-    graph = ImportGraph(sorted({module_name(path, root) for path in files} - {FACADE}))
-    for path in files:
-        source = module_name(path, root)
-        if source == FACADE:
-            continue
-        for node, at_import_time in _imports(ast.parse(path.read_text(encoding="utf-8"))):
-            for target in _module_targets(path, node, root):
-                if target not in (source, FACADE):
-                    (graph.import_time if at_import_time else graph.call_time)[source].add(target)
-    return graph
+    return _read_graph(root, module_name, _module_targets)
 
 
 def layers(nodes: list[str], edges: set[tuple[str, str]]) -> dict[str, int]:
