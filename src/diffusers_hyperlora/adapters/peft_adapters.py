@@ -404,25 +404,28 @@ class HyperLoRAAdapters:
         names = list(self.names.values())
         if self.is_attached():
             unmerge_adapters(self._layers, names)
-        present = [name for name in names if name in adapter_configs(self.denoiser)]
         self._destinations = {}
         self._layers = []
-        if present:
-            self.denoiser.delete_adapters(present)
-        if not adapter_configs(self.denoiser):
-            remove_peft_wrappers(self.denoiser)
+        _delete_adapters(self.denoiser, names)
 
 
 def remove_partial_adapters(denoiser: nn.Module, names: Collection[str], active: list[str]) -> None:
     """Undo a failed `attach`: delete the named adapters it added, re-activate `active`, and remove the PEFT
     wrappers when no adapter is left (as `detach` does)."""
+    _delete_adapters(denoiser, names)
+    remaining = adapter_configs(denoiser)
+    if remaining and active:
+        set_active_adapters(denoiser, [name for name in active if name in remaining], {})
+
+
+def _delete_adapters(denoiser: nn.Module, names: Collection[str]) -> None:
+    """Delete the named adapters still on the denoiser (diffusers may have removed some already); remove the PEFT
+    wrappers entirely when no adapter is left."""
     present = [name for name in names if name in adapter_configs(denoiser)]
     if present:
         denoiser.delete_adapters(present)
     if not adapter_configs(denoiser):
         remove_peft_wrappers(denoiser)
-    elif active:
-        set_active_adapters(denoiser, [name for name in active if name in adapter_configs(denoiser)], {})
 
 
 @dataclass
